@@ -1,0 +1,87 @@
+//! Clients claim incoming requests and parse them into events (pure: request in, events out).
+
+pub mod ga4;
+
+use std::net::IpAddr;
+
+use http::{HeaderMap, Method, StatusCode};
+
+use crate::event::Event;
+
+/// Everything a client may look at. Borrowed from the live request; no I/O.
+#[derive(Debug)]
+pub struct HitRequest<'a> {
+    pub method: &'a Method,
+    /// Path with the configured `path_prefix` already stripped (always starts with `/`).
+    pub path: &'a str,
+    /// Raw query string (without `?`), not yet decoded.
+    pub query: &'a str,
+    pub headers: &'a HeaderMap,
+    pub body: &'a [u8],
+    /// Visitor IP after the trusted-proxy rules.
+    pub client_ip: IpAddr,
+    /// Receipt time, unix milliseconds.
+    pub now_ms: i64,
+}
+
+impl HitRequest<'_> {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+/// How the ingress answers a claimed request once its events are safely queued.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ClientResponse {
+    /// `204 No Content` (what Google's collect endpoint answers).
+    NoContent,
+    /// A JSON body listing the accepted events (`event_id`, `event_name`), for the data client.
+    EventIds,
+    /// A fixed body with a content type, e.g. a JS file or validation messages.
+    Body {
+        status: StatusCode,
+        content_type: &'static str,
+        body: Vec<u8>,
+    },
+}
+
+/// What a client made of a request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Parsed {
+    /// Events in hit order. `event_id` may be empty: the ingress mints one.
+    pub events: Vec<Event>,
+    pub response: ClientResponse,
+    /// Whether first-party cookies are managed for this request (browser hits: yes;
+    /// server-to-server Measurement Protocol: no).
+    pub set_cookies: bool,
+}
+
+/// A request the client claimed but cannot accept. Rendered as a 4xx with the reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClientError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    #[error("unauthorized: {0}")]
+    Unauthorized(String),
+}
+
+impl ClientError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ClientError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ClientError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ClientError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+        }
+    }
+}
+
+/// A configured client. Implementations are pure functions of the request.
+pub trait Client: Send + Sync + std::fmt::Debug {
+    /// The client's type name, used as the `client` metric label and the event `source`.
+    fn kind(&self) -> &'static str;
+    /// Whether this client takes the request (first claimant wins, in config order).
+    fn claims(&self, method: &Method, path: &str) -> bool;
+    fn parse(&self, req: &HitRequest<'_>) -> Result<Parsed, ClientError>;
+}

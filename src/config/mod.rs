@@ -1,0 +1,261 @@
+//! Configuration: serde schema (`deny_unknown_fields` everywhere), loading from TOML plus
+//! `TAGRELAY__SECTION__KEY` environment overrides, and validation into typed parts.
+
+mod load;
+pub mod secret;
+
+pub use load::{load, load_str, ConfigError, LoadedConfig, Source};
+pub use secret::{EnvString, Secret};
+
+use std::net::SocketAddr;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+use crate::clients::ga4::Ga4ClientConfig;
+use crate::tags::ga4::Ga4TagConfig;
+use crate::tags::http::HttpTagConfig;
+use crate::tags::meta_capi::MetaCapiTagConfig;
+
+/// The embedded default configuration (`config/tagrelay.toml`).
+pub const DEFAULT_CONFIG: &str = include_str!("../../config/tagrelay.toml");
+pub const DEFAULT_CONFIG_PATH: &str = "config/tagrelay.toml";
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub cookies: CookiesConfig,
+    #[serde(default)]
+    pub outbox: OutboxConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
+    pub clients: Vec<ClientConfig>,
+    #[serde(default)]
+    pub tags: Vec<TagConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Public tracking listener.
+    pub listen: SocketAddr,
+    /// Metrics, debug view and outbox tools; never the public listener.
+    pub admin_listen: SocketAddr,
+    /// Mount every tracking route under this prefix (e.g. `/t`) for same-origin deployments.
+    pub path_prefix: String,
+    /// CIDRs whose forwarding headers are believed.
+    pub trusted_proxies: Vec<IpNet>,
+    /// CORS origins for tracking routes; empty = any origin under the request host's
+    /// registrable domain.
+    pub allowed_origins: Vec<String>,
+    pub max_body_bytes: usize,
+    pub request_timeout_ms: u64,
+    /// How long shutdown waits for in-flight requests and sends.
+    pub shutdown_timeout_ms: u64,
+    pub log_format: LogFormat,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: "0.0.0.0:8080".parse().expect("static address"),
+            admin_listen: "127.0.0.1:9090".parse().expect("static address"),
+            path_prefix: String::new(),
+            trusted_proxies: Vec::new(),
+            allowed_origins: Vec::new(),
+            max_body_bytes: 64 * 1024,
+            request_timeout_ms: 5_000,
+            shutdown_timeout_ms: 10_000,
+            log_format: LogFormat::Pretty,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    #[default]
+    Pretty,
+    Json,
+}
+
+/// What to assume for a consent signal the hit does not carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ConsentDefault {
+    #[default]
+    Granted,
+    Denied,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CookiesConfig {
+    /// Manage first-party cookies at all.
+    pub enabled: bool,
+    /// `auto` = registrable domain (eTLD+1) of the request host; or an explicit domain.
+    pub domain: String,
+    /// Browsers drop `Secure` cookies over plain http; turn off only for local testing.
+    pub secure: bool,
+    /// Name of the server-managed visitor id cookie (GTM-SS calls it FPID).
+    pub visitor_cookie: String,
+    pub visitor_max_age_days: u32,
+    /// Seed a new visitor id from the hit's GA client id so visitors keep the id GA knows.
+    pub migrate_from_ga: bool,
+    /// Re-issue `_ga` server-side (lifts Safari's 7-day cap on script cookies).
+    pub keep_ga: bool,
+    pub ga_max_age_days: u32,
+    /// Re-issue `_fbp`/`_fbc` and build `_fbc` from `fbclid`.
+    pub keep_meta: bool,
+    pub meta_max_age_days: u32,
+    /// Gate cookies on Consent Mode: analytics_storage for the visitor id and `_ga`,
+    /// ad_storage for `_fbp`/`_fbc`.
+    pub require_consent: bool,
+    /// Consent assumed when a hit carries no consent signals.
+    pub consent_default: ConsentDefault,
+}
+
+impl Default for CookiesConfig {
+    fn default() -> Self {
+        CookiesConfig {
+            enabled: true,
+            domain: "auto".into(),
+            secure: true,
+            visitor_cookie: "FPID".into(),
+            visitor_max_age_days: 400,
+            migrate_from_ga: true,
+            keep_ga: true,
+            ga_max_age_days: 400,
+            keep_meta: true,
+            meta_max_age_days: 90,
+            require_consent: false,
+            consent_default: ConsentDefault::Granted,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum FsyncMode {
+    /// One fsync per group commit: survives power loss up to the last commit.
+    #[default]
+    Batch,
+    /// fsync on every commit *and* wait for it before answering (same as batch in effect,
+    /// kept distinct for operators who want the word).
+    Always,
+    /// Write through to the OS only: survives a process crash, not a power cut.
+    Off,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutboxConfig {
+    pub path: String,
+    pub fsync: FsyncMode,
+    /// Longest a hit waits for its group commit.
+    pub commit_interval_ms: u64,
+    /// Most records one commit takes.
+    pub commit_max_records: usize,
+    /// Back-pressure: above either cap new hits get 503 + Retry-After.
+    pub max_records: u64,
+    pub max_bytes: u64,
+    /// Give up (dead-letter) after this long.
+    pub max_retry_age_secs: u64,
+    pub retry_initial_ms: u64,
+    pub retry_max_ms: u64,
+}
+
+impl Default for OutboxConfig {
+    fn default() -> Self {
+        OutboxConfig {
+            path: "data/outbox".into(),
+            fsync: FsyncMode::Batch,
+            commit_interval_ms: 2,
+            commit_max_records: 4096,
+            max_records: 1_000_000,
+            max_bytes: 1 << 30,
+            max_retry_age_secs: 24 * 3600,
+            retry_initial_ms: 1_000,
+            retry_max_ms: 300_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Required when `admin_listen` is not loopback.
+    pub token: Option<Secret>,
+    /// Traces kept in memory for the debug view.
+    pub trace_capacity: usize,
+    pub trace_max_bytes: usize,
+    /// `watching` (all while a debug page or stream is open), `all`, or `none`.
+    pub trace_sampling: TraceSampling,
+    /// Cookie or header (`x-tagrelay-debug`) whose value marks a browser's hits.
+    pub debug_cookie: String,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            token: None,
+            trace_capacity: 1_000,
+            trace_max_bytes: 16 << 20,
+            trace_sampling: TraceSampling::Watching,
+            debug_cookie: "tagrelay_debug".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum TraceSampling {
+    #[default]
+    Watching,
+    All,
+    None,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ClientConfig {
+    Ga4(Ga4ClientConfig),
+}
+
+impl ClientConfig {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ClientConfig::Ga4(_) => "ga4",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum TagConfig {
+    Ga4(Ga4TagConfig),
+    MetaCapi(MetaCapiTagConfig),
+    Http(HttpTagConfig),
+}
+
+impl TagConfig {
+    pub fn name(&self) -> &str {
+        match self {
+            TagConfig::Ga4(c) => &c.name,
+            TagConfig::MetaCapi(c) => &c.name,
+            TagConfig::Http(c) => &c.name,
+        }
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            TagConfig::Ga4(_) => "ga4",
+            TagConfig::MetaCapi(_) => "meta_capi",
+            TagConfig::Http(_) => "http",
+        }
+    }
+}

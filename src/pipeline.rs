@@ -1,0 +1,139 @@
+//! A validated, immutable configuration turned into running parts. Swapped atomically on reload.
+
+use std::sync::Arc;
+
+use crate::clients::ga4::Ga4Client;
+use crate::clients::Client;
+use crate::config::{ClientConfig, Config, TagConfig};
+use crate::identity::CookiePolicy;
+use crate::tags::ga4::Ga4Tag;
+use crate::tags::http::HttpTag;
+use crate::tags::meta_capi::MetaCapiTag;
+use crate::tags::trigger::Trigger;
+use crate::tags::{Tag, TagInstance};
+
+#[derive(Debug)]
+pub struct Pipeline {
+    pub config: Arc<Config>,
+    pub clients: Vec<Box<dyn Client>>,
+    pub tags: Vec<Arc<TagInstance>>,
+    pub cookies: CookiePolicy,
+}
+
+impl Pipeline {
+    /// Validates everything and builds the parts. Collects every problem, each naming its key.
+    pub fn build(config: &Config) -> Result<Self, Vec<String>> {
+        let mut problems = Vec::new();
+        let s = &config.server;
+        if !s.path_prefix.is_empty()
+            && (!s.path_prefix.starts_with('/') || s.path_prefix.ends_with('/'))
+        {
+            problems.push(format!(
+                "server.path_prefix: `{}` must start with `/` and not end with one (e.g. \"/t\"), or be empty",
+                s.path_prefix
+            ));
+        }
+        if s.max_body_bytes == 0 {
+            problems.push("server.max_body_bytes: must be greater than 0".into());
+        }
+        if s.request_timeout_ms == 0 {
+            problems.push("server.request_timeout_ms: must be greater than 0".into());
+        }
+        if !s.admin_listen.ip().is_loopback() && config.admin.token.is_none() {
+            problems.push(format!(
+                "admin.token: required because server.admin_listen ({}) is not a loopback address; set token = \"${{TAGRELAY_ADMIN_TOKEN}}\"",
+                s.admin_listen
+            ));
+        }
+        if s.listen == s.admin_listen && s.listen.port() != 0 {
+            problems.push(
+                "server.admin_listen: must differ from server.listen (the admin surface is never public)".into(),
+            );
+        }
+        for o in &s.allowed_origins {
+            if !(o.starts_with("http://") || o.starts_with("https://")) || o.ends_with('/') {
+                problems.push(format!(
+                    "server.allowed_origins: `{o}` must be an origin like \"https://www.example.com\" (scheme, host, optional port; no path)"
+                ));
+            }
+        }
+
+        let cookies = CookiePolicy::build(&config.cookies)
+            .map_err(|p| problems.extend(p.into_iter().map(|m| format!("cookies.{m}"))))
+            .ok();
+
+        let mut clients: Vec<Box<dyn Client>> = Vec::new();
+        for (i, c) in config.clients.iter().enumerate() {
+            let built: Result<Box<dyn Client>, Vec<String>> = match c {
+                ClientConfig::Ga4(cfg) => {
+                    Ga4Client::from_config(cfg).map(|c| Box::new(c) as Box<dyn Client>)
+                }
+            };
+            match built {
+                Ok(c) => clients.push(c),
+                Err(p) => problems.extend(
+                    p.into_iter()
+                        .map(|m| format!("clients[{i}] (type {}): {m}", c.kind())),
+                ),
+            }
+        }
+
+        let mut tags = Vec::new();
+        let mut names = std::collections::HashSet::new();
+        for (i, t) in config.tags.iter().enumerate() {
+            let name = t.name();
+            let label = format!("tags[{i}] (`{name}`)");
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+            {
+                problems.push(format!(
+                    "{label}.name: use letters, digits, `_` or `-` (it becomes a metric label)"
+                ));
+            }
+            if !names.insert(name.to_owned()) {
+                problems.push(format!("{label}.name: another tag is already named `{name}`"));
+            }
+            let (trigger_cfg, built): (_, Result<Box<dyn Tag>, Vec<String>>) = match t {
+                TagConfig::Ga4(c) => (&c.trigger, Ga4Tag::from_config(c).map(boxed)),
+                TagConfig::MetaCapi(c) => (&c.trigger, MetaCapiTag::from_config(c).map(boxed)),
+                TagConfig::Http(c) => (&c.trigger, HttpTag::from_config(c).map(boxed)),
+            };
+            let trigger = Trigger::build(trigger_cfg, config.cookies.consent_default);
+            match (built, trigger) {
+                (Ok(tag), Ok(trigger)) => tags.push(Arc::new(TagInstance {
+                    name: name.into(),
+                    trigger,
+                    tag,
+                })),
+                (b, tr) => {
+                    for m in b.err().into_iter().flatten() {
+                        problems.push(format!("{label}.{m}"));
+                    }
+                    for m in tr.err().into_iter().flatten() {
+                        problems.push(format!("{label}.{m}"));
+                    }
+                }
+            }
+        }
+
+        match (problems.is_empty(), cookies) {
+            (true, Some(cookies)) => Ok(Pipeline {
+                config: Arc::new(config.clone()),
+                clients,
+                tags,
+                cookies,
+            }),
+            _ => Err(problems),
+        }
+    }
+
+    pub fn tag(&self, name: &str) -> Option<&Arc<TagInstance>> {
+        self.tags.iter().find(|t| &*t.name == name)
+    }
+}
+
+fn boxed<T: Tag + 'static>(t: T) -> Box<dyn Tag> {
+    Box::new(t)
+}

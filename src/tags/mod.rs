@@ -1,0 +1,136 @@
+//! Tags are encoders: a batch of events in, HTTP requests out; a vendor response in, an
+//! outcome out. Sending, retrying and durability are the outbox's job.
+
+pub mod ga4;
+pub mod http;
+pub mod meta_capi;
+pub mod trigger;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use ::http::{HeaderMap, Method, StatusCode};
+
+use crate::event::Event;
+use trigger::Trigger;
+
+/// One request to a vendor, fully built.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboundRequest {
+    pub method: Method,
+    pub url: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Bytes,
+}
+
+/// The result of encoding a batch.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Encoded {
+    /// Each request with the indices (into the input batch) of the events it carries.
+    pub requests: Vec<(OutboundRequest, Vec<usize>)>,
+    /// Events that can never be sent (index, reason): they go to dead letters at once.
+    pub rejected: Vec<(usize, String)>,
+    /// Events the tag deliberately does not send (index, reason), e.g. GA4-reserved names
+    /// over Measurement Protocol. They count as done.
+    pub skipped: Vec<(usize, String)>,
+}
+
+/// How a vendor's answer is classified.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Delivered,
+    Retry {
+        after: Option<Duration>,
+        reason: String,
+    },
+    Rejected {
+        reason: String,
+    },
+}
+
+/// A vendor encoder. Pure: no I/O, no clock except what is passed in.
+pub trait Tag: Send + Sync + std::fmt::Debug {
+    /// The tag's type name (`ga4`, `meta_capi`, `http`).
+    fn kind(&self) -> &'static str;
+    /// Most events one request may carry.
+    fn max_batch(&self) -> usize;
+    /// Per-request timeout the dispatcher applies.
+    fn timeout(&self) -> Duration;
+    /// Builds the vendor requests for a batch of events.
+    fn encode(&self, events: &[Event], now_ms: i64) -> Encoded;
+    /// Classifies the vendor's response to one request.
+    fn classify(&self, status: StatusCode, headers: &HeaderMap, body: &[u8]) -> Outcome;
+    /// Replaces every secret this tag holds (tokens, API secrets, proofs) in `text`.
+    fn redact(&self, text: &str) -> String;
+}
+
+/// A configured tag: its name, trigger and encoder.
+#[derive(Debug)]
+pub struct TagInstance {
+    pub name: Arc<str>,
+    pub trigger: Trigger,
+    pub tag: Box<dyn Tag>,
+}
+
+/// Shared response classification for vendors without an error envelope:
+/// 2xx delivered; 408, 429 and 5xx retried (honouring `Retry-After`); other 4xx rejected.
+pub fn classify_http(status: StatusCode, headers: &HeaderMap, body: &[u8]) -> Outcome {
+    if status.is_success() {
+        return Outcome::Delivered;
+    }
+    let reason = || {
+        let text = String::from_utf8_lossy(&body[..body.len().min(300)]);
+        let text = text.trim();
+        if text.is_empty() {
+            format!("HTTP {}", status.as_u16())
+        } else {
+            format!("HTTP {}: {text}", status.as_u16())
+        }
+    };
+    if status == StatusCode::REQUEST_TIMEOUT
+        || status == StatusCode::TOO_MANY_REQUESTS
+        || status.is_server_error()
+    {
+        Outcome::Retry {
+            after: retry_after(headers),
+            reason: reason(),
+        }
+    } else {
+        Outcome::Rejected { reason: reason() }
+    }
+}
+
+/// Parses a `Retry-After` header given in seconds (the HTTP-date form is rare from APIs).
+pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let v = headers.get(::http::header::RETRY_AFTER)?.to_str().ok()?;
+    v.trim().parse::<u64>().ok().map(Duration::from_secs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn http_classification() {
+        let h = HeaderMap::new();
+        assert_eq!(classify_http(StatusCode::NO_CONTENT, &h, b""), Outcome::Delivered);
+        assert!(matches!(
+            classify_http(StatusCode::BAD_REQUEST, &h, b"bad"),
+            Outcome::Rejected { .. }
+        ));
+        let mut h2 = HeaderMap::new();
+        h2.insert(::http::header::RETRY_AFTER, "2".parse().unwrap());
+        assert_eq!(
+            classify_http(StatusCode::TOO_MANY_REQUESTS, &h2, b""),
+            Outcome::Retry {
+                after: Some(Duration::from_secs(2)),
+                reason: "HTTP 429".into()
+            }
+        );
+        assert!(matches!(
+            classify_http(StatusCode::BAD_GATEWAY, &h, b""),
+            Outcome::Retry { after: None, .. }
+        ));
+    }
+}
