@@ -1,1 +1,35 @@
-fn main(){}
+#![forbid(unsafe_code)]
+//! `tagrelay`: serve (default), check, outbox tools.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tagrelay::cli;
+
+#[derive(Parser)]
+#[command(name = "tagrelay", version, about = "Server-side tagging gateway: GA4 hits in, GA4 + Meta CAPI out, nothing lost")]
+struct Cli {
+    /// Config file (default: $TAGRELAY_CONFIG, else config/tagrelay.toml, else the embedded default)
+    #[arg(long, global = true, env = "TAGRELAY_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway (the default)
+    Serve,
+    /// Validate the config without opening sockets or the network
+    Check,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let path = cli.config.as_deref();
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => cli::serve(path),
+        Command::Check => cli::check(path),
+    }
+}

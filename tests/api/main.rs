@@ -1,1 +1,4 @@
+//! The one integration-test binary: real server on port 0, real fake vendors on loopback.
 
+mod foundation;
+mod helpers;

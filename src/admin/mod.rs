@@ -1,0 +1,92 @@
+//! The admin listener: health, readiness, Prometheus metrics (and the debug view).
+
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use axum::extract::{Request, State};
+use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::app::AppState;
+use crate::ingress::RouteLabel;
+
+static PROMETHEUS: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process-wide metrics recorder once and returns its handle.
+pub fn metrics_handle() -> PrometheusHandle {
+    PROMETHEUS
+        .get_or_init(|| {
+            let latency = [
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0,
+            ];
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &latency)
+                .expect("static bucket list is not empty");
+            match builder.install_recorder() {
+                Ok(h) => h,
+                // Another recorder is installed (embedding); keep a private one for /metrics.
+                Err(_) => PrometheusBuilder::new().build_recorder().handle(),
+            }
+        })
+        .clone()
+}
+
+/// Counts every request by bounded route label and status, and times it.
+pub async fn record_http_metrics(req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let resp = next.run(req).await;
+    let route = resp
+        .extensions()
+        .get::<RouteLabel>()
+        .map(|r| r.0)
+        .unwrap_or("other");
+    let status = resp.status().as_u16().to_string();
+    metrics::counter!("tagrelay_http_requests_total", "route" => route, "status" => status)
+        .increment(1);
+    metrics::histogram!("tagrelay_http_request_duration_seconds", "route" => route)
+        .record(started.elapsed().as_secs_f64());
+    resp
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { labelled("ok".into_response(), "admin_health") }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .with_state(state)
+        .layer(axum::middleware::from_fn(record_http_metrics))
+}
+
+fn labelled(mut r: Response, route: &'static str) -> Response {
+    r.extensions_mut().insert(RouteLabel(route));
+    r
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    let r = if state.outbox().is_open() && !state.is_shutting_down() {
+        "ready".into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()
+    };
+    labelled(r, "readyz")
+}
+
+async fn metrics_text(State(state): State<AppState>) -> Response {
+    let body = state.metrics().render();
+    labelled(
+        (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            body,
+        )
+            .into_response(),
+        "metrics",
+    )
+}

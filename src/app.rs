@@ -1,0 +1,258 @@
+//! Application wiring: listeners, the swappable pipeline, the outbox and its dispatchers,
+//! signals (SIGTERM/SIGINT stop gracefully, SIGHUP reloads).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use arc_swap::ArcSwap;
+use axum::Router;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::config::{self, ConfigError, LoadedConfig, Source};
+use crate::outbox::Outbox;
+use crate::pipeline::Pipeline;
+
+/// State shared by every handler. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pipeline: Arc<ArcSwap<Pipeline>>,
+    outbox: Arc<dyn Outbox>,
+    source: Source,
+    shutting_down: AtomicBool,
+}
+
+impl AppState {
+    pub fn new(pipeline: Pipeline, outbox: Arc<dyn Outbox>, source: Source) -> Self {
+        AppState {
+            inner: Arc::new(Inner {
+                pipeline: Arc::new(ArcSwap::from_pointee(pipeline)),
+                outbox,
+                source,
+                shutting_down: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    /// The pipeline in force now. In-flight requests keep the one they loaded.
+    pub fn pipeline(&self) -> Arc<Pipeline> {
+        self.inner.pipeline.load_full()
+    }
+
+    pub fn pipeline_cell(&self) -> Arc<ArcSwap<Pipeline>> {
+        self.inner.pipeline.clone()
+    }
+
+    pub fn outbox(&self) -> &Arc<dyn Outbox> {
+        &self.inner.outbox
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.inner.shutting_down.load(Ordering::Relaxed)
+    }
+
+    pub fn metrics(&self) -> PrometheusHandle {
+        crate::admin::metrics_handle()
+    }
+
+    /// Re-reads and re-validates the configuration and swaps the pipeline atomically.
+    /// An invalid configuration leaves the current one serving.
+    pub fn reload(&self) -> Result<(), ConfigError> {
+        let path = match &self.inner.source {
+            Source::File(p) => Some(p.as_path()),
+            Source::Embedded => None,
+        };
+        let loaded = config::load(path)?;
+        let next = Pipeline::build(&loaded.config)
+            .map_err(|p| ConfigError::new(&loaded.source, p))?;
+        let current = self.pipeline();
+        let (old, new) = (&current.config, &next.config);
+        if old.server.listen != new.server.listen
+            || old.server.admin_listen != new.server.admin_listen
+        {
+            tracing::warn!("listener addresses changed in the config; they take effect after a restart");
+        }
+        if old.outbox.path != new.outbox.path {
+            tracing::warn!("outbox.path changed in the config; it takes effect after a restart");
+        }
+        self.inner.pipeline.store(Arc::new(next));
+        tracing::info!(source = %loaded.source, "configuration reloaded");
+        Ok(())
+    }
+}
+
+/// The public tracking router for a state (tests drive it with `oneshot`).
+pub fn app(state: AppState) -> Router {
+    crate::ingress::router(state)
+}
+
+pub struct Application {
+    state: AppState,
+    public: TcpListener,
+    admin: TcpListener,
+    public_addr: SocketAddr,
+    admin_addr: SocketAddr,
+}
+
+impl Application {
+    /// Validates the config, opens the outbox and binds both listeners (port 0 works).
+    pub async fn build(loaded: LoadedConfig) -> anyhow::Result<Self> {
+        let pipeline = Pipeline::build(&loaded.config)
+            .map_err(|p| ConfigError::new(&loaded.source, p))?;
+        crate::admin::metrics_handle();
+        metrics::gauge!("tagrelay_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+        let outbox = interim::open(&loaded.config.outbox)
+            .await
+            .with_context(|| format!("opening the outbox at {}", loaded.config.outbox.path))?;
+        let server = &loaded.config.server;
+        let public = TcpListener::bind(server.listen)
+            .await
+            .with_context(|| format!("binding server.listen {}", server.listen))?;
+        let admin = TcpListener::bind(server.admin_listen)
+            .await
+            .with_context(|| format!("binding server.admin_listen {}", server.admin_listen))?;
+        let public_addr = public.local_addr()?;
+        let admin_addr = admin.local_addr()?;
+        let state = AppState::new(pipeline, outbox, loaded.source);
+        tracing::info!(%public_addr, %admin_addr, "tagrelay listening");
+        Ok(Application {
+            state,
+            public,
+            admin,
+            public_addr,
+            admin_addr,
+        })
+    }
+
+    pub fn public_addr(&self) -> SocketAddr {
+        self.public_addr
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    pub fn state(&self) -> AppState {
+        self.state.clone()
+    }
+
+    /// Serves until SIGTERM/SIGINT; SIGHUP reloads the configuration.
+    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        let state = self.state.clone();
+        tokio::spawn(async move { reload_on_sighup(state).await });
+        self.run_until(shutdown_signal()).await
+    }
+
+    /// Serves until `stop` resolves, then stops accepting, lets in-flight requests finish
+    /// (bounded by `server.shutdown_timeout_ms`), stops the dispatchers and closes the outbox.
+    pub async fn run_until(self, stop: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+        let (tx, rx) = watch::channel(false);
+        let deadline =
+            Duration::from_millis(self.state.pipeline().config.server.shutdown_timeout_ms);
+        let dispatchers = interim::Dispatchers;
+
+        let public = serve(self.public, app(self.state.clone()), rx.clone());
+        let admin = serve(self.admin, crate::admin::router(self.state.clone()), rx.clone());
+        let servers = tokio::spawn(async move {
+            let (a, b) = tokio::join!(public, admin);
+            a.and(b)
+        });
+
+        stop.await;
+        tracing::info!("shutdown requested: no new connections, finishing in-flight requests");
+        self.state.inner.shutting_down.store(true, Ordering::Relaxed);
+        let _ = tx.send(true);
+        match tokio::time::timeout(deadline, servers).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "listener ended with an error"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "server task failed"),
+            Err(_) => tracing::warn!(?deadline, "in-flight requests did not finish before the deadline"),
+        }
+        dispatchers.shutdown(deadline).await;
+        
+        tracing::info!("tagrelay stopped");
+        Ok(())
+    }
+}
+
+async fn serve(
+    listener: TcpListener,
+    router: Router,
+    mut stop: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move {
+        let _ = stop.wait_for(|v| *v).await;
+    })
+    .await
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGTERM; stop with Ctrl-C");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = tokio::signal::ctrl_c() => {},
+    }
+}
+
+async fn reload_on_sighup(state: AppState) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP; reload by restarting");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        if let Err(e) = state.reload() {
+            tracing::error!(problems = ?e.problems, "new configuration rejected; the previous one keeps serving");
+        }
+    }
+}
+
+/// Interim in-memory outbox, replaced by the durable store when the outbox work merges.
+mod interim {
+    use super::*;
+    use crate::outbox::{EnqueueError, NewRecord};
+
+    pub struct Dispatchers;
+    impl Dispatchers {
+        pub async fn shutdown(self, _deadline: Duration) {}
+    }
+
+    #[derive(Default)]
+    pub struct Memory(std::sync::Mutex<Vec<NewRecord>>);
+
+    #[async_trait::async_trait]
+    impl Outbox for Memory {
+        async fn enqueue(&self, records: Vec<NewRecord>) -> Result<(), EnqueueError> {
+            self.0.lock().map_err(|_| EnqueueError::Closed)?.extend(records);
+            Ok(())
+        }
+        fn is_open(&self) -> bool {
+            true
+        }
+    }
+
+    pub async fn open(_cfg: &crate::config::OutboxConfig) -> anyhow::Result<Arc<dyn Outbox>> {
+        Ok(Arc::new(Memory::default()))
+    }
+}

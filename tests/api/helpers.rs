@@ -1,0 +1,203 @@
+//! `spawn_app()` on port 0 and fake vendors on loopback.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::IntoResponse;
+use tagrelay::config::{load_str, LoadedConfig, Source};
+use tagrelay::{AppState, Application};
+use tokio::sync::oneshot;
+
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub state: AppState,
+    pub http: reqwest::Client,
+    pub dir: tempfile::TempDir,
+    stop: Option<oneshot::Sender<()>>,
+    done: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.admin, path)
+    }
+
+    /// Stops the app gracefully and waits for it.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(done) = self.done.take() {
+            done.await.expect("app task").expect("app run");
+        }
+    }
+}
+
+/// Base config for tests: both listeners on 127.0.0.1:0, an outbox in a temp dir, cookies
+/// without `Secure` (tests speak plain http). `extra` is appended (clients, tags, overrides).
+pub fn test_config(dir: &std::path::Path, extra: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+trusted_proxies = ["127.0.0.0/8"]
+shutdown_timeout_ms = 3000
+
+[cookies]
+secure = false
+
+[outbox]
+path = "{}"
+retry_initial_ms = 50
+retry_max_ms = 200
+
+{extra}
+"#,
+        dir.join("outbox").display()
+    )
+}
+
+pub async fn spawn_app(extra: &str) -> TestApp {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let text = test_config(dir.path(), extra);
+    spawn_with(dir, &text).await
+}
+
+pub async fn spawn_with(dir: tempfile::TempDir, text: &str) -> TestApp {
+    let path = dir.path().join("tagrelay.toml");
+    std::fs::write(&path, text).expect("write config");
+    let config = load_str(text, &path.display().to_string(), false).expect("valid test config");
+    let loaded = LoadedConfig {
+        config,
+        source: Source::File(path),
+    };
+    let app = Application::build(loaded).await.expect("app builds");
+    let (addr, admin, state) = (app.public_addr(), app.admin_addr(), app.state());
+    let (tx, rx) = oneshot::channel::<()>();
+    let done = tokio::spawn(app.run_until(async move {
+        let _ = rx.await;
+    }));
+    TestApp {
+        addr,
+        admin,
+        state,
+        http: reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .expect("client"),
+        dir,
+        stop: Some(tx),
+        done: Some(done),
+    }
+}
+
+/// One request a fake vendor received.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub method: Method,
+    pub uri: Uri,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Received {
+    pub fn body_text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).expect("vendor body is JSON")
+    }
+}
+
+/// A loopback HTTP server standing in for GA4 / Graph API. Answers with a scripted status
+/// sequence (the last one repeats), records every request.
+#[derive(Clone)]
+pub struct FakeVendor {
+    pub addr: SocketAddr,
+    received: Arc<Mutex<Vec<Received>>>,
+    script: Arc<Mutex<Vec<(StatusCode, String)>>>,
+}
+
+impl FakeVendor {
+    pub async fn start() -> FakeVendor {
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let script = Arc::new(Mutex::new(vec![(StatusCode::OK, "{}".to_string())]));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let fake = FakeVendor {
+            addr,
+            received,
+            script,
+        };
+        let router = axum::Router::new()
+            .fallback(record)
+            .with_state(fake.clone());
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, router).await;
+        });
+        fake
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Answers these statuses in turn; the last repeats.
+    pub fn respond(&self, seq: &[(u16, &str)]) {
+        *self.script.lock().unwrap() = seq
+            .iter()
+            .map(|(s, b)| (StatusCode::from_u16(*s).unwrap(), b.to_string()))
+            .collect();
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        self.received.lock().unwrap().clone()
+    }
+
+    /// Waits until `pred` holds over what was received (or panics after `secs`).
+    pub async fn wait_for(&self, secs: u64, pred: impl Fn(&[Received]) -> bool) -> Vec<Received> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+        loop {
+            let got = self.received();
+            if pred(&got) {
+                return got;
+            }
+            if tokio::time::Instant::now() > deadline {
+                panic!("fake vendor did not get what was expected in {secs}s; got {got:#?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+async fn record(
+    State(fake): State<FakeVendor>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> impl IntoResponse {
+    fake.received.lock().unwrap().push(Received {
+        method,
+        uri,
+        headers,
+        body,
+    });
+    let mut script = fake.script.lock().unwrap();
+    let (status, body) = if script.len() > 1 {
+        script.remove(0)
+    } else {
+        script[0].clone()
+    };
+    (status, body)
+}
