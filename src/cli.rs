@@ -74,3 +74,24 @@ pub fn serve(path: Option<&Path>) -> ExitCode {
         }
     }
 }
+
+/// `tagrelay healthcheck`: a self-contained probe for images without a shell.
+pub fn healthcheck(url: &str) -> ExitCode {
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+        return ExitCode::FAILURE;
+    };
+    let ok = rt.block_on(async {
+        let client = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(2))
+            .build()
+            .ok()?;
+        let r = client.get(url).send().await.ok()?;
+        Some(r.status().is_success())
+    });
+    if ok == Some(true) {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("unhealthy: {url}");
+        ExitCode::FAILURE
+    }
+}

@@ -23,6 +23,11 @@ enum Command {
     Serve,
     /// Validate the config without opening sockets or the network
     Check,
+    /// Exit 0 when the URL answers 2xx (for container HEALTHCHECKs; no curl needed)
+    Healthcheck {
+        #[arg(long, default_value = "http://127.0.0.1:8080/healthz")]
+        url: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -31,5 +36,6 @@ fn main() -> ExitCode {
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => cli::serve(path),
         Command::Check => cli::check(path),
+        Command::Healthcheck { url } => cli::healthcheck(&url),
     }
 }

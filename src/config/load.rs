@@ -4,7 +4,7 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use super::{Config, DEFAULT_CONFIG, DEFAULT_CONFIG_PATH};
+use super::{ClientConfig, Config, TagConfig, DEFAULT_CONFIG, DEFAULT_CONFIG_PATH};
 
 /// Where a configuration came from, for messages and reload.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,11 +100,98 @@ pub fn load_str(text: &str, source_name: &str, env: bool) -> Result<Config, Conf
                 .try_parsing(true),
         );
     }
-    let raw = builder
+    let raw: serde_json::Value = builder
         .build()
+        .and_then(|c| c.try_deserialize())
         .map_err(|e| ConfigError::new(source_name, vec![clean_toml_error(&e.to_string())]))?;
-    serde_path_to_error::deserialize::<_, Config>(raw)
-        .map_err(|e| ConfigError::new(source_name, vec![describe(&e, source_name)]))
+    deserialize_all(raw, source_name).map_err(|p| ConfigError::new(source_name, p))
+}
+
+/// Deserializes section by section and entry by entry, so one run reports every problem
+/// rather than stopping at the first.
+fn deserialize_all(raw: serde_json::Value, source_name: &str) -> Result<Config, Vec<String>> {
+    use serde_json::Value;
+    let mut problems = Vec::new();
+    let serde_json::Value::Object(mut top) = raw else {
+        return Err(vec![format!("{source_name}: the file must be a TOML table")]);
+    };
+    let mut probe = serde_json::Map::new();
+    for key in ["server", "cookies", "outbox", "admin"] {
+        if let Some(v) = top.remove(key) {
+            probe.insert(key.to_owned(), v);
+        }
+    }
+    let clients = top.remove("clients");
+    let tags = top.remove("tags");
+    for key in top.keys() {
+        let known = ["server", "cookies", "outbox", "admin", "clients", "tags"];
+        let hint = suggestion(key, &known)
+            .map(|s| format!("; did you mean `{s}`?"))
+            .unwrap_or_else(|| format!(" (known keys: {})", known.join(", ")));
+        problems.push(format!("unknown key `{key}` in the top level of {source_name}{hint}"));
+    }
+    let mut config = match serde_path_to_error::deserialize::<_, Config>(Value::Object(probe)) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            problems.push(describe(e.path().to_string(), &e.inner().to_string(), source_name));
+            None
+        }
+    };
+    let list = |name: &str, v: Option<Value>, problems: &mut Vec<String>| -> Vec<Value> {
+        match v {
+            None => Vec::new(),
+            Some(Value::Array(a)) => a,
+            Some(_) => {
+                problems.push(format!(
+                    "`{name}` in {source_name}: must be an array of tables ([[{name}]])"
+                ));
+                Vec::new()
+            }
+        }
+    };
+    let mut parsed_clients = Vec::new();
+    for (i, v) in list("clients", clients, &mut problems).into_iter().enumerate() {
+        match serde_path_to_error::deserialize::<_, ClientConfig>(v) {
+            Ok(c) => parsed_clients.push(c),
+            Err(e) => problems.push(describe(
+                format!("clients[{i}]{}", sub(e.path().to_string())),
+                &e.inner().to_string(),
+                source_name,
+            )),
+        }
+    }
+    let mut parsed_tags = Vec::new();
+    for (i, v) in list("tags", tags, &mut problems).into_iter().enumerate() {
+        let name = v
+            .get("name")
+            .and_then(Value::as_str)
+            .map(|n| format!("({n})"))
+            .unwrap_or_default();
+        match serde_path_to_error::deserialize::<_, TagConfig>(v) {
+            Ok(t) => parsed_tags.push(t),
+            Err(e) => problems.push(describe(
+                format!("tags[{i}]{name}{}", sub(e.path().to_string())),
+                &e.inner().to_string(),
+                source_name,
+            )),
+        }
+    }
+    match config.take() {
+        Some(mut c) if problems.is_empty() => {
+            c.clients = parsed_clients;
+            c.tags = parsed_tags;
+            Ok(c)
+        }
+        _ => Err(problems),
+    }
+}
+
+fn sub(path: String) -> String {
+    if path.is_empty() || path == "." {
+        String::new()
+    } else {
+        format!(".{path}")
+    }
 }
 
 fn clean_toml_error(msg: &str) -> String {
@@ -113,10 +200,16 @@ fn clean_toml_error(msg: &str) -> String {
 
 /// Turns a serde error with its path into "unknown key `listn` in [server] of FILE; did you
 /// mean `listen`?" style messages.
-fn describe(err: &serde_path_to_error::Error<config::ConfigError>, source_name: &str) -> String {
-    let path = err.path().to_string();
+fn describe(mut path: String, inner: &str, source_name: &str) -> String {
+    let mut inner = strip_config_location(inner);
+    // Errors from inside `type = …` tables carry their own sub-path (see config::tagged).
+    if let Some(rest) = inner.strip_prefix("at `") {
+        if let Some((sub, msg)) = rest.split_once("`: ") {
+            path = format!("{path}.{sub}");
+            inner = msg.to_owned();
+        }
+    }
     let section = section_of(&path);
-    let inner = err.inner().to_string();
     // serde: "unknown field `listn`, expected one of `listen`, `admin_listen`"
     if let Some(rest) = inner.strip_prefix("unknown field `") {
         let (key, tail) = rest.split_once('`').unwrap_or((rest, ""));
@@ -138,9 +231,8 @@ fn describe(err: &serde_path_to_error::Error<config::ConfigError>, source_name: 
         let hint = suggestion(val, &expected)
             .map(|s| format!("; did you mean `{s}`?"))
             .unwrap_or_else(|| format!(" (expected one of: {})", expected.join(", ")));
-        return format!("`{path}`: unknown value `{val}` in {source_name}{hint}");
+        return format!("`{path}` in {source_name}: unknown value `{val}`{hint}");
     }
-    let inner = strip_config_location(&inner);
     if path.is_empty() || path == "." {
         format!("{source_name}: {inner}")
     } else {
@@ -155,12 +247,19 @@ fn strip_config_location(msg: &str) -> String {
 }
 
 fn section_of(path: &str) -> String {
-    // serde_path_to_error paths look like `server.listn` or `tags[0].trigger.evnts`.
+    // Paths look like `server.listn` or `tags[1](meta).trigger.evnts`.
     let parent = match path.rsplit_once('.') {
         Some((p, _)) => p,
         None => return "the top level".into(),
     };
-    format!("[{parent}]")
+    match parent.split_once('.') {
+        // An entry of an array of tables: say which one, then the section within it.
+        Some((entry, rest)) if entry.contains('[') => {
+            let table = entry.split('[').next().unwrap_or(entry);
+            format!("[{table}.{rest}] of {entry}")
+        }
+        _ => format!("[{parent}]"),
+    }
 }
 
 fn suggestion<'a>(given: &str, expected: &[&'a str]) -> Option<&'a str> {

@@ -220,10 +220,80 @@ pub enum TraceSampling {
     None,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
+#[derive(Debug, Clone)]
 pub enum ClientConfig {
     Ga4(Ga4ClientConfig),
+}
+
+impl<'de> Deserialize<'de> for ClientConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let (kind, table) = tagged::<D>(d, "client", CLIENT_TYPES)?;
+        match kind.as_str() {
+            "ga4" => tagged_variant::<D, _>(table).map(ClientConfig::Ga4),
+            _ => unreachable_type::<D, _>(&kind),
+        }
+    }
+}
+
+const CLIENT_TYPES: &[&str] = &["ga4"];
+const TAG_TYPES: &[&str] = &["ga4", "meta_capi", "http"];
+
+/// Reads a `type = "..."` table. Internally tagged serde enums lose the path of errors inside
+/// the variant, so the variant is deserialized separately and its inner path is carried in
+/// the message (`at `trigger`: …`), which `load::describe` folds back into the key path.
+fn tagged<'de, D: serde::Deserializer<'de>>(
+    d: D,
+    what: &str,
+    types: &[&str],
+) -> Result<(String, serde_json::Value), D::Error> {
+    use serde::de::Error;
+    let table = serde_json::Value::deserialize(d)?;
+    let kind = match table.get("type") {
+        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(_) => return Err(D::Error::custom(format!("`type` of a {what} must be a string"))),
+        None => {
+            return Err(D::Error::custom(format!(
+                "missing key `type` (one of: {})",
+                types.join(", ")
+            )))
+        }
+    };
+    if !types.contains(&kind.as_str()) {
+        return Err(D::Error::unknown_variant(&kind, leak(types)));
+    }
+    let mut table = table;
+    if let Some(map) = table.as_object_mut() {
+        map.remove("type");
+    }
+    Ok((kind, table))
+}
+
+fn leak(types: &[&str]) -> &'static [&'static str] {
+    // The known type lists are the consts above; match them to get 'static slices.
+    if types == CLIENT_TYPES {
+        CLIENT_TYPES
+    } else {
+        TAG_TYPES
+    }
+}
+
+fn tagged_variant<'de, D: serde::Deserializer<'de>, T: serde::de::DeserializeOwned>(
+    table: serde_json::Value,
+) -> Result<T, D::Error> {
+    use serde::de::Error;
+    serde_path_to_error::deserialize(table).map_err(|e| {
+        let path = e.path().to_string();
+        if path.is_empty() || path == "." {
+            D::Error::custom(e.into_inner())
+        } else {
+            D::Error::custom(format!("at `{path}`: {}", e.into_inner()))
+        }
+    })
+}
+
+fn unreachable_type<'de, D: serde::Deserializer<'de>, T>(kind: &str) -> Result<T, D::Error> {
+    use serde::de::Error;
+    Err(D::Error::custom(format!("unknown type `{kind}`")))
 }
 
 impl ClientConfig {
@@ -234,12 +304,23 @@ impl ClientConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
+#[derive(Debug, Clone)]
 pub enum TagConfig {
     Ga4(Ga4TagConfig),
     MetaCapi(MetaCapiTagConfig),
     Http(HttpTagConfig),
+}
+
+impl<'de> Deserialize<'de> for TagConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let (kind, table) = tagged::<D>(d, "tag", TAG_TYPES)?;
+        match kind.as_str() {
+            "ga4" => tagged_variant::<D, _>(table).map(TagConfig::Ga4),
+            "meta_capi" => tagged_variant::<D, _>(table).map(TagConfig::MetaCapi),
+            "http" => tagged_variant::<D, _>(table).map(TagConfig::Http),
+            _ => unreachable_type::<D, _>(&kind),
+        }
+    }
 }
 
 impl TagConfig {

@@ -1,0 +1,215 @@
+//! Tests that run the real `tagrelay` binary: CLI check, graceful shutdown.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use crate::helpers::test_config;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_tagrelay");
+
+/// A running `tagrelay` process and the addresses it logged.
+pub struct Proc {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+impl Proc {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .expect("kill runs")
+            .success();
+        assert!(ok, "kill -{sig} failed");
+    }
+
+    /// Waits for exit (panics after `secs`).
+    pub fn wait_exit(&mut self, secs: u64) -> std::process::ExitStatus {
+        let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(std::time::Instant::now() < deadline, "tagrelay did not exit in {secs}s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts the binary on `config_path` with JSON logs and reads the bound addresses.
+pub fn start(config_path: &Path) -> Proc {
+    let mut child = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(config_path)
+        .env("TAGRELAY__SERVER__LOG_FORMAT", "json")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn tagrelay");
+    let stderr = child.stderr.take().expect("stderr");
+    let mut lines = BufReader::new(stderr).lines();
+    let (addr, admin) = loop {
+        let line = match lines.next() {
+            Some(Ok(l)) => l,
+            _ => panic!("tagrelay exited before listening"),
+        };
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
+        if let (Some(a), Some(b)) = (v["public_addr"].as_str(), v["admin_addr"].as_str()) {
+            break (a.parse().unwrap(), b.parse().unwrap());
+        }
+    };
+    // Keep draining stderr so the child never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines.by_ref() {});
+    Proc { child, addr, admin }
+}
+
+pub fn write_config(dir: &Path, extra: &str) -> std::path::PathBuf {
+    let path = dir.join("tagrelay.toml");
+    std::fs::write(&path, test_config(dir, extra)).unwrap();
+    path
+}
+
+fn check(path: &Path, env: &[(&str, &str)]) -> (bool, String, String) {
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(path)
+        .envs(env.iter().copied())
+        .output()
+        .expect("run check");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn check_accepts_the_default_and_every_example() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = vec![root.join("config/tagrelay.toml")];
+    for entry in std::fs::read_dir(root.join("config/examples")).unwrap() {
+        let p = entry.unwrap().path();
+        if p.extension().is_some_and(|e| e == "toml") {
+            files.push(p);
+        }
+    }
+    assert!(files.len() >= 2, "config/examples/ has examples");
+    // Examples reference secrets as ${VAR}; give them values as a deployment would.
+    let env = [
+        ("GA4_API_SECRET", "test-secret"),
+        ("META_ACCESS_TOKEN", "test-token"),
+        ("META_APP_SECRET", "test-app-secret"),
+        ("TAGRELAY_ADMIN_TOKEN", "test-admin"),
+        ("WEBHOOK_TOKEN", "test-webhook"),
+        ("MP_API_SECRET", "test-mp"),
+    ];
+    for f in files {
+        let (ok, out, err) = check(&f, &env);
+        assert!(ok, "{} failed: {err}", f.display());
+        assert!(out.contains(": ok ("), "{out}");
+    }
+}
+
+#[test]
+fn check_names_a_misspelt_key_its_file_and_the_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("x.toml");
+    std::fs::write(&path, "[server]\nlistn = \"127.0.0.1:8080\"\n").unwrap();
+    let (ok, _, err) = check(&path, &[]);
+    assert!(!ok);
+    assert!(err.contains("unknown key `listn` in [server]"), "{err}");
+    assert!(err.contains(&path.display().to_string()), "{err}");
+    assert!(err.contains("did you mean `listen`?"), "{err}");
+}
+
+#[test]
+fn check_names_a_missing_environment_variable() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("meta.toml");
+    std::fs::write(
+        &path,
+        "[[tags]]\nname = \"meta\"\ntype = \"meta_capi\"\npixel_id = \"123\"\naccess_token = \"${TAGRELAY_TEST_UNSET_TOKEN}\"\n",
+    )
+    .unwrap();
+    let (ok, _, err) = check(&path, &[]);
+    assert!(!ok);
+    assert!(err.contains("TAGRELAY_TEST_UNSET_TOKEN"), "{err}");
+    assert!(err.contains("access_token"), "{err}");
+}
+
+#[test]
+fn check_reports_every_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        "[server]\npath_prefix = \"t/\"\nadmin_listen = \"0.0.0.0:9090\"\n[[tags]]\nname = \"a\"\ntype = \"http\"\nurl = \"http://127.0.0.1:1/\"\n[[tags]]\nname = \"a\"\ntype = \"http\"\nurl = \"http://127.0.0.1:1/\"\n",
+    )
+    .unwrap();
+    let (ok, _, err) = check(&path, &[]);
+    assert!(!ok);
+    assert!(err.contains("server.path_prefix"), "{err}");
+    assert!(err.contains("admin.token"), "{err}");
+    assert!(err.contains("already named `a`"), "{err}");
+}
+
+#[tokio::test]
+async fn sigterm_lets_an_in_flight_request_finish_and_exits_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), "[[clients]]\ntype = \"ga4\"\n");
+    let mut proc = start(&path);
+
+    // A POST whose body arrives slowly: it is in flight when SIGTERM lands.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(4);
+    let body = reqwest::Body::wrap_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
+    let url = proc.url("/g/collect?v=2&tid=G-TEST1&cid=111.222");
+    let request = tokio::spawn(async move {
+        reqwest::Client::new()
+            .post(url)
+            .header("content-type", "text/plain;charset=UTF-8")
+            .body(body)
+            .send()
+            .await
+    });
+    tx.send(Ok(b"en=page_view&_et=1".to_vec())).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proc.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    tx.send(Ok(b"\r\nen=scroll&_et=2".to_vec())).await.unwrap();
+    drop(tx);
+
+    let resp = request.await.unwrap().expect("in-flight request completes");
+    assert_eq!(resp.status(), 204);
+    let status = tokio::task::spawn_blocking(move || proc.wait_exit(15)).await.unwrap();
+    assert!(status.success(), "exit status {status:?}");
+}
+
+#[test]
+fn environment_overrides_config_keys() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let default = root.join("config/tagrelay.toml");
+    let (ok, _, _) = check(&default, &[]);
+    assert!(ok);
+    // TAGRELAY__SECTION__KEY overrides the file; a bad value is reported under its key.
+    let (ok, _, err) = check(&default, &[("TAGRELAY__SERVER__PATH_PREFIX", "no-slash")]);
+    assert!(!ok);
+    assert!(err.contains("server.path_prefix: `no-slash`"), "{err}");
+}
