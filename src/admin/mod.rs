@@ -9,6 +9,9 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
+pub mod debug;
+pub mod trace;
+
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::app::AppState;
@@ -55,9 +58,22 @@ pub async fn record_http_metrics(req: Request, next: Next) -> Response {
 
 pub fn router(state: AppState) -> Router {
     Router::new()
-        .route("/healthz", get(|| async { labelled("ok".into_response(), "admin_health") }))
+        .route(
+            "/healthz",
+            get(|| async { labelled("ok".into_response(), "admin_health") }),
+        )
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
+        .route("/debug", get(debug::page))
+        .route("/debug/", get(debug::page))
+        .route("/debug/login", get(debug::login_form).post(debug::login))
+        .route("/debug/api/traces", get(debug::traces))
+        .route("/debug/api/traces/{id}", get(debug::trace))
+        .route("/debug/api/stream", get(debug::stream))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            debug::require_token,
+        ))
         .with_state(state)
         .layer(axum::middleware::from_fn(record_http_metrics))
 }

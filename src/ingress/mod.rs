@@ -20,6 +20,7 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
+use crate::admin::trace::{self, TagOutcome, TagTrace, Trace};
 use crate::app::AppState;
 use crate::clients::{ClientError, ClientResponse, HitRequest};
 use crate::identity::{CookieDecision, IdentityInput};
@@ -62,7 +63,9 @@ impl IntoResponse for HitError {
             HitError::Full(_) | HitError::Closed => StatusCode::SERVICE_UNAVAILABLE,
             HitError::Store => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        let mut resp = (status, format!("{self}\n")).into_response();
+        let text = self.to_string();
+        let mut resp = (status, format!("{text}\n")).into_response();
+        resp.extensions_mut().insert(ErrorText(text));
         if let HitError::Full(secs) = self {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
@@ -145,12 +148,36 @@ async fn track(
         return with_route(r, "preflight");
     }
 
-    let Some(client) = pipeline.clients.iter().find(|c| c.claims(&parts.method, path)) else {
+    let Some(client) = pipeline
+        .clients
+        .iter()
+        .find(|c| c.claims(&parts.method, path))
+    else {
         return not_found(&parts.method, full_path);
     };
     let route = client.kind();
 
-    let result = handle_hit(&state, &pipeline, client.as_ref(), &parts, path, body, peer, &host).await;
+    let marker = debug_marker(&parts.headers, &pipeline.config.admin.debug_cookie);
+    let mut trace = state
+        .traces()
+        .wants(marker.is_some())
+        .then(|| TraceDraft::default());
+    let ip = client_ip::client_ip(
+        peer.ip(),
+        &parts.headers,
+        &pipeline.config.server.trusted_proxies,
+    );
+    let ctx = HitContext {
+        state: &state,
+        pipeline: &pipeline,
+        client: client.as_ref(),
+        parts: &parts,
+        path,
+        host: &host,
+        ip,
+        marker: marker.as_deref(),
+    };
+    let result = handle_hit(&ctx, body, &mut trace).await;
     let mut resp = match result {
         Ok(r) => r,
         Err(e) => {
@@ -162,9 +189,104 @@ async fn track(
     if let Some(o) = &origin {
         cors::apply(resp.headers_mut(), o);
     }
+    let elapsed = started.elapsed();
     metrics::histogram!("tagrelay_hit_duration_seconds", "client" => route)
-        .record(started.elapsed().as_secs_f64());
+        .record(elapsed.as_secs_f64());
+    if let Some(draft) = trace {
+        state.traces().record(draft.finish(&ctx, &resp, elapsed));
+    }
     with_route(resp, route)
+}
+
+/// The per-hit facts every step needs.
+struct HitContext<'a> {
+    state: &'a AppState,
+    pipeline: &'a Pipeline,
+    client: &'a dyn crate::clients::Client,
+    parts: &'a http::request::Parts,
+    path: &'a str,
+    host: &'a str,
+    ip: std::net::IpAddr,
+    marker: Option<&'a str>,
+}
+
+/// What the hit path learns for the debug view, filled only when the hit is traced.
+#[derive(Default)]
+struct TraceDraft {
+    body: Bytes,
+    events: Vec<serde_json::Value>,
+    cookies: Vec<CookieDecision>,
+    tags: Vec<TagTrace>,
+}
+
+impl TraceDraft {
+    fn finish(self, ctx: &HitContext<'_>, resp: &Response, elapsed: Duration) -> Trace {
+        let parts = ctx.parts;
+        let (body, body_truncated) =
+            trace::truncate(&String::from_utf8_lossy(&self.body), trace::MAX_BODY_CHARS);
+        let headers = parts
+            .headers
+            .iter()
+            .map(|(k, v)| {
+                let v = String::from_utf8_lossy(v.as_bytes());
+                let v = if k == header::COOKIE {
+                    trace::shorten_cookie_header(&v)
+                } else {
+                    v.into_owned()
+                };
+                (k.as_str().to_owned(), v)
+            })
+            .collect();
+        let error = (!resp.status().is_success()).then(|| {
+            resp.extensions()
+                .get::<ErrorText>()
+                .map(|e| e.0.clone())
+                .unwrap_or_default()
+        });
+        Trace {
+            id: uuid::Uuid::now_v7().to_string(),
+            time_ms: now_ms(),
+            method: parts.method.to_string(),
+            path: parts.uri.path().to_owned(),
+            query: parts.uri.query().unwrap_or("").to_owned(),
+            body,
+            body_truncated,
+            headers,
+            client_ip: ctx.ip.to_string(),
+            host: ctx.host.to_owned(),
+            client: Some(ctx.client.kind()),
+            status: resp.status().as_u16(),
+            error,
+            debug_marker: ctx.marker.map(str::to_owned),
+            latency_us: elapsed.as_micros() as u64,
+            events: self.events,
+            cookies: self.cookies,
+            tags: self.tags,
+        }
+    }
+}
+
+/// The reason text of an error response, kept for the debug view.
+#[derive(Clone)]
+struct ErrorText(String);
+
+/// The debug marker from the `x-tagrelay-debug` header or the configured cookie.
+fn debug_marker(headers: &HeaderMap, cookie_name: &str) -> Option<String> {
+    if let Some(v) = headers
+        .get("x-tagrelay-debug")
+        .and_then(|v| v.to_str().ok())
+    {
+        return Some(v.trim().to_owned()).filter(|v| !v.is_empty());
+    }
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|pair| {
+            let (k, v) = pair.split_once('=')?;
+            (k.trim() == cookie_name && !v.trim().is_empty()).then(|| v.trim().to_owned())
+        })
 }
 
 impl HitError {
@@ -182,28 +304,25 @@ impl HitError {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn handle_hit(
-    state: &AppState,
-    pipeline: &Pipeline,
-    client: &dyn crate::clients::Client,
-    parts: &http::request::Parts,
-    path: &str,
+    ctx: &HitContext<'_>,
     body: Body,
-    peer: SocketAddr,
-    host: &str,
+    trace: &mut Option<TraceDraft>,
 ) -> Result<Response, HitError> {
+    let (pipeline, parts, client) = (ctx.pipeline, ctx.parts, ctx.client);
     let limit = pipeline.config.server.max_body_bytes;
     let body = read_body(body, &parts.headers, limit).await?;
-    let ip = client_ip::client_ip(peer.ip(), &parts.headers, &pipeline.config.server.trusted_proxies);
+    if let Some(t) = trace.as_mut() {
+        t.body = body.clone();
+    }
     let now_ms = now_ms();
     let hit = HitRequest {
         method: &parts.method,
-        path,
+        path: ctx.path,
         query: parts.uri.query().unwrap_or(""),
         headers: &parts.headers,
         body: &body,
-        client_ip: ip,
+        client_ip: ctx.ip,
         now_ms,
     };
     let mut parsed = client.parse(&hit)?;
@@ -218,10 +337,13 @@ async fn handle_hit(
         if e.timestamp_ms == 0 {
             e.timestamp_ms = now_ms;
         }
+        if let Some(m) = ctx.marker {
+            e.identity.debug_marker = Some(m.to_owned());
+        }
     }
     let cookies: Vec<CookieDecision> = if parsed.set_cookies {
         let input = IdentityInput {
-            host,
+            host: ctx.host,
             cookie_header: hit.header("cookie"),
             referer: hit.header("referer"),
             now_ms,
@@ -236,7 +358,24 @@ async fn handle_hit(
     for e in &parsed.events {
         let mut payload = None;
         for tag in &pipeline.tags {
-            if tag.trigger.evaluate(e).fired {
+            let decision = tag.trigger.evaluate(e);
+            if let Some(t) = trace.as_mut() {
+                t.tags.push(TagTrace {
+                    tag: tag.name.to_string(),
+                    kind: tag.tag.kind(),
+                    event_id: e.event_id.clone(),
+                    event_name: e.event_name.clone(),
+                    fired: decision.fired,
+                    outcome: if decision.fired {
+                        TagOutcome::new("queued", "in the outbox")
+                    } else {
+                        TagOutcome::new("not_fired", decision.reason.clone())
+                    },
+                    reason: decision.reason,
+                    attempts: Vec::new(),
+                });
+            }
+            if decision.fired {
                 let payload = payload
                     .get_or_insert_with(|| Bytes::from(serde_json::to_vec(e).unwrap_or_default()))
                     .clone();
@@ -249,8 +388,16 @@ async fn handle_hit(
             }
         }
     }
+    if let Some(t) = trace.as_mut() {
+        t.events = parsed
+            .events
+            .iter()
+            .filter_map(|e| serde_json::to_value(e).ok())
+            .collect();
+        t.cookies = cookies.clone();
+    }
     if !records.is_empty() {
-        state.outbox().enqueue(records).await.map_err(|e| match e {
+        ctx.state.outbox().enqueue(records).await.map_err(|e| match e {
             EnqueueError::Full { retry_after_secs } => HitError::Full(retry_after_secs),
             EnqueueError::Closed => HitError::Closed,
             EnqueueError::Io(msg) => {

@@ -1,0 +1,226 @@
+//! The debug view: a live page, a JSON API and an SSE stream over the trace ring; and the
+//! admin authentication that guards it when a token is configured.
+
+use std::convert::Infallible;
+use std::time::{Duration, Instant};
+
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::Next;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{Html, IntoResponse, Response};
+use axum::{Form, Json};
+use futures_util::stream::{self, Stream};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use tokio::sync::broadcast::error::RecvError;
+
+use super::trace::StreamMsg;
+use crate::app::AppState;
+
+const PAGE: &str = include_str!("debug_page/index.html");
+const SESSION_COOKIE: &str = "tagrelay_admin";
+/// Most new-hit messages one stream sends per second; the rest are counted as dropped so a
+/// browser tab stays responsive at thousands of hits per second.
+const STREAM_TRACES_PER_SEC: u32 = 50;
+
+pub async fn page(State(state): State<AppState>) -> Response {
+    let cookie = &state.pipeline().config.admin.debug_cookie;
+    let html = PAGE.replace(
+        "content=\"tagrelay_debug\"",
+        &format!("content=\"{}\"", html_escape(cookie)),
+    );
+    ([(header::CACHE_CONTROL, "no-store")], Html(html)).into_response()
+}
+
+#[derive(Deserialize)]
+pub struct TraceQuery {
+    limit: Option<usize>,
+    event: Option<String>,
+    tag: Option<String>,
+}
+
+pub async fn traces(State(state): State<AppState>, Query(q): Query<TraceQuery>) -> Response {
+    let limit = q.limit.unwrap_or(200).min(5_000);
+    let list = state
+        .traces()
+        .recent(limit, q.event.as_deref(), q.tag.as_deref());
+    Json(serde_json::json!({ "traces": list })).into_response()
+}
+
+pub async fn trace(State(state): State<AppState>, Path(id): Path<String>) -> Response {
+    match state.traces().get(&id) {
+        Some(t) => Json(t).into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            "no such trace (it may have aged out of the ring)\n",
+        )
+            .into_response(),
+    }
+}
+
+pub async fn stream(
+    State(state): State<AppState>,
+) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
+    let (guard, rx) = state.traces().watch();
+    struct S {
+        rx: tokio::sync::broadcast::Receiver<StreamMsg>,
+        _guard: super::trace::WatchGuard,
+        window: Instant,
+        sent: u32,
+        dropped: u64,
+    }
+    let init = S {
+        rx,
+        _guard: guard,
+        window: Instant::now(),
+        sent: 0,
+        dropped: 0,
+    };
+    let s = stream::unfold(init, |mut s| async move {
+        loop {
+            if s.window.elapsed() >= Duration::from_secs(1) {
+                s.window = Instant::now();
+                s.sent = 0;
+                if s.dropped > 0 {
+                    let n = std::mem::take(&mut s.dropped);
+                    let ev = SseEvent::default()
+                        .event("dropped")
+                        .data(format!("{{\"count\":{n}}}"));
+                    return Some((Ok(ev), s));
+                }
+            }
+            match s.rx.recv().await {
+                Ok(StreamMsg::Trace(json)) => {
+                    if s.sent >= STREAM_TRACES_PER_SEC {
+                        s.dropped += 1;
+                        continue;
+                    }
+                    s.sent += 1;
+                    return Some((Ok(SseEvent::default().event("trace").data(&*json)), s));
+                }
+                Ok(StreamMsg::Update(json)) => {
+                    return Some((Ok(SseEvent::default().event("update").data(&*json)), s));
+                }
+                Err(RecvError::Lagged(n)) => s.dropped += n,
+                Err(RecvError::Closed) => return None,
+            }
+        }
+    });
+    Sse::new(s).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+}
+
+fn html_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// The session cookie value for a token: a hash, so the cookie never carries the token.
+fn session_value(token: &str) -> String {
+    hex::encode(Sha256::digest(format!("tagrelay-admin-session:{token}")))
+}
+
+fn ct_eq(a: &str, b: &str) -> bool {
+    a.len() == b.len() && bool::from(a.as_bytes().ct_eq(b.as_bytes()))
+}
+
+fn authorized(headers: &HeaderMap, token: &str) -> bool {
+    if let Some(bearer) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    {
+        if ct_eq(bearer.trim(), token) {
+            return true;
+        }
+    }
+    let expected = session_value(token);
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|p| p.trim().split_once('='))
+        .any(|(k, v)| k == SESSION_COOKIE && ct_eq(v, &expected))
+}
+
+/// Guards the admin surface when `[admin] token` is set. Health probes stay open.
+pub async fn require_token(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let pipeline = state.pipeline();
+    let Some(token) = pipeline.config.admin.token.as_ref() else {
+        return next.run(req).await;
+    };
+    let path = req.uri().path();
+    if matches!(path, "/healthz" | "/readyz" | "/debug/login")
+        || authorized(req.headers(), token.expose())
+    {
+        return next.run(req).await;
+    }
+    let wants_html = req
+        .headers()
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("text/html"));
+    if wants_html && path == "/debug" {
+        return (StatusCode::UNAUTHORIZED, Html(login_html(""))).into_response();
+    }
+    (
+        StatusCode::UNAUTHORIZED,
+        [(header::WWW_AUTHENTICATE, "Bearer")],
+        "admin token required: send `Authorization: Bearer <token>` or log in at /debug/login\n",
+    )
+        .into_response()
+}
+
+fn login_html(message: &str) -> String {
+    format!(
+        r#"<!doctype html><html lang="en"><head><meta charset="utf-8"><title>tagrelay · log in</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>body{{font:15px system-ui,sans-serif;display:grid;place-items:center;min-height:90vh;background:#f6f7f9;color:#1d2330}}
+form{{background:#fff;padding:28px 32px;border-radius:10px;box-shadow:0 1px 4px #0002;min-width:320px}}
+input{{width:100%;box-sizing:border-box;padding:8px;margin:8px 0 14px;font:inherit}}button{{padding:8px 16px;font:inherit}}
+.msg{{color:#b42318}}</style></head><body><form method="post" action="/debug/login">
+<h1 style="font-size:18px;margin-top:0">tagrelay debug view</h1><p class="msg">{}</p>
+<label for="token">Admin token</label><input id="token" name="token" type="password" autocomplete="current-password" autofocus>
+<button type="submit">Log in</button></form></body></html>"#,
+        html_escape(message)
+    )
+}
+
+pub async fn login_form() -> Html<String> {
+    Html(login_html(""))
+}
+
+#[derive(Deserialize)]
+pub struct Login {
+    token: String,
+}
+
+pub async fn login(State(state): State<AppState>, Form(form): Form<Login>) -> Response {
+    let pipeline = state.pipeline();
+    let Some(token) = pipeline.config.admin.token.as_ref() else {
+        return axum::response::Redirect::to("/debug").into_response();
+    };
+    if !ct_eq(form.token.trim(), token.expose()) {
+        return (
+            StatusCode::UNAUTHORIZED,
+            Html(login_html("That token is not right.")),
+        )
+            .into_response();
+    }
+    let cookie = format!(
+        "{SESSION_COOKIE}={}; Path=/; HttpOnly; SameSite=Strict; Max-Age=43200",
+        session_value(token.expose())
+    );
+    (
+        StatusCode::SEE_OTHER,
+        [
+            (header::SET_COOKIE, cookie),
+            (header::LOCATION, "/debug".to_owned()),
+        ],
+    )
+        .into_response()
+}

@@ -1,0 +1,396 @@
+//! Traces of hits for the debug view: a bounded in-memory ring plus a live fan-out.
+//!
+//! Memory stays flat under load: the ring is capped by count and by (estimated) bytes, request
+//! bodies and vendor responses are truncated, and nothing is recorded at all unless sampling
+//! says so (by default: only while someone watches, or for hits marked with the debug cookie).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+use tokio::sync::broadcast;
+
+use crate::config::TraceSampling;
+use crate::identity::CookieDecision;
+
+/// Longest request body / vendor response kept in a trace.
+pub const MAX_BODY_CHARS: usize = 8 * 1024;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Trace {
+    pub id: String,
+    pub time_ms: i64,
+    pub method: String,
+    pub path: String,
+    pub query: String,
+    pub body: String,
+    pub body_truncated: bool,
+    pub headers: Vec<(String, String)>,
+    pub client_ip: String,
+    pub host: String,
+    pub client: Option<&'static str>,
+    pub status: u16,
+    pub error: Option<String>,
+    pub debug_marker: Option<String>,
+    pub latency_us: u64,
+    pub events: Vec<serde_json::Value>,
+    pub cookies: Vec<CookieDecision>,
+    pub tags: Vec<TagTrace>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TagTrace {
+    pub tag: String,
+    pub kind: &'static str,
+    pub event_id: String,
+    pub event_name: String,
+    pub fired: bool,
+    pub reason: String,
+    pub outcome: TagOutcome,
+    pub attempts: Vec<Attempt>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TagOutcome {
+    /// `not_fired`, `queued`, `delivered`, `retrying`, `dead_lettered`, `skipped`.
+    pub state: &'static str,
+    pub detail: String,
+    pub next_attempt_ms: Option<i64>,
+}
+
+impl TagOutcome {
+    pub fn new(state: &'static str, detail: impl Into<String>) -> Self {
+        TagOutcome {
+            state,
+            detail: detail.into(),
+            next_attempt_ms: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Attempt {
+    pub time_ms: i64,
+    pub request: RequestView,
+    pub status: Option<u16>,
+    pub response_body: String,
+    pub latency_ms: u64,
+    pub outcome: String,
+}
+
+/// An outbound request as shown to people: secrets already redacted by the tag.
+#[derive(Debug, Clone, Serialize)]
+pub struct RequestView {
+    pub method: String,
+    pub url: String,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+/// A message on the live stream.
+#[derive(Debug, Clone)]
+pub enum StreamMsg {
+    Trace(Arc<str>),
+    Update(Arc<str>),
+}
+
+#[derive(Debug, Serialize)]
+struct Update<'a> {
+    trace_id: &'a str,
+    tag: &'a str,
+    event_id: &'a str,
+    attempt: Option<&'a Attempt>,
+    outcome: &'a TagOutcome,
+}
+
+struct Ring {
+    traces: VecDeque<(Trace, usize)>,
+    bytes: usize,
+    /// event id → trace id, so delivery updates find their trace.
+    by_event: HashMap<String, String>,
+}
+
+pub struct Traces {
+    ring: Mutex<Ring>,
+    capacity: usize,
+    max_bytes: usize,
+    sampling: TraceSampling,
+    watchers: AtomicUsize,
+    tx: broadcast::Sender<StreamMsg>,
+}
+
+impl std::fmt::Debug for Traces {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Traces")
+            .field("capacity", &self.capacity)
+            .field("max_bytes", &self.max_bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Traces {
+    pub fn new(capacity: usize, max_bytes: usize, sampling: TraceSampling) -> Arc<Self> {
+        let (tx, _) = broadcast::channel(1024);
+        Arc::new(Traces {
+            ring: Mutex::new(Ring {
+                traces: VecDeque::new(),
+                bytes: 0,
+                by_event: HashMap::new(),
+            }),
+            capacity: capacity.max(1),
+            max_bytes: max_bytes.max(1024),
+            sampling,
+            watchers: AtomicUsize::new(0),
+            tx,
+        })
+    }
+
+    /// Whether a hit should be traced. Cheap: called on every hit.
+    pub fn wants(&self, marked: bool) -> bool {
+        match self.sampling {
+            TraceSampling::None => false,
+            TraceSampling::All => true,
+            TraceSampling::Watching => marked || self.watchers.load(Ordering::Relaxed) > 0,
+        }
+    }
+
+    /// Registers a live watcher (SSE stream); dropping the guard unregisters it.
+    pub fn watch(self: &Arc<Self>) -> (WatchGuard, broadcast::Receiver<StreamMsg>) {
+        self.watchers.fetch_add(1, Ordering::Relaxed);
+        (
+            WatchGuard {
+                traces: self.clone(),
+            },
+            self.tx.subscribe(),
+        )
+    }
+
+    pub fn record(&self, trace: Trace) {
+        let json: Arc<str> = match serde_json::to_string(&trace) {
+            Ok(j) => j.into(),
+            Err(_) => return,
+        };
+        let size = json.len();
+        if let Ok(mut ring) = self.ring.lock() {
+            for t in &trace.tags {
+                if t.fired {
+                    ring.by_event.insert(t.event_id.clone(), trace.id.clone());
+                }
+            }
+            ring.bytes += size;
+            ring.traces.push_back((trace, size));
+            while ring.traces.len() > self.capacity || ring.bytes > self.max_bytes {
+                let Some((old, old_size)) = ring.traces.pop_front() else {
+                    break;
+                };
+                ring.bytes -= old_size;
+                for t in &old.tags {
+                    if ring.by_event.get(&t.event_id) == Some(&old.id) {
+                        ring.by_event.remove(&t.event_id);
+                    }
+                }
+            }
+        }
+        let _ = self.tx.send(StreamMsg::Trace(json));
+    }
+
+    /// Records a delivery attempt and/or a new outcome for (tag, event).
+    pub fn update(&self, tag: &str, event_id: &str, attempt: Option<Attempt>, outcome: TagOutcome) {
+        let msg = {
+            let Ok(mut ring) = self.ring.lock() else {
+                return;
+            };
+            let Some(trace_id) = ring.by_event.get(event_id).cloned() else {
+                return;
+            };
+            let ring = &mut *ring;
+            let Some((trace, size)) = ring.traces.iter_mut().rev().find(|(t, _)| t.id == trace_id)
+            else {
+                return;
+            };
+            let Some(tt) = trace
+                .tags
+                .iter_mut()
+                .find(|t| t.tag == tag && t.event_id == event_id)
+            else {
+                return;
+            };
+            let added = attempt.as_ref().map_or(0, |a| {
+                a.request.body.len() + a.request.url.len() + a.response_body.len() + 200
+            });
+            // Attempts grow a trace; cap them so a retry storm cannot grow memory.
+            let attempt_ref = attempt.map(|a| {
+                if tt.attempts.len() >= 20 {
+                    tt.attempts.remove(0);
+                }
+                tt.attempts.push(a);
+                tt.attempts.len() - 1
+            });
+            tt.outcome = outcome;
+            *size += added;
+            ring.bytes += added;
+            let update = Update {
+                trace_id: &trace_id,
+                tag,
+                event_id,
+                attempt: attempt_ref.and_then(|i| tt.attempts.get(i)),
+                outcome: &tt.outcome,
+            };
+            serde_json::to_string(&update).ok()
+        };
+        if let Some(m) = msg {
+            let _ = self.tx.send(StreamMsg::Update(m.into()));
+        }
+    }
+
+    /// Recent traces, newest first, filtered.
+    pub fn recent(&self, limit: usize, event: Option<&str>, tag: Option<&str>) -> Vec<Trace> {
+        let Ok(ring) = self.ring.lock() else {
+            return Vec::new();
+        };
+        ring.traces
+            .iter()
+            .rev()
+            .map(|(t, _)| t)
+            .filter(|t| event.is_none_or(|e| t.events.iter().any(|ev| ev["event_name"] == e)))
+            .filter(|t| tag.is_none_or(|g| t.tags.iter().any(|tt| tt.tag == g)))
+            .take(limit)
+            .cloned()
+            .collect()
+    }
+
+    pub fn get(&self, id: &str) -> Option<Trace> {
+        let ring = self.ring.lock().ok()?;
+        ring.traces
+            .iter()
+            .find(|(t, _)| t.id == id)
+            .map(|(t, _)| t.clone())
+    }
+
+    /// (count, estimated bytes) held now.
+    pub fn usage(&self) -> (usize, usize) {
+        self.ring
+            .lock()
+            .map(|r| (r.traces.len(), r.bytes))
+            .unwrap_or((0, 0))
+    }
+}
+
+pub struct WatchGuard {
+    traces: Arc<Traces>,
+}
+
+impl Drop for WatchGuard {
+    fn drop(&mut self) {
+        self.traces.watchers.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Truncates text to `max` characters on a char boundary.
+pub fn truncate(s: &str, max: usize) -> (String, bool) {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => (s[..i].to_owned(), true),
+        None => (s.to_owned(), false),
+    }
+}
+
+/// Shortens cookie values so a trace shows which cookies came, not their full contents.
+pub fn shorten_cookie_header(v: &str) -> String {
+    v.split(';')
+        .map(|pair| {
+            let pair = pair.trim();
+            match pair.split_once('=') {
+                Some((k, val)) if val.chars().count() > 12 => {
+                    let head: String = val.chars().take(10).collect();
+                    format!("{k}={head}…")
+                }
+                _ => pair.to_owned(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn trace(id: usize, body: &str) -> Trace {
+        Trace {
+            id: id.to_string(),
+            time_ms: 0,
+            method: "GET".into(),
+            path: "/g/collect".into(),
+            query: String::new(),
+            body: body.into(),
+            body_truncated: false,
+            headers: vec![],
+            client_ip: "127.0.0.1".into(),
+            host: "h".into(),
+            client: Some("ga4"),
+            status: 204,
+            error: None,
+            debug_marker: None,
+            latency_us: 1,
+            events: vec![serde_json::json!({"event_name": "page_view"})],
+            cookies: vec![],
+            tags: vec![TagTrace {
+                tag: "ga4".into(),
+                kind: "ga4",
+                event_id: format!("e{id}"),
+                event_name: "page_view".into(),
+                fired: true,
+                reason: "ok".into(),
+                outcome: TagOutcome::new("queued", ""),
+                attempts: vec![],
+            }],
+        }
+    }
+
+    #[test]
+    fn ring_is_bounded_by_count_and_bytes() {
+        let t = Traces::new(100, 1 << 30, TraceSampling::All);
+        for i in 0..10_000 {
+            t.record(trace(i, "x"));
+        }
+        assert_eq!(t.usage().0, 100);
+        assert_eq!(t.recent(1, None, None)[0].id, "9999");
+        let t = Traces::new(1_000_000, 64 * 1024, TraceSampling::All);
+        for i in 0..10_000 {
+            t.record(trace(i, &"y".repeat(1000)));
+        }
+        let (n, bytes) = t.usage();
+        assert!(bytes <= 64 * 1024 && n < 100, "{n} traces, {bytes} bytes");
+        // evicted traces drop out of the event index too
+        assert!(t.ring.lock().unwrap().by_event.len() <= n);
+    }
+
+    #[test]
+    fn updates_patch_the_trace_and_reach_watchers() {
+        let t = Traces::new(10, 1 << 20, TraceSampling::Watching);
+        assert!(!t.wants(false));
+        assert!(t.wants(true), "marked hits are always traced");
+        let (_guard, mut rx) = t.watch();
+        assert!(t.wants(false));
+        t.record(trace(1, ""));
+        t.update("ga4", "e1", None, TagOutcome::new("delivered", "HTTP 204"));
+        assert_eq!(t.get("1").unwrap().tags[0].outcome.state, "delivered");
+        assert!(matches!(rx.try_recv().unwrap(), StreamMsg::Trace(_)));
+        match rx.try_recv().unwrap() {
+            StreamMsg::Update(j) => assert!(j.contains("\"delivered\""), "{j}"),
+            other => panic!("{other:?}"),
+        }
+        drop(_guard);
+        assert!(!t.wants(false));
+    }
+
+    #[test]
+    fn cookie_values_are_shortened() {
+        assert_eq!(
+            shorten_cookie_header("_ga=GA1.1.1234567890.1764912990; a=b"),
+            "_ga=GA1.1.1234…; a=b"
+        );
+        assert_eq!(truncate("héllo", 2), ("hé".to_string(), true));
+    }
+}
