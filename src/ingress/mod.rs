@@ -161,7 +161,7 @@ async fn track(
     let mut trace = state
         .traces()
         .wants(marker.is_some())
-        .then(|| TraceDraft::default());
+        .then(TraceDraft::default);
     let ip = client_ip::client_ip(
         peer.ip(),
         &parts.headers,
