@@ -114,7 +114,6 @@ async fn track(
     let pipeline = state.pipeline();
     let started = Instant::now();
     let (parts, body) = req.into_parts();
-    let origin = parts.headers.get(header::ORIGIN).cloned();
     let host = parts
         .headers
         .get(header::HOST)
@@ -122,41 +121,6 @@ async fn track(
         .or_else(|| parts.uri.host())
         .unwrap_or("")
         .to_owned();
-
-    let prefix = pipeline.config.server.path_prefix.as_str();
-    let full_path = parts.uri.path();
-    let Some(path) = strip_prefix(full_path, prefix) else {
-        return not_found(&parts.method, full_path);
-    };
-
-    // CORS: a disallowed origin gets no credentials and no hit processing.
-    if let Some(o) = &origin {
-        let o_str = o.to_str().unwrap_or("");
-        if !cors::origin_allowed(o_str, &host, &pipeline.config.server.allowed_origins) {
-            return with_route(HitError::Origin(o_str.to_owned()).into_response(), "cors");
-        }
-    }
-    if parts.method == Method::OPTIONS {
-        let mut r = StatusCode::NO_CONTENT.into_response();
-        if let Some(o) = &origin {
-            cors::apply_preflight(
-                r.headers_mut(),
-                o,
-                parts.headers.get(header::ACCESS_CONTROL_REQUEST_HEADERS),
-            );
-        }
-        return with_route(r, "preflight");
-    }
-
-    let Some(client) = pipeline
-        .clients
-        .iter()
-        .find(|c| c.claims(&parts.method, path))
-    else {
-        return not_found(&parts.method, full_path);
-    };
-    let route = client.kind();
-
     let marker = debug_marker(&parts.headers, &pipeline.config.admin.debug_cookie);
     let mut trace = state
         .traces()
@@ -167,18 +131,70 @@ async fn track(
         &parts.headers,
         &pipeline.config.server.trusted_proxies,
     );
-    let ctx = HitContext {
+    let prefix = pipeline.config.server.path_prefix.as_str();
+    let path = strip_prefix(parts.uri.path(), prefix);
+    let mut ctx = HitContext {
         state: &state,
         pipeline: &pipeline,
-        client: client.as_ref(),
+        client: None,
         parts: &parts,
-        path,
+        path: path.unwrap_or(""),
         host: &host,
         ip,
         marker: marker.as_deref(),
     };
-    let result = handle_hit(&ctx, body, &mut trace).await;
-    let mut resp = match result {
+    let resp = match path {
+        None => not_found(&parts.method, parts.uri.path()),
+        Some(path) => route_hit(&mut ctx, path, body, &mut trace).await,
+    };
+    let elapsed = started.elapsed();
+    if let Some(client) = ctx.client {
+        metrics::histogram!("tagrelay_hit_duration_seconds", "client" => client.kind())
+            .record(elapsed.as_secs_f64());
+    }
+    if let Some(draft) = trace {
+        state.traces().record(draft.finish(&ctx, &resp, elapsed));
+    }
+    resp
+}
+
+/// CORS, preflight, client claim, then the hit itself.
+async fn route_hit<'a>(
+    ctx: &mut HitContext<'a>,
+    path: &'a str,
+    body: Body,
+    trace: &mut Option<TraceDraft>,
+) -> Response {
+    let (parts, pipeline) = (ctx.parts, ctx.pipeline);
+    let origin = parts.headers.get(header::ORIGIN);
+    // CORS: a disallowed origin gets no credentials and no hit processing.
+    if let Some(o) = origin {
+        let o_str = o.to_str().unwrap_or("");
+        if !cors::origin_allowed(o_str, ctx.host, &pipeline.config.server.allowed_origins) {
+            return with_route(HitError::Origin(o_str.to_owned()).into_response(), "cors");
+        }
+    }
+    if parts.method == Method::OPTIONS {
+        let mut r = StatusCode::NO_CONTENT.into_response();
+        if let Some(o) = origin {
+            cors::apply_preflight(
+                r.headers_mut(),
+                o,
+                parts.headers.get(header::ACCESS_CONTROL_REQUEST_HEADERS),
+            );
+        }
+        return with_route(r, "preflight");
+    }
+    let Some(client) = pipeline
+        .clients
+        .iter()
+        .find(|c| c.claims(&parts.method, path))
+    else {
+        return not_found(&parts.method, parts.uri.path());
+    };
+    ctx.client = Some(client.as_ref());
+    let route = client.kind();
+    let mut resp = match handle_hit(ctx, client.as_ref(), body, trace).await {
         Ok(r) => r,
         Err(e) => {
             metrics::counter!("tagrelay_hits_rejected_total", "client" => route, "reason" => e.metric_reason())
@@ -186,14 +202,8 @@ async fn track(
             e.into_response()
         }
     };
-    if let Some(o) = &origin {
+    if let Some(o) = origin {
         cors::apply(resp.headers_mut(), o);
-    }
-    let elapsed = started.elapsed();
-    metrics::histogram!("tagrelay_hit_duration_seconds", "client" => route)
-        .record(elapsed.as_secs_f64());
-    if let Some(draft) = trace {
-        state.traces().record(draft.finish(&ctx, &resp, elapsed));
     }
     with_route(resp, route)
 }
@@ -202,7 +212,8 @@ async fn track(
 struct HitContext<'a> {
     state: &'a AppState,
     pipeline: &'a Pipeline,
-    client: &'a dyn crate::clients::Client,
+    /// The client that claimed the request, once one has.
+    client: Option<&'a dyn crate::clients::Client>,
     parts: &'a http::request::Parts,
     path: &'a str,
     host: &'a str,
@@ -254,7 +265,7 @@ impl TraceDraft {
             headers,
             client_ip: ctx.ip.to_string(),
             host: ctx.host.to_owned(),
-            client: Some(ctx.client.kind()),
+            client: ctx.client.map(|c| c.kind()),
             status: resp.status().as_u16(),
             error,
             debug_marker: ctx.marker.map(str::to_owned),
@@ -306,10 +317,11 @@ impl HitError {
 
 async fn handle_hit(
     ctx: &HitContext<'_>,
+    client: &dyn crate::clients::Client,
     body: Body,
     trace: &mut Option<TraceDraft>,
 ) -> Result<Response, HitError> {
-    let (pipeline, parts, client) = (ctx.pipeline, ctx.parts, ctx.client);
+    let (pipeline, parts) = (ctx.pipeline, ctx.parts);
     let limit = pipeline.config.server.max_body_bytes;
     let body = read_body(body, &parts.headers, limit).await?;
     if let Some(t) = trace.as_mut() {
