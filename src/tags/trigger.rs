@@ -345,7 +345,10 @@ fn build_condition(c: &ConditionConfig, at: &str, problems: &mut Vec<String>) ->
 }
 
 impl Trigger {
-    pub fn build(cfg: &TriggerConfig, consent_default: ConsentDefault) -> Result<Self, Vec<String>> {
+    pub fn build(
+        cfg: &TriggerConfig,
+        consent_default: ConsentDefault,
+    ) -> Result<Self, Vec<String>> {
         let mut problems = Vec::new();
         if cfg.events.is_empty() {
             problems.push(
@@ -490,7 +493,8 @@ mod tests {
         e.params
             .insert("coupon".into(), serde_json::Value::String("SUMMER".into()));
         e.params.insert("tax".into(), serde_json::json!(21.4));
-        e.params.insert("amount_text".into(), serde_json::json!("59"));
+        e.params
+            .insert("amount_text".into(), serde_json::json!("59"));
         e.params.insert("logged_in".into(), serde_json::json!(true));
         e.items.push(Item {
             item_id: Some("SKU_123".into()),
@@ -544,7 +548,10 @@ mod tests {
         assert!(fires(&eq("params.amount_text", Scalar::Num(59.0)), &e));
         assert!(fires(&eq("params.logged_in", Scalar::Bool(true)), &e));
         assert!(!fires(&eq("params.logged_in", Scalar::Bool(false)), &e));
-        assert!(fires(&eq("items.0.item_id", Scalar::Str("SKU_123".into())), &e));
+        assert!(fires(
+            &eq("items.0.item_id", Scalar::Str("SKU_123".into())),
+            &e
+        ));
         // Missing fields never equal anything.
         assert!(!fires(&eq("transaction_id", Scalar::Str("".into())), &e));
 
@@ -563,7 +570,10 @@ mod tests {
         assert!(!fires(&ne("currency", Scalar::Str("EUR".into())), &e));
         assert!(fires(&ne("transaction_id", Scalar::Str("T-1".into())), &e));
         let d = ne("currency", Scalar::Str("EUR".into())).evaluate(&e);
-        assert_eq!(d.reason, "condition 0 failed: `currency` (EUR) equals `EUR`");
+        assert_eq!(
+            d.reason,
+            "condition 0 failed: `currency` (EUR) equals `EUR`"
+        );
     }
 
     #[test]
@@ -637,9 +647,18 @@ mod tests {
         assert!(fires(&trigger_with(vec![cond_lt("value", 12.5)]), &e));
         assert!(!fires(&trigger_with(vec![cond_lt("value", 12.0)]), &e));
         // A numeric string parameter is compared as a number; a non-number never passes.
-        assert!(fires(&trigger_with(vec![cond_lt("params.amount_text", 60.0)]), &e));
-        assert!(!fires(&trigger_with(vec![cond_lt("params.coupon", 1e9)]), &e));
-        assert!(!fires(&trigger_with(vec![cond_lt("transaction_id", 1e9)]), &e));
+        assert!(fires(
+            &trigger_with(vec![cond_lt("params.amount_text", 60.0)]),
+            &e
+        ));
+        assert!(!fires(
+            &trigger_with(vec![cond_lt("params.coupon", 1e9)]),
+            &e
+        ));
+        assert!(!fires(
+            &trigger_with(vec![cond_lt("transaction_id", 1e9)]),
+            &e
+        ));
     }
 
     fn cond_lt(field: &str, n: f64) -> ConditionConfig {
@@ -714,7 +733,10 @@ mod tests {
         };
         let errs = Trigger::build(&cfg, ConsentDefault::Granted).unwrap_err();
         assert_eq!(errs.len(), 7, "{errs:#?}");
-        assert!(errs[0].starts_with("trigger.events: an empty list never fires"), "{errs:#?}");
+        assert!(
+            errs[0].starts_with("trigger.events: an empty list never fires"),
+            "{errs:#?}"
+        );
         assert!(errs[1].starts_with("trigger.consent: unknown consent signal `ads`"));
         assert!(
             errs[2].starts_with("trigger.conditions[0].matches: invalid regex `(unclosed`: "),
@@ -772,6 +794,9 @@ exceptions = [{ field = "params.coupon", exists = false }]
             "blocked by exception 0: `params.coupon` does not exist"
         );
         e.consent.analytics_storage = ConsentState::Denied;
-        assert_eq!(t.evaluate(&e).reason, "consent `analytics_storage` is denied");
+        assert_eq!(
+            t.evaluate(&e).reason,
+            "consent `analytics_storage` is denied"
+        );
     }
 }
