@@ -52,6 +52,11 @@ pub(super) fn encode(tag: &Ga4Tag, events: &[Event]) -> Encoded {
     let mut out = Encoded::default();
     let mut groups: Vec<(GroupKey<'_>, Vec<usize>)> = Vec::new();
     for (i, e) in events.iter().enumerate() {
+        if e.event_name.is_empty() {
+            out.rejected
+                .push((i, "event has no name (`en`); GA4 drops such hits".into()));
+            continue;
+        }
         let Some(tid) = tag.measurement_id(e) else {
             out.rejected.push((
                 i,

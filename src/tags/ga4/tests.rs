@@ -687,10 +687,14 @@ fn measurement_id_override_and_missing_ids() {
 
     let mut no_cid = page_view();
     no_cid.client_id = None;
-    let enc = tag(cfg()).encode(&[no_tid, page_view(), no_cid], 0);
+    let mut no_name = page_view();
+    no_name.event_name.clear();
+    let enc = tag(cfg()).encode(&[no_tid, page_view(), no_cid, no_name], 0);
     assert_eq!(enc.requests.len(), 1);
     assert_eq!(enc.requests[0].1, vec![1]);
-    assert_eq!(enc.rejected.len(), 2);
+    assert_eq!(enc.rejected.len(), 3);
+    assert_eq!(enc.rejected[2].0, 3);
+    assert!(enc.rejected[2].1.contains("no name"), "{:?}", enc.rejected);
     assert_eq!(enc.rejected[0].0, 0);
     assert!(
         enc.rejected[0].1.contains("no GA4 measurement id"),
