@@ -34,6 +34,16 @@ pub fn default_meta_name(ga4: &str) -> Option<&'static str> {
     })
 }
 
+/// GA4 events gtag sends on its own that have no meaning as Meta events.
+const GA4_AUTOMATIC: &[&str] = &[
+    "session_start",
+    "first_visit",
+    "user_engagement",
+    "scroll",
+    "form_start",
+    "video_progress",
+];
+
 /// Why an event is not sent.
 #[derive(Debug, Clone, PartialEq)]
 pub enum NotSent {
@@ -58,6 +68,13 @@ impl Mapper {
         }
         if let Some(n) = default_meta_name(ga4) {
             return Ok(n);
+        }
+        // GA4's own housekeeping events mean nothing to Meta and would flood the pixel's
+        // custom events; they go only when mapped explicitly.
+        if GA4_AUTOMATIC.contains(&ga4) {
+            return Err(NotSent::Skipped(format!(
+                "`{ga4}` is a GA4 automatic event; map it in event_names to send it to Meta"
+            )));
         }
         if self.forward_unmapped {
             Ok(ga4)

@@ -1118,3 +1118,24 @@ fn config_deserializes_with_defaults() {
     let t = tag(&c);
     assert_eq!(t.kind(), "meta_capi");
 }
+
+#[test]
+fn ga4_automatic_events_are_skipped_unless_mapped() {
+    let m = Mapper {
+        overrides: [("scroll".to_string(), "Scroll".to_string())]
+            .into_iter()
+            .collect(),
+        forward_unmapped: true,
+        purchase_event_id_from_transaction: false,
+    };
+    assert!(matches!(
+        m.meta_name("session_start"),
+        Err(NotSent::Skipped(_))
+    ));
+    assert!(matches!(
+        m.meta_name("user_engagement"),
+        Err(NotSent::Skipped(_))
+    ));
+    assert_eq!(m.meta_name("scroll"), Ok("Scroll"));
+    assert_eq!(m.meta_name("my_custom"), Ok("my_custom"));
+}
