@@ -27,6 +27,10 @@ impl TestApp {
         format!("http://{}{}", self.addr, path)
     }
 
+    pub fn config_path(&self) -> std::path::PathBuf {
+        self.dir.path().join("tagrelay.toml")
+    }
+
     pub fn admin_url(&self, path: &str) -> String {
         format!("http://{}{}", self.admin, path)
     }
@@ -45,13 +49,18 @@ impl TestApp {
 /// Base config for tests: both listeners on 127.0.0.1:0, an outbox in a temp dir, cookies
 /// without `Secure` (tests speak plain http). `extra` is appended (clients, tags, overrides).
 pub fn test_config(dir: &std::path::Path, extra: &str) -> String {
+    test_config_server(dir, "trusted_proxies = [\"127.0.0.0/8\"]", extra)
+}
+
+/// Like `test_config` with `server_lines` in `[server]` instead of the trusted loopback proxy.
+pub fn test_config_server(dir: &std::path::Path, server_lines: &str, extra: &str) -> String {
     format!(
         r#"
 [server]
 listen = "127.0.0.1:0"
 admin_listen = "127.0.0.1:0"
-trusted_proxies = ["127.0.0.0/8"]
 shutdown_timeout_ms = 3000
+{server_lines}
 
 [cookies]
 secure = false
@@ -70,6 +79,12 @@ retry_max_ms = 200
 pub async fn spawn_app(extra: &str) -> TestApp {
     let dir = tempfile::tempdir().expect("tempdir");
     let text = test_config(dir.path(), extra);
+    spawn_with(dir, &text).await
+}
+
+pub async fn spawn_app_server(server_lines: &str, extra: &str) -> TestApp {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let text = test_config_server(dir.path(), server_lines, extra);
     spawn_with(dir, &text).await
 }
 
@@ -160,6 +175,10 @@ impl FakeVendor {
             .iter()
             .map(|(s, b)| (StatusCode::from_u16(*s).unwrap(), b.to_string()))
             .collect();
+    }
+
+    pub fn clear(&self) {
+        self.received.lock().unwrap().clear();
     }
 
     pub fn received(&self) -> Vec<Received> {

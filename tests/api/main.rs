@@ -2,4 +2,5 @@
 
 mod foundation;
 mod helpers;
+mod pipeline;
 mod process;
