@@ -1,0 +1,112 @@
+//! Reading the `Cookie` request header and rendering `Set-Cookie` values.
+
+use cookie::{Cookie, SameSite};
+
+use super::CookieDecision;
+
+/// `(name, value)` pairs of a `Cookie` header, in order, borrowed from `header`.
+///
+/// Pieces without `=` or with an empty name are skipped; a value wrapped in one pair of double
+/// quotes is unwrapped. Duplicates are all yielded: callers that want "first wins" (the browser
+/// sends the most specific cookie first) take the first match.
+pub fn parse_cookie_header(header: &str) -> impl Iterator<Item = (&str, &str)> + '_ {
+    Cookie::split_parse(header).filter_map(|parsed| {
+        let c = parsed.ok()?;
+        Some((c.name_raw()?, trim_quotes(c.value_raw()?)))
+    })
+}
+
+/// First value of cookie `name` in a `Cookie` header.
+pub fn cookie_value<'a>(header: &'a str, name: &str) -> Option<&'a str> {
+    parse_cookie_header(header).find_map(|(n, v)| (n == name).then_some(v))
+}
+
+fn trim_quotes(v: &str) -> &str {
+    v.strip_prefix('"')
+        .and_then(|inner| inner.strip_suffix('"'))
+        .unwrap_or(v)
+}
+
+/// RFC 6265 `cookie-octet`: what may appear in a cookie value without quoting. Values we echo
+/// back are checked against it so a malformed request cookie never becomes a malformed header.
+pub fn is_cookie_octet(b: u8) -> bool {
+    matches!(b, 0x21 | 0x23..=0x2B | 0x2D..=0x3A | 0x3C..=0x5B | 0x5D..=0x7E)
+}
+
+pub(crate) fn is_cookie_value(v: &str) -> bool {
+    v.bytes().all(is_cookie_octet)
+}
+
+/// RFC 6265 / RFC 9110 token characters, for cookie names.
+pub(crate) fn is_cookie_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.bytes().all(|b| {
+            b.is_ascii_alphanumeric()
+                || matches!(
+                    b,
+                    b'!' | b'#'
+                        | b'$'
+                        | b'%'
+                        | b'&'
+                        | b'\''
+                        | b'*'
+                        | b'+'
+                        | b'-'
+                        | b'.'
+                        | b'^'
+                        | b'_'
+                        | b'`'
+                        | b'|'
+                        | b'~'
+                )
+        })
+}
+
+/// The cookies of one request that identity cares about. One pass over the header, borrowing.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct RequestCookies<'a> {
+    pub visitor: Option<&'a str>,
+    pub ga: Option<&'a str>,
+    pub fbp: Option<&'a str>,
+    pub fbc: Option<&'a str>,
+}
+
+impl<'a> RequestCookies<'a> {
+    pub fn read(header: Option<&'a str>, visitor_name: &str) -> Self {
+        let mut jar = RequestCookies::default();
+        for (name, value) in header.into_iter().flat_map(parse_cookie_header) {
+            let slot = match name {
+                "_ga" => &mut jar.ga,
+                "_fbp" => &mut jar.fbp,
+                "_fbc" => &mut jar.fbc,
+                n if n == visitor_name => &mut jar.visitor,
+                _ => continue,
+            };
+            if slot.is_none() {
+                *slot = Some(value);
+            }
+        }
+        jar
+    }
+}
+
+impl CookieDecision {
+    /// The `Set-Cookie` header value for this decision.
+    pub fn header_value(&self) -> String {
+        let same_site = match self.same_site {
+            "Strict" => SameSite::Strict,
+            "None" => SameSite::None,
+            _ => SameSite::Lax,
+        };
+        let mut builder = Cookie::build((self.name.as_str(), self.value.as_str()))
+            .path(self.path)
+            .http_only(self.http_only)
+            .secure(self.secure)
+            .same_site(same_site)
+            .max_age(cookie::time::Duration::seconds(self.max_age_secs));
+        if let Some(domain) = &self.domain {
+            builder = builder.domain(domain.as_str());
+        }
+        builder.build().to_string()
+    }
+}
