@@ -396,17 +396,3 @@ impl Decisions {
         });
     }
 }
-
-impl CookieDecision {
-    pub fn header_value(&self) -> String {
-        let mut c = cookie::Cookie::new(self.name.clone(), self.value.clone());
-        c.set_path(self.path);
-        c.set_max_age(cookie::time::Duration::seconds(self.max_age_secs));
-        c.set_http_only(self.http_only);
-        c.set_secure(self.secure);
-        if let Some(d) = &self.domain {
-            c.set_domain(d.clone());
-        }
-        c.to_string()
-    }
-}

@@ -35,7 +35,10 @@ async fn client_ip_comes_from_a_trusted_proxy_chain() {
         .http
         .get(app.url(&hit("page_view")))
         .header("user-agent", UA)
-        .header("x-forwarded-for", "198.51.100.23, 203.0.113.5:4711, 127.0.0.9")
+        .header(
+            "x-forwarded-for",
+            "198.51.100.23, 203.0.113.5:4711, 127.0.0.9",
+        )
         .send()
         .await
         .unwrap();
