@@ -3,25 +3,7 @@
 
 use http::{HeaderMap, HeaderValue};
 
-/// Registrable domain (eTLD+1) of a host, lower-cased; `None` for IPs and single labels.
-pub fn registrable_domain(host: &str) -> Option<String> {
-    let host = host.trim_end_matches('.').to_ascii_lowercase();
-    if host.parse::<std::net::IpAddr>().is_ok() || !host.contains('.') {
-        return None;
-    }
-    psl::domain_str(&host).map(str::to_owned)
-}
-
-/// Strips a port (and IPv6 brackets) from a Host header value.
-pub fn host_without_port(host: &str) -> &str {
-    if let Some(rest) = host.strip_prefix('[') {
-        return rest.split(']').next().unwrap_or(rest);
-    }
-    match host.rsplit_once(':') {
-        Some((h, port)) if port.chars().all(|c| c.is_ascii_digit()) => h,
-        _ => host,
-    }
-}
+use crate::identity::{host_without_port, registrable_domain};
 
 /// Whether `origin` may call tracking routes on `request_host`.
 /// Explicit list: exact match. Empty list: same registrable domain as the request host

@@ -293,11 +293,10 @@ fn debug_marker(headers: &HeaderMap, cookie_name: &str) -> Option<String> {
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .find_map(|pair| {
-            let (k, v) = pair.split_once('=')?;
-            (k.trim() == cookie_name && !v.trim().is_empty()).then(|| v.trim().to_owned())
-        })
+        .find_map(|h| crate::identity::cookie_value(h, cookie_name))
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .map(str::to_owned)
 }
 
 impl HitError {
