@@ -2,7 +2,9 @@
 
 use std::sync::Arc;
 
+use crate::clients::data::DataClient;
 use crate::clients::ga4::Ga4Client;
+use crate::clients::measurement_protocol::MeasurementProtocolClient;
 use crate::clients::Client;
 use crate::config::{ClientConfig, Config, TagConfig};
 use crate::identity::CookiePolicy;
@@ -68,6 +70,13 @@ impl Pipeline {
                 ClientConfig::Ga4(cfg) => {
                     Ga4Client::from_config(cfg).map(|c| Box::new(c) as Box<dyn Client>)
                 }
+                ClientConfig::MeasurementProtocol(cfg) => {
+                    MeasurementProtocolClient::from_config(cfg)
+                        .map(|c| Box::new(c) as Box<dyn Client>)
+                }
+                ClientConfig::Data(cfg) => {
+                    DataClient::from_config(cfg).map(|c| Box::new(c) as Box<dyn Client>)
+                }
             };
             match built {
                 Ok(c) => clients.push(c),
@@ -93,7 +102,9 @@ impl Pipeline {
                 ));
             }
             if !names.insert(name.to_owned()) {
-                problems.push(format!("{label}.name: another tag is already named `{name}`"));
+                problems.push(format!(
+                    "{label}.name: another tag is already named `{name}`"
+                ));
             }
             let (trigger_cfg, built): (_, Result<Box<dyn Tag>, Vec<String>>) = match t {
                 TagConfig::Ga4(c) => (&c.trigger, Ga4Tag::from_config(c).map(boxed)),

@@ -145,12 +145,26 @@ async fn track(
         return with_route(r, "preflight");
     }
 
-    let Some(client) = pipeline.clients.iter().find(|c| c.claims(&parts.method, path)) else {
+    let Some(client) = pipeline
+        .clients
+        .iter()
+        .find(|c| c.claims(&parts.method, path))
+    else {
         return not_found(&parts.method, full_path);
     };
     let route = client.kind();
 
-    let result = handle_hit(&state, &pipeline, client.as_ref(), &parts, path, body, peer, &host).await;
+    let result = handle_hit(
+        &state,
+        &pipeline,
+        client.as_ref(),
+        &parts,
+        path,
+        body,
+        peer,
+        &host,
+    )
+    .await;
     let mut resp = match result {
         Ok(r) => r,
         Err(e) => {
@@ -195,7 +209,11 @@ async fn handle_hit(
 ) -> Result<Response, HitError> {
     let limit = pipeline.config.server.max_body_bytes;
     let body = read_body(body, &parts.headers, limit).await?;
-    let ip = client_ip::client_ip(peer.ip(), &parts.headers, &pipeline.config.server.trusted_proxies);
+    let ip = client_ip::client_ip(
+        peer.ip(),
+        &parts.headers,
+        &pipeline.config.server.trusted_proxies,
+    );
     let now_ms = now_ms();
     let hit = HitRequest {
         method: &parts.method,
@@ -276,7 +294,21 @@ async fn handle_hit(
             status,
             content_type,
             body,
-        } => (status, [(header::CONTENT_TYPE, content_type)], body).into_response(),
+            headers,
+        } => {
+            let mut r = (status, [(header::CONTENT_TYPE, content_type)], body).into_response();
+            for (name, value) in headers {
+                // Parsed rather than `from_static` so a bad name from a client is skipped,
+                // never a panic on the hit path.
+                if let (Ok(n), Ok(v)) = (
+                    header::HeaderName::from_bytes(name.as_bytes()),
+                    HeaderValue::from_str(&value),
+                ) {
+                    r.headers_mut().append(n, v);
+                }
+            }
+            r
+        }
     };
     for c in &cookies {
         if let Ok(v) = HeaderValue::from_str(&c.header_value()) {
