@@ -73,7 +73,10 @@ fn debug(body: &str) -> Vec<(String, String)> {
         body.as_bytes(),
     )
     .unwrap();
-    assert!(parsed.events.is_empty(), "the debug endpoint forwards nothing");
+    assert!(
+        parsed.events.is_empty(),
+        "the debug endpoint forwards nothing"
+    );
     assert!(!parsed.set_cookies);
     let ClientResponse::Body {
         status,
@@ -92,7 +95,10 @@ fn debug(body: &str) -> Vec<(String, String)> {
         .unwrap()
         .iter()
         .map(|m| {
-            assert!(m["description"].as_str().is_some_and(|d| !d.is_empty()), "{m}");
+            assert!(
+                m["description"].as_str().is_some_and(|d| !d.is_empty()),
+                "{m}"
+            );
             (
                 m["fieldPath"].as_str().unwrap().to_owned(),
                 m["validationCode"].as_str().unwrap().to_owned(),
@@ -118,7 +124,10 @@ fn body_with(params: Value, extra: Value) -> String {
 fn example_2_6_maps_to_the_event_model() {
     let parsed = collect(EXAMPLE).unwrap();
     assert_eq!(parsed.response, ClientResponse::NoContent);
-    assert!(!parsed.set_cookies, "server-to-server requests never get cookies");
+    assert!(
+        !parsed.set_cookies,
+        "server-to-server requests never get cookies"
+    );
 
     let mut user_properties = Map::new();
     user_properties.insert("customer_tier".into(), json!("gold"));
@@ -173,8 +182,14 @@ fn example_2_6_maps_to_the_event_model() {
 #[test]
 fn debug_body_has_googles_shape() {
     let body = r#"{"client_id":"1.2","events":[{"name":"_badEventName","params":{}}]}"#;
-    let parsed = call(&client(), Method::POST, DEBUG_PATH, "measurement_id=G-X", body.as_bytes())
-        .unwrap();
+    let parsed = call(
+        &client(),
+        Method::POST,
+        DEBUG_PATH,
+        "measurement_id=G-X",
+        body.as_bytes(),
+    )
+    .unwrap();
     let ClientResponse::Body { body, headers, .. } = parsed.response else {
         panic!("not a body")
     };
@@ -197,7 +212,9 @@ fn debug_body_has_googles_shape() {
         br#"{"client_id":"1.2","events":[{"name":"ok"}]}"#,
     )
     .unwrap();
-    let ClientResponse::Body { body, .. } = valid.response else { panic!("not a body") };
+    let ClientResponse::Body { body, .. } = valid.response else {
+        panic!("not a body")
+    };
     assert_eq!(body, br#"{"validationMessages":[]}"#);
 }
 
@@ -207,8 +224,14 @@ fn value_required() {
         debug(r#"{"events":[{"name":"ok"}]}"#),
         one("client_id", "VALUE_REQUIRED")
     );
-    assert_eq!(debug(r#"{"client_id":"1.2"}"#), one("events", "VALUE_REQUIRED"));
-    assert_eq!(debug(r#"{"client_id":"1.2","events":[]}"#), one("events", "VALUE_REQUIRED"));
+    assert_eq!(
+        debug(r#"{"client_id":"1.2"}"#),
+        one("events", "VALUE_REQUIRED")
+    );
+    assert_eq!(
+        debug(r#"{"client_id":"1.2","events":[]}"#),
+        one("events", "VALUE_REQUIRED")
+    );
     assert_eq!(
         debug(r#"{"client_id":"1.2","events":[{"params":{}}]}"#),
         one("events", "VALUE_REQUIRED")
@@ -218,7 +241,10 @@ fn value_required() {
         one("events.params.items", "VALUE_REQUIRED")
     );
     assert_eq!(
-        debug(&body_with(json!({}), json!({"user_properties": {"tier": {"val": 1}}}))),
+        debug(&body_with(
+            json!({}),
+            json!({"user_properties": {"tier": {"val": 1}}})
+        )),
         one("user_properties", "VALUE_REQUIRED")
     );
     // Advisory: reported, but (see below) nothing is dropped for it.
@@ -234,7 +260,10 @@ fn value_required() {
 #[test]
 fn value_invalid() {
     assert_eq!(
-        debug(&body_with(json!({}), json!({"consent": {"ad_user_data": "YES"}}))),
+        debug(&body_with(
+            json!({}),
+            json!({"consent": {"ad_user_data": "YES"}})
+        )),
         one("consent.ad_user_data", "VALUE_INVALID")
     );
     assert_eq!(
@@ -254,7 +283,10 @@ fn value_invalid() {
         one("events.params", "VALUE_INVALID")
     );
     assert_eq!(
-        debug(&body_with(json!({"items": [{"item_id": "a", "price": "cheap"}]}), json!({}))),
+        debug(&body_with(
+            json!({"items": [{"item_id": "a", "price": "cheap"}]}),
+            json!({})
+        )),
         one("events.params.items", "VALUE_INVALID")
     );
     assert_eq!(
@@ -262,7 +294,10 @@ fn value_invalid() {
         one("ip_override", "VALUE_INVALID")
     );
     assert_eq!(
-        debug(&body_with(json!({}), json!({"timestamp_micros": "yesterday"}))),
+        debug(&body_with(
+            json!({}),
+            json!({"timestamp_micros": "yesterday"})
+        )),
         one("timestamp_micros", "VALUE_INVALID")
     );
     assert_eq!(
@@ -282,7 +317,9 @@ fn value_invalid() {
 fn name_invalid() {
     let long = "a".repeat(41);
     assert_eq!(
-        debug(&format!(r#"{{"client_id":"1.2","events":[{{"name":"{long}"}}]}}"#)),
+        debug(&format!(
+            r#"{{"client_id":"1.2","events":[{{"name":"{long}"}}]}}"#
+        )),
         one("events", "NAME_INVALID")
     );
     assert_eq!(
@@ -298,11 +335,17 @@ fn name_invalid() {
         one("events.params", "NAME_INVALID")
     );
     assert_eq!(
-        debug(&body_with(json!({}), json!({"user_properties": {"a".repeat(25): {"value": "x"}}}))),
+        debug(&body_with(
+            json!({}),
+            json!({"user_properties": {"a".repeat(25): {"value": "x"}}})
+        )),
         one("user_properties", "NAME_INVALID")
     );
     assert_eq!(
-        debug(&body_with(json!({"items": [{"item_id": "a", "bad key": "x"}]}), json!({}))),
+        debug(&body_with(
+            json!({"items": [{"item_id": "a", "bad key": "x"}]}),
+            json!({})
+        )),
         one("events.params.items", "NAME_INVALID")
     );
     // Exactly at the limits is fine.
@@ -318,14 +361,27 @@ fn name_invalid() {
 
 #[test]
 fn name_reserved() {
-    for name in ["session_start", "first_visit", "user_engagement", "ga_custom", "firebase_x"] {
+    for name in [
+        "session_start",
+        "first_visit",
+        "user_engagement",
+        "ga_custom",
+        "firebase_x",
+    ] {
         assert_eq!(
-            debug(&format!(r#"{{"client_id":"1.2","events":[{{"name":"{name}"}}]}}"#)),
+            debug(&format!(
+                r#"{{"client_id":"1.2","events":[{{"name":"{name}"}}]}}"#
+            )),
             one("events", "NAME_RESERVED"),
             "{name}"
         );
     }
-    for param in ["ga_session_id", "google_x", "firebase_conversion", "firebase_y"] {
+    for param in [
+        "ga_session_id",
+        "google_x",
+        "firebase_conversion",
+        "firebase_y",
+    ] {
         assert_eq!(
             debug(&body_with(json!({param: "1"}), json!({}))),
             one("events.params", "NAME_RESERVED"),
@@ -333,7 +389,10 @@ fn name_reserved() {
         );
     }
     assert_eq!(
-        debug(&body_with(json!({}), json!({"user_properties": {"first_open_time": {"value": 1}}}))),
+        debug(&body_with(
+            json!({}),
+            json!({"user_properties": {"first_open_time": {"value": 1}}})
+        )),
         one("user_properties", "NAME_RESERVED")
     );
     // App-only reserved names are allowed on web streams.
@@ -350,7 +409,10 @@ fn value_out_of_bounds() {
         debug(&body_with(json!({"note": s(101)}), json!({}))),
         one("events.params", "VALUE_OUT_OF_BOUNDS")
     );
-    assert_eq!(debug(&body_with(json!({"note": s(100)}), json!({}))), vec![]);
+    assert_eq!(
+        debug(&body_with(json!({"note": s(100)}), json!({}))),
+        vec![]
+    );
     // Page fields have GA's own, larger limits.
     assert_eq!(
         debug(&body_with(
@@ -359,7 +421,11 @@ fn value_out_of_bounds() {
         )),
         vec![]
     );
-    for (key, n) in [("page_location", 1001), ("page_referrer", 421), ("page_title", 301)] {
+    for (key, n) in [
+        ("page_location", 1001),
+        ("page_referrer", 421),
+        ("page_title", 301),
+    ] {
         assert_eq!(
             debug(&body_with(json!({key: s(n)}), json!({}))),
             one("events.params", "VALUE_OUT_OF_BOUNDS"),
@@ -367,15 +433,24 @@ fn value_out_of_bounds() {
         );
     }
     assert_eq!(
-        debug(&body_with(json!({}), json!({"user_properties": {"tier": {"value": s(37)}}}))),
+        debug(&body_with(
+            json!({}),
+            json!({"user_properties": {"tier": {"value": s(37)}}})
+        )),
         one("user_properties", "VALUE_OUT_OF_BOUNDS")
     );
     assert_eq!(
-        debug(&body_with(json!({}), json!({"user_properties": {"tier": {"value": s(36)}}}))),
+        debug(&body_with(
+            json!({}),
+            json!({"user_properties": {"tier": {"value": s(36)}}})
+        )),
         vec![]
     );
     assert_eq!(
-        debug(&body_with(json!({"items": [{"item_id": "a", "color": s(101)}]}), json!({}))),
+        debug(&body_with(
+            json!({"items": [{"item_id": "a", "color": s(101)}]}),
+            json!({})
+        )),
         one("events.params.items", "VALUE_OUT_OF_BOUNDS")
     );
     assert_eq!(
@@ -384,11 +459,17 @@ fn value_out_of_bounds() {
     );
     let four_days_ago = (NOW_MS - 96 * 3600 * 1000) * 1000;
     assert_eq!(
-        debug(&body_with(json!({}), json!({"timestamp_micros": four_days_ago}))),
+        debug(&body_with(
+            json!({}),
+            json!({"timestamp_micros": four_days_ago})
+        )),
         one("timestamp_micros", "VALUE_OUT_OF_BOUNDS")
     );
     assert_eq!(
-        debug(&body_with(json!({"timestamp_micros": (NOW_MS + 3_600_000) * 1000}), json!({}))),
+        debug(&body_with(
+            json!({"timestamp_micros": (NOW_MS + 3_600_000) * 1000}),
+            json!({})
+        )),
         one("events.params", "VALUE_OUT_OF_BOUNDS")
     );
 }
@@ -401,20 +482,26 @@ fn exceeded_max_entities() {
         one("events", "EXCEEDED_MAX_ENTITIES")
     );
     let events: Vec<Value> = (0..25).map(|_| json!({"name": "ok"})).collect();
-    assert_eq!(debug(&json!({"client_id": "1.2", "events": events}).to_string()), vec![]);
+    assert_eq!(
+        debug(&json!({"client_id": "1.2", "events": events}).to_string()),
+        vec![]
+    );
 
     let params: Map<String, Value> = (0..26).map(|i| (format!("p{i}"), json!(i))).collect();
     assert_eq!(
         debug(&body_with(Value::Object(params), json!({}))),
         one("events.params", "EXCEEDED_MAX_ENTITIES")
     );
-    let props: Map<String, Value> =
-        (0..26).map(|i| (format!("u{i}"), json!({"value": i}))).collect();
+    let props: Map<String, Value> = (0..26)
+        .map(|i| (format!("u{i}"), json!({"value": i})))
+        .collect();
     assert_eq!(
         debug(&body_with(json!({}), json!({"user_properties": props}))),
         one("user_properties", "EXCEEDED_MAX_ENTITIES")
     );
-    let items: Vec<Value> = (0..201).map(|i| json!({"item_id": format!("s{i}")})).collect();
+    let items: Vec<Value> = (0..201)
+        .map(|i| json!({"item_id": format!("s{i}")}))
+        .collect();
     assert_eq!(
         debug(&body_with(json!({"items": items}), json!({}))),
         one("events.params.items", "EXCEEDED_MAX_ENTITIES")
@@ -443,7 +530,9 @@ fn name_duplicated() {
         one("events.params", "NAME_DUPLICATED")
     );
     assert_eq!(
-        debug(r#"{"client_id":"1.2","user_properties":{"t":{"value":1},"t":{"value":2}},"events":[{"name":"ok"}]}"#),
+        debug(
+            r#"{"client_id":"1.2","user_properties":{"t":{"value":1},"t":{"value":2}},"events":[{"name":"ok"}]}"#
+        ),
         one("user_properties", "NAME_DUPLICATED")
     );
     assert_eq!(
@@ -451,7 +540,9 @@ fn name_duplicated() {
         one("client_id", "NAME_DUPLICATED")
     );
     assert_eq!(
-        debug(r#"{"client_id":"1.2","events":[{"name":"ok","params":{"items":[{"item_id":"a","item_id":"b"}]}}]}"#),
+        debug(
+            r#"{"client_id":"1.2","events":[{"name":"ok","params":{"items":[{"item_id":"a","item_id":"b"}]}}]}"#
+        ),
         one("events.params.items", "NAME_DUPLICATED")
     );
 }
@@ -501,7 +592,9 @@ fn production_drops_invalid_events_and_keeps_valid_ones() {
     assert_eq!(sign_up.get("plan"), Some(&json!("pro")));
     assert!(!sign_up.contains_key("method") && !sign_up.contains_key("ga_x"));
 
-    let Json::Obj(top) = Json::parse(body.as_bytes()).unwrap() else { panic!() };
+    let Json::Obj(top) = Json::parse(body.as_bytes()).unwrap() else {
+        panic!()
+    };
     let cx = Context {
         measurement_id: Some("G-X"),
         app_stream: false,
@@ -539,7 +632,10 @@ fn enforce_recommendations_drops_the_whole_event_for_a_field_problem() {
 
     let mut relaxed = body.clone();
     relaxed["validation_behavior"] = json!("RELAXED");
-    assert_eq!(names(&collect(&relaxed.to_string()).unwrap()), vec!["sign_up", "login"]);
+    assert_eq!(
+        names(&collect(&relaxed.to_string()).unwrap()),
+        vec!["sign_up", "login"]
+    );
 }
 
 #[test]
@@ -571,7 +667,11 @@ fn advisory_user_id_requirement_keeps_user_data() {
     );
     let parsed = collect(&body).unwrap();
     let u = &parsed.events[0].user_data;
-    assert_eq!(u.sha256_email_address, Some("a".repeat(64)), "hex is lower-cased");
+    assert_eq!(
+        u.sha256_email_address,
+        Some("a".repeat(64)),
+        "hex is lower-cased"
+    );
     assert_eq!(u.sha256_phone_number, Some("c".repeat(64)));
     assert_eq!(u.address.sha256_first_name, Some("d".repeat(64)));
     assert_eq!(u.address.sha256_street, Some("e".repeat(64)));
@@ -596,10 +696,17 @@ fn timestamps_follow_googles_precedence_and_clamp() {
     let old = json!({"client_id": "1.2", "timestamp_micros": (NOW_MS - 100 * 3_600_000) * 1000,
                      "events": [{"name": "a"}]});
     let parsed = collect(&old.to_string()).unwrap();
-    assert_eq!(parsed.events[0].timestamp_ms, NOW_MS - 72 * 3_600_000, "clamped to 72 h");
+    assert_eq!(
+        parsed.events[0].timestamp_ms,
+        NOW_MS - 72 * 3_600_000,
+        "clamped to 72 h"
+    );
 
     let none = collect(r#"{"client_id":"1.2","events":[{"name":"a"}]}"#).unwrap();
-    assert_eq!(none.events[0].timestamp_ms, 0, "the ingress stamps the receive time");
+    assert_eq!(
+        none.events[0].timestamp_ms, 0,
+        "the ingress stamps the receive time"
+    );
 }
 
 #[test]
@@ -625,7 +732,10 @@ fn typed_params_and_request_fields() {
     let parsed = collect(&body.to_string()).unwrap();
     let e = &parsed.events[0];
     assert_eq!(e.event_id, "evt-1");
-    assert_eq!(e.page_location.as_deref(), Some("https://shop.example.com/?fbclid=x"));
+    assert_eq!(
+        e.page_location.as_deref(),
+        Some("https://shop.example.com/?fbclid=x")
+    );
     assert_eq!(e.page_referrer.as_deref(), Some("https://google.com/"));
     assert_eq!(e.page_title.as_deref(), Some("Shop"));
     assert_eq!(e.language.as_deref(), Some("fr-FR"));
@@ -640,7 +750,10 @@ fn typed_params_and_request_fields() {
         json!({"count": 3, "flag": false}),
         "typed params do not repeat in params"
     );
-    assert_eq!(e.ip_override, None, "the request's own IP is the sender's server");
+    assert_eq!(
+        e.ip_override, None,
+        "the request's own IP is the sender's server"
+    );
     assert_eq!(e.user_agent, None);
 }
 
@@ -649,8 +762,14 @@ fn app_streams_use_app_instance_id() {
     let c = client();
     let id = "0123456789abcdef0123456789ABCDEF";
     let body = format!(r#"{{"app_instance_id":"{id}","events":[{{"name":"level_up"}}]}}"#);
-    let p = call(&c, Method::POST, COLLECT_PATH, "firebase_app_id=1:123:android:abc", body.as_bytes())
-        .unwrap();
+    let p = call(
+        &c,
+        Method::POST,
+        COLLECT_PATH,
+        "firebase_app_id=1:123:android:abc",
+        body.as_bytes(),
+    )
+    .unwrap();
     assert_eq!(p.events[0].client_id.as_deref(), Some(id));
     assert_eq!(p.events[0].ga.measurement_id, None);
 
@@ -662,17 +781,27 @@ fn app_streams_use_app_instance_id() {
         br#"{"app_instance_id":"short","events":[{"name":"screen_view"}]}"#,
     )
     .unwrap();
-    let ClientResponse::Body { body, .. } = p.response else { panic!() };
+    let ClientResponse::Body { body, .. } = p.response else {
+        panic!()
+    };
     let v: Value = serde_json::from_slice(&body).unwrap();
     let codes: Vec<(&str, &str)> = v["validationMessages"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|m| (m["fieldPath"].as_str().unwrap(), m["validationCode"].as_str().unwrap()))
+        .map(|m| {
+            (
+                m["fieldPath"].as_str().unwrap(),
+                m["validationCode"].as_str().unwrap(),
+            )
+        })
         .collect();
     assert_eq!(
         codes,
-        vec![("app_instance_id", "VALUE_INVALID"), ("events", "NAME_RESERVED")]
+        vec![
+            ("app_instance_id", "VALUE_INVALID"),
+            ("events", "NAME_RESERVED")
+        ]
     );
 }
 
@@ -681,7 +810,10 @@ fn api_secret_and_measurement_id_gates() {
     let c = client_with(&["s3cret", "other-secret"], &["G-ABC"]);
     let body = br#"{"client_id":"1.2","events":[{"name":"ok"}]}"#;
     let post = |q: &str| call(&c, Method::POST, COLLECT_PATH, q, body);
-    assert!(matches!(post("measurement_id=G-ABC"), Err(ClientError::Unauthorized(_))));
+    assert!(matches!(
+        post("measurement_id=G-ABC"),
+        Err(ClientError::Unauthorized(_))
+    ));
     assert!(matches!(
         post("measurement_id=G-ABC&api_secret=s3cre"),
         Err(ClientError::Unauthorized(_))
@@ -690,9 +822,27 @@ fn api_secret_and_measurement_id_gates() {
         post("measurement_id=G-ABC&api_secret=S3CRET"),
         Err(ClientError::Unauthorized(_))
     ));
-    assert_eq!(post("measurement_id=G-ABC&api_secret=s3cret").unwrap().events.len(), 1);
-    assert_eq!(post("measurement_id=G-ABC&api_secret=other-secret").unwrap().events.len(), 1);
-    assert_eq!(post("api_secret=other%2Dsecret&measurement_id=G-ABC").unwrap().events.len(), 1);
+    assert_eq!(
+        post("measurement_id=G-ABC&api_secret=s3cret")
+            .unwrap()
+            .events
+            .len(),
+        1
+    );
+    assert_eq!(
+        post("measurement_id=G-ABC&api_secret=other-secret")
+            .unwrap()
+            .events
+            .len(),
+        1
+    );
+    assert_eq!(
+        post("api_secret=other%2Dsecret&measurement_id=G-ABC")
+            .unwrap()
+            .events
+            .len(),
+        1
+    );
     assert!(matches!(
         post("measurement_id=G-OTHER&api_secret=s3cret"),
         Err(ClientError::Unauthorized(_))
@@ -721,12 +871,27 @@ fn http_level_errors() {
         call(&c, Method::PUT, DEBUG_PATH, "measurement_id=G-X", b"{}"),
         Err(ClientError::MethodNotAllowed)
     );
-    let bad = call(&c, Method::POST, COLLECT_PATH, "measurement_id=G-X", b"{\"client_id\":");
-    assert!(matches!(&bad, Err(ClientError::BadRequest(m)) if m.contains("not valid JSON")), "{bad:?}");
+    let bad = call(
+        &c,
+        Method::POST,
+        COLLECT_PATH,
+        "measurement_id=G-X",
+        b"{\"client_id\":",
+    );
+    assert!(
+        matches!(&bad, Err(ClientError::BadRequest(m)) if m.contains("not valid JSON")),
+        "{bad:?}"
+    );
     let bad = call(&c, Method::POST, COLLECT_PATH, "measurement_id=G-X", b"[1]");
-    assert!(matches!(&bad, Err(ClientError::BadRequest(m)) if m.contains("JSON object")), "{bad:?}");
+    assert!(
+        matches!(&bad, Err(ClientError::BadRequest(m)) if m.contains("JSON object")),
+        "{bad:?}"
+    );
     let bad = call(&c, Method::POST, COLLECT_PATH, "api_secret=x", b"{}");
-    assert!(matches!(&bad, Err(ClientError::BadRequest(m)) if m.contains("measurement_id")), "{bad:?}");
+    assert!(
+        matches!(&bad, Err(ClientError::BadRequest(m)) if m.contains("measurement_id")),
+        "{bad:?}"
+    );
 }
 
 #[test]
