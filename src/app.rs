@@ -72,16 +72,14 @@ impl AppState {
             Source::Embedded => None,
         };
         let loaded = config::load(path)?;
-        let next =
-            Pipeline::build(&loaded.config).map_err(|p| ConfigError::new(&loaded.source, p))?;
+        let next = Pipeline::build(&loaded.config)
+            .map_err(|p| ConfigError::new(&loaded.source, p))?;
         let current = self.pipeline();
         let (old, new) = (&current.config, &next.config);
         if old.server.listen != new.server.listen
             || old.server.admin_listen != new.server.admin_listen
         {
-            tracing::warn!(
-                "listener addresses changed in the config; they take effect after a restart"
-            );
+            tracing::warn!("listener addresses changed in the config; they take effect after a restart");
         }
         if old.outbox.path != new.outbox.path {
             tracing::warn!("outbox.path changed in the config; it takes effect after a restart");
@@ -108,8 +106,8 @@ pub struct Application {
 impl Application {
     /// Validates the config, opens the outbox and binds both listeners (port 0 works).
     pub async fn build(loaded: LoadedConfig) -> anyhow::Result<Self> {
-        let pipeline =
-            Pipeline::build(&loaded.config).map_err(|p| ConfigError::new(&loaded.source, p))?;
+        let pipeline = Pipeline::build(&loaded.config)
+            .map_err(|p| ConfigError::new(&loaded.source, p))?;
         crate::admin::metrics_handle();
         metrics::gauge!("tagrelay_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
         let outbox = interim::open(&loaded.config.outbox)
@@ -156,21 +154,14 @@ impl Application {
 
     /// Serves until `stop` resolves, then stops accepting, lets in-flight requests finish
     /// (bounded by `server.shutdown_timeout_ms`), stops the dispatchers and closes the outbox.
-    pub async fn run_until(
-        self,
-        stop: impl Future<Output = ()> + Send + 'static,
-    ) -> anyhow::Result<()> {
+    pub async fn run_until(self, stop: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
         let (tx, rx) = watch::channel(false);
         let deadline =
             Duration::from_millis(self.state.pipeline().config.server.shutdown_timeout_ms);
         let dispatchers = interim::Dispatchers;
 
         let public = serve(self.public, app(self.state.clone()), rx.clone());
-        let admin = serve(
-            self.admin,
-            crate::admin::router(self.state.clone()),
-            rx.clone(),
-        );
+        let admin = serve(self.admin, crate::admin::router(self.state.clone()), rx.clone());
         let servers = tokio::spawn(async move {
             let (a, b) = tokio::join!(public, admin);
             a.and(b)
@@ -178,22 +169,16 @@ impl Application {
 
         stop.await;
         tracing::info!("shutdown requested: no new connections, finishing in-flight requests");
-        self.state
-            .inner
-            .shutting_down
-            .store(true, Ordering::Relaxed);
+        self.state.inner.shutting_down.store(true, Ordering::Relaxed);
         let _ = tx.send(true);
         match tokio::time::timeout(deadline, servers).await {
             Ok(Ok(Ok(()))) => {}
             Ok(Ok(Err(e))) => tracing::warn!(error = %e, "listener ended with an error"),
             Ok(Err(e)) => tracing::warn!(error = %e, "server task failed"),
-            Err(_) => tracing::warn!(
-                ?deadline,
-                "in-flight requests did not finish before the deadline"
-            ),
+            Err(_) => tracing::warn!(?deadline, "in-flight requests did not finish before the deadline"),
         }
         dispatchers.shutdown(deadline).await;
-
+        
         tracing::info!("tagrelay stopped");
         Ok(())
     }
@@ -259,10 +244,7 @@ mod interim {
     #[async_trait::async_trait]
     impl Outbox for Memory {
         async fn enqueue(&self, records: Vec<NewRecord>) -> Result<(), EnqueueError> {
-            self.0
-                .lock()
-                .map_err(|_| EnqueueError::Closed)?
-                .extend(records);
+            self.0.lock().map_err(|_| EnqueueError::Closed)?.extend(records);
             Ok(())
         }
         fn is_open(&self) -> bool {

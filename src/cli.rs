@@ -19,11 +19,7 @@ pub fn check(path: Option<&Path>) -> ExitCode {
                 loaded.source,
                 p.clients.len(),
                 plural(p.clients.len()),
-                p.clients
-                    .iter()
-                    .map(|c| c.kind())
-                    .collect::<Vec<_>>()
-                    .join(", "),
+                p.clients.iter().map(|c| c.kind()).collect::<Vec<_>>().join(", "),
                 p.tags.len(),
                 plural(p.tags.len()),
                 p.tags
@@ -81,10 +77,7 @@ pub fn serve(path: Option<&Path>) -> ExitCode {
 
 /// `tagrelay healthcheck`: a self-contained probe for images without a shell.
 pub fn healthcheck(url: &str) -> ExitCode {
-    let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    else {
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
         return ExitCode::FAILURE;
     };
     let ok = rt.block_on(async {

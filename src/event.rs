@@ -549,10 +549,7 @@ fn s(o: &Option<String>) -> Option<FieldValue<'_>> {
 fn json_field(v: &Value) -> FieldValue<'_> {
     match v {
         Value::String(s) => FieldValue::Str(s),
-        Value::Number(n) => n
-            .as_f64()
-            .map(FieldValue::Num)
-            .unwrap_or(FieldValue::Json(v)),
+        Value::Number(n) => n.as_f64().map(FieldValue::Num).unwrap_or(FieldValue::Json(v)),
         Value::Bool(b) => FieldValue::Bool(*b),
         other => FieldValue::Json(other),
     }
@@ -637,8 +634,7 @@ mod tests {
             custom: vec![("size".into(), "42".into())],
             ..Default::default()
         });
-        e.params
-            .insert("coupon".into(), Value::String("SUMMER".into()));
+        e.params.insert("coupon".into(), Value::String("SUMMER".into()));
         e.user_data.address.city = Some("Paris".into());
         e.consent.ad_storage = ConsentState::Granted;
         e

@@ -8,11 +8,7 @@ use clap::{Parser, Subcommand};
 use tagrelay::cli;
 
 #[derive(Parser)]
-#[command(
-    name = "tagrelay",
-    version,
-    about = "Server-side tagging gateway: GA4 hits in, GA4 + Meta CAPI out, nothing lost"
-)]
+#[command(name = "tagrelay", version, about = "Server-side tagging gateway: GA4 hits in, GA4 + Meta CAPI out, nothing lost")]
 struct Cli {
     /// Config file (default: $TAGRELAY_CONFIG, else config/tagrelay.toml, else the embedded default)
     #[arg(long, global = true, env = "TAGRELAY_CONFIG")]

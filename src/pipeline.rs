@@ -102,9 +102,7 @@ impl Pipeline {
                 ));
             }
             if !names.insert(name.to_owned()) {
-                problems.push(format!(
-                    "{label}.name: another tag is already named `{name}`"
-                ));
+                problems.push(format!("{label}.name: another tag is already named `{name}`"));
             }
             let (trigger_cfg, built): (_, Result<Box<dyn Tag>, Vec<String>>) = match t {
                 TagConfig::Ga4(c) => (&c.trigger, Ga4Tag::from_config(c).map(boxed)),

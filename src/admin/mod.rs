@@ -55,10 +55,7 @@ pub async fn record_http_metrics(req: Request, next: Next) -> Response {
 
 pub fn router(state: AppState) -> Router {
     Router::new()
-        .route(
-            "/healthz",
-            get(|| async { labelled("ok".into_response(), "admin_health") }),
-        )
+        .route("/healthz", get(|| async { labelled("ok".into_response(), "admin_health") }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
         .with_state(state)

@@ -88,8 +88,10 @@ fn read(p: &Path) -> Result<String, ConfigError> {
 
 /// Parses TOML text (named `source_name` in messages), optionally with environment overrides.
 pub fn load_str(text: &str, source_name: &str, env: bool) -> Result<Config, ConfigError> {
-    let mut builder = config::Config::builder()
-        .add_source(config::File::from_str(text, config::FileFormat::Toml));
+    let mut builder = config::Config::builder().add_source(config::File::from_str(
+        text,
+        config::FileFormat::Toml,
+    ));
     if env {
         builder = builder.add_source(
             config::Environment::with_prefix("TAGRELAY")
@@ -111,9 +113,7 @@ fn deserialize_all(raw: serde_json::Value, source_name: &str) -> Result<Config, 
     use serde_json::Value;
     let mut problems = Vec::new();
     let serde_json::Value::Object(mut top) = raw else {
-        return Err(vec![format!(
-            "{source_name}: the file must be a TOML table"
-        )]);
+        return Err(vec![format!("{source_name}: the file must be a TOML table")]);
     };
     let mut probe = serde_json::Map::new();
     for key in ["server", "cookies", "outbox", "admin"] {
@@ -128,18 +128,12 @@ fn deserialize_all(raw: serde_json::Value, source_name: &str) -> Result<Config, 
         let hint = suggestion(key, &known)
             .map(|s| format!("; did you mean `{s}`?"))
             .unwrap_or_else(|| format!(" (known keys: {})", known.join(", ")));
-        problems.push(format!(
-            "unknown key `{key}` in the top level of {source_name}{hint}"
-        ));
+        problems.push(format!("unknown key `{key}` in the top level of {source_name}{hint}"));
     }
     let mut config = match serde_path_to_error::deserialize::<_, Config>(Value::Object(probe)) {
         Ok(c) => Some(c),
         Err(e) => {
-            problems.push(describe(
-                e.path().to_string(),
-                &e.inner().to_string(),
-                source_name,
-            ));
+            problems.push(describe(e.path().to_string(), &e.inner().to_string(), source_name));
             None
         }
     };
@@ -156,10 +150,7 @@ fn deserialize_all(raw: serde_json::Value, source_name: &str) -> Result<Config, 
         }
     };
     let mut parsed_clients = Vec::new();
-    for (i, v) in list("clients", clients, &mut problems)
-        .into_iter()
-        .enumerate()
-    {
+    for (i, v) in list("clients", clients, &mut problems).into_iter().enumerate() {
         match serde_path_to_error::deserialize::<_, ClientConfig>(v) {
             Ok(c) => parsed_clients.push(c),
             Err(e) => problems.push(describe(
@@ -310,11 +301,7 @@ mod tests {
         .unwrap();
         match &cfg.tags[0] {
             super::super::TagConfig::Http(h) => {
-                assert!(
-                    h.headers.contains_key("X-Api-Key"),
-                    "{:?}",
-                    h.headers.keys()
-                )
+                assert!(h.headers.contains_key("X-Api-Key"), "{:?}", h.headers.keys())
             }
             _ => panic!("wrong tag type"),
         }

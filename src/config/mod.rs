@@ -258,11 +258,7 @@ fn tagged<'de, D: serde::Deserializer<'de>>(
     let table = serde_json::Value::deserialize(d)?;
     let kind = match table.get("type") {
         Some(serde_json::Value::String(s)) => s.clone(),
-        Some(_) => {
-            return Err(D::Error::custom(format!(
-                "`type` of a {what} must be a string"
-            )))
-        }
+        Some(_) => return Err(D::Error::custom(format!("`type` of a {what} must be a string"))),
         None => {
             return Err(D::Error::custom(format!(
                 "missing key `type` (one of: {})",

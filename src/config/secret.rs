@@ -67,9 +67,7 @@ pub(crate) fn expand_with(
 impl<'de> Deserialize<'de> for Secret {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let raw = String::deserialize(d)?;
-        expand_env(&raw)
-            .map(Secret)
-            .map_err(serde::de::Error::custom)
+        expand_env(&raw).map(Secret).map_err(serde::de::Error::custom)
     }
 }
 

@@ -126,11 +126,7 @@ mod tests {
         assert_eq!(ip.to_string(), "198.51.100.7");
         let ip = client_ip(peer, &h(&[("x-forwarded-for", "[2001:db8::7]:443")]), &t);
         assert_eq!(ip.to_string(), "2001:db8::7");
-        let ip = client_ip(
-            peer,
-            &h(&[("x-forwarded-for", "2001:db8::8, not-an-ip")]),
-            &t,
-        );
+        let ip = client_ip(peer, &h(&[("x-forwarded-for", "2001:db8::8, not-an-ip")]), &t);
         assert_eq!(ip.to_string(), "2001:db8::8");
         let ip = client_ip(peer, &h(&[("x-forwarded-for", "%%%, ,")]), &t);
         assert_eq!(ip.to_string(), "127.0.0.1");
@@ -142,10 +138,7 @@ mod tests {
         let peer = "127.0.0.1".parse().unwrap();
         let ip = client_ip(
             peer,
-            &h(&[(
-                "forwarded",
-                "for=192.0.2.60;proto=http, for=\"[2001:db8:cafe::17]:4711\"",
-            )]),
+            &h(&[("forwarded", "for=192.0.2.60;proto=http, for=\"[2001:db8:cafe::17]:4711\"")]),
             &t,
         );
         assert_eq!(ip.to_string(), "2001:db8:cafe::17");

@@ -54,11 +54,7 @@ pub fn apply(headers: &mut HeaderMap, origin: &HeaderValue) {
 }
 
 /// Adds the preflight answer headers.
-pub fn apply_preflight(
-    headers: &mut HeaderMap,
-    origin: &HeaderValue,
-    requested: Option<&HeaderValue>,
-) {
+pub fn apply_preflight(headers: &mut HeaderMap, origin: &HeaderValue, requested: Option<&HeaderValue>) {
     apply(headers, origin);
     headers.insert(
         "access-control-allow-methods",
@@ -79,26 +75,10 @@ mod tests {
 
     #[test]
     fn same_site_origins_are_allowed_by_default() {
-        assert!(origin_allowed(
-            "https://www.example.co.uk",
-            "sgtm.example.co.uk",
-            &[]
-        ));
-        assert!(origin_allowed(
-            "http://www.example.test:8080",
-            "sgtm.example.test:9",
-            &[]
-        ));
-        assert!(!origin_allowed(
-            "https://evil.co.uk",
-            "sgtm.example.co.uk",
-            &[]
-        ));
-        assert!(origin_allowed(
-            "http://127.0.0.1:3000",
-            "127.0.0.1:8080",
-            &[]
-        ));
+        assert!(origin_allowed("https://www.example.co.uk", "sgtm.example.co.uk", &[]));
+        assert!(origin_allowed("http://www.example.test:8080", "sgtm.example.test:9", &[]));
+        assert!(!origin_allowed("https://evil.co.uk", "sgtm.example.co.uk", &[]));
+        assert!(origin_allowed("http://127.0.0.1:3000", "127.0.0.1:8080", &[]));
         assert!(!origin_allowed("null", "sgtm.example.com", &[]));
     }
 
@@ -106,10 +86,6 @@ mod tests {
     fn explicit_list_is_exact() {
         let list = vec!["https://shop.example.com".to_string()];
         assert!(origin_allowed("https://shop.example.com", "x", &list));
-        assert!(!origin_allowed(
-            "https://www.example.com",
-            "sgtm.example.com",
-            &list
-        ));
+        assert!(!origin_allowed("https://www.example.com", "sgtm.example.com", &list));
     }
 }

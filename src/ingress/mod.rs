@@ -145,26 +145,12 @@ async fn track(
         return with_route(r, "preflight");
     }
 
-    let Some(client) = pipeline
-        .clients
-        .iter()
-        .find(|c| c.claims(&parts.method, path))
-    else {
+    let Some(client) = pipeline.clients.iter().find(|c| c.claims(&parts.method, path)) else {
         return not_found(&parts.method, full_path);
     };
     let route = client.kind();
 
-    let result = handle_hit(
-        &state,
-        &pipeline,
-        client.as_ref(),
-        &parts,
-        path,
-        body,
-        peer,
-        &host,
-    )
-    .await;
+    let result = handle_hit(&state, &pipeline, client.as_ref(), &parts, path, body, peer, &host).await;
     let mut resp = match result {
         Ok(r) => r,
         Err(e) => {
@@ -209,11 +195,7 @@ async fn handle_hit(
 ) -> Result<Response, HitError> {
     let limit = pipeline.config.server.max_body_bytes;
     let body = read_body(body, &parts.headers, limit).await?;
-    let ip = client_ip::client_ip(
-        peer.ip(),
-        &parts.headers,
-        &pipeline.config.server.trusted_proxies,
-    );
+    let ip = client_ip::client_ip(peer.ip(), &parts.headers, &pipeline.config.server.trusted_proxies);
     let now_ms = now_ms();
     let hit = HitRequest {
         method: &parts.method,

@@ -9,8 +9,8 @@ pub mod trigger;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ::http::{HeaderMap, Method, StatusCode};
 use bytes::Bytes;
+use ::http::{HeaderMap, Method, StatusCode};
 
 use crate::event::Event;
 use trigger::Trigger;
@@ -114,10 +114,7 @@ mod tests {
     #[test]
     fn http_classification() {
         let h = HeaderMap::new();
-        assert_eq!(
-            classify_http(StatusCode::NO_CONTENT, &h, b""),
-            Outcome::Delivered
-        );
+        assert_eq!(classify_http(StatusCode::NO_CONTENT, &h, b""), Outcome::Delivered);
         assert!(matches!(
             classify_http(StatusCode::BAD_REQUEST, &h, b"bad"),
             Outcome::Rejected { .. }

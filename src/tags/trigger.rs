@@ -46,10 +46,7 @@ pub struct Trigger {
 }
 
 impl Trigger {
-    pub fn build(
-        cfg: &TriggerConfig,
-        consent_default: ConsentDefault,
-    ) -> Result<Self, Vec<String>> {
+    pub fn build(cfg: &TriggerConfig, consent_default: ConsentDefault) -> Result<Self, Vec<String>> {
         let mut problems = Vec::new();
         for c in &cfg.consent {
             if !crate::event::Consent::SIGNALS.contains(&c.as_str()) {

@@ -10,12 +10,7 @@ async fn health_on_both_listeners() {
         assert_eq!(r.status(), 200, "{path}");
         assert_eq!(r.text().await.unwrap(), "ok");
     }
-    let r = app
-        .http
-        .get(app.admin_url("/healthz"))
-        .send()
-        .await
-        .unwrap();
+    let r = app.http.get(app.admin_url("/healthz")).send().await.unwrap();
     assert_eq!(r.status(), 200);
     let r = app.http.get(app.admin_url("/readyz")).send().await.unwrap();
     assert_eq!(r.status(), 200);
@@ -29,12 +24,7 @@ async fn health_on_both_listeners() {
 async fn metrics_are_exposed_in_prometheus_format() {
     let app = spawn_app("[[clients]]\ntype = \"ga4\"\n").await;
     app.http.get(app.url("/healthz")).send().await.unwrap();
-    let r = app
-        .http
-        .get(app.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap();
+    let r = app.http.get(app.admin_url("/metrics")).send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert!(r
         .headers()
@@ -48,10 +38,7 @@ async fn metrics_are_exposed_in_prometheus_format() {
         text.contains("tagrelay_http_requests_total{route=\"health\",status=\"200\"}"),
         "{text}"
     );
-    assert!(
-        text.contains("tagrelay_http_request_duration_seconds_bucket"),
-        "{text}"
-    );
+    assert!(text.contains("tagrelay_http_request_duration_seconds_bucket"), "{text}");
     assert!(text.contains("tagrelay_build_info{version=\""), "{text}");
     app.stop().await;
 }
@@ -77,10 +64,6 @@ async fn unclaimed_paths_are_404_with_a_reason() {
     let app = spawn_app("[[clients]]\ntype = \"ga4\"\n").await;
     let r = app.http.get(app.url("/nope")).send().await.unwrap();
     assert_eq!(r.status(), 404);
-    assert!(r
-        .text()
-        .await
-        .unwrap()
-        .contains("no client claims GET /nope"));
+    assert!(r.text().await.unwrap().contains("no client claims GET /nope"));
     app.stop().await;
 }

@@ -132,9 +132,7 @@ impl FakeVendor {
     pub async fn start() -> FakeVendor {
         let received = Arc::new(Mutex::new(Vec::new()));
         let script = Arc::new(Mutex::new(vec![(StatusCode::OK, "{}".to_string())]));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let fake = FakeVendor {
             addr,

@@ -38,10 +38,7 @@ impl Proc {
             if let Some(status) = self.child.try_wait().expect("try_wait") {
                 return status;
             }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "tagrelay did not exit in {secs}s"
-            );
+            assert!(std::time::Instant::now() < deadline, "tagrelay did not exit in {secs}s");
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -201,9 +198,7 @@ async fn sigterm_lets_an_in_flight_request_finish_and_exits_zero() {
 
     let resp = request.await.unwrap().expect("in-flight request completes");
     assert_eq!(resp.status(), 204);
-    let status = tokio::task::spawn_blocking(move || proc.wait_exit(15))
-        .await
-        .unwrap();
+    let status = tokio::task::spawn_blocking(move || proc.wait_exit(15)).await.unwrap();
     assert!(status.success(), "exit status {status:?}");
 }
 

@@ -27,8 +27,6 @@ impl Client for Ga4Client {
         path == "/g/collect" && (method == Method::GET || method == Method::POST)
     }
     fn parse(&self, _req: &HitRequest<'_>) -> Result<Parsed, ClientError> {
-        Err(ClientError::BadRequest(
-            "GA4 parsing lands with the GA4 client issue".into(),
-        ))
+        Err(ClientError::BadRequest("GA4 parsing lands with the GA4 client issue".into()))
     }
 }

@@ -77,18 +77,11 @@ impl crate::tags::Tag for Ga4Tag {
     }
     fn encode(&self, events: &[crate::event::Event], _now_ms: i64) -> crate::tags::Encoded {
         crate::tags::Encoded {
-            rejected: (0..events.len())
-                .map(|i| (i, "encoder not built yet".into()))
-                .collect(),
+            rejected: (0..events.len()).map(|i| (i, "encoder not built yet".into())).collect(),
             ..Default::default()
         }
     }
-    fn classify(
-        &self,
-        status: ::http::StatusCode,
-        headers: &::http::HeaderMap,
-        body: &[u8],
-    ) -> crate::tags::Outcome {
+    fn classify(&self, status: ::http::StatusCode, headers: &::http::HeaderMap, body: &[u8]) -> crate::tags::Outcome {
         crate::tags::classify_http(status, headers, body)
     }
     fn redact(&self, text: &str) -> String {
