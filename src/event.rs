@@ -259,6 +259,9 @@ pub struct Address {
     pub sha256_last_name: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub street: Option<String>,
+    /// Measurement Protocol `user_data.address[].sha256_street`, already hashed by the sender.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sha256_street: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub city: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -528,6 +531,7 @@ impl Event {
             "address.last_name" => &a.last_name,
             "address.sha256_last_name" => &a.sha256_last_name,
             "address.street" => &a.street,
+            "address.sha256_street" => &a.sha256_street,
             "address.city" => &a.city,
             "address.region" => &a.region,
             "address.postal_code" => &a.postal_code,

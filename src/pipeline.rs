@@ -2,7 +2,9 @@
 
 use std::sync::Arc;
 
+use crate::clients::data::DataClient;
 use crate::clients::ga4::Ga4Client;
+use crate::clients::measurement_protocol::MeasurementProtocolClient;
 use crate::clients::Client;
 use crate::config::{ClientConfig, Config, TagConfig};
 use crate::identity::CookiePolicy;
@@ -67,6 +69,13 @@ impl Pipeline {
             let built: Result<Box<dyn Client>, Vec<String>> = match c {
                 ClientConfig::Ga4(cfg) => {
                     Ga4Client::from_config(cfg).map(|c| Box::new(c) as Box<dyn Client>)
+                }
+                ClientConfig::MeasurementProtocol(cfg) => {
+                    MeasurementProtocolClient::from_config(cfg)
+                        .map(|c| Box::new(c) as Box<dyn Client>)
+                }
+                ClientConfig::Data(cfg) => {
+                    DataClient::from_config(cfg).map(|c| Box::new(c) as Box<dyn Client>)
                 }
             };
             match built {

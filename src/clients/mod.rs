@@ -1,6 +1,8 @@
 //! Clients claim incoming requests and parse them into events (pure: request in, events out).
 
+pub mod data;
 pub mod ga4;
+pub mod measurement_protocol;
 
 use std::net::IpAddr;
 
@@ -42,6 +44,8 @@ pub enum ClientResponse {
         status: StatusCode,
         content_type: &'static str,
         body: Vec<u8>,
+        /// Extra response headers (e.g. `cache-control`, `etag`); names are lowercase.
+        headers: Vec<(&'static str, String)>,
     },
 }
 

@@ -12,7 +12,9 @@ use std::net::SocketAddr;
 use ipnet::IpNet;
 use serde::Deserialize;
 
+use crate::clients::data::DataClientConfig;
 use crate::clients::ga4::Ga4ClientConfig;
+use crate::clients::measurement_protocol::MeasurementProtocolClientConfig;
 use crate::tags::ga4::Ga4TagConfig;
 use crate::tags::http::HttpTagConfig;
 use crate::tags::meta_capi::MetaCapiTagConfig;
@@ -223,6 +225,8 @@ pub enum TraceSampling {
 #[derive(Debug, Clone)]
 pub enum ClientConfig {
     Ga4(Ga4ClientConfig),
+    MeasurementProtocol(MeasurementProtocolClientConfig),
+    Data(DataClientConfig),
 }
 
 impl<'de> Deserialize<'de> for ClientConfig {
@@ -230,12 +234,16 @@ impl<'de> Deserialize<'de> for ClientConfig {
         let (kind, table) = tagged::<D>(d, "client", CLIENT_TYPES)?;
         match kind.as_str() {
             "ga4" => tagged_variant::<D, _>(table).map(ClientConfig::Ga4),
+            "measurement_protocol" => {
+                tagged_variant::<D, _>(table).map(ClientConfig::MeasurementProtocol)
+            }
+            "data" => tagged_variant::<D, _>(table).map(ClientConfig::Data),
             _ => unreachable_type::<D, _>(&kind),
         }
     }
 }
 
-const CLIENT_TYPES: &[&str] = &["ga4"];
+const CLIENT_TYPES: &[&str] = &["ga4", "measurement_protocol", "data"];
 const TAG_TYPES: &[&str] = &["ga4", "meta_capi", "http"];
 
 /// Reads a `type = "..."` table. Internally tagged serde enums lose the path of errors inside
@@ -304,6 +312,8 @@ impl ClientConfig {
     pub fn kind(&self) -> &'static str {
         match self {
             ClientConfig::Ga4(_) => "ga4",
+            ClientConfig::MeasurementProtocol(_) => "measurement_protocol",
+            ClientConfig::Data(_) => "data",
         }
     }
 }

@@ -434,7 +434,21 @@ async fn handle_hit(
             status,
             content_type,
             body,
-        } => (status, [(header::CONTENT_TYPE, content_type)], body).into_response(),
+            headers,
+        } => {
+            let mut r = (status, [(header::CONTENT_TYPE, content_type)], body).into_response();
+            for (name, value) in headers {
+                // Parsed rather than `from_static` so a bad name from a client is skipped,
+                // never a panic on the hit path.
+                if let (Ok(n), Ok(v)) = (
+                    header::HeaderName::from_bytes(name.as_bytes()),
+                    HeaderValue::from_str(&value),
+                ) {
+                    r.headers_mut().append(n, v);
+                }
+            }
+            r
+        }
     };
     for c in &cookies {
         if let Ok(v) = HeaderValue::from_str(&c.header_value()) {
