@@ -377,6 +377,8 @@ async fn run_tag(inner: Arc<Inner>, name: Arc<str>) {
 #[derive(Debug, Clone, PartialEq)]
 enum Fate {
     Undecided,
+    /// The tag chose not to send it: done, but not counted as delivered.
+    Skipped,
     /// Already settled before sending (invalid payload, past the vendor's age limit).
     Settled,
     Done,
@@ -392,7 +394,7 @@ impl Fate {
     fn rank(&self) -> u8 {
         match self {
             Fate::Undecided => 0,
-            Fate::Done => 1,
+            Fate::Skipped | Fate::Done => 1,
             Fate::Rejected(_) => 2,
             Fate::Retry { .. } => 3,
             Fate::Settled => 4,
@@ -443,7 +445,9 @@ async fn deliver(
                         ),
                         attempted: false,
                     });
-                    fates[i] = Fate::Settled;
+                    if let Some(f) = fates.get_mut(i) {
+                        *f = Fate::Settled;
+                    }
                     continue;
                 }
                 events.push(ev);
@@ -456,7 +460,9 @@ async fn deliver(
                     reason: format!("invalid: stored payload is not an event: {e}"),
                     attempted: false,
                 });
-                fates[i] = Fate::Settled;
+                if let Some(f) = fates.get_mut(i) {
+                    *f = Fate::Settled;
+                }
             }
         }
     }
@@ -478,7 +484,7 @@ async fn deliver(
     for (idx, _) in &encoded.skipped {
         if let Some(&r) = owners.get(*idx) {
             if let Some(f) = fates.get_mut(r) {
-                f.merge(Fate::Done);
+                f.merge(Fate::Skipped);
             }
         }
     }
@@ -507,6 +513,7 @@ async fn deliver(
         for (rec, fate) in batch.iter().zip(fates) {
             match fate {
                 Fate::Settled => {}
+                Fate::Skipped => settlement.ack.push(rec.id),
                 Fate::Done => {
                     delivered += 1;
                     settlement.ack.push(rec.id);
@@ -594,8 +601,14 @@ async fn deliver(
                 .increment(n);
         }
     }
-    for d in &settlement.dead {
-        tracing::warn!(tag = %name, id = d.id, reason = %d.reason, "outbox: dead-lettered");
+    if let Some(first) = settlement.dead.first() {
+        // One line per batch: a vendor rejecting everything must not flood the logs.
+        tracing::warn!(
+            tag = %name,
+            records = settlement.dead.len(),
+            first_reason = %first.reason,
+            "outbox: dead-lettered (list with `tagrelay outbox dead-letters`)"
+        );
     }
     if let Err(e) = inner.store.settle(settlement).await {
         // The leases expire and these records are sent again: at-least-once, never lost.
@@ -670,7 +683,7 @@ async fn send(
             body: Bytes::from(tag.tag.redact(&String::from_utf8_lossy(&request.body))),
         };
         let outcome = match &fate {
-            Fate::Done | Fate::Undecided | Fate::Settled => "delivered".to_string(),
+            Fate::Done | Fate::Undecided | Fate::Settled | Fate::Skipped => "delivered".to_string(),
             Fate::Rejected(r) => format!("rejected: {r}"),
             Fate::Retry { reason, .. } => format!("retry: {reason}"),
         };

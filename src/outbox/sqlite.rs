@@ -262,6 +262,21 @@ impl SqliteOutbox {
         }
     }
 
+    /// Stops accepting writes, commits everything queued, checkpoints the WAL and stops the
+    /// writer thread. Call after the dispatchers have shut down.
+    pub async fn close(&self) {
+        self.shared.open.store(false, Ordering::Release);
+        let (done, wait) = oneshot::channel();
+        if self.send(Op::Close { done }) {
+            // An error means the writer already stopped; either way it is flushed.
+            let _ = wait.await;
+        }
+        let handle = self.writer_thread.lock().ok().and_then(|mut h| h.take());
+        if let Some(handle) = handle {
+            let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+        }
+    }
+
     fn send(&self, op: Op) -> bool {
         self.tx.send(op).is_ok()
     }
@@ -363,16 +378,7 @@ impl DeliveryStore for SqliteOutbox {
     }
 
     async fn close(&self) {
-        self.shared.open.store(false, Ordering::Release);
-        let (done, wait) = oneshot::channel();
-        if self.send(Op::Close { done }) {
-            // An error means the writer already stopped; either way it is flushed.
-            let _ = wait.await;
-        }
-        let handle = self.writer_thread.lock().ok().and_then(|mut h| h.take());
-        if let Some(handle) = handle {
-            let _ = tokio::task::spawn_blocking(move || handle.join()).await;
-        }
+        SqliteOutbox::close(self).await
     }
 }
 

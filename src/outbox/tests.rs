@@ -441,6 +441,17 @@ async fn ack_nack_dead_letter_and_replay() {
         .iter()
         .all(|r| r.attempts == 1 && r.last_error.as_deref() == Some("HTTP 503")));
 
+    let backlog = outbox.backlog(now + 10_000).await.unwrap();
+    assert_eq!(backlog.len(), 1);
+    assert_eq!(
+        (
+            backlog[0].tag.as_str(),
+            backlog[0].pending,
+            backlog[0].leased
+        ),
+        ("t", 2, 2)
+    );
+    assert!(backlog[0].oldest_enqueued_ms.is_some_and(|t| t <= now));
     let stats = tools::stats(dir.path()).unwrap();
     assert_eq!(stats.pending, 2);
     assert_eq!(stats.dead_letters, 1);
