@@ -169,6 +169,13 @@ pub struct OutboxConfig {
     pub max_retry_age_secs: u64,
     pub retry_initial_ms: u64,
     pub retry_max_ms: u64,
+    /// Requests of one tag in flight at once (each carries up to the tag's batch size).
+    pub dispatch_concurrency: usize,
+    /// How long a dispatcher owns leased records before they become due again (must exceed
+    /// the longest batch send; only matters if a send hangs or a dispatcher dies).
+    pub lease_timeout_ms: u64,
+    /// When traffic is light, wait this long after a wake-up so batches fill.
+    pub dispatch_linger_ms: u64,
 }
 
 impl Default for OutboxConfig {
@@ -183,6 +190,9 @@ impl Default for OutboxConfig {
             max_retry_age_secs: 24 * 3600,
             retry_initial_ms: 1_000,
             retry_max_ms: 300_000,
+            dispatch_concurrency: 4,
+            lease_timeout_ms: 300_000,
+            dispatch_linger_ms: 50,
         }
     }
 }

@@ -1,0 +1,708 @@
+//! Dispatchers: one task per tag leases due records, encodes them with the tag, sends the
+//! requests, classifies the answers and settles the records (ack / retry later / dead-letter).
+//!
+//! Tags are looked up by name in the current [`Pipeline`] on every batch, so a config reload
+//! (swapping the `ArcSwap`) changes encoders without restarting anything; a supervisor starts
+//! dispatchers for new tag names within a second (or at once via [`Dispatchers::ensure`]).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::task::{JoinHandle, JoinSet};
+
+use super::retry::{human_duration, retry_label, RetryDecision, RetryPolicy, META_MAX_AGE};
+use super::{now_ms, DeadLetterRequest, DeliveryStore, LeasedRecord, Nack, Settlement, StoreError};
+use crate::config::OutboxConfig;
+use crate::event::Event;
+use crate::pipeline::Pipeline;
+use crate::tags::{Encoded, OutboundRequest, Outcome, TagInstance};
+
+/// Most of a vendor response body kept for classification and the debug view.
+const MAX_RESPONSE_BODY: usize = 64 * 1024;
+
+/// Sees every delivery attempt (for the debug view). Called on the dispatcher task, so it must
+/// be quick; return `false` from `enabled` when nobody listens and no request copy is made.
+pub trait DeliveryObserver: Send + Sync {
+    fn enabled(&self) -> bool {
+        true
+    }
+    /// `request` is already redacted by the tag. `status` is `None` for network errors and
+    /// timeouts. `outcome` is `delivered`, `retry: <reason>` or `rejected: <reason>`.
+    #[allow(clippy::too_many_arguments)]
+    fn attempt(
+        &self,
+        tag: &str,
+        event_ids: &[String],
+        request: &OutboundRequest,
+        status: Option<u16>,
+        response_body: &[u8],
+        latency: Duration,
+        outcome: &str,
+    );
+}
+
+/// The default observer: nobody listens.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoopObserver;
+
+impl DeliveryObserver for NoopObserver {
+    fn enabled(&self) -> bool {
+        false
+    }
+    fn attempt(
+        &self,
+        _: &str,
+        _: &[String],
+        _: &OutboundRequest,
+        _: Option<u16>,
+        _: &[u8],
+        _: Duration,
+        _: &str,
+    ) {
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DispatchSettings {
+    /// Batches (requests) of one tag in flight at once.
+    pub concurrency: usize,
+    pub lease_timeout: Duration,
+    /// Wait after a wake-up when traffic is light, so batches fill.
+    pub linger: Duration,
+    /// Look for due retries this often when nothing wakes the dispatcher.
+    pub idle_poll: Duration,
+    /// Refresh the pending gauges this often.
+    pub gauge_interval: Duration,
+    pub retry: RetryPolicy,
+}
+
+impl DispatchSettings {
+    pub fn from_config(cfg: &OutboxConfig) -> Self {
+        DispatchSettings {
+            concurrency: cfg.dispatch_concurrency.max(1),
+            lease_timeout: Duration::from_millis(cfg.lease_timeout_ms.max(1_000)),
+            linger: Duration::from_millis(cfg.dispatch_linger_ms),
+            idle_poll: Duration::from_secs(1),
+            gauge_interval: Duration::from_secs(5),
+            retry: RetryPolicy::from_config(cfg),
+        }
+    }
+}
+
+struct Inner {
+    store: Arc<dyn DeliveryStore>,
+    pipeline: Arc<ArcSwap<Pipeline>>,
+    http: reqwest::Client,
+    observer: Arc<dyn DeliveryObserver>,
+    settings: DispatchSettings,
+    /// `Some(deadline)` once shutdown began: stop leasing, finish sends by the deadline.
+    shutdown: watch::Sender<Option<tokio::time::Instant>>,
+    running: Mutex<HashMap<Arc<str>, JoinHandle<()>>>,
+}
+
+/// The running dispatchers. Dropping this handle does not stop them; call `shutdown`.
+pub struct Dispatchers {
+    inner: Arc<Inner>,
+    supervisor: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Dispatchers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dispatchers")
+            .field("tags", &self.running_tags())
+            .field("settings", &self.inner.settings)
+            .finish()
+    }
+}
+
+/// Starts one dispatcher per tag of the current pipeline and a supervisor that adds
+/// dispatchers for tags that appear on reload and refreshes the pending gauges.
+/// Must be called inside a tokio runtime.
+pub fn spawn_dispatchers(
+    store: Arc<dyn DeliveryStore>,
+    pipeline: Arc<ArcSwap<Pipeline>>,
+    settings: DispatchSettings,
+    observer: Arc<dyn DeliveryObserver>,
+) -> Result<Dispatchers, String> {
+    let http = reqwest::Client::builder()
+        .user_agent(concat!("tagrelay/", env!("CARGO_PKG_VERSION")))
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(settings.concurrency.max(8))
+        .connect_timeout(Duration::from_secs(10))
+        .build()
+        .map_err(|e| format!("cannot build the HTTP client for dispatchers: {e}"))?;
+    let (shutdown, _) = watch::channel(None);
+    let inner = Arc::new(Inner {
+        store,
+        pipeline,
+        http,
+        observer,
+        settings,
+        shutdown,
+        running: Mutex::new(HashMap::new()),
+    });
+    inner.ensure();
+    let supervisor = tokio::spawn(supervise(inner.clone()));
+    Ok(Dispatchers {
+        inner,
+        supervisor: Mutex::new(Some(supervisor)),
+    })
+}
+
+impl Dispatchers {
+    /// Starts dispatchers for tags of the current pipeline that have none (call after a
+    /// reload to skip the supervisor's one-second delay).
+    pub fn ensure(&self) {
+        self.inner.ensure();
+    }
+
+    /// Tag names with a running dispatcher.
+    pub fn running_tags(&self) -> Vec<Arc<str>> {
+        let mut names: Vec<Arc<str>> = match self.inner.running.lock() {
+            Ok(map) => map
+                .iter()
+                .filter(|(_, h)| !h.is_finished())
+                .map(|(n, _)| n.clone())
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        names.sort();
+        names
+    }
+
+    /// Stops leasing, gives in-flight sends until `grace` to finish (their records are
+    /// settled), abandons the rest (their leases are cleared at the next open, so they are
+    /// resent), and returns. Close the store afterwards.
+    pub async fn shutdown(&self, grace: Duration) {
+        let deadline = tokio::time::Instant::now() + grace;
+        self.inner.shutdown.send_replace(Some(deadline));
+        let supervisor = self.supervisor.lock().ok().and_then(|mut s| s.take());
+        if let Some(s) = supervisor {
+            let _ = s.await;
+        }
+        let handles: Vec<JoinHandle<()>> = match self.inner.running.lock() {
+            Ok(mut map) => map.drain().map(|(_, h)| h).collect(),
+            Err(_) => Vec::new(),
+        };
+        for h in handles {
+            // Each tag task enforces the deadline itself; this bound only guards against bugs.
+            let abort = h.abort_handle();
+            if tokio::time::timeout_at(deadline + Duration::from_secs(1), h)
+                .await
+                .is_err()
+            {
+                abort.abort();
+            }
+        }
+    }
+}
+
+impl Inner {
+    fn ensure(self: &Arc<Self>) {
+        if self.shutdown.borrow().is_some() {
+            return;
+        }
+        let pipeline = self.pipeline.load();
+        let Ok(mut running) = self.running.lock() else {
+            return;
+        };
+        running.retain(|_, h| !h.is_finished());
+        for t in &pipeline.tags {
+            if !running.contains_key(&t.name) {
+                tracing::debug!(tag = %t.name, "outbox: starting dispatcher");
+                let handle = tokio::spawn(run_tag(self.clone(), t.name.clone()));
+                running.insert(t.name.clone(), handle);
+            }
+        }
+    }
+}
+
+async fn supervise(inner: Arc<Inner>) {
+    let mut shutdown = inner.shutdown.subscribe();
+    let mut last_gauges: Option<Instant> = None;
+    let mut gauged: HashSet<String> = HashSet::new();
+    loop {
+        if last_gauges.is_none_or(|t| t.elapsed() >= inner.settings.gauge_interval) {
+            last_gauges = Some(Instant::now());
+            refresh_gauges(&inner, &mut gauged).await;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = shutdown.changed() => {}
+        }
+        if shutdown.borrow().is_some() {
+            break;
+        }
+        inner.ensure();
+    }
+}
+
+async fn refresh_gauges(inner: &Inner, gauged: &mut HashSet<String>) {
+    let now = now_ms();
+    let backlog = match inner.store.backlog(now).await {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::warn!(error = %e, "outbox: cannot read backlog for gauges");
+            return;
+        }
+    };
+    let mut seen = HashSet::with_capacity(backlog.len());
+    for b in backlog {
+        let oldest = b
+            .oldest_enqueued_ms
+            .map(|t| (now.saturating_sub(t)).max(0) as f64 / 1000.0)
+            .unwrap_or(0.0);
+        metrics::gauge!("tagrelay_outbox_pending", "tag" => b.tag.clone()).set(b.pending as f64);
+        metrics::gauge!("tagrelay_outbox_oldest_pending_seconds", "tag" => b.tag.clone())
+            .set(oldest);
+        seen.insert(b.tag);
+    }
+    let pipeline = inner.pipeline.load();
+    for t in pipeline
+        .tags
+        .iter()
+        .map(|t| t.name.to_string())
+        .chain(gauged.drain())
+    {
+        if !seen.contains(&t) {
+            metrics::gauge!("tagrelay_outbox_pending", "tag" => t.clone()).set(0.0);
+            metrics::gauge!("tagrelay_outbox_oldest_pending_seconds", "tag" => t.clone()).set(0.0);
+        }
+    }
+    *gauged = seen;
+}
+
+/// Waits for a wake-up, the idle poll, or shutdown. Returns `false` on shutdown.
+async fn idle(
+    inner: &Inner,
+    wake: &tokio::sync::Notify,
+    shutdown: &mut watch::Receiver<Option<tokio::time::Instant>>,
+) -> bool {
+    let woke = tokio::select! {
+        _ = wake.notified() => true,
+        _ = tokio::time::sleep(inner.settings.idle_poll) => false,
+        _ = shutdown.changed() => return false,
+    };
+    if woke && !inner.settings.linger.is_zero() {
+        tokio::select! {
+            _ = tokio::time::sleep(inner.settings.linger) => {}
+            _ = shutdown.changed() => return false,
+        }
+    }
+    shutdown.borrow().is_none()
+}
+
+async fn run_tag(inner: Arc<Inner>, name: Arc<str>) {
+    let wake = inner.store.wakeup(&name);
+    let permits = Arc::new(Semaphore::new(inner.settings.concurrency));
+    let mut shutdown = inner.shutdown.subscribe();
+    let mut tasks: JoinSet<()> = JoinSet::new();
+    let lease_ms = u64::try_from(inner.settings.lease_timeout.as_millis()).unwrap_or(u64::MAX);
+    loop {
+        while let Some(done) = tasks.try_join_next() {
+            if let Err(e) = done {
+                // Its records stay leased until the lease expires, then are resent.
+                tracing::error!(tag = %name, error = %e, "outbox: delivery task failed");
+            }
+        }
+        if shutdown.borrow().is_some() {
+            break;
+        }
+        let Some(tag) = inner.pipeline.load().tag(&name).cloned() else {
+            tracing::info!(tag = %name, "outbox: tag removed from config; its pending records stay in the outbox");
+            break;
+        };
+        // Take a permit before leasing so records are never leased while they cannot be sent.
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            _ = shutdown.changed() => continue,
+        };
+        let limit = tag.tag.max_batch().max(1);
+        let batch = match inner.store.lease(&name, now_ms(), limit, lease_ms).await {
+            Ok(b) => b,
+            Err(StoreError::Closed) => break,
+            Err(e) => {
+                tracing::warn!(tag = %name, error = %e, "outbox: lease failed; retrying");
+                drop(permit);
+                if !idle(&inner, &wake, &mut shutdown).await {
+                    break;
+                }
+                continue;
+            }
+        };
+        if batch.is_empty() {
+            drop(permit);
+            if !idle(&inner, &wake, &mut shutdown).await {
+                break;
+            }
+            continue;
+        }
+        let full = batch.len() >= limit;
+        tasks.spawn(deliver(inner.clone(), tag, batch, permit));
+        // A partial batch means everything due was taken: wait for more rather than spin.
+        if !full && !idle(&inner, &wake, &mut shutdown).await {
+            break;
+        }
+    }
+    let deadline = *shutdown.borrow();
+    match deadline {
+        Some(deadline) => {
+            let drained = tokio::time::timeout_at(deadline, async {
+                while tasks.join_next().await.is_some() {}
+            })
+            .await;
+            if drained.is_err() {
+                tracing::warn!(
+                    tag = %name,
+                    in_flight = tasks.len(),
+                    "outbox: shutdown deadline reached; unfinished sends will be retried after restart"
+                );
+                tasks.abort_all();
+                while tasks.join_next().await.is_some() {}
+            }
+        }
+        None => while tasks.join_next().await.is_some() {},
+    }
+}
+
+/// A record's fate within one batch. Ordered by severity: a record carried by several
+/// requests takes its worst outcome (resending a delivered part is allowed, losing one is not).
+#[derive(Debug, Clone, PartialEq)]
+enum Fate {
+    Undecided,
+    /// The tag chose not to send it: done, but not counted as delivered.
+    Skipped,
+    /// Already settled before sending (invalid payload, past the vendor's age limit).
+    Settled,
+    Done,
+    Rejected(String),
+    Retry {
+        after: Option<Duration>,
+        reason: String,
+        label: &'static str,
+    },
+}
+
+impl Fate {
+    fn rank(&self) -> u8 {
+        match self {
+            Fate::Undecided => 0,
+            Fate::Skipped | Fate::Done => 1,
+            Fate::Rejected(_) => 2,
+            Fate::Retry { .. } => 3,
+            Fate::Settled => 4,
+        }
+    }
+    fn merge(&mut self, other: Fate) {
+        if other.rank() > self.rank() {
+            *self = other;
+        }
+    }
+}
+
+async fn deliver(
+    inner: Arc<Inner>,
+    tag: Arc<TagInstance>,
+    batch: Vec<LeasedRecord>,
+    _permit: OwnedSemaphorePermit,
+) {
+    let name: &str = &tag.name;
+    let now = now_ms();
+    let mut settlement = Settlement {
+        now_ms: now,
+        ..Settlement::default()
+    };
+    let is_meta = tag.tag.kind() == "meta_capi";
+    let mut fates: Vec<Fate> = vec![Fate::Undecided; batch.len()];
+    let mut events: Vec<Event> = Vec::with_capacity(batch.len());
+    // Event index (what the tag sees) → record index.
+    let mut owners: Vec<usize> = Vec::with_capacity(batch.len());
+    let mut invalid = 0u64;
+    let mut expired = 0u64;
+    for (i, rec) in batch.iter().enumerate() {
+        match serde_json::from_slice::<Event>(&rec.payload) {
+            Ok(ev) => {
+                let born = if ev.timestamp_ms > 0 {
+                    ev.timestamp_ms
+                } else {
+                    rec.first_enqueued_ms
+                };
+                let age = Duration::from_millis(u64::try_from(now - born).unwrap_or(0));
+                if is_meta && age >= META_MAX_AGE {
+                    expired += 1;
+                    settlement.dead.push(DeadLetterRequest {
+                        id: rec.id,
+                        reason: format!(
+                            "expired: Meta accepts events up to 7 days old and this one is {} old",
+                            human_duration(age)
+                        ),
+                        attempted: false,
+                    });
+                    if let Some(f) = fates.get_mut(i) {
+                        *f = Fate::Settled;
+                    }
+                    continue;
+                }
+                events.push(ev);
+                owners.push(i);
+            }
+            Err(e) => {
+                invalid += 1;
+                settlement.dead.push(DeadLetterRequest {
+                    id: rec.id,
+                    reason: format!("invalid: stored payload is not an event: {e}"),
+                    attempted: false,
+                });
+                if let Some(f) = fates.get_mut(i) {
+                    *f = Fate::Settled;
+                }
+            }
+        }
+    }
+
+    let encoded = if events.is_empty() {
+        Encoded::default()
+    } else {
+        tag.tag.encode(&events, now)
+    };
+    drop(events);
+    let mut rejected = 0u64;
+    for (idx, reason) in &encoded.rejected {
+        if let Some(&r) = owners.get(*idx) {
+            if let Some(f) = fates.get_mut(r) {
+                f.merge(Fate::Rejected(reason.clone()));
+            }
+        }
+    }
+    for (idx, _) in &encoded.skipped {
+        if let Some(&r) = owners.get(*idx) {
+            if let Some(f) = fates.get_mut(r) {
+                f.merge(Fate::Skipped);
+            }
+        }
+    }
+
+    for (request, idxs) in &encoded.requests {
+        let records: Vec<usize> = idxs
+            .iter()
+            .filter_map(|i| owners.get(*i).copied())
+            .collect();
+        let fate = send(&inner, &tag, request, &records, &batch).await;
+        for r in records {
+            if let Some(f) = fates.get_mut(r) {
+                f.merge(fate.clone());
+            }
+        }
+    }
+
+    let now = now_ms();
+    settlement.now_ms = now;
+    let window = inner.settings.retry.window_for(tag.tag.kind());
+    let mut delivered = 0u64;
+    let mut gave_up = 0u64;
+    let mut retries: Vec<(&'static str, u64)> = Vec::new();
+    {
+        let mut rng = rand::thread_rng();
+        for (rec, fate) in batch.iter().zip(fates) {
+            match fate {
+                Fate::Settled => {}
+                Fate::Skipped => settlement.ack.push(rec.id),
+                Fate::Done => {
+                    delivered += 1;
+                    settlement.ack.push(rec.id);
+                }
+                Fate::Undecided => {
+                    invalid += 1;
+                    settlement.dead.push(DeadLetterRequest {
+                        id: rec.id,
+                        reason: format!(
+                            "invalid: tag `{name}` neither sent, skipped nor rejected this event"
+                        ),
+                        attempted: false,
+                    });
+                }
+                Fate::Rejected(reason) => {
+                    rejected += 1;
+                    settlement.dead.push(DeadLetterRequest {
+                        id: rec.id,
+                        reason: format!("rejected: {reason}"),
+                        attempted: true,
+                    });
+                }
+                Fate::Retry {
+                    after,
+                    reason,
+                    label,
+                } => {
+                    let attempts = rec.attempts.saturating_add(1);
+                    match inner.settings.retry.decide(
+                        attempts,
+                        rec.first_enqueued_ms,
+                        now,
+                        window,
+                        after,
+                        &mut rng,
+                    ) {
+                        RetryDecision::RetryAt(at) => {
+                            match retries.iter_mut().find(|(l, _)| *l == label) {
+                                Some((_, n)) => *n += 1,
+                                None => retries.push((label, 1)),
+                            }
+                            settlement.nack.push(Nack {
+                                id: rec.id,
+                                next_attempt_ms: at,
+                                error: reason,
+                            });
+                        }
+                        RetryDecision::GiveUp => {
+                            gave_up += 1;
+                            let span = Duration::from_millis(
+                                u64::try_from(now - rec.first_enqueued_ms).unwrap_or(0),
+                            );
+                            settlement.dead.push(DeadLetterRequest {
+                                id: rec.id,
+                                reason: format!(
+                                    "expired: gave up after {attempts} attempts over {}: {reason}",
+                                    human_duration(span)
+                                ),
+                                attempted: true,
+                            });
+                        }
+                    }
+                }
+            }
+        }
+    }
+    expired += gave_up;
+
+    let tag_label = name.to_string();
+    if delivered > 0 {
+        metrics::counter!("tagrelay_outbox_delivered_total", "tag" => tag_label.clone())
+            .increment(delivered);
+    }
+    for (label, n) in retries {
+        metrics::counter!("tagrelay_outbox_retries_total", "tag" => tag_label.clone(), "reason" => label)
+            .increment(n);
+    }
+    for (label, n) in [
+        ("rejected", rejected),
+        ("expired", expired),
+        ("invalid", invalid),
+    ] {
+        if n > 0 {
+            metrics::counter!("tagrelay_outbox_dead_lettered_total", "tag" => tag_label.clone(), "reason" => label)
+                .increment(n);
+        }
+    }
+    if let Some(first) = settlement.dead.first() {
+        // One line per batch: a vendor rejecting everything must not flood the logs.
+        tracing::warn!(
+            tag = %name,
+            records = settlement.dead.len(),
+            first_reason = %first.reason,
+            "outbox: dead-lettered (list with `tagrelay outbox dead-letters`)"
+        );
+    }
+    if let Err(e) = inner.store.settle(settlement).await {
+        // The leases expire and these records are sent again: at-least-once, never lost.
+        tracing::error!(tag = %name, error = %e, "outbox: could not record delivery results");
+    }
+}
+
+/// Sends one request and classifies the answer.
+async fn send(
+    inner: &Inner,
+    tag: &TagInstance,
+    request: &OutboundRequest,
+    records: &[usize],
+    batch: &[LeasedRecord],
+) -> Fate {
+    let started = Instant::now();
+    let mut builder = inner
+        .http
+        .request(request.method.clone(), &request.url)
+        .timeout(tag.tag.timeout())
+        .body(request.body.clone());
+    for (k, v) in &request.headers {
+        builder = builder.header(k.as_str(), v.as_str());
+    }
+    let (status, body, fate) = match builder.send().await {
+        Ok(resp) => {
+            let status = resp.status();
+            let headers = resp.headers().clone();
+            let body = read_body(resp).await;
+            let fate = match tag.tag.classify(status, &headers, &body) {
+                Outcome::Delivered => Fate::Done,
+                Outcome::Rejected { reason } => Fate::Rejected(tag.tag.redact(&reason)),
+                Outcome::Retry { after, reason } => Fate::Retry {
+                    after,
+                    reason: tag.tag.redact(&reason),
+                    label: retry_label(Some(status.as_u16()), false),
+                },
+            };
+            (Some(status.as_u16()), body, fate)
+        }
+        Err(e) => {
+            let timed_out = e.is_timeout();
+            let label = retry_label(None, timed_out);
+            let reason = tag.tag.redact(&format!("{label}: {}", e.without_url()));
+            (
+                None,
+                Bytes::new(),
+                Fate::Retry {
+                    after: None,
+                    reason,
+                    label,
+                },
+            )
+        }
+    };
+    let latency = started.elapsed();
+    metrics::histogram!("tagrelay_tag_request_duration_seconds", "tag" => tag.name.to_string())
+        .record(latency.as_secs_f64());
+    if inner.observer.enabled() {
+        let event_ids: Vec<String> = records
+            .iter()
+            .filter_map(|r| batch.get(*r).map(|rec| rec.event_id.clone()))
+            .collect();
+        let redacted = OutboundRequest {
+            method: request.method.clone(),
+            url: tag.tag.redact(&request.url),
+            headers: request
+                .headers
+                .iter()
+                .map(|(k, v)| (k.clone(), tag.tag.redact(v)))
+                .collect(),
+            body: Bytes::from(tag.tag.redact(&String::from_utf8_lossy(&request.body))),
+        };
+        let outcome = match &fate {
+            Fate::Done | Fate::Undecided | Fate::Settled | Fate::Skipped => "delivered".to_string(),
+            Fate::Rejected(r) => format!("rejected: {r}"),
+            Fate::Retry { reason, .. } => format!("retry: {reason}"),
+        };
+        inner.observer.attempt(
+            &tag.name, &event_ids, &redacted, status, &body, latency, &outcome,
+        );
+    }
+    fate
+}
+
+/// Reads at most [`MAX_RESPONSE_BODY`] bytes; a body that breaks off is classified as read.
+async fn read_body(mut resp: reqwest::Response) -> Bytes {
+    let mut out = Vec::new();
+    while let Ok(Some(chunk)) = resp.chunk().await {
+        let room = MAX_RESPONSE_BODY.saturating_sub(out.len());
+        out.extend_from_slice(chunk.get(..room.min(chunk.len())).unwrap_or_default());
+        if out.len() >= MAX_RESPONSE_BODY {
+            break;
+        }
+    }
+    Bytes::from(out)
+}

@@ -1,0 +1,262 @@
+//! Operator tools over an outbox directory (`[outbox] path`): stats, dead letters, replay.
+//!
+//! Each call opens its own connection with a busy timeout, so the tools work while the
+//! server runs (SQLite serialises the writes; WAL lets reads proceed alongside). A replay
+//! made while the server runs is picked up by its dispatchers within their idle poll (1 s).
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use rusqlite::{Connection, OpenFlags};
+use serde::Serialize;
+
+use super::now_ms;
+use super::sqlite::{BUSY_TIMEOUT, DB_FILE};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ToolError {
+    #[error("no outbox at `{0}` (expected the file {DB_FILE} in the `[outbox] path` directory)")]
+    Missing(PathBuf),
+    #[error("outbox `{path}`: {source}")]
+    Sqlite {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+}
+
+/// Backlog of one tag.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TagStats {
+    pub tag: String,
+    pub pending: u64,
+    /// In flight right now (part of `pending`).
+    pub leased: u64,
+    /// Age of the oldest pending record, in seconds.
+    pub oldest_age_secs: Option<u64>,
+    pub dead_letters: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Stats {
+    pub tags: Vec<TagStats>,
+    pub pending: u64,
+    pub dead_letters: u64,
+}
+
+impl fmt::Display for Stats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "{:<24} {:>10} {:>8} {:>12} {:>12}",
+            "TAG", "PENDING", "LEASED", "OLDEST", "DEAD"
+        )?;
+        for t in &self.tags {
+            let oldest = t
+                .oldest_age_secs
+                .map(|s| super::retry::human_duration(std::time::Duration::from_secs(s)))
+                .unwrap_or_else(|| "-".into());
+            writeln!(
+                f,
+                "{:<24} {:>10} {:>8} {:>12} {:>12}",
+                t.tag, t.pending, t.leased, oldest, t.dead_letters
+            )?;
+        }
+        write!(
+            f,
+            "total: {} pending, {} dead letters",
+            self.pending, self.dead_letters
+        )
+    }
+}
+
+/// One dead-lettered record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DeadLetter {
+    pub id: i64,
+    pub tag: String,
+    pub event_id: String,
+    /// From the stored event, when it parses.
+    pub event_name: Option<String>,
+    pub attempts: u32,
+    pub first_enqueued_ms: i64,
+    pub dead_at_ms: i64,
+    pub reason: String,
+    pub last_error: Option<String>,
+}
+
+impl fmt::Display for DeadLetter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "#{} tag={} event_id={} event={} attempts={} dead_at_ms={} reason: {}",
+            self.id,
+            self.tag,
+            self.event_id,
+            self.event_name.as_deref().unwrap_or("?"),
+            self.attempts,
+            self.dead_at_ms,
+            self.reason
+        )
+    }
+}
+
+/// The database file of an outbox directory.
+pub fn db_file(dir: &Path) -> PathBuf {
+    dir.join(DB_FILE)
+}
+
+fn open(dir: &Path) -> Result<(Connection, PathBuf), ToolError> {
+    let path = db_file(dir);
+    if !path.is_file() {
+        return Err(ToolError::Missing(path));
+    }
+    let conn = Connection::open_with_flags(
+        &path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .and_then(|c| c.busy_timeout(BUSY_TIMEOUT).map(|_| c))
+    .map_err(|source| ToolError::Sqlite {
+        path: path.clone(),
+        source,
+    })?;
+    Ok((conn, path))
+}
+
+fn sql_err(path: &Path) -> impl Fn(rusqlite::Error) -> ToolError + '_ {
+    move |source| ToolError::Sqlite {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Pending and dead-letter counts per tag.
+pub fn stats(dir: &Path) -> Result<Stats, ToolError> {
+    let (conn, path) = open(dir)?;
+    let err = sql_err(&path);
+    let now = now_ms();
+    let pending = super::sqlite::backlog(&conn, now).map_err(&err)?;
+    let mut dead: Vec<(String, u64)> = {
+        let mut stmt = conn
+            .prepare("SELECT tag, count(*) FROM dead_letters GROUP BY tag")
+            .map_err(&err)?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    u64::try_from(r.get::<_, i64>(1)?).unwrap_or(0),
+                ))
+            })
+            .map_err(&err)?;
+        rows.collect::<Result<_, _>>().map_err(&err)?
+    };
+    let mut tags: Vec<TagStats> = pending
+        .into_iter()
+        .map(|b| TagStats {
+            dead_letters: 0,
+            oldest_age_secs: b
+                .oldest_enqueued_ms
+                .map(|t| u64::try_from(now.saturating_sub(t)).unwrap_or(0) / 1000),
+            tag: b.tag,
+            pending: b.pending,
+            leased: b.leased,
+        })
+        .collect();
+    for (tag, n) in dead.drain(..) {
+        match tags.iter_mut().find(|t| t.tag == tag) {
+            Some(t) => t.dead_letters = n,
+            None => tags.push(TagStats {
+                tag,
+                pending: 0,
+                leased: 0,
+                oldest_age_secs: None,
+                dead_letters: n,
+            }),
+        }
+    }
+    tags.sort_by(|a, b| a.tag.cmp(&b.tag));
+    Ok(Stats {
+        pending: tags.iter().map(|t| t.pending).sum(),
+        dead_letters: tags.iter().map(|t| t.dead_letters).sum(),
+        tags,
+    })
+}
+
+#[derive(serde::Deserialize)]
+struct EventName {
+    event_name: Option<String>,
+}
+
+/// The most recent dead letters (newest first), optionally of one tag.
+pub fn dead_letters(
+    dir: &Path,
+    tag: Option<&str>,
+    limit: usize,
+) -> Result<Vec<DeadLetter>, ToolError> {
+    let (conn, path) = open(dir)?;
+    let err = sql_err(&path);
+    let mut stmt = conn
+        .prepare(
+            "SELECT id, tag, event_id, payload, attempts, first_enqueued_ms, dead_at_ms, reason, last_error
+             FROM dead_letters WHERE ?1 IS NULL OR tag = ?1 ORDER BY id DESC LIMIT ?2",
+        )
+        .map_err(&err)?;
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let rows = stmt
+        .query_map(rusqlite::params![tag, limit], |r| {
+            let payload: Vec<u8> = r.get(3)?;
+            Ok(DeadLetter {
+                id: r.get(0)?,
+                tag: r.get(1)?,
+                event_id: r.get(2)?,
+                event_name: serde_json::from_slice::<EventName>(&payload)
+                    .ok()
+                    .and_then(|e| e.event_name),
+                attempts: u32::try_from(r.get::<_, i64>(4)?).unwrap_or(u32::MAX),
+                first_enqueued_ms: r.get(5)?,
+                dead_at_ms: r.get(6)?,
+                reason: r.get(7)?,
+                last_error: r.get(8)?,
+            })
+        })
+        .map_err(&err)?;
+    rows.collect::<Result<_, _>>().map_err(err)
+}
+
+/// Moves dead letters (of one tag, or all) back to pending, due now, with attempts reset and
+/// a fresh retry window. Returns how many were moved.
+pub fn replay(dir: &Path, tag: Option<&str>) -> Result<usize, ToolError> {
+    let (mut conn, path) = open(dir)?;
+    let err = sql_err(&path);
+    let now = now_ms();
+    let tx = conn
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        .map_err(&err)?;
+    let (count, bytes): (i64, i64) = tx
+        .query_row(
+            "SELECT count(*), coalesce(sum(length(payload)), 0) FROM dead_letters WHERE ?1 IS NULL OR tag = ?1",
+            [tag],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .map_err(&err)?;
+    tx.execute(
+        "INSERT INTO pending (tag, event_id, payload, attempts, next_attempt_ms, first_enqueued_ms, last_error, lease_until_ms)
+         SELECT tag, event_id, payload, 0, ?2, ?2, last_error, 0 FROM dead_letters
+         WHERE ?1 IS NULL OR tag = ?1 ORDER BY id",
+        rusqlite::params![tag, now],
+    )
+    .map_err(&err)?;
+    tx.execute(
+        "DELETE FROM dead_letters WHERE ?1 IS NULL OR tag = ?1",
+        [tag],
+    )
+    .map_err(&err)?;
+    // Keep the totals the server's back-pressure reads in step with the moved rows.
+    tx.execute(
+        "UPDATE outbox_totals SET records = records + ?1, bytes = bytes + ?2 WHERE id = 0",
+        [count, bytes],
+    )
+    .map_err(&err)?;
+    tx.commit().map_err(&err)?;
+    Ok(usize::try_from(count).unwrap_or(0))
+}

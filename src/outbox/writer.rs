@@ -1,0 +1,361 @@
+//! The group-commit writer: one thread owns the write connection, drains requests from a
+//! channel and applies as many as possible in one transaction (one WAL sync), then answers
+//! every waiter.
+
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rusqlite::Connection;
+use tokio::sync::oneshot;
+
+use super::sqlite::Shared;
+use super::{EnqueueError, LeasedRecord, NewRecord, Settlement, StoreError};
+
+pub(crate) enum Op {
+    Enqueue {
+        records: Vec<NewRecord>,
+        bytes: u64,
+        done: oneshot::Sender<Result<(), EnqueueError>>,
+    },
+    Lease {
+        tag: Arc<str>,
+        now_ms: i64,
+        limit: usize,
+        lease_until_ms: i64,
+        done: oneshot::Sender<Result<Vec<LeasedRecord>, StoreError>>,
+    },
+    Settle {
+        settlement: Settlement,
+        done: oneshot::Sender<Result<(), StoreError>>,
+    },
+    Close {
+        done: oneshot::Sender<()>,
+    },
+}
+
+impl std::fmt::Debug for Op {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Op::Enqueue { records, .. } => write!(f, "Enqueue({})", records.len()),
+            Op::Lease { tag, limit, .. } => write!(f, "Lease({tag}, {limit})"),
+            Op::Settle { settlement, .. } => write!(
+                f,
+                "Settle(ack {}, nack {}, dead {})",
+                settlement.ack.len(),
+                settlement.nack.len(),
+                settlement.dead.len()
+            ),
+            Op::Close { .. } => write!(f, "Close"),
+        }
+    }
+}
+
+impl Op {
+    /// Rows this op writes, for the `commit_max_records` budget.
+    fn weight(&self) -> usize {
+        match self {
+            Op::Enqueue { records, .. } => records.len(),
+            Op::Lease { limit, .. } => *limit,
+            Op::Settle { settlement, .. } => {
+                settlement.ack.len() + settlement.nack.len() + settlement.dead.len()
+            }
+            Op::Close { .. } => 0,
+        }
+    }
+}
+
+/// The writer keeps collecting a group for at most `commit_interval`, but stops as soon as
+/// no request arrived for this long: when every waiting caller is already in the group
+/// (closed-loop load, light traffic) waiting longer only adds latency, while a steady stream
+/// of hits keeps arriving faster than this and fills the group. Meanwhile requests that come
+/// during a commit's fsync are grouped into the next commit anyway.
+const ARRIVAL_GAP: Duration = Duration::from_micros(200);
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Settings {
+    pub commit_interval: Duration,
+    pub commit_max_records: usize,
+}
+
+const INSERT: &str = "INSERT INTO pending (tag, event_id, payload, attempts, next_attempt_ms, first_enqueued_ms, lease_until_ms)
+     VALUES (?1, ?2, ?3, 0, ?4, ?4, 0)";
+const LEASE: &str = "UPDATE pending SET lease_until_ms = ?1, next_attempt_ms = ?1
+     WHERE id IN (SELECT id FROM pending
+                  WHERE tag = ?2 AND next_attempt_ms <= ?3 AND lease_until_ms <= ?3
+                  ORDER BY next_attempt_ms, id LIMIT ?4)
+     RETURNING id, event_id, payload, attempts, first_enqueued_ms, last_error";
+const ACK: &str = "DELETE FROM pending WHERE id = ?1 RETURNING length(payload)";
+const NACK: &str = "UPDATE pending SET attempts = attempts + 1, next_attempt_ms = ?2, last_error = ?3, lease_until_ms = 0
+     WHERE id = ?1";
+const BURY: &str = "INSERT INTO dead_letters (tag, event_id, payload, attempts, next_attempt_ms, first_enqueued_ms, last_error, lease_until_ms, reason, dead_at_ms)
+     SELECT tag, event_id, payload, attempts + ?2, next_attempt_ms, first_enqueued_ms, last_error, 0, ?3, ?4
+     FROM pending WHERE id = ?1";
+const TOTALS: &str =
+    "UPDATE outbox_totals SET records = max(records + ?1, 0), bytes = max(bytes + ?2, 0)
+     WHERE id = 0 RETURNING records, bytes";
+
+/// The writer thread's body. Returns when closed or when every sender is gone.
+pub(crate) fn run(mut conn: Connection, rx: mpsc::Receiver<Op>, shared: Arc<Shared>, s: Settings) {
+    let mut batch: Vec<Op> = Vec::with_capacity(256);
+    loop {
+        let Ok(first) = rx.recv() else { break };
+        let mut weight = first.weight();
+        let mut close = None;
+        match first {
+            Op::Close { done } => close = Some(done),
+            op => batch.push(op),
+        }
+        let deadline = Instant::now() + s.commit_interval;
+        while close.is_none() && weight < s.commit_max_records {
+            let next = match rx.try_recv() {
+                Ok(op) => op,
+                Err(mpsc::TryRecvError::Disconnected) => break,
+                Err(mpsc::TryRecvError::Empty) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        break;
+                    }
+                    match rx.recv_timeout(left.min(ARRIVAL_GAP)) {
+                        Ok(op) => op,
+                        Err(_) => break,
+                    }
+                }
+            };
+            weight += next.weight();
+            match next {
+                Op::Close { done } => close = Some(done),
+                op => batch.push(op),
+            }
+        }
+        if !batch.is_empty() {
+            commit(&mut conn, &mut batch, &shared);
+        }
+        if let Some(done) = close {
+            // Tidy shutdown: fold the WAL back into the database so the next start is quick.
+            if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())) {
+                tracing::warn!(error = %e, "outbox: checkpoint at close failed (harmless)");
+            }
+            let _ = done.send(());
+            break;
+        }
+    }
+    // Anything still queued after a close is answered `Closed` by dropping its responder.
+}
+
+/// Replies for a batch, and the pending totals after it if they changed.
+type Applied = (Vec<Reply>, Option<(i64, i64)>);
+
+enum Reply {
+    Enqueued,
+    Leased(Vec<LeasedRecord>),
+    Settled,
+}
+
+/// Per-commit bookkeeping applied only if the transaction commits.
+#[derive(Default)]
+struct Delta {
+    records: i64,
+    bytes: i64,
+    enqueued: Vec<(Arc<str>, u64)>,
+    committed_records: u64,
+}
+
+fn commit(conn: &mut Connection, batch: &mut Vec<Op>, shared: &Shared) {
+    let mut delta = Delta::default();
+    let result = (|| -> rusqlite::Result<Applied> {
+        conn.execute_batch("BEGIN IMMEDIATE")?;
+        let mut replies = Vec::with_capacity(batch.len());
+        for op in batch.iter() {
+            replies.push(apply(conn, op, &mut delta)?);
+        }
+        let totals = if delta.records != 0 || delta.bytes != 0 {
+            let mut stmt = conn.prepare_cached(TOTALS)?;
+            Some(stmt.query_row([delta.records, delta.bytes], |r| Ok((r.get(0)?, r.get(1)?)))?)
+        } else {
+            None
+        };
+        conn.execute_batch("COMMIT")?;
+        Ok((replies, totals))
+    })();
+
+    let reserved_records: u64 = batch
+        .iter()
+        .map(|op| match op {
+            Op::Enqueue { records, .. } => records.len() as u64,
+            _ => 0,
+        })
+        .sum();
+    let reserved_bytes: u64 = batch
+        .iter()
+        .map(|op| match op {
+            Op::Enqueue { bytes, .. } => *bytes,
+            _ => 0,
+        })
+        .sum();
+
+    match result {
+        Ok((replies, totals)) => {
+            if let Some((records, bytes)) = totals {
+                shared
+                    .committed_records
+                    .store(u64::try_from(records).unwrap_or(0), Ordering::Release);
+                shared
+                    .committed_bytes
+                    .store(u64::try_from(bytes).unwrap_or(0), Ordering::Release);
+            }
+            release(shared, reserved_records, reserved_bytes);
+            shared.commits.fetch_add(1, Ordering::Relaxed);
+            if delta.committed_records > 0 {
+                metrics::histogram!("tagrelay_outbox_commit_records")
+                    .record(delta.committed_records as f64);
+            }
+            for (tag, n) in &delta.enqueued {
+                metrics::counter!("tagrelay_outbox_enqueued_total", "tag" => tag.to_string())
+                    .increment(*n);
+                shared.notify(tag);
+            }
+            for (op, reply) in batch.drain(..).zip(replies) {
+                answer(op, Ok(reply));
+            }
+        }
+        Err(e) => {
+            let _ = conn.execute_batch("ROLLBACK");
+            release(shared, reserved_records, reserved_bytes);
+            let msg = e.to_string();
+            tracing::error!(error = %msg, ops = batch.len(), "outbox: commit failed");
+            for op in batch.drain(..) {
+                answer(op, Err(msg.clone()));
+            }
+        }
+    }
+}
+
+fn release(shared: &Shared, records: u64, bytes: u64) {
+    if records > 0 {
+        shared.reserved_records.fetch_sub(records, Ordering::AcqRel);
+        shared.reserved_bytes.fetch_sub(bytes, Ordering::AcqRel);
+    }
+}
+
+fn answer(op: Op, reply: Result<Reply, String>) {
+    // A dropped receiver means the caller stopped waiting; the write stands regardless.
+    match (op, reply) {
+        (Op::Enqueue { done, .. }, Ok(_)) => {
+            let _ = done.send(Ok(()));
+        }
+        (Op::Enqueue { done, .. }, Err(e)) => {
+            let _ = done.send(Err(EnqueueError::Io(e)));
+        }
+        (Op::Lease { done, .. }, Ok(Reply::Leased(records))) => {
+            let _ = done.send(Ok(records));
+        }
+        (Op::Lease { done, .. }, Ok(_)) => {
+            let _ = done.send(Ok(Vec::new()));
+        }
+        (Op::Lease { done, .. }, Err(e)) => {
+            let _ = done.send(Err(StoreError::Io(e)));
+        }
+        (Op::Settle { done, .. }, Ok(_)) => {
+            let _ = done.send(Ok(()));
+        }
+        (Op::Settle { done, .. }, Err(e)) => {
+            let _ = done.send(Err(StoreError::Io(e)));
+        }
+        (Op::Close { done }, _) => {
+            let _ = done.send(());
+        }
+    }
+}
+
+fn apply(conn: &Connection, op: &Op, delta: &mut Delta) -> rusqlite::Result<Reply> {
+    match op {
+        Op::Enqueue { records, bytes, .. } => {
+            let mut insert = conn.prepare_cached(INSERT)?;
+            for r in records {
+                insert.execute(rusqlite::params![
+                    &*r.tag,
+                    r.event_id,
+                    &r.payload[..],
+                    r.enqueued_at_ms
+                ])?;
+                match delta.enqueued.iter_mut().find(|(t, _)| *t == r.tag) {
+                    Some((_, n)) => *n += 1,
+                    None => delta.enqueued.push((r.tag.clone(), 1)),
+                }
+            }
+            delta.records += records.len() as i64;
+            delta.bytes += i64::try_from(*bytes).unwrap_or(i64::MAX);
+            delta.committed_records += records.len() as u64;
+            Ok(Reply::Enqueued)
+        }
+        Op::Lease {
+            tag,
+            now_ms,
+            limit,
+            lease_until_ms,
+            ..
+        } => {
+            let mut stmt = conn.prepare_cached(LEASE)?;
+            let limit = i64::try_from(*limit).unwrap_or(i64::MAX);
+            let rows = stmt.query_map(
+                rusqlite::params![lease_until_ms, &**tag, now_ms, limit],
+                |r| {
+                    Ok(LeasedRecord {
+                        id: r.get(0)?,
+                        tag: tag.clone(),
+                        event_id: r.get(1)?,
+                        payload: Bytes::from(r.get::<_, Vec<u8>>(2)?),
+                        attempts: u32::try_from(r.get::<_, i64>(3)?).unwrap_or(u32::MAX),
+                        first_enqueued_ms: r.get(4)?,
+                        last_error: r.get(5)?,
+                    })
+                },
+            )?;
+            let mut out = rows.collect::<rusqlite::Result<Vec<_>>>()?;
+            // RETURNING yields rows in no promised order; dispatchers want oldest first.
+            out.sort_unstable_by_key(|r| r.id);
+            Ok(Reply::Leased(out))
+        }
+        Op::Settle { settlement, .. } => {
+            settle(conn, settlement, delta)?;
+            Ok(Reply::Settled)
+        }
+        Op::Close { .. } => Ok(Reply::Settled),
+    }
+}
+
+fn settle(conn: &Connection, s: &Settlement, delta: &mut Delta) -> rusqlite::Result<()> {
+    let mut ack = conn.prepare_cached(ACK)?;
+    let mut remove = |id: i64, delta: &mut Delta| -> rusqlite::Result<()> {
+        let mut rows = ack.query([id])?;
+        if let Some(row) = rows.next()? {
+            delta.records -= 1;
+            delta.bytes -= row.get::<_, i64>(0)?;
+        }
+        Ok(())
+    };
+    for id in &s.ack {
+        remove(*id, delta)?;
+    }
+    if !s.dead.is_empty() {
+        let mut bury = conn.prepare_cached(BURY)?;
+        for d in &s.dead {
+            bury.execute(rusqlite::params![
+                d.id,
+                i64::from(d.attempted),
+                d.reason,
+                s.now_ms
+            ])?;
+            remove(d.id, delta)?;
+        }
+    }
+    if !s.nack.is_empty() {
+        let mut nack = conn.prepare_cached(NACK)?;
+        for n in &s.nack {
+            nack.execute(rusqlite::params![n.id, n.next_attempt_ms, n.error])?;
+        }
+    }
+    Ok(())
+}
