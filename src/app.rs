@@ -16,7 +16,7 @@ use tokio::sync::watch;
 
 use crate::admin::trace::Traces;
 use crate::config::{self, ConfigError, LoadedConfig, Source};
-use crate::outbox::Outbox;
+use crate::outbox::{spawn_dispatchers, DispatchSettings, Outbox, SqliteOutbox};
 use crate::pipeline::Pipeline;
 
 /// State shared by every handler. Cheap to clone.
@@ -112,6 +112,7 @@ pub fn app(state: AppState) -> Router {
 
 pub struct Application {
     state: AppState,
+    store: Arc<SqliteOutbox>,
     public: TcpListener,
     admin: TcpListener,
     public_addr: SocketAddr,
@@ -125,8 +126,9 @@ impl Application {
             Pipeline::build(&loaded.config).map_err(|p| ConfigError::new(&loaded.source, p))?;
         crate::admin::metrics_handle();
         metrics::gauge!("tagrelay_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
-        let outbox = interim::open(&loaded.config.outbox)
+        let store = SqliteOutbox::open(&loaded.config.outbox)
             .await
+            .map_err(anyhow::Error::msg)
             .with_context(|| format!("opening the outbox at {}", loaded.config.outbox.path))?;
         let server = &loaded.config.server;
         let public = TcpListener::bind(server.listen)
@@ -137,10 +139,11 @@ impl Application {
             .with_context(|| format!("binding server.admin_listen {}", server.admin_listen))?;
         let public_addr = public.local_addr()?;
         let admin_addr = admin.local_addr()?;
-        let state = AppState::new(pipeline, outbox, loaded.source);
+        let state = AppState::new(pipeline, store.clone(), loaded.source);
         tracing::info!(%public_addr, %admin_addr, "tagrelay listening");
         Ok(Application {
             state,
+            store,
             public,
             admin,
             public_addr,
@@ -176,7 +179,13 @@ impl Application {
         let (tx, rx) = watch::channel(false);
         let deadline =
             Duration::from_millis(self.state.pipeline().config.server.shutdown_timeout_ms);
-        let dispatchers = interim::Dispatchers;
+        let dispatchers = spawn_dispatchers(
+            self.store.clone(),
+            self.state.pipeline_cell(),
+            DispatchSettings::from_config(&self.state.pipeline().config.outbox),
+            self.state.traces().clone(),
+        )
+        .map_err(anyhow::Error::msg)?;
 
         let public = serve(self.public, app(self.state.clone()), rx.clone());
         let admin = serve(
@@ -206,7 +215,7 @@ impl Application {
             ),
         }
         dispatchers.shutdown(deadline).await;
-
+        self.store.close().await;
         tracing::info!("tagrelay stopped");
         Ok(())
     }
@@ -253,37 +262,5 @@ async fn reload_on_sighup(state: AppState) {
         if let Err(e) = state.reload() {
             tracing::error!(problems = ?e.problems, "new configuration rejected; the previous one keeps serving");
         }
-    }
-}
-
-/// Interim in-memory outbox, replaced by the durable store when the outbox work merges.
-mod interim {
-    use super::*;
-    use crate::outbox::{EnqueueError, NewRecord};
-
-    pub struct Dispatchers;
-    impl Dispatchers {
-        pub async fn shutdown(self, _deadline: Duration) {}
-    }
-
-    #[derive(Default)]
-    pub struct Memory(std::sync::Mutex<Vec<NewRecord>>);
-
-    #[async_trait::async_trait]
-    impl Outbox for Memory {
-        async fn enqueue(&self, records: Vec<NewRecord>) -> Result<(), EnqueueError> {
-            self.0
-                .lock()
-                .map_err(|_| EnqueueError::Closed)?
-                .extend(records);
-            Ok(())
-        }
-        fn is_open(&self) -> bool {
-            true
-        }
-    }
-
-    pub async fn open(_cfg: &crate::config::OutboxConfig) -> anyhow::Result<Arc<dyn Outbox>> {
-        Ok(Arc::new(Memory::default()))
     }
 }

@@ -43,6 +43,17 @@ pub trait DeliveryObserver: Send + Sync {
         latency: Duration,
         outcome: &str,
     );
+    /// Where one event ended up after a batch: `delivered`, `skipped`, `retrying` (with the
+    /// next attempt time) or `dead_lettered`, with a human-readable detail.
+    fn settled(
+        &self,
+        _tag: &str,
+        _event_id: &str,
+        _state: &'static str,
+        _detail: &str,
+        _next_attempt_ms: Option<i64>,
+    ) {
+    }
 }
 
 /// The default observer: nobody listens.
@@ -508,15 +519,50 @@ async fn deliver(
     let mut delivered = 0u64;
     let mut gave_up = 0u64;
     let mut retries: Vec<(&'static str, u64)> = Vec::new();
+    let observe = inner.observer.enabled();
+    let skipped_reason = |rec_idx: usize| -> String {
+        encoded
+            .skipped
+            .iter()
+            .find(|(i, _)| owners.get(*i) == Some(&rec_idx))
+            .map(|(_, r)| r.clone())
+            .unwrap_or_default()
+    };
     {
         let mut rng = rand::thread_rng();
-        for (rec, fate) in batch.iter().zip(fates) {
+        for (rec_idx, (rec, fate)) in batch.iter().zip(fates).enumerate() {
+            let (dead_before, nack_before) = (settlement.dead.len(), settlement.nack.len());
             match fate {
-                Fate::Settled => {}
-                Fate::Skipped => settlement.ack.push(rec.id),
+                Fate::Settled => {
+                    if observe {
+                        if let Some(d) = settlement.dead.iter().find(|d| d.id == rec.id) {
+                            inner.observer.settled(
+                                name,
+                                &rec.event_id,
+                                "dead_lettered",
+                                &d.reason,
+                                None,
+                            );
+                        }
+                    }
+                }
+                Fate::Skipped => {
+                    settlement.ack.push(rec.id);
+                    if observe {
+                        let reason = skipped_reason(rec_idx);
+                        inner
+                            .observer
+                            .settled(name, &rec.event_id, "skipped", &reason, None);
+                    }
+                }
                 Fate::Done => {
                     delivered += 1;
                     settlement.ack.push(rec.id);
+                    if observe {
+                        inner
+                            .observer
+                            .settled(name, &rec.event_id, "delivered", "", None);
+                    }
                 }
                 Fate::Undecided => {
                     invalid += 1;
@@ -576,6 +622,21 @@ async fn deliver(
                             });
                         }
                     }
+                }
+            }
+            if observe {
+                if let Some(d) = settlement.dead.get(dead_before..).and_then(|d| d.first()) {
+                    inner
+                        .observer
+                        .settled(name, &rec.event_id, "dead_lettered", &d.reason, None);
+                } else if let Some(n) = settlement.nack.get(nack_before..).and_then(|n| n.first()) {
+                    inner.observer.settled(
+                        name,
+                        &rec.event_id,
+                        "retrying",
+                        &n.error,
+                        Some(n.next_attempt_ms),
+                    );
                 }
             }
         }

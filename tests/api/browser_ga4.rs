@@ -46,9 +46,18 @@ window.jsClientId = t.getClientId();
     let js_cid_1 = browser.wait_js(10, "window.jsClientId").await;
     let got = vendor.wait_for(20, |r| r.len() >= 2).await;
     let events: Vec<serde_json::Value> = got.iter().map(|r| r.json()).collect();
-    let names: Vec<&str> = events.iter().filter_map(|e| e["event_name"].as_str()).collect();
-    assert!(names.contains(&"page_view") && names.contains(&"sign_up"), "{names:?}");
-    let sign_up = events.iter().find(|e| e["event_name"] == "sign_up").unwrap();
+    let names: Vec<&str> = events
+        .iter()
+        .filter_map(|e| e["event_name"].as_str())
+        .collect();
+    assert!(
+        names.contains(&"page_view") && names.contains(&"sign_up"),
+        "{names:?}"
+    );
+    let sign_up = events
+        .iter()
+        .find(|e| e["event_name"] == "sign_up")
+        .unwrap();
     assert_eq!(sign_up["params"]["method"], "email", "{sign_up}");
     assert_eq!(sign_up["ga"]["measurement_id"], "G-BROWSER1");
     assert_eq!(
@@ -66,7 +75,10 @@ window.jsClientId = t.getClientId();
         .iter()
         .find(|c| c.name() == "FPID")
         .unwrap_or_else(|| panic!("no FPID cookie in {cookies:?}"));
-    assert_eq!(fpid.domain().map(|d| d.trim_start_matches('.')), Some("example.test"));
+    assert_eq!(
+        fpid.domain().map(|d| d.trim_start_matches('.')),
+        Some("example.test")
+    );
     assert_eq!(fpid.http_only(), Some(true));
     assert!(fpid.value().starts_with("FPID2.2."), "{}", fpid.value());
     // HttpOnly: invisible to the page's scripts.
@@ -77,7 +89,10 @@ window.jsClientId = t.getClientId();
     vendor.clear();
     browser.client.goto(&home).await.unwrap();
     let js_cid_2 = browser.wait_js(10, "window.jsClientId").await;
-    assert_ne!(js_cid_1, js_cid_2, "ga4mp does not persist its id; the cookie must");
+    assert_ne!(
+        js_cid_1, js_cid_2,
+        "ga4mp does not persist its id; the cookie must"
+    );
     let got = vendor.wait_for(20, |r| r.len() >= 2).await;
     for r in &got {
         let e = r.json();
