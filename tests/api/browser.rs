@@ -70,8 +70,9 @@ impl Browser {
         let url = format!("http://127.0.0.1:{port}");
         let mut last_err = String::new();
         for _ in 0..100 {
-            match ClientBuilder::rustls()
-                .expect("tls")
+            // ChromeDriver speaks plain HTTP on loopback: no TLS stack needed.
+            let connector = hyper_util::client::legacy::connect::HttpConnector::new();
+            match ClientBuilder::new(connector)
                 .capabilities(caps.clone())
                 .connect(&url)
                 .await
