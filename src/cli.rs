@@ -102,3 +102,85 @@ pub fn healthcheck(url: &str) -> ExitCode {
         ExitCode::FAILURE
     }
 }
+
+fn outbox_dir(path: Option<&Path>) -> Result<std::path::PathBuf, ExitCode> {
+    config::load(path)
+        .map(|l| std::path::PathBuf::from(l.config.outbox.path))
+        .map_err(|e| report(&e))
+}
+
+fn tool_failed(e: impl std::fmt::Display) -> ExitCode {
+    eprintln!("tagrelay outbox: {e}");
+    ExitCode::FAILURE
+}
+
+fn print_json(v: &impl serde::Serialize) -> ExitCode {
+    match serde_json::to_string_pretty(v) {
+        Ok(s) => {
+            println!("{s}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => tool_failed(e),
+    }
+}
+
+/// `tagrelay outbox stats`
+pub fn outbox_stats(path: Option<&Path>, json: bool) -> ExitCode {
+    let dir = match outbox_dir(path) {
+        Ok(d) => d,
+        Err(code) => return code,
+    };
+    match crate::outbox::tools::stats(&dir) {
+        Ok(s) if json => print_json(&s),
+        Ok(s) => {
+            print!("{s}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => tool_failed(e),
+    }
+}
+
+/// `tagrelay outbox dead-letters`
+pub fn outbox_dead_letters(
+    path: Option<&Path>,
+    tag: Option<&str>,
+    limit: usize,
+    json: bool,
+) -> ExitCode {
+    let dir = match outbox_dir(path) {
+        Ok(d) => d,
+        Err(code) => return code,
+    };
+    match crate::outbox::tools::dead_letters(&dir, tag, limit) {
+        Ok(list) if json => print_json(&list),
+        Ok(list) => {
+            if list.is_empty() {
+                println!("no dead letters");
+            }
+            for d in list {
+                println!("{d}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => tool_failed(e),
+    }
+}
+
+/// `tagrelay outbox replay`
+pub fn outbox_replay(path: Option<&Path>, tag: Option<&str>, all: bool) -> ExitCode {
+    if tag.is_none() && !all {
+        eprintln!("tagrelay outbox replay: say which dead letters: --tag NAME or --all");
+        return ExitCode::FAILURE;
+    }
+    let dir = match outbox_dir(path) {
+        Ok(d) => d,
+        Err(code) => return code,
+    };
+    match crate::outbox::tools::replay(&dir, tag) {
+        Ok(n) => {
+            println!("{n} dead letter{} moved back to pending", plural(n));
+            ExitCode::SUCCESS
+        }
+        Err(e) => tool_failed(e),
+    }
+}

@@ -27,10 +27,42 @@ enum Command {
     Serve,
     /// Validate the config without opening sockets or the network
     Check,
+    /// Inspect and repair the outbox of this config (safe while the server runs)
+    Outbox {
+        #[command(subcommand)]
+        command: OutboxCommand,
+    },
     /// Exit 0 when the URL answers 2xx (for container HEALTHCHECKs; no curl needed)
     Healthcheck {
         #[arg(long, default_value = "http://127.0.0.1:8080/healthz")]
         url: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum OutboxCommand {
+    /// Pending records per tag, oldest age, dead letters
+    Stats {
+        #[arg(long)]
+        json: bool,
+    },
+    /// List dead-lettered events with their reasons
+    DeadLetters {
+        #[arg(long)]
+        tag: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Move dead letters back to pending so they are delivered again
+    Replay {
+        /// Only this tag's dead letters
+        #[arg(long, conflicts_with = "all")]
+        tag: Option<String>,
+        /// Every dead letter of every tag
+        #[arg(long)]
+        all: bool,
     },
 }
 
@@ -41,5 +73,12 @@ fn main() -> ExitCode {
         Command::Serve => cli::serve(path),
         Command::Check => cli::check(path),
         Command::Healthcheck { url } => cli::healthcheck(&url),
+        Command::Outbox { command } => match command {
+            OutboxCommand::Stats { json } => cli::outbox_stats(path, json),
+            OutboxCommand::DeadLetters { tag, limit, json } => {
+                cli::outbox_dead_letters(path, tag.as_deref(), limit, json)
+            }
+            OutboxCommand::Replay { tag, all } => cli::outbox_replay(path, tag.as_deref(), all),
+        },
     }
 }
