@@ -316,6 +316,71 @@ pub fn shorten_cookie_header(v: &str) -> String {
         .join("; ")
 }
 
+/// The debug view watches deliveries through the outbox's observer hook.
+impl crate::outbox::DeliveryObserver for Traces {
+    fn enabled(&self) -> bool {
+        // Only traced events can be updated; skip building redacted copies otherwise.
+        self.indexed.load(Ordering::Relaxed) > 0
+    }
+
+    fn attempt(
+        &self,
+        tag: &str,
+        event_ids: &[String],
+        request: &crate::tags::OutboundRequest,
+        status: Option<u16>,
+        response_body: &[u8],
+        latency: std::time::Duration,
+        outcome: &str,
+    ) {
+        let (body, _) = truncate(&String::from_utf8_lossy(&request.body), MAX_BODY_CHARS);
+        let (response_body, _) = truncate(&String::from_utf8_lossy(response_body), MAX_BODY_CHARS);
+        let attempt = Attempt {
+            time_ms: crate::ingress::now_ms(),
+            request: RequestView {
+                method: request.method.to_string(),
+                url: request.url.clone(),
+                headers: request.headers.clone(),
+                body,
+            },
+            status,
+            response_body,
+            latency_ms: latency.as_millis() as u64,
+            outcome: outcome.to_owned(),
+        };
+        let state = if outcome == "delivered" {
+            TagOutcome::new(
+                "delivered",
+                status.map(|s| format!("HTTP {s}")).unwrap_or_default(),
+            )
+        } else if let Some(r) = outcome.strip_prefix("retry: ") {
+            TagOutcome::new("retrying", r)
+        } else {
+            TagOutcome::new("dead_lettered", outcome.trim_start_matches("rejected: "))
+        };
+        for id in event_ids {
+            self.update(tag, id, Some(attempt.clone()), state.clone());
+        }
+    }
+
+    fn settled(
+        &self,
+        tag: &str,
+        event_id: &str,
+        state: &'static str,
+        detail: &str,
+        next_attempt_ms: Option<i64>,
+    ) {
+        // `attempt` already recorded deliveries with the vendor's status as detail.
+        if state == "delivered" {
+            return;
+        }
+        let mut outcome = TagOutcome::new(state, detail);
+        outcome.next_attempt_ms = next_attempt_ms;
+        self.update(tag, event_id, None, outcome);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -396,70 +461,5 @@ mod tests {
             "_ga=GA1.1.1234…; a=b"
         );
         assert_eq!(truncate("héllo", 2), ("hé".to_string(), true));
-    }
-}
-
-/// The debug view watches deliveries through the outbox's observer hook.
-impl crate::outbox::DeliveryObserver for Traces {
-    fn enabled(&self) -> bool {
-        // Only traced events can be updated; skip building redacted copies otherwise.
-        self.indexed.load(Ordering::Relaxed) > 0
-    }
-
-    fn attempt(
-        &self,
-        tag: &str,
-        event_ids: &[String],
-        request: &crate::tags::OutboundRequest,
-        status: Option<u16>,
-        response_body: &[u8],
-        latency: std::time::Duration,
-        outcome: &str,
-    ) {
-        let (body, _) = truncate(&String::from_utf8_lossy(&request.body), MAX_BODY_CHARS);
-        let (response_body, _) = truncate(&String::from_utf8_lossy(response_body), MAX_BODY_CHARS);
-        let attempt = Attempt {
-            time_ms: crate::ingress::now_ms(),
-            request: RequestView {
-                method: request.method.to_string(),
-                url: request.url.clone(),
-                headers: request.headers.clone(),
-                body,
-            },
-            status,
-            response_body,
-            latency_ms: latency.as_millis() as u64,
-            outcome: outcome.to_owned(),
-        };
-        let state = if outcome == "delivered" {
-            TagOutcome::new(
-                "delivered",
-                status.map(|s| format!("HTTP {s}")).unwrap_or_default(),
-            )
-        } else if let Some(r) = outcome.strip_prefix("retry: ") {
-            TagOutcome::new("retrying", r)
-        } else {
-            TagOutcome::new("dead_lettered", outcome.trim_start_matches("rejected: "))
-        };
-        for id in event_ids {
-            self.update(tag, id, Some(attempt.clone()), state.clone());
-        }
-    }
-
-    fn settled(
-        &self,
-        tag: &str,
-        event_id: &str,
-        state: &'static str,
-        detail: &str,
-        next_attempt_ms: Option<i64>,
-    ) {
-        // `attempt` already recorded deliveries with the vendor's status as detail.
-        if state == "delivered" {
-            return;
-        }
-        let mut outcome = TagOutcome::new(state, detail);
-        outcome.next_attempt_ms = next_attempt_ms;
-        self.update(tag, event_id, None, outcome);
     }
 }

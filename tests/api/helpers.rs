@@ -140,13 +140,26 @@ impl Received {
 pub struct FakeVendor {
     pub addr: SocketAddr,
     received: Arc<Mutex<Vec<Received>>>,
-    script: Arc<Mutex<Vec<(StatusCode, String)>>>,
+    script: Arc<Mutex<Vec<Reply>>>,
+    delay_ms: Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// One scripted answer of a fake vendor.
+#[derive(Clone)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub body: String,
+    pub headers: Vec<(&'static str, String)>,
 }
 
 impl FakeVendor {
     pub async fn start() -> FakeVendor {
         let received = Arc::new(Mutex::new(Vec::new()));
-        let script = Arc::new(Mutex::new(vec![(StatusCode::OK, "{}".to_string())]));
+        let script = Arc::new(Mutex::new(vec![Reply {
+            status: StatusCode::OK,
+            body: "{}".to_string(),
+            headers: vec![],
+        }]));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -155,6 +168,7 @@ impl FakeVendor {
             addr,
             received,
             script,
+            delay_ms: Arc::default(),
         };
         let router = axum::Router::new()
             .fallback(record)
@@ -173,8 +187,22 @@ impl FakeVendor {
     pub fn respond(&self, seq: &[(u16, &str)]) {
         *self.script.lock().unwrap() = seq
             .iter()
-            .map(|(s, b)| (StatusCode::from_u16(*s).unwrap(), b.to_string()))
+            .map(|(s, b)| Reply {
+                status: StatusCode::from_u16(*s).unwrap(),
+                body: b.to_string(),
+                headers: vec![],
+            })
             .collect();
+    }
+
+    pub fn respond_with(&self, seq: Vec<Reply>) {
+        *self.script.lock().unwrap() = seq;
+    }
+
+    /// Every answer waits this long first (a slow vendor).
+    pub fn set_delay(&self, ms: u64) {
+        self.delay_ms
+            .store(ms, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn clear(&self) {
@@ -207,18 +235,28 @@ async fn record(
     uri: Uri,
     headers: HeaderMap,
     body: Bytes,
-) -> impl IntoResponse {
+) -> axum::response::Response {
     fake.received.lock().unwrap().push(Received {
         method,
         uri,
         headers,
         body,
     });
-    let mut script = fake.script.lock().unwrap();
-    let (status, body) = if script.len() > 1 {
-        script.remove(0)
-    } else {
-        script[0].clone()
+    let reply = {
+        let mut script = fake.script.lock().unwrap();
+        if script.len() > 1 {
+            script.remove(0)
+        } else {
+            script[0].clone()
+        }
     };
-    (status, body)
+    let delay = fake.delay_ms.load(std::sync::atomic::Ordering::Relaxed);
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
+    let mut resp = (reply.status, reply.body).into_response();
+    for (k, v) in reply.headers {
+        resp.headers_mut().insert(k, v.parse().unwrap());
+    }
+    resp
 }

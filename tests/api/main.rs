@@ -2,6 +2,8 @@
 
 mod browser;
 mod browser_ga4;
+mod debug_view;
+mod delivery;
 mod foundation;
 mod helpers;
 mod pipeline;

@@ -14,7 +14,6 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_tagrelay");
 pub struct Proc {
     pub child: Child,
     pub addr: SocketAddr,
-    pub admin: SocketAddr,
 }
 
 impl Proc {
@@ -67,7 +66,7 @@ pub fn start(config_path: &Path) -> Proc {
         .expect("spawn tagrelay");
     let stderr = child.stderr.take().expect("stderr");
     let mut lines = BufReader::new(stderr).lines();
-    let (addr, admin) = loop {
+    let addr = loop {
         let line = match lines.next() {
             Some(Ok(l)) => l,
             _ => panic!("tagrelay exited before listening"),
@@ -75,13 +74,13 @@ pub fn start(config_path: &Path) -> Proc {
         let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
             continue;
         };
-        if let (Some(a), Some(b)) = (v["public_addr"].as_str(), v["admin_addr"].as_str()) {
-            break (a.parse().unwrap(), b.parse().unwrap());
+        if let Some(a) = v["public_addr"].as_str() {
+            break a.parse().unwrap();
         }
     };
     // Keep draining stderr so the child never blocks on a full pipe.
     std::thread::spawn(move || for _ in lines.by_ref() {});
-    Proc { child, addr, admin }
+    Proc { child, addr }
 }
 
 pub fn write_config(dir: &Path, extra: &str) -> std::path::PathBuf {
