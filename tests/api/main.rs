@@ -6,5 +6,6 @@ mod debug_view;
 mod delivery;
 mod foundation;
 mod helpers;
+mod more_clients;
 mod pipeline;
 mod process;

@@ -1,0 +1,176 @@
+//! The data client with its first-party snippet in a real browser, and Measurement Protocol
+//! events through the same tags.
+
+use crate::browser::{site, Browser};
+use crate::helpers::{spawn_app, spawn_app_server, FakeVendor};
+
+fn tags(ga4: &FakeVendor, meta: &FakeVendor) -> String {
+    format!(
+        r#"
+[[tags]]
+name = "ga4"
+type = "ga4"
+endpoint = "{}"
+measurement_id = "G-SNIPPET1"
+
+[[tags]]
+name = "meta"
+type = "meta_capi"
+endpoint = "{}"
+pixel_id = "4455"
+access_token = "token-more-clients"
+"#,
+        ga4.url(),
+        meta.url()
+    )
+}
+
+#[tokio::test]
+async fn the_snippet_returns_the_event_id_that_meta_receives() {
+    let (ga4, meta) = (FakeVendor::start().await, FakeVendor::start().await);
+    let app = spawn_app_server(
+        "trusted_proxies = [\"127.0.0.0/8\"]",
+        &format!("[[clients]]\ntype = \"data\"\n{}", tags(&ga4, &meta)),
+    )
+    .await;
+    let port = app.addr.port();
+    let page = format!(
+        r#"<!doctype html><html><head><title>Checkout</title>
+<script src="http://sgtm.example.test:{port}/tagrelay.js"></script></head><body><script>
+window.result = null;
+tagrelay.track("purchase", {{
+  value: 99.5, currency: "EUR", transaction_id: "T-SNIP-1",
+  items: [{{ item_id: "SKU-9", item_name: "Lamp", price: 99.5, quantity: 1 }}],
+  user_data: {{ email_address: " Jane.Doe@Example.com " }}
+}}).then(id => {{ window.result = id; }}, err => {{ window.result = "error: " + err; }});
+</script></body></html>"#
+    );
+    let site_addr = site(vec![("/checkout", "text/html; charset=utf-8", page)]).await;
+    let browser = Browser::start().await;
+    browser
+        .client
+        .goto(&format!(
+            "http://www.example.test:{}/checkout?fbclid=AbCd123",
+            site_addr.port()
+        ))
+        .await
+        .unwrap();
+    let id = browser.wait_js(15, "window.result").await;
+    let id = id.as_str().unwrap().to_owned();
+    assert!(!id.starts_with("error"), "{id}");
+
+    let got = meta.wait_for(15, |r| !r.is_empty()).await;
+    let ev = &got[0].json()["data"][0];
+    assert_eq!(
+        ev["event_id"],
+        id.as_str(),
+        "the browser and Meta share the event id: {ev}"
+    );
+    assert_eq!(ev["event_name"], "Purchase");
+    assert_eq!(ev["custom_data"]["order_id"], "T-SNIP-1");
+    assert!(ev["event_source_url"]
+        .as_str()
+        .unwrap()
+        .contains("/checkout?fbclid=AbCd123"));
+    assert!(
+        ev["user_data"]["fbc"]
+            .as_str()
+            .unwrap()
+            .ends_with(".AbCd123"),
+        "{ev}"
+    );
+    // Normalized (trimmed, lower-cased) then hashed.
+    assert_eq!(ev["user_data"]["em"][0], sha256_hex("jane.doe@example.com"));
+    let ga = ga4.wait_for(15, |r| !r.is_empty()).await;
+    let all = format!("{}&{}", ga[0].uri.query().unwrap_or(""), ga[0].body_text());
+    assert!(
+        all.contains("tid=G-SNIPPET1") && all.contains("en=purchase"),
+        "{all}"
+    );
+    assert!(!all.contains("jane"), "GA4 never receives user data: {all}");
+    app.stop().await;
+}
+
+fn sha256_hex(s: &str) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(s.as_bytes()))
+}
+
+#[tokio::test]
+async fn measurement_protocol_events_reach_ga4_and_meta_through_the_same_tags() {
+    let (ga4, meta) = (FakeVendor::start().await, FakeVendor::start().await);
+    let app = spawn_app(&format!(
+        "[[clients]]\ntype = \"measurement_protocol\"\napi_secrets = [\"mp-secret-1\"]\n{}",
+        tags(&ga4, &meta)
+    ))
+    .await;
+    let body = serde_json::json!({
+        "client_id": "777.888",
+        "user_id": "crm-42",
+        "ip_override": "198.51.100.9",
+        "user_agent": "Mozilla/5.0 (iPhone) Safari/604.1",
+        "events": [{
+            "name": "purchase",
+            "params": {
+                "transaction_id": "T-MP-1", "value": 30.5, "currency": "USD",
+                "session_id": "1764912991", "engagement_time_msec": 100,
+                "page_location": "https://shop.example.com/done",
+                "items": [{ "item_id": "SKU-1", "price": 30.5, "quantity": 1 }]
+            }
+        }]
+    });
+    let r = app
+        .http
+        .post(app.url("/mp/collect?measurement_id=G-SNIPPET1&api_secret=wrong"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = app
+        .http
+        .post(app.url("/mp/collect?measurement_id=G-SNIPPET1&api_secret=mp-secret-1"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    assert!(
+        r.headers().get("set-cookie").is_none(),
+        "server-to-server: no cookies"
+    );
+
+    let got = meta.wait_for(10, |r| !r.is_empty()).await;
+    let ev = &got[0].json()["data"][0];
+    assert_eq!(ev["event_name"], "Purchase");
+    assert_eq!(ev["user_data"]["client_ip_address"], "198.51.100.9");
+    assert_eq!(ev["custom_data"]["order_id"], "T-MP-1");
+    assert_eq!(ev["user_data"]["external_id"][0], sha256_hex("crm-42"));
+    let got = ga4.wait_for(10, |r| !r.is_empty()).await;
+    let all = format!(
+        "{}&{}",
+        got[0].uri.query().unwrap_or(""),
+        got[0].body_text()
+    );
+    assert!(
+        all.contains("cid=777.888") && all.contains("en=purchase"),
+        "{all}"
+    );
+    assert!(all.contains("_uip=198.51.100.9"), "{all}");
+
+    // The validation endpoint answers like Google's and forwards nothing.
+    let r = app
+        .http
+        .post(app.url("/debug/mp/collect?measurement_id=G-SNIPPET1&api_secret=mp-secret-1"))
+        .json(&serde_json::json!({"client_id": "1.2", "events": [{"name": "_bad name"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(
+        v["validationMessages"][0]["validationCode"], "NAME_INVALID",
+        "{v}"
+    );
+    app.stop().await;
+}
