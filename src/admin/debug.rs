@@ -27,9 +27,10 @@ const STREAM_TRACES_PER_SEC: u32 = 50;
 
 pub async fn page(State(state): State<AppState>) -> Response {
     let cookie = &state.pipeline().config.admin.debug_cookie;
-    let html = PAGE.replace(
+    let html = PAGE.replacen(
         "content=\"tagrelay_debug\"",
         &format!("content=\"{}\"", html_escape(cookie)),
+        1,
     );
     ([(header::CACHE_CONTROL, "no-store")], Html(html)).into_response()
 }

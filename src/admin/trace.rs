@@ -22,6 +22,8 @@ pub struct Trace {
     pub id: String,
     pub time_ms: i64,
     pub method: String,
+    /// `http`, or what a proxy in front said (`X-Forwarded-Proto`); for display and curl.
+    pub scheme: String,
     pub path: String,
     pub query: String,
     pub body: String,
@@ -390,6 +392,7 @@ mod tests {
             id: id.to_string(),
             time_ms: 0,
             method: "GET".into(),
+            scheme: "http".into(),
             path: "/g/collect".into(),
             query: String::new(),
             body: body.into(),

@@ -258,6 +258,13 @@ impl TraceDraft {
             id: uuid::Uuid::now_v7().to_string(),
             time_ms: now_ms(),
             method: parts.method.to_string(),
+            scheme: parts
+                .headers
+                .get("x-forwarded-proto")
+                .and_then(|v| v.to_str().ok())
+                .filter(|v| matches!(*v, "http" | "https"))
+                .unwrap_or("http")
+                .to_owned(),
             path: parts.uri.path().to_owned(),
             query: parts.uri.query().unwrap_or("").to_owned(),
             body,
