@@ -1,7 +1,7 @@
 //! The upstream request: one shared HTTP client, a fixed set of outgoing headers (nothing from
 //! the browser but the negotiated encoding), bounded time and size.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -26,7 +26,7 @@ pub struct FetchSpec {
 }
 
 pub enum Fetched {
-    Full(Entry),
+    Full(Arc<Entry>),
     /// The upstream confirmed the cached entry (`304` to our conditional request).
     NotModified,
 }
@@ -118,7 +118,7 @@ pub async fn fetch(
         body.extend_from_slice(&chunk);
     }
     let body = Bytes::from(body);
-    Ok(Fetched::Full(Entry {
+    Ok(Fetched::Full(Arc::new(Entry {
         etag: etag_of(&body),
         body,
         content_type,
@@ -126,7 +126,7 @@ pub async fn fetch(
         upstream_etag,
         upstream_last_modified,
         fetched_at: Instant::now(),
-    }))
+    })))
 }
 
 /// A strong ETag from the bytes we serve (differs per encoding, as it must).

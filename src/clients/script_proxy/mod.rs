@@ -342,7 +342,11 @@ impl ScriptProxy {
         kept.sort_by_key(|(i, _)| *i);
         let mut url = String::with_capacity(self.upstream.len() + len + 1);
         url.push_str(&self.upstream);
-        let mut sep = if self.upstream.contains('?') { '&' } else { '?' };
+        let mut sep = if self.upstream.contains('?') {
+            '&'
+        } else {
+            '?'
+        };
         for (_, seg) in kept {
             url.push(sep);
             url.push_str(seg);
@@ -395,7 +399,6 @@ impl ScriptProxy {
         match fetch::fetch(self.spec, url, enc, prior.as_deref()).await {
             Ok(Fetched::Full(entry)) => {
                 fetched("ok");
-                let entry = Arc::new(entry);
                 cache.store(key, &slot, entry.clone());
                 Ok((entry, Outcome::Miss))
             }
@@ -403,7 +406,11 @@ impl ScriptProxy {
                 fetched("not_modified");
                 let Some(prior) = prior else {
                     // fetch() reports 304 only to a conditional request, which needs a prior.
-                    cache.fail(key, &slot, "upstream answered 304 to an unconditional request");
+                    cache.fail(
+                        key,
+                        &slot,
+                        "upstream answered 304 to an unconditional request",
+                    );
                     return Err(slot.last_failure());
                 };
                 let entry = Arc::new(prior.refreshed());
@@ -440,17 +447,14 @@ impl ScriptProxy {
             let _fetching = slot.lock_fetch().await;
             let prior = slot.entry();
             // A request may have refreshed the entry while this task waited for the lock.
-            if prior
-                .as_ref()
-                .is_some_and(|e| e.fetched_at.elapsed() < ttl)
-            {
+            if prior.as_ref().is_some_and(|e| e.fetched_at.elapsed() < ttl) {
                 slot.end_revalidation();
                 return;
             }
             match fetch::fetch(spec, &url, enc, prior.as_deref()).await {
                 Ok(Fetched::Full(entry)) => {
                     fetched("ok");
-                    cache.store(&key, &slot, Arc::new(entry));
+                    cache.store(&key, &slot, entry);
                 }
                 Ok(Fetched::NotModified) => {
                     fetched("not_modified");
@@ -512,7 +516,7 @@ fn check_upstream(url: &reqwest::Url, hosts: &[String], problems: &mut Vec<Strin
     }
     if host.is_empty() {
         problems.push(format!("upstream: `{url}` has no host"));
-    } else if !hosts.iter().any(|h| *h == host) {
+    } else if !hosts.contains(&host) {
         problems.push(format!(
             "upstream: host `{host}` is not on the upstream allow-list ({}); add it to allowed_upstream_hosts if you trust it",
             hosts.join(", ")

@@ -64,7 +64,10 @@ fn host_off_the_allow_list_is_a_config_error_naming_upstream() {
         "https://127.0.0.1/gtag/js",
     ] {
         let p = problems(&cfg(url));
-        assert!(p.iter().any(|m| m.starts_with("upstream: host")), "{url}: {p:?}");
+        assert!(
+            p.iter().any(|m| m.starts_with("upstream: host")),
+            "{url}: {p:?}"
+        );
     }
 }
 
@@ -194,7 +197,11 @@ upstream = "https://www.googletagmanager.com/gtag/js"
 "#;
     let config = crate::config::load_str(text, "t.toml", false).unwrap();
     let pipeline = crate::pipeline::Pipeline::build(&config).unwrap();
-    assert_eq!(pipeline.clients.len(), 1, "the proxy is not an event client");
+    assert_eq!(
+        pipeline.clients.len(),
+        1,
+        "the proxy is not an event client"
+    );
     assert_eq!(pipeline.script_proxies.len(), 1);
     assert_eq!(pipeline.script_proxies[0].path(), "/lib/gt.js");
 }
