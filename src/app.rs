@@ -15,6 +15,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::admin::trace::Traces;
+use crate::clients::script_proxy::ScriptCache;
 use crate::config::{self, ConfigError, LoadedConfig, Source};
 use crate::outbox::{spawn_dispatchers, DispatchSettings, Outbox, SqliteOutbox};
 use crate::pipeline::Pipeline;
@@ -29,6 +30,8 @@ struct Inner {
     pipeline: Arc<ArcSwap<Pipeline>>,
     traces: Arc<Traces>,
     outbox: Arc<dyn Outbox>,
+    /// Outlives pipeline swaps so a reload keeps proxied scripts warm.
+    script_cache: Arc<ScriptCache>,
     source: Source,
     shutting_down: AtomicBool,
 }
@@ -46,6 +49,7 @@ impl AppState {
                 traces,
                 pipeline: Arc::new(ArcSwap::from_pointee(pipeline)),
                 outbox,
+                script_cache: Arc::new(ScriptCache::default()),
                 source,
                 shutting_down: AtomicBool::new(false),
             }),
@@ -67,6 +71,10 @@ impl AppState {
 
     pub fn outbox(&self) -> &Arc<dyn Outbox> {
         &self.inner.outbox
+    }
+
+    pub fn script_cache(&self) -> &Arc<ScriptCache> {
+        &self.inner.script_cache
     }
 
     pub fn is_shutting_down(&self) -> bool {

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use crate::clients::data::DataClient;
 use crate::clients::ga4::Ga4Client;
 use crate::clients::measurement_protocol::MeasurementProtocolClient;
+use crate::clients::script_proxy::ScriptProxy;
 use crate::clients::Client;
 use crate::config::{ClientConfig, Config, TagConfig};
 use crate::identity::CookiePolicy;
@@ -18,6 +19,9 @@ use crate::tags::{Tag, TagInstance};
 pub struct Pipeline {
     pub config: Arc<Config>,
     pub clients: Vec<Box<dyn Client>>,
+    /// `type = "script_proxy"` clients: asked before `clients` for `GET`/`HEAD`. Not event
+    /// clients, because they do network I/O.
+    pub script_proxies: Vec<Arc<ScriptProxy>>,
     pub tags: Vec<Arc<TagInstance>>,
     pub cookies: CookiePolicy,
 }
@@ -65,6 +69,8 @@ impl Pipeline {
             .ok();
 
         let mut clients: Vec<Box<dyn Client>> = Vec::new();
+        let mut script_proxies: Vec<Arc<ScriptProxy>> = Vec::new();
+        let mut proxy_paths: Vec<(usize, &str)> = Vec::new();
         for (i, c) in config.clients.iter().enumerate() {
             let built: Result<Box<dyn Client>, Vec<String>> = match c {
                 ClientConfig::Ga4(cfg) => {
@@ -77,6 +83,20 @@ impl Pipeline {
                 ClientConfig::Data(cfg) => {
                     DataClient::from_config(cfg).map(|c| Box::new(c) as Box<dyn Client>)
                 }
+                ClientConfig::ScriptProxy(cfg) => match ScriptProxy::from_config(cfg) {
+                    Ok(p) => {
+                        if let Some((j, _)) = proxy_paths.iter().find(|(_, q)| *q == cfg.path) {
+                            problems.push(format!(
+                                "clients[{i}] (type script_proxy): path: `{}` is already served by clients[{j}]",
+                                cfg.path
+                            ));
+                        }
+                        proxy_paths.push((i, &cfg.path));
+                        script_proxies.push(Arc::new(p));
+                        continue;
+                    }
+                    Err(p) => Err(p),
+                },
             };
             match built {
                 Ok(c) => clients.push(c),
@@ -133,6 +153,7 @@ impl Pipeline {
             (true, Some(cookies)) => Ok(Pipeline {
                 config: Arc::new(config.clone()),
                 clients,
+                script_proxies,
                 tags,
                 cookies,
             }),

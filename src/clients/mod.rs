@@ -3,6 +3,7 @@
 pub mod data;
 pub mod ga4;
 pub mod measurement_protocol;
+pub mod script_proxy;
 
 use std::net::IpAddr;
 

@@ -15,6 +15,7 @@ use serde::Deserialize;
 use crate::clients::data::DataClientConfig;
 use crate::clients::ga4::Ga4ClientConfig;
 use crate::clients::measurement_protocol::MeasurementProtocolClientConfig;
+use crate::clients::script_proxy::ScriptProxyConfig;
 use crate::tags::ga4::Ga4TagConfig;
 use crate::tags::http::HttpTagConfig;
 use crate::tags::meta_capi::MetaCapiTagConfig;
@@ -237,6 +238,7 @@ pub enum ClientConfig {
     Ga4(Ga4ClientConfig),
     MeasurementProtocol(MeasurementProtocolClientConfig),
     Data(DataClientConfig),
+    ScriptProxy(ScriptProxyConfig),
 }
 
 impl<'de> Deserialize<'de> for ClientConfig {
@@ -248,12 +250,13 @@ impl<'de> Deserialize<'de> for ClientConfig {
                 tagged_variant::<D, _>(table).map(ClientConfig::MeasurementProtocol)
             }
             "data" => tagged_variant::<D, _>(table).map(ClientConfig::Data),
+            "script_proxy" => tagged_variant::<D, _>(table).map(ClientConfig::ScriptProxy),
             _ => unreachable_type::<D, _>(&kind),
         }
     }
 }
 
-const CLIENT_TYPES: &[&str] = &["ga4", "measurement_protocol", "data"];
+const CLIENT_TYPES: &[&str] = &["ga4", "measurement_protocol", "data", "script_proxy"];
 const TAG_TYPES: &[&str] = &["ga4", "meta_capi", "http"];
 
 /// Reads a `type = "..."` table. Internally tagged serde enums lose the path of errors inside
@@ -324,6 +327,7 @@ impl ClientConfig {
             ClientConfig::Ga4(_) => "ga4",
             ClientConfig::MeasurementProtocol(_) => "measurement_protocol",
             ClientConfig::Data(_) => "data",
+            ClientConfig::ScriptProxy(_) => "script_proxy",
         }
     }
 }

@@ -185,6 +185,15 @@ async fn route_hit<'a>(
         }
         return with_route(r, "preflight");
     }
+    if parts.method == Method::GET || parts.method == Method::HEAD {
+        if let Some(proxy) = pipeline.script_proxies.iter().find(|p| p.path() == path) {
+            let mut resp = proxy.serve(ctx.state.script_cache(), parts).await;
+            if let Some(o) = origin {
+                cors::apply(resp.headers_mut(), o);
+            }
+            return with_route(resp, "script_proxy");
+        }
+    }
     let Some(client) = pipeline
         .clients
         .iter()

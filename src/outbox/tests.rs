@@ -161,6 +161,7 @@ fn pipeline(tags: Vec<Arc<TagInstance>>) -> Pipeline {
     Pipeline {
         config: Arc::new(config),
         clients: vec![],
+        script_proxies: vec![],
         tags,
         cookies: CookiePolicy::build(&CookiesConfig::default()).unwrap(),
     }

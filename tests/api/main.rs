@@ -9,3 +9,4 @@ mod helpers;
 mod more_clients;
 mod pipeline;
 mod process;
+mod script_proxy;
