@@ -7,6 +7,7 @@ pub mod cli;
 pub mod clients;
 pub mod config;
 pub mod event;
+pub mod ga4_limits;
 pub mod identity;
 pub mod ingress;
 pub mod outbox;

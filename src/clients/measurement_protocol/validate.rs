@@ -21,21 +21,7 @@ use super::item::{self, Scalar};
 use super::json::{dedup, get, Json};
 use crate::event::{format_number, ConsentState, Event, Item};
 
-pub const MAX_EVENTS: usize = 25;
-pub const MAX_PARAMS: usize = 25;
-pub const MAX_USER_PROPERTIES: usize = 25;
-pub const MAX_ITEMS: usize = 200;
-/// Sources disagree (10 on the MP sending-events page, 27 in the events reference and the GA4
-/// collection limits); 27 is what GA4 actually collects, so nothing GA4 keeps is dropped here.
-pub const MAX_ITEM_CUSTOM_PARAMS: usize = 27;
-pub const MAX_NAME_LEN: usize = 40;
-pub const MAX_USER_PROPERTY_NAME_LEN: usize = 24;
-pub const MAX_USER_PROPERTY_VALUE_LEN: usize = 36;
-pub const MAX_PARAM_VALUE_LEN: usize = 100;
-pub const MAX_PAGE_LOCATION_LEN: usize = 1000;
-pub const MAX_PAGE_REFERRER_LEN: usize = 420;
-pub const MAX_PAGE_TITLE_LEN: usize = 300;
-pub const MAX_USER_ID_LEN: usize = 256;
+pub use crate::ga4_limits::*;
 const MAX_EMAILS: usize = 3;
 const MAX_PHONES: usize = 3;
 const MAX_ADDRESSES: usize = 2;
@@ -43,55 +29,6 @@ const MAX_ADDRESSES: usize = 2;
 const MAX_BACKDATE_MS: i64 = 72 * 3600 * 1000;
 /// Sender clocks drift; a minute ahead is still "now", further is a bug on the sender's side.
 const MAX_FUTURE_SKEW_MS: i64 = 60_000;
-
-const RESERVED_EVENTS: &[&str] = &[
-    "ad_activeview",
-    "ad_click",
-    "ad_exposure",
-    "ad_query",
-    "ad_reward",
-    "adunit_exposure",
-    "app_clear_data",
-    "app_exception",
-    "app_install",
-    "app_remove",
-    "app_store_refund",
-    "app_update",
-    "app_upgrade",
-    "dynamic_link_app_open",
-    "dynamic_link_app_update",
-    "dynamic_link_first_open",
-    "error",
-    "firebase_campaign",
-    "firebase_in_app_message_action",
-    "firebase_in_app_message_dismiss",
-    "firebase_in_app_message_impression",
-    "first_open",
-    "first_visit",
-    "notification_dismiss",
-    "notification_foreground",
-    "notification_open",
-    "notification_receive",
-    "notification_send",
-    "os_update",
-    "session_start",
-    "user_engagement",
-];
-/// Reserved only for app streams (requests identified by `firebase_app_id`).
-const RESERVED_APP_EVENTS: &[&str] = &["ad_impression", "in_app_purchase", "screen_view"];
-/// `_` and `gtag.` are also reserved, but names starting with them already fail the
-/// character rules (`NAME_INVALID`, as Google reports `_badEventName`).
-const RESERVED_EVENT_PREFIXES: &[&str] = &["firebase_", "ga_", "google_"];
-const RESERVED_PARAMS: &[&str] = &["firebase_conversion"];
-const RESERVED_PARAM_PREFIXES: &[&str] = &["_", "firebase_", "ga_", "google_", "gtag."];
-const RESERVED_USER_PROPERTIES: &[&str] = &[
-    "first_open_time",
-    "first_visit_time",
-    "last_deep_link_referrer",
-    "user_id",
-    "first_open_after_install",
-];
-const RESERVED_USER_PROPERTY_PREFIXES: &[&str] = &["_", "firebase_", "ga_", "google_"];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
@@ -521,11 +458,7 @@ impl Checker {
                 );
                 continue;
             }
-            if is_reserved(
-                name,
-                RESERVED_USER_PROPERTIES,
-                RESERVED_USER_PROPERTY_PREFIXES,
-            ) {
+            if is_reserved_user_property_name(name) {
                 self.flag(
                     Scope::Field,
                     Code::NameReserved,
@@ -944,9 +877,7 @@ impl Checker {
                     )
                 },
             );
-        } else if is_reserved(name, RESERVED_EVENTS, RESERVED_EVENT_PREFIXES)
-            || (cx.app_stream && RESERVED_APP_EVENTS.contains(&name))
-        {
+        } else if is_reserved_event_name(name, cx.app_stream) {
             self.flag(
                 Scope::Event,
                 Code::NameReserved,
@@ -1020,7 +951,7 @@ impl Checker {
                 );
                 continue;
             }
-            if is_reserved(k, RESERVED_PARAMS, RESERVED_PARAM_PREFIXES) {
+            if is_reserved_param_name(k) {
                 self.flag(
                     Scope::Field,
                     Code::NameReserved,
@@ -1284,10 +1215,6 @@ fn name_fault(name: &str, max: usize) -> Option<NameFault> {
     }
     // All ASCII from here on, so bytes are characters.
     (name.len() > max).then_some(NameFault::TooLong)
-}
-
-fn is_reserved(name: &str, names: &[&str], prefixes: &[&str]) -> bool {
-    names.contains(&name) || prefixes.iter().any(|p| name.starts_with(p))
 }
 
 fn is_sha256_hex(s: &str) -> bool {

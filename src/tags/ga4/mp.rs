@@ -16,71 +16,22 @@ use super::{
 use crate::event::{ConsentState, Event, Item};
 use crate::tags::{Encoded, OutboundRequest};
 
+use crate::ga4_limits::{
+    is_reserved_param_name, is_reserved_user_property_name, MAX_ITEMS,
+    MAX_ITEM_CUSTOM_PARAMS as MAX_ITEM_CUSTOM, MAX_NAME_LEN as MAX_NAME,
+    MAX_PAGE_LOCATION_LEN as MAX_PAGE_LOCATION, MAX_PAGE_REFERRER_LEN as MAX_PAGE_REFERRER,
+    MAX_PAGE_TITLE_LEN as MAX_PAGE_TITLE, MAX_PARAMS, MAX_PARAM_VALUE_LEN as MAX_PARAM_VALUE,
+    MAX_USER_ID_LEN as MAX_USER_ID, MAX_USER_PROPERTIES as MAX_USER_PROPS,
+    MAX_USER_PROPERTY_NAME_LEN as MAX_USER_PROP_NAME,
+    MAX_USER_PROPERTY_VALUE_LEN as MAX_USER_PROP_VALUE,
+};
+
 /// MP rejects bodies of 130 kB and more.
 const MAX_BODY_BYTES: usize = 130_000;
-const MAX_NAME: usize = 40;
-const MAX_PARAM_VALUE: usize = 100;
-const MAX_PARAMS: usize = 25;
-const MAX_USER_PROPS: usize = 25;
-const MAX_USER_PROP_NAME: usize = 24;
-const MAX_USER_PROP_VALUE: usize = 36;
-const MAX_ITEMS: usize = 200;
-/// The MP page says 10, the events reference and collection limits 27; GA drops extras
-/// silently either way, so keep the larger documented number.
-const MAX_ITEM_CUSTOM: usize = 27;
-/// GA's general collection limits for page fields are longer than the 100-char param limit.
-const MAX_PAGE_LOCATION: usize = 1000;
-const MAX_PAGE_REFERRER: usize = 420;
-const MAX_PAGE_TITLE: usize = 300;
-const MAX_USER_ID: usize = 256;
 
-/// Event names GA4 reserves for its own automatic collection (MP reference).
-const RESERVED_EVENTS: &[&str] = &[
-    "ad_activeview",
-    "ad_click",
-    "ad_exposure",
-    "ad_query",
-    "ad_reward",
-    "adunit_exposure",
-    "app_background",
-    "app_clear_data",
-    "app_exception",
-    "app_install",
-    "app_remove",
-    "app_store_refund",
-    "app_update",
-    "app_upgrade",
-    "error",
-    "first_open",
-    "first_visit",
-    "in_app_purchase",
-    "os_update",
-    "screen_view",
-    "session_start",
-    "user_engagement",
-];
-const RESERVED_EVENT_PREFIXES: &[&str] = &[
-    "_",
-    "dynamic_link_",
-    "firebase_",
-    "ga_",
-    "google_",
-    "gtag.",
-    "notification_",
-];
-const RESERVED_PARAM_PREFIXES: &[&str] = &["_", "firebase_", "ga_", "google_", "gtag."];
-const RESERVED_USER_PROPS: &[&str] = &[
-    "first_open_time",
-    "first_visit_time",
-    "last_deep_link_referrer",
-    "user_id",
-    "first_open_after_install",
-];
-const RESERVED_USER_PROP_PREFIXES: &[&str] = &["_", "firebase_", "ga_", "google_"];
-
-/// Is `name` reserved by GA4 as an event name (and so never sent over MP)?
+/// Is `name` reserved by GA4 as an event name (and so never sent over MP to a web stream)?
 pub fn is_reserved_event_name(name: &str) -> bool {
-    RESERVED_EVENTS.contains(&name) || RESERVED_EVENT_PREFIXES.iter().any(|p| name.starts_with(p))
+    crate::ga4_limits::is_reserved_event_name(name, false)
 }
 
 /// GA4 names: a letter, then letters, digits or `_`.
@@ -338,9 +289,7 @@ fn user_properties<'a>(events: impl Iterator<Item = &'a Event>) -> Map<String, V
     let mut out = Map::new();
     for e in events {
         for (k, v) in &e.user_properties {
-            if RESERVED_USER_PROPS.contains(&k.as_str())
-                || RESERVED_USER_PROP_PREFIXES.iter().any(|p| k.starts_with(p))
-            {
+            if is_reserved_user_property_name(k) {
                 count_dropped("reserved_user_property");
                 continue;
             }
@@ -408,7 +357,7 @@ fn event_json(e: &Event, name: &str) -> Value {
         if params.contains_key(k.as_str()) {
             continue;
         }
-        if k == "firebase_conversion" || RESERVED_PARAM_PREFIXES.iter().any(|p| k.starts_with(p)) {
+        if is_reserved_param_name(k) {
             count_dropped("reserved_param_name");
             continue;
         }
