@@ -97,60 +97,10 @@ fn sorted(mut v: Vec<(String, String)>) -> Vec<(String, String)> {
 }
 
 /// Decodes a `prN` value (already URL-decoded) per reference §1.3.
+/// Items decode with the GA4 client's own parser: what the tag encodes is what tagrelay (and
+/// GA4) would read back.
 fn decode_item(v: &str) -> Item {
-    let mut item = Item::default();
-    let mut custom_keys: Vec<(char, String)> = Vec::new();
-    let mut custom_vals: Vec<(char, String)> = Vec::new();
-    for tok in v.split('~') {
-        let mut chars = tok.chars();
-        let a = chars.next().unwrap();
-        let b = chars.next().unwrap();
-        let rest: String = chars.collect();
-        if (a == 'k' || a == 'v') && b != 'a' && (b.is_ascii_digit() || b.is_ascii_uppercase()) {
-            if a == 'k' {
-                custom_keys.push((b, rest));
-            } else {
-                custom_vals.push((b, rest));
-            }
-            continue;
-        }
-        let num = || rest.parse::<f64>().unwrap();
-        match (a, b) {
-            ('i', 'd') => item.item_id = Some(rest.clone()),
-            ('n', 'm') => item.item_name = Some(rest.clone()),
-            ('b', 'r') => item.item_brand = Some(rest.clone()),
-            ('c', 'a') => item.item_category = Some(rest.clone()),
-            ('c', '2') => item.item_category2 = Some(rest.clone()),
-            ('c', '3') => item.item_category3 = Some(rest.clone()),
-            ('c', '4') => item.item_category4 = Some(rest.clone()),
-            ('c', '5') => item.item_category5 = Some(rest.clone()),
-            ('v', 'a') => item.item_variant = Some(rest.clone()),
-            ('p', 'r') => item.price = Some(num()),
-            ('q', 't') => item.quantity = Some(num()),
-            ('c', 'p') => item.coupon = Some(rest.clone()),
-            ('d', 's') => item.discount = Some(num()),
-            ('a', 'f') => item.affiliation = Some(rest.clone()),
-            ('l', 'i') => item.item_list_id = Some(rest.clone()),
-            ('l', 'n') => item.item_list_name = Some(rest.clone()),
-            ('l', 'p') => item.index = Some(rest.parse().unwrap()),
-            ('l', 'o') => item.location_id = Some(rest.clone()),
-            ('c', 'n') => item.creative_name = Some(rest.clone()),
-            ('c', 's') => item.creative_slot = Some(rest.clone()),
-            ('p', 'i') => item.promotion_id = Some(rest.clone()),
-            ('p', 'n') => item.promotion_name = Some(rest.clone()),
-            other => panic!("unknown item key {other:?}"),
-        }
-    }
-    for (idx, k) in custom_keys {
-        let v = custom_vals
-            .iter()
-            .find(|(i, _)| *i == idx)
-            .unwrap()
-            .1
-            .clone();
-        item.custom.push((k, v));
-    }
-    item
+    crate::clients::ga4::parse_item(v)
 }
 
 // ---- events shaped like the reference's example hits (§1.5) ----
