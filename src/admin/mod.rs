@@ -48,6 +48,7 @@ pub async fn record_http_metrics(req: Request, next: Next) -> Response {
         .get::<RouteLabel>()
         .map(|r| r.0)
         .unwrap_or("other");
+    tracing::Span::current().record("route", route);
     let status = resp.status().as_u16().to_string();
     metrics::counter!("tagrelay_http_requests_total", "route" => route, "status" => status)
         .increment(1);

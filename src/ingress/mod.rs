@@ -95,7 +95,13 @@ pub fn router(state: AppState) -> Router {
                 .get("x-request-id")
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("");
-            tracing::debug_span!("hit", method = %req.method(), path = %req.uri().path(), request_id = id)
+            tracing::debug_span!(
+                "hit",
+                method = %req.method(),
+                path = %req.uri().path(),
+                route = tracing::field::Empty,
+                request_id = id
+            )
         }))
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
 }
