@@ -16,6 +16,8 @@ use crate::identity::CookieDecision;
 
 /// Longest request body / vendor response kept in a trace.
 pub const MAX_BODY_CHARS: usize = 8 * 1024;
+/// Delivery attempts kept per (event, tag); older ones are dropped.
+const MAX_ATTEMPTS_KEPT: usize = 10;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Trace {
@@ -50,7 +52,8 @@ pub struct TagTrace {
     pub fired: bool,
     pub reason: String,
     pub outcome: TagOutcome,
-    pub attempts: Vec<Attempt>,
+    /// Shared with the other events of the same vendor request.
+    pub attempts: Vec<Arc<Attempt>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -185,69 +188,101 @@ impl Traces {
             }
             ring.bytes += size;
             ring.traces.push_back((trace, size));
-            while ring.traces.len() > self.capacity || ring.bytes > self.max_bytes {
-                let Some((old, old_size)) = ring.traces.pop_front() else {
-                    break;
-                };
-                ring.bytes -= old_size;
-                for t in &old.tags {
-                    if ring.by_event.get(&t.event_id) == Some(&old.id) {
-                        ring.by_event.remove(&t.event_id);
-                    }
-                }
-            }
-            self.indexed.store(ring.by_event.len(), Ordering::Relaxed);
+            self.trim(&mut ring);
         }
         let _ = self.tx.send(StreamMsg::Trace(json));
     }
 
     /// Records a delivery attempt and/or a new outcome for (tag, event).
     pub fn update(&self, tag: &str, event_id: &str, attempt: Option<Attempt>, outcome: TagOutcome) {
-        let msg = {
-            let Ok(mut ring) = self.ring.lock() else {
+        self.update_many(tag, &[event_id], attempt.map(Arc::new), &outcome);
+    }
+
+    /// Records one delivery attempt (shared, not copied) and/or outcome for several events of a
+    /// batch. A trace is charged the attempt's size once however many of its events it carried,
+    /// and the ring is trimmed back under its byte budget afterwards.
+    pub fn update_many<S: AsRef<str>>(
+        &self,
+        tag: &str,
+        event_ids: &[S],
+        attempt: Option<Arc<Attempt>>,
+        outcome: &TagOutcome,
+    ) {
+        let attempt_size = attempt.as_ref().map_or(0, |a| {
+            a.request.body.len() + a.request.url.len() + a.response_body.len() + 200
+        });
+        let mut msgs = Vec::new();
+        {
+            let Ok(mut guard) = self.ring.lock() else {
                 return;
             };
-            let Some(trace_id) = ring.by_event.get(event_id).cloned() else {
-                return;
-            };
-            let ring = &mut *ring;
-            let Some((trace, size)) = ring.traces.iter_mut().rev().find(|(t, _)| t.id == trace_id)
-            else {
-                return;
-            };
-            let Some(tt) = trace
-                .tags
-                .iter_mut()
-                .find(|t| t.tag == tag && t.event_id == event_id)
-            else {
-                return;
-            };
-            let added = attempt.as_ref().map_or(0, |a| {
-                a.request.body.len() + a.request.url.len() + a.response_body.len() + 200
-            });
-            // Attempts grow a trace; cap them so a retry storm cannot grow memory.
-            let attempt_ref = attempt.map(|a| {
-                if tt.attempts.len() >= 20 {
-                    tt.attempts.remove(0);
+            let ring = &mut *guard;
+            let mut charged: Vec<String> = Vec::new();
+            for event_id in event_ids {
+                let event_id = event_id.as_ref();
+                let Some(trace_id) = ring.by_event.get(event_id).cloned() else {
+                    continue;
+                };
+                let Some((trace, size)) =
+                    ring.traces.iter_mut().rev().find(|(t, _)| t.id == trace_id)
+                else {
+                    continue;
+                };
+                let Some(tt) = trace
+                    .tags
+                    .iter_mut()
+                    .find(|t| t.tag == tag && t.event_id == event_id)
+                else {
+                    continue;
+                };
+                if let Some(a) = &attempt {
+                    // A retry storm must not grow a trace without bound: keep the latest few.
+                    if tt.attempts.len() >= MAX_ATTEMPTS_KEPT {
+                        tt.attempts.remove(0);
+                    }
+                    tt.attempts.push(a.clone());
+                    let added = if charged.contains(&trace_id) {
+                        64
+                    } else {
+                        charged.push(trace_id.clone());
+                        attempt_size
+                    };
+                    *size += added;
+                    ring.bytes += added;
                 }
-                tt.attempts.push(a);
-                tt.attempts.len() - 1
-            });
-            tt.outcome = outcome;
-            *size += added;
-            ring.bytes += added;
-            let update = Update {
-                trace_id: &trace_id,
-                tag,
-                event_id,
-                attempt: attempt_ref.and_then(|i| tt.attempts.get(i)),
-                outcome: &tt.outcome,
-            };
-            serde_json::to_string(&update).ok()
-        };
-        if let Some(m) = msg {
+                tt.outcome = outcome.clone();
+                let update = Update {
+                    trace_id: &trace_id,
+                    tag,
+                    event_id,
+                    attempt: attempt.as_deref(),
+                    outcome: &tt.outcome,
+                };
+                if let Ok(m) = serde_json::to_string(&update) {
+                    msgs.push(m);
+                }
+            }
+            self.trim(ring);
+        }
+        for m in msgs {
             let _ = self.tx.send(StreamMsg::Update(m.into()));
         }
+    }
+
+    /// Drops the oldest traces until the ring is within its count and byte budgets.
+    fn trim(&self, ring: &mut Ring) {
+        while ring.traces.len() > self.capacity || ring.bytes > self.max_bytes {
+            let Some((old, old_size)) = ring.traces.pop_front() else {
+                break;
+            };
+            ring.bytes -= old_size;
+            for t in &old.tags {
+                if ring.by_event.get(&t.event_id) == Some(&old.id) {
+                    ring.by_event.remove(&t.event_id);
+                }
+            }
+        }
+        self.indexed.store(ring.by_event.len(), Ordering::Relaxed);
     }
 
     /// Recent traces, newest first, filtered.
@@ -299,6 +334,19 @@ pub fn truncate(s: &str, max: usize) -> (String, bool) {
         Some((i, _)) => (s[..i].to_owned(), true),
         None => (s.to_owned(), false),
     }
+}
+
+/// Replaces the values of secret-bearing query parameters (`api_secret`, `access_token`).
+pub fn redact_query(q: &str) -> String {
+    q.split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((k, _)) if matches!(k, "api_secret" | "access_token" | "appsecret_proof") => {
+                format!("{k}=[redacted]")
+            }
+            _ => pair.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join("&")
 }
 
 /// Shortens cookie values so a trace shows which cookies came, not their full contents.
@@ -360,9 +408,7 @@ impl crate::outbox::DeliveryObserver for Traces {
         } else {
             TagOutcome::new("dead_lettered", outcome.trim_start_matches("rejected: "))
         };
-        for id in event_ids {
-            self.update(tag, id, Some(attempt.clone()), state.clone());
-        }
+        self.update_many(tag, event_ids, Some(Arc::new(attempt)), &state);
     }
 
     fn settled(
@@ -455,6 +501,14 @@ mod tests {
         }
         drop(_guard);
         assert!(!t.wants(false));
+    }
+
+    #[test]
+    fn secret_query_values_are_redacted() {
+        assert_eq!(
+            redact_query("measurement_id=G-1&api_secret=s3cr3t&x=1"),
+            "measurement_id=G-1&api_secret=[redacted]&x=1"
+        );
     }
 
     #[test]

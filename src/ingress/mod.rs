@@ -18,7 +18,7 @@ use axum::Router;
 use http_body_util::BodyExt;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::timeout::TimeoutLayer;
-use tower_http::trace::TraceLayer;
+use tower_http::trace::{DefaultOnFailure, TraceLayer};
 
 use crate::admin::trace::{self, TagOutcome, TagTrace, Trace};
 use crate::app::AppState;
@@ -83,26 +83,33 @@ pub fn router(state: AppState) -> Router {
         .route("/healthy", get(health))
         .fallback(track)
         .with_state(state.clone())
-        .layer(axum::middleware::from_fn(crate::admin::record_http_metrics))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
             timeout,
         ))
+        // Outside the timeout, so 408s are counted too.
+        .layer(axum::middleware::from_fn(crate::admin::record_http_metrics))
         .layer(PropagateRequestIdLayer::x_request_id())
-        .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
-            let id = req
-                .headers()
-                .get("x-request-id")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("");
-            tracing::debug_span!(
-                "hit",
-                method = %req.method(),
-                path = %req.uri().path(),
-                route = tracing::field::Empty,
-                request_id = id
-            )
-        }))
+        .layer(
+            TraceLayer::new_for_http()
+                // A 5xx here is back-pressure or a store failure, logged once where it happens;
+                // tower-http's default would add an ERROR line per response.
+                .on_failure(DefaultOnFailure::new().level(tracing::Level::DEBUG))
+                .make_span_with(|req: &Request| {
+                    let id = req
+                        .headers()
+                        .get("x-request-id")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("");
+                    tracing::debug_span!(
+                        "hit",
+                        method = %req.method(),
+                        path = %req.uri().path(),
+                        route = tracing::field::Empty,
+                        request_id = id
+                    )
+                }),
+        )
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
 }
 
@@ -257,6 +264,11 @@ impl TraceDraft {
                 let v = String::from_utf8_lossy(v.as_bytes());
                 let v = if k == header::COOKIE {
                     trace::shorten_cookie_header(&v)
+                } else if matches!(
+                    k.as_str(),
+                    "authorization" | "proxy-authorization" | "x-api-key"
+                ) {
+                    "[redacted]".to_owned()
                 } else {
                     v.into_owned()
                 };
@@ -281,7 +293,7 @@ impl TraceDraft {
                 .unwrap_or("http")
                 .to_owned(),
             path: parts.uri.path().to_owned(),
-            query: parts.uri.query().unwrap_or("").to_owned(),
+            query: trace::redact_query(parts.uri.query().unwrap_or("")),
             body,
             body_truncated,
             headers,
@@ -303,22 +315,46 @@ impl TraceDraft {
 #[derive(Clone)]
 struct ErrorText(String);
 
-/// The debug marker from the `x-tagrelay-debug` header or the configured cookie.
+/// The debug marker from the `x-tagrelay-debug` header or the configured cookie: a short name
+/// (letters, digits, `_`, `-`, `.`; at most 64), anything else is ignored.
 fn debug_marker(headers: &HeaderMap, cookie_name: &str) -> Option<String> {
-    if let Some(v) = headers
+    let raw = match headers
         .get("x-tagrelay-debug")
         .and_then(|v| v.to_str().ok())
     {
-        return Some(v.trim().to_owned()).filter(|v| !v.is_empty());
-    }
-    headers
+        Some(v) => v,
+        None => headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .find_map(|h| crate::identity::cookie_value(h, cookie_name))?,
+    };
+    let v = raw.trim();
+    let ok = !v.is_empty()
+        && v.len() <= 64
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+    ok.then(|| v.to_owned())
+}
+
+/// All `Cookie` headers as one (HTTP/2 proxies may split them), borrowed when there is one.
+fn cookie_header(headers: &HeaderMap) -> Option<std::borrow::Cow<'_, str>> {
+    let mut values = headers
         .get_all(header::COOKIE)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .find_map(|h| crate::identity::cookie_value(h, cookie_name))
-        .map(str::trim)
-        .filter(|v| !v.is_empty())
-        .map(str::to_owned)
+        .filter_map(|v| v.to_str().ok());
+    let first = values.next()?;
+    match values.next() {
+        None => Some(std::borrow::Cow::Borrowed(first)),
+        Some(second) => {
+            let mut joined = format!("{first}; {second}");
+            for v in values {
+                joined.push_str("; ");
+                joined.push_str(v);
+            }
+            Some(std::borrow::Cow::Owned(joined))
+        }
+    }
 }
 
 impl HitError {
@@ -375,9 +411,10 @@ async fn handle_hit(
         }
     }
     let cookies: Vec<CookieDecision> = if parsed.set_cookies {
+        let cookie = cookie_header(&parts.headers);
         let input = IdentityInput {
             host: ctx.host,
-            cookie_header: hit.header("cookie"),
+            cookie_header: cookie.as_deref(),
             referer: hit.header("referer"),
             now_ms,
         };
@@ -409,9 +446,16 @@ async fn handle_hit(
                 });
             }
             if decision.fired {
-                let payload = payload
-                    .get_or_insert_with(|| Bytes::from(serde_json::to_vec(e).unwrap_or_default()))
-                    .clone();
+                let payload = match &payload {
+                    Some(p) => Bytes::clone(p),
+                    None => {
+                        let p = Bytes::from(serde_json::to_vec(e).map_err(|err| {
+                            tracing::error!(error = %err, "could not serialize an event; hit answered 500");
+                            HitError::Store
+                        })?);
+                        payload.insert(p).clone()
+                    }
+                };
                 records.push(NewRecord {
                     tag: tag.name.clone(),
                     event_id: e.event_id.clone(),
@@ -430,14 +474,20 @@ async fn handle_hit(
         t.cookies = cookies.clone();
     }
     if !records.is_empty() {
-        ctx.state.outbox().enqueue(records).await.map_err(|e| match e {
+        let stored = ctx.state.outbox().enqueue(records).await.map_err(|e| match e {
             EnqueueError::Full { retry_after_secs } => HitError::Full(retry_after_secs),
             EnqueueError::Closed => HitError::Closed,
             EnqueueError::Io(msg) => {
                 tracing::error!(error = %msg, "could not store events; hit answered 500 so the sender retries");
                 HitError::Store
             }
-        })?;
+        });
+        if let (Err(err), Some(t)) = (&stored, trace.as_mut()) {
+            for tt in t.tags.iter_mut().filter(|tt| tt.fired) {
+                tt.outcome = TagOutcome::new("not_queued", format!("hit refused: {err}"));
+            }
+        }
+        stored?;
     }
     metrics::counter!("tagrelay_events_total", "client" => client.kind())
         .increment(parsed.events.len() as u64);

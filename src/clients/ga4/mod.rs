@@ -27,7 +27,12 @@ pub use items::{parse_item, MAX_CUSTOM_ITEM_PARAMS};
 /// gtag and ga4mp never send more; GA4 drops the rest.
 pub const MAX_ITEMS_PER_EVENT: usize = 200;
 /// Far above what gtag batches; bounds the work one request can cause.
-pub const MAX_EVENTS_PER_REQUEST: usize = 1000;
+/// gtag batches a handful of events per request; 100 leaves room without letting one request
+/// fan out into thousands of outbox records.
+pub const MAX_EVENTS_PER_REQUEST: usize = 100;
+/// Every body line is merged over the shared query parameters, so a long query times many
+/// lines multiplies memory and outbox bytes; cap the merged size of one request.
+pub const MAX_EXPANDED_BYTES: usize = 1 << 20;
 
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -77,6 +82,7 @@ pub fn parse_hit(req: &HitRequest<'_>) -> Result<Vec<Event>, ClientError> {
     };
 
     let mut events = Vec::new();
+    let mut expanded = 0usize;
     // A GET has no meaningful body; sendBeacon-style POSTs often have an empty one.
     if is_post && !req.body.is_empty() {
         let body = std::str::from_utf8(req.body)
@@ -89,6 +95,12 @@ pub fn parse_hit(req: &HitRequest<'_>) -> Result<Vec<Event>, ClientError> {
             if events.len() == MAX_EVENTS_PER_REQUEST {
                 return Err(ClientError::BadRequest(format!(
                     "request body has more than {MAX_EVENTS_PER_REQUEST} events (one per line)"
+                )));
+            }
+            expanded += req.query.len() + line.len();
+            if expanded > MAX_EXPANDED_BYTES {
+                return Err(ClientError::BadRequest(format!(
+                    "hit too large: the query string merged over every body line exceeds {MAX_EXPANDED_BYTES} bytes"
                 )));
             }
             let bad =

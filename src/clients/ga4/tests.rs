@@ -511,7 +511,7 @@ fn event_count_is_bounded() {
     );
     let body = "en=e\n".repeat(MAX_EVENTS_PER_REQUEST + 1);
     let reason = bad_request(hit(Method::POST, "v=2", body.as_bytes()));
-    assert!(reason.contains("more than 1000 events"), "{reason}");
+    assert!(reason.contains("more than 100 events"), "{reason}");
 }
 
 #[test]
@@ -681,4 +681,14 @@ proptest! {
     fn items_never_panic(s in "[~a-zA-Z0-9kvé.]{0,80}") {
         let _ = parse_item(&s);
     }
+}
+
+#[test]
+fn a_long_query_cannot_fan_out_over_many_lines() {
+    let query = format!("v=2&tid=G-X&ep.pad={}", "x".repeat(20_000));
+    let body = "en=a\n".repeat(60);
+    let reason = bad_request(hit(Method::POST, &query, body.as_bytes()));
+    assert!(reason.contains("hit too large"), "{reason}");
+    // The same query with a few lines is fine.
+    assert_eq!(hit(Method::POST, &query, b"en=a\nen=b").unwrap().len(), 2);
 }
