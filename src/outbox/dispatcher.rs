@@ -144,6 +144,9 @@ pub fn spawn_dispatchers(
         .pool_idle_timeout(Duration::from_secs(90))
         .pool_max_idle_per_host(settings.concurrency.max(8))
         .connect_timeout(Duration::from_secs(10))
+        // Following a redirect turns a POST into a body-less GET that may answer 200: data
+        // would be acknowledged without being sent. A 3xx is a configuration error instead.
+        .redirect(reqwest::redirect::Policy::none())
         .build()
         .map_err(|e| format!("cannot build the HTTP client for dispatchers: {e}"))?;
     let (shutdown, _) = watch::channel(None);
@@ -483,7 +486,6 @@ async fn deliver(
     } else {
         tag.tag.encode(&events, now)
     };
-    drop(events);
     let mut rejected = 0u64;
     for (idx, reason) in &encoded.rejected {
         if let Some(&r) = owners.get(*idx) {
@@ -506,12 +508,22 @@ async fn deliver(
             .filter_map(|i| owners.get(*i).copied())
             .collect();
         let fate = send(&inner, &tag, request, &records, &batch).await;
+        if matches!(fate, Fate::Rejected(_)) && idxs.len() > 1 {
+            let found = bisect(&inner, &tag, &events, idxs, now, &batch, &owners).await;
+            for (i, fate) in found {
+                if let Some(f) = owners.get(i).and_then(|&r| fates.get_mut(r)) {
+                    f.merge(fate);
+                }
+            }
+            continue;
+        }
         for r in records {
             if let Some(f) = fates.get_mut(r) {
                 f.merge(fate.clone());
             }
         }
     }
+    drop(events);
 
     let now = now_ms();
     settlement.now_ms = now;
@@ -677,6 +689,63 @@ async fn deliver(
     }
 }
 
+/// A vendor refused a request carrying several events (Meta fails a whole batch for one bad
+/// event). Split it in halves and resend until the refused events stand alone, so one bad
+/// event never dead-letters its neighbours. When both halves of a split are refused, the
+/// error is about the request (an invalid token), not an event: stop splitting and reject
+/// them all, so a bad token costs two extra requests, not one per event.
+/// Returns (event index, fate) for every event of `idxs`.
+async fn bisect(
+    inner: &Inner,
+    tag: &TagInstance,
+    events: &[Event],
+    idxs: &[usize],
+    now: i64,
+    batch: &[LeasedRecord],
+    owners: &[usize],
+) -> Vec<(usize, Fate)> {
+    let mut out = Vec::with_capacity(idxs.len());
+    let mut stack = vec![idxs.to_vec()];
+    while let Some(set) = stack.pop() {
+        let (a, b) = set.split_at(set.len() / 2);
+        let mut results = Vec::with_capacity(2);
+        for half in [a, b] {
+            let subset: Vec<Event> = half
+                .iter()
+                .filter_map(|&i| events.get(i).cloned())
+                .collect();
+            let encoded = tag.tag.encode(&subset, now);
+            let mut fates: Vec<(usize, Fate)> = Vec::new();
+            for (sub, reason) in &encoded.rejected {
+                fates.extend(half.get(*sub).map(|&i| (i, Fate::Rejected(reason.clone()))));
+            }
+            for (sub, _) in &encoded.skipped {
+                fates.extend(half.get(*sub).map(|&i| (i, Fate::Skipped)));
+            }
+            for (request, subs) in &encoded.requests {
+                let ev: Vec<usize> = subs.iter().filter_map(|s| half.get(*s).copied()).collect();
+                let records: Vec<usize> =
+                    ev.iter().filter_map(|i| owners.get(*i).copied()).collect();
+                let fate = send(inner, tag, request, &records, batch).await;
+                fates.extend(ev.into_iter().map(|i| (i, fate.clone())));
+            }
+            results.push((half, fates));
+        }
+        let all_rejected = |f: &[(usize, Fate)]| {
+            !f.is_empty() && f.iter().all(|(_, x)| matches!(x, Fate::Rejected(_)))
+        };
+        let request_wide = results.iter().all(|(_, f)| all_rejected(f));
+        for (half, fates) in results {
+            if !request_wide && half.len() > 1 && all_rejected(&fates) {
+                stack.push(half.to_vec());
+            } else {
+                out.extend(fates);
+            }
+        }
+    }
+    out
+}
+
 /// Sends one request and classifies the answer.
 async fn send(
     inner: &Inner,
@@ -699,17 +768,38 @@ async fn send(
             let status = resp.status();
             let headers = resp.headers().clone();
             let body = read_body(resp).await;
-            let fate = match tag.tag.classify(status, &headers, &body) {
-                Outcome::Delivered => Fate::Done,
-                Outcome::Rejected { reason } => Fate::Rejected(tag.tag.redact(&reason)),
-                Outcome::Retry { after, reason } => Fate::Retry {
-                    after,
-                    reason: tag.tag.redact(&reason),
-                    label: retry_label(Some(status.as_u16()), false),
-                },
+            let fate = if status.is_redirection() {
+                let to = headers
+                    .get(reqwest::header::LOCATION)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("?");
+                Fate::Rejected(tag.tag.redact(&format!(
+                    "HTTP {} redirect to {to}: point the tag at the final URL",
+                    status.as_u16()
+                )))
+            } else {
+                match tag.tag.classify(status, &headers, &body) {
+                    Outcome::Delivered => Fate::Done,
+                    Outcome::Rejected { reason } => Fate::Rejected(tag.tag.redact(&reason)),
+                    Outcome::Retry { after, reason } => Fate::Retry {
+                        after,
+                        reason: tag.tag.redact(&reason),
+                        label: retry_label(Some(status.as_u16()), false),
+                    },
+                }
             };
             (Some(status.as_u16()), body, fate)
         }
+        // The request itself cannot be built (e.g. a header value with a control character):
+        // retrying never helps.
+        Err(e) if e.is_builder() => (
+            None,
+            Bytes::new(),
+            Fate::Rejected(
+                tag.tag
+                    .redact(&format!("invalid request: {}", e.without_url())),
+            ),
+        ),
         Err(e) => {
             let timed_out = e.is_timeout();
             let label = retry_label(None, timed_out);

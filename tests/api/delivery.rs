@@ -392,3 +392,125 @@ async fn kill_9_under_load_loses_no_acknowledged_event() {
         })
         .await;
 }
+
+fn batching_hook(vendor: &FakeVendor) -> String {
+    format!(
+        "[[clients]]\ntype = \"ga4\"\n[[tags]]\nname = \"hook\"\ntype = \"http\"\nbatch_max = 10\nurl = \"{}/hook\"\n",
+        vendor.url()
+    )
+}
+
+fn five_events(ids: [&str; 5]) -> String {
+    ids.iter()
+        .map(|id| format!("en=page_view&ep.event_id={id}"))
+        .collect::<Vec<_>>()
+        .join("\r\n")
+}
+
+fn dead_letter_ids(config: &std::path::Path) -> HashSet<String> {
+    let out = std::process::Command::new(BIN)
+        .args(["outbox", "dead-letters", "--json", "--config"])
+        .arg(config)
+        .output()
+        .unwrap();
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    list.as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["event_id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn one_bad_event_does_not_dead_letter_its_batch() {
+    let vendor = FakeVendor::start().await;
+    vendor.reject_containing("bad-3");
+    let app = spawn_app(&batching_hook(&vendor)).await;
+    let r = app
+        .http
+        .post(app.url("/g/collect?v=2&tid=G-TEST1&cid=1.2"))
+        .body(five_events(["ok-1", "ok-2", "bad-3", "ok-4", "ok-5"]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let delivered = |got: &[crate::helpers::Received]| -> HashSet<String> {
+        got.iter()
+            .filter(|r| !r.body_text().contains("bad-3"))
+            .flat_map(|r| r.json().as_array().cloned().unwrap_or_default())
+            .map(|e| e["event_id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let got = vendor.wait_for(10, |r| delivered(r).len() == 4).await;
+    assert!(
+        got[0].json().as_array().unwrap().len() == 5,
+        "first try is one batch"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while dead_letter_ids(&app.config_path()).is_empty() {
+        assert!(Instant::now() < deadline, "bad event never dead-lettered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        dead_letter_ids(&app.config_path()),
+        HashSet::from(["bad-3".to_string()])
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_request_wide_rejection_is_not_split_event_by_event() {
+    let vendor = FakeVendor::start().await;
+    vendor.reject_containing("event_id");
+    let app = spawn_app(&batching_hook(&vendor)).await;
+    app.http
+        .post(app.url("/g/collect?v=2&tid=G-TEST1&cid=1.2"))
+        .body(five_events(["w-1", "w-2", "w-3", "w-4", "w-5"]))
+        .send()
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while dead_letter_ids(&app.config_path()).len() < 5 {
+        assert!(Instant::now() < deadline, "batch never dead-lettered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The batch, then its two halves: a bad token costs two extra requests, not one per event.
+    assert_eq!(vendor.received().len(), 3);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_redirect_is_a_configuration_error_not_a_delivery() {
+    let vendor = FakeVendor::start().await;
+    vendor.respond_with(vec![Reply {
+        status: axum::http::StatusCode::MOVED_PERMANENTLY,
+        body: String::new(),
+        headers: vec![("location", "https://elsewhere.example/hook".into())],
+    }]);
+    let app = spawn_app(&hook(&vendor)).await;
+    send(&app, &hit_with_id("moved-1")).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = std::process::Command::new(BIN)
+            .args(["outbox", "dead-letters", "--json", "--config"])
+            .arg(app.config_path())
+            .output()
+            .unwrap();
+        let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        if let Some(d) = list.as_array().and_then(|l| l.first()) {
+            let reason = d["reason"].as_str().unwrap();
+            assert!(
+                reason.contains("redirect to https://elsewhere.example/hook"),
+                "{reason}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "redirected event never dead-lettered"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(vendor.received().len(), 1, "the redirect is not followed");
+    app.stop().await;
+}

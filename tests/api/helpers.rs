@@ -142,6 +142,7 @@ pub struct FakeVendor {
     received: Arc<Mutex<Vec<Received>>>,
     script: Arc<Mutex<Vec<Reply>>>,
     delay_ms: Arc<std::sync::atomic::AtomicU64>,
+    reject_containing: Arc<Mutex<Option<String>>>,
 }
 
 /// One scripted answer of a fake vendor.
@@ -169,6 +170,7 @@ impl FakeVendor {
             received,
             script,
             delay_ms: Arc::default(),
+            reject_containing: Arc::default(),
         };
         let router = axum::Router::new()
             .fallback(record)
@@ -197,6 +199,12 @@ impl FakeVendor {
 
     pub fn respond_with(&self, seq: Vec<Reply>) {
         *self.script.lock().unwrap() = seq;
+    }
+
+    /// Answers 400 to any request whose body contains `needle` (a vendor refusing a batch for
+    /// one bad event), whatever the script says.
+    pub fn reject_containing(&self, needle: &str) {
+        *self.reject_containing.lock().unwrap() = Some(needle.to_owned());
     }
 
     /// Every answer waits this long first (a slow vendor).
@@ -236,12 +244,21 @@ async fn record(
     headers: HeaderMap,
     body: Bytes,
 ) -> axum::response::Response {
+    let refuse = fake
+        .reject_containing
+        .lock()
+        .unwrap()
+        .as_deref()
+        .is_some_and(|n| String::from_utf8_lossy(&body).contains(n));
     fake.received.lock().unwrap().push(Received {
         method,
         uri,
         headers,
         body,
     });
+    if refuse {
+        return (StatusCode::BAD_REQUEST, "invalid event in batch").into_response();
+    }
     let reply = {
         let mut script = fake.script.lock().unwrap();
         if script.len() > 1 {
