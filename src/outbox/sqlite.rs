@@ -131,6 +131,9 @@ pub struct SqliteOutbox {
     path: PathBuf,
     max_records: u64,
     max_bytes: u64,
+    /// Held for the store's lifetime: a second server on the same directory would clear this
+    /// one's leases at open and double-send (the CLI tools do not take it).
+    lock: std::fs::File,
 }
 
 impl SqliteOutbox {
@@ -148,6 +151,15 @@ impl SqliteOutbox {
         let dir = Path::new(&cfg.path);
         std::fs::create_dir_all(dir)
             .map_err(|e| format!("outbox.path: cannot create `{}`: {e}", dir.display()))?;
+        let lock_path = dir.join("LOCK");
+        let lock = std::fs::File::create(&lock_path)
+            .map_err(|e| format!("outbox.path: cannot create `{}`: {e}", lock_path.display()))?;
+        lock.try_lock().map_err(|_| {
+            format!(
+                "outbox.path: `{}` is in use by another tagrelay process; each server needs its own outbox directory",
+                dir.display()
+            )
+        })?;
         let path = dir.join(DB_FILE);
         let ctx = |e: rusqlite::Error| format!("outbox `{}`: {e}", path.display());
 
@@ -214,6 +226,7 @@ impl SqliteOutbox {
             path,
             max_records: cfg.max_records,
             max_bytes: cfg.max_bytes,
+            lock,
         }))
     }
 
@@ -275,6 +288,15 @@ impl SqliteOutbox {
         if let Some(handle) = handle {
             let _ = tokio::task::spawn_blocking(move || handle.join()).await;
         }
+        // Nothing writes any more: the directory is free for the next server.
+        let _ = self.lock.unlock();
+    }
+
+    /// Tests simulate a crash by leaking the store; a real crash also releases the lock.
+    #[cfg(test)]
+    pub(crate) fn leak_as_if_crashed(self: Arc<Self>) {
+        let _ = self.lock.unlock();
+        std::mem::forget(self);
     }
 
     fn send(&self, op: Op) -> bool {

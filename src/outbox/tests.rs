@@ -346,7 +346,7 @@ async fn committed_records_survive_a_crash() {
     let leased = outbox.lease("ga4", now_ms(), 10, 60_000).await.unwrap();
     assert_eq!(leased.len(), 10);
     // No close, no drop: the process "dies" with the writer still holding its connection.
-    std::mem::forget(outbox);
+    outbox.leak_as_if_crashed();
 
     let reopened = SqliteOutbox::open(&cfg).await.unwrap();
     assert_eq!(reopened.pending_totals().0, 80);
@@ -686,7 +686,9 @@ async fn rejected_events_are_dead_lettered_and_replay_delivers_them() {
 
     {
         let attempts = recorder.attempts.lock().unwrap();
-        assert_eq!(attempts.len(), 1);
+        // The batch, then (bisecting) each half alone; both refused, so no further splits.
+        assert_eq!(attempts.len(), 3);
+        assert_eq!(attempts[1].1.len() + attempts[2].1.len(), 2);
         let (tag, ids, req, status, outcome) = &attempts[0];
         assert_eq!(tag, "vendor");
         assert_eq!(ids, &vec!["ok-1".to_string(), "ok-2".to_string()]);
@@ -1024,4 +1026,22 @@ mod model {
             run(steps)?;
         }
     }
+}
+
+#[tokio::test]
+async fn a_second_server_cannot_open_the_same_outbox() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = OutboxConfig::default();
+    cfg.path = dir.path().join("ob").display().to_string();
+    let first = SqliteOutbox::open(&cfg).await.unwrap();
+    let err = SqliteOutbox::open(&cfg)
+        .await
+        .err()
+        .expect("second open is refused");
+    assert!(err.contains("in use by another tagrelay process"), "{err}");
+    first.close().await;
+    drop(first);
+    SqliteOutbox::open(&cfg)
+        .await
+        .expect("reopens once the first is gone");
 }

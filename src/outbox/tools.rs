@@ -226,37 +226,60 @@ pub fn dead_letters(
 /// Moves dead letters (of one tag, or all) back to pending, due now, with attempts reset and
 /// a fresh retry window. Returns how many were moved.
 pub fn replay(dir: &Path, tag: Option<&str>) -> Result<usize, ToolError> {
+    // Chunks of short transactions: one long write transaction over a big dead-letter table
+    // would block the running server's group commits past their busy timeout.
+    const CHUNK: i64 = 1_000;
     let (mut conn, path) = open(dir)?;
     let err = sql_err(&path);
     let now = now_ms();
-    let tx = conn
-        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-        .map_err(&err)?;
-    let (count, bytes): (i64, i64) = tx
-        .query_row(
-            "SELECT count(*), coalesce(sum(length(payload)), 0) FROM dead_letters WHERE ?1 IS NULL OR tag = ?1",
-            [tag],
-            |r| Ok((r.get(0)?, r.get(1)?)),
+    let mut moved = 0usize;
+    loop {
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(&err)?;
+        tx.execute(
+            "CREATE TEMP TABLE IF NOT EXISTS replay_batch (id INTEGER PRIMARY KEY)",
+            [],
         )
         .map_err(&err)?;
-    tx.execute(
-        "INSERT INTO pending (tag, event_id, payload, attempts, next_attempt_ms, first_enqueued_ms, last_error, lease_until_ms)
-         SELECT tag, event_id, payload, 0, ?2, ?2, last_error, 0 FROM dead_letters
-         WHERE ?1 IS NULL OR tag = ?1 ORDER BY id",
-        rusqlite::params![tag, now],
-    )
-    .map_err(&err)?;
-    tx.execute(
-        "DELETE FROM dead_letters WHERE ?1 IS NULL OR tag = ?1",
-        [tag],
-    )
-    .map_err(&err)?;
-    // Keep the totals the server's back-pressure reads in step with the moved rows.
-    tx.execute(
-        "UPDATE outbox_totals SET records = records + ?1, bytes = bytes + ?2 WHERE id = 0",
-        [count, bytes],
-    )
-    .map_err(&err)?;
-    tx.commit().map_err(&err)?;
-    Ok(usize::try_from(count).unwrap_or(0))
+        tx.execute("DELETE FROM replay_batch", []).map_err(&err)?;
+        tx.execute(
+            "INSERT INTO replay_batch (id) SELECT id FROM dead_letters
+             WHERE ?1 IS NULL OR tag = ?1 ORDER BY id LIMIT ?2",
+            rusqlite::params![tag, CHUNK],
+        )
+        .map_err(&err)?;
+        let (count, bytes): (i64, i64) = tx
+            .query_row(
+                "SELECT count(*), coalesce(sum(length(payload)), 0) FROM dead_letters
+                 WHERE id IN (SELECT id FROM replay_batch)",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .map_err(&err)?;
+        if count == 0 {
+            tx.commit().map_err(&err)?;
+            return Ok(moved);
+        }
+        tx.execute(
+            "INSERT INTO pending (tag, event_id, payload, attempts, next_attempt_ms, first_enqueued_ms, last_error, lease_until_ms)
+             SELECT tag, event_id, payload, 0, ?1, ?1, last_error, 0 FROM dead_letters
+             WHERE id IN (SELECT id FROM replay_batch) ORDER BY id",
+            [now],
+        )
+        .map_err(&err)?;
+        tx.execute(
+            "DELETE FROM dead_letters WHERE id IN (SELECT id FROM replay_batch)",
+            [],
+        )
+        .map_err(&err)?;
+        // Keep the totals the server's back-pressure reads in step with the moved rows.
+        tx.execute(
+            "UPDATE outbox_totals SET records = records + ?1, bytes = bytes + ?2 WHERE id = 0",
+            [count, bytes],
+        )
+        .map_err(&err)?;
+        tx.commit().map_err(&err)?;
+        moved += usize::try_from(count).unwrap_or(0);
+    }
 }
