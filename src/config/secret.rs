@@ -40,6 +40,15 @@ pub(crate) fn expand_with(
     raw: &str,
     lookup: impl Fn(&str) -> Option<String>,
 ) -> Result<String, String> {
+    expand_collecting(raw, lookup).map(|(s, _)| s)
+}
+
+/// Like [`expand_with`], also returning the substituted values (they are secrets to redact).
+fn expand_collecting(
+    raw: &str,
+    lookup: impl Fn(&str) -> Option<String>,
+) -> Result<(String, Vec<String>), String> {
+    let mut substituted = Vec::new();
     let mut out = String::with_capacity(raw.len());
     let mut rest = raw;
     while let Some(start) = rest.find("${") {
@@ -55,33 +64,90 @@ pub(crate) fn expand_with(
             ));
         }
         match lookup(name) {
-            Some(v) => out.push_str(&v),
+            Some(v) => {
+                out.push_str(&v);
+                substituted.push(v);
+            }
             None => return Err(format!("environment variable `{name}` is not set")),
         }
         rest = &after[end + 1..];
     }
     out.push_str(rest);
-    Ok(out)
+    Ok((out, substituted))
+}
+
+/// Environment overrides are type-parsed (`TAGRELAY__ADMIN__TOKEN=12345678` arrives as a
+/// number): secrets and env strings take any scalar as text.
+fn scalar_text<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Scalar {
+        S(String),
+        I(i64),
+        U(u64),
+        F(f64),
+        B(bool),
+    }
+    Ok(match Scalar::deserialize(d)? {
+        Scalar::S(s) => s,
+        Scalar::I(n) => n.to_string(),
+        Scalar::U(n) => n.to_string(),
+        Scalar::F(n) => n.to_string(),
+        Scalar::B(b) => b.to_string(),
+    })
 }
 
 impl<'de> Deserialize<'de> for Secret {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let raw = String::deserialize(d)?;
+        let raw = scalar_text(d)?;
         expand_env(&raw)
             .map(Secret)
             .map_err(serde::de::Error::custom)
     }
 }
 
-/// A plain string that may contain `${ENV}` references (e.g. HTTP tag header values).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EnvString(pub String);
+/// A string that may contain `${ENV}` references (HTTP tag URLs and header values). It
+/// remembers what was substituted, so those parts can be redacted wherever the string shows.
+/// `Debug` shows only the text outside the references.
+#[derive(Clone, PartialEq, Eq)]
+pub struct EnvString {
+    pub value: String,
+    pub substituted: Vec<String>,
+}
+
+impl EnvString {
+    pub fn plain(value: impl Into<String>) -> Self {
+        EnvString {
+            value: value.into(),
+            substituted: Vec::new(),
+        }
+    }
+}
+
+impl EnvString {
+    /// The value with every substituted part replaced by `[redacted]`, for messages.
+    pub fn redacted(&self) -> String {
+        let mut shown = self.value.clone();
+        for s in &self.substituted {
+            if !s.is_empty() {
+                shown = shown.replace(s.as_str(), "[redacted]");
+            }
+        }
+        shown
+    }
+}
+
+impl fmt::Debug for EnvString {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.redacted())
+    }
+}
 
 impl<'de> Deserialize<'de> for EnvString {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let raw = String::deserialize(d)?;
-        expand_env(&raw)
-            .map(EnvString)
+        let raw = scalar_text(d)?;
+        expand_collecting(&raw, |name| std::env::var(name).ok())
+            .map(|(value, substituted)| EnvString { value, substituted })
             .map_err(serde::de::Error::custom)
     }
 }
@@ -95,6 +161,15 @@ mod tests {
         let s = Secret::new("EAAB-very-secret");
         assert_eq!(format!("{s:?} {s}"), "[redacted] [redacted]");
         assert_eq!(s.expose(), "EAAB-very-secret");
+    }
+
+    #[test]
+    fn env_string_debug_hides_substituted_parts() {
+        let (value, substituted) =
+            expand_collecting("https://h/x?key=${K}", |_| Some("k3y".to_string())).unwrap();
+        let e = EnvString { value, substituted };
+        assert_eq!(e.value, "https://h/x?key=k3y");
+        assert_eq!(format!("{e:?}"), "\"https://h/x?key=[redacted]\"");
     }
 
     #[test]

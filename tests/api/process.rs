@@ -216,4 +216,7 @@ fn environment_overrides_config_keys() {
     let (ok, _, err) = check(&default, &[("TAGRELAY__SERVER__PATH_PREFIX", "no-slash")]);
     assert!(!ok);
     assert!(err.contains("server.path_prefix: `no-slash`"), "{err}");
+    // A numeric secret from the environment is still a secret string, never echoed.
+    let (ok, _, err) = check(&default, &[("TAGRELAY__ADMIN__TOKEN", "12345678")]);
+    assert!(ok, "{err}");
 }

@@ -21,7 +21,8 @@ pub struct HttpTagConfig {
     pub name: String,
     #[serde(default)]
     pub trigger: TriggerConfig,
-    pub url: String,
+    /// May contain `${ENV}` references (a secret webhook path or key); those parts are redacted.
+    pub url: EnvString,
     #[serde(default = "default_method")]
     pub method: String,
     /// Header values may be `${ENV}` references; they are treated as secrets in the debug view.
@@ -68,7 +69,7 @@ impl std::fmt::Debug for HttpTag {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let names: Vec<&str> = self.headers.iter().map(|(k, _)| k.as_str()).collect();
         f.debug_struct("HttpTag")
-            .field("url", &self.url)
+            .field("url", &self.redact(&self.url))
             .field("method", &self.method)
             .field("headers", &names)
             .field("batch_max", &self.batch_max)
@@ -80,10 +81,10 @@ impl std::fmt::Debug for HttpTag {
 impl HttpTag {
     pub fn from_config(cfg: &HttpTagConfig) -> Result<Self, Vec<String>> {
         let mut problems = Vec::new();
-        if !is_http_url(&cfg.url) {
+        if !is_http_url(&cfg.url.value) {
             problems.push(format!(
                 "url: `{}` must be an http(s) URL such as \"https://hooks.example.com/events\"",
-                cfg.url
+                cfg.url.redacted()
             ));
         }
         let method = cfg.method.to_ascii_uppercase();
@@ -103,7 +104,14 @@ impl HttpTag {
             headers.push(("Content-Type".to_owned(), "application/json".to_owned()));
         }
         let mut secrets = Vec::new();
-        for (name, EnvString(value)) in &cfg.headers {
+        secrets.extend(
+            cfg.url
+                .substituted
+                .iter()
+                .filter(|s| !s.is_empty())
+                .cloned(),
+        );
+        for (name, EnvString { value, .. }) in &cfg.headers {
             if HeaderName::from_bytes(name.as_bytes()).is_err() {
                 problems.push(format!("headers.{name}: not a valid HTTP header name"));
                 continue;
@@ -152,7 +160,7 @@ impl HttpTag {
             )]
         })?;
         Ok(HttpTag {
-            url: cfg.url.clone(),
+            url: cfg.url.value.clone(),
             method,
             headers,
             secrets,
@@ -253,12 +261,28 @@ mod tests {
         HttpTagConfig {
             name: "hook".into(),
             trigger: TriggerConfig::default(),
-            url: "https://hooks.example.com/events?src=tagrelay".into(),
+            url: EnvString::plain("https://hooks.example.com/events?src=tagrelay"),
             method: default_method(),
             headers: BTreeMap::new(),
             batch_max: default_batch_max(),
             timeout_ms: default_timeout_ms(),
         }
+    }
+
+    #[test]
+    fn env_parts_of_the_url_are_redacted() {
+        let mut c = cfg();
+        c.url = EnvString {
+            value: "https://hooks.example.com/services/T0/XSECRETX".into(),
+            substituted: vec!["XSECRETX".into()],
+        };
+        let tag = HttpTag::from_config(&c).unwrap();
+        let enc = tag.encode(&events(1), 0);
+        let url = &enc.requests[0].0.url;
+        assert!(url.ends_with("/T0/XSECRETX"), "the real URL is sent: {url}");
+        let shown = tag.redact(url);
+        assert_eq!(shown, "https://hooks.example.com/services/T0/[redacted]");
+        assert!(!format!("{tag:?} {c:?}").contains("XSECRETX"));
     }
 
     fn events(n: usize) -> Vec<Event> {
@@ -287,7 +311,7 @@ mod tests {
     fn one_event_per_request_as_an_object() {
         let mut c = cfg();
         c.headers
-            .insert("Authorization".into(), EnvString("Bearer tok-123".into()));
+            .insert("Authorization".into(), EnvString::plain("Bearer tok-123"));
         let t = HttpTag::from_config(&c).unwrap();
         let evs = events(2);
         let enc = t.encode(&evs, 0);
@@ -344,7 +368,7 @@ mod tests {
         let mut c = cfg();
         c.headers.insert(
             "content-type".into(),
-            EnvString("application/vnd.acme+json".into()),
+            EnvString::plain("application/vnd.acme+json"),
         );
         let t = HttpTag::from_config(&c).unwrap();
         let enc = t.encode(&events(1), 0);
@@ -361,9 +385,9 @@ mod tests {
     fn redact_hides_every_header_value() {
         let mut c = cfg();
         c.headers
-            .insert("Authorization".into(), EnvString("Bearer tok-123".into()));
+            .insert("Authorization".into(), EnvString::plain("Bearer tok-123"));
         c.headers
-            .insert("X-Api-Key".into(), EnvString("k3y-abc".into()));
+            .insert("X-Api-Key".into(), EnvString::plain("k3y-abc"));
         let t = HttpTag::from_config(&c).unwrap();
         assert_eq!(
             t.redact("Authorization: Bearer tok-123; X-Api-Key: k3y-abc; leaked tok-123"),
@@ -378,17 +402,17 @@ mod tests {
     #[test]
     fn build_errors_name_the_key() {
         let mut c = HttpTagConfig {
-            url: "hooks.example.com/events".into(),
+            url: EnvString::plain("hooks.example.com/events"),
             method: "DELETE".into(),
             batch_max: 0,
             timeout_ms: 0,
             ..cfg()
         };
-        c.headers.insert("Bad Name".into(), EnvString("x".into()));
+        c.headers.insert("Bad Name".into(), EnvString::plain("x"));
         c.headers
-            .insert("X-Token".into(), EnvString("secret\nvalue".into()));
+            .insert("X-Token".into(), EnvString::plain("secret\nvalue"));
         c.headers
-            .insert("Host".into(), EnvString("evil.example".into()));
+            .insert("Host".into(), EnvString::plain("evil.example"));
         let errs = HttpTag::from_config(&c).unwrap_err();
         assert_eq!(
             errs,
@@ -405,7 +429,7 @@ mod tests {
         assert!(errs.iter().all(|e| !e.contains("secret")));
         for url in ["ftp://x.example/a", "https://", "/relative"] {
             let c = HttpTagConfig {
-                url: url.into(),
+                url: EnvString::plain(url),
                 ..cfg()
             };
             assert!(HttpTag::from_config(&c).is_err(), "{url}");
