@@ -553,7 +553,7 @@ impl Gen {
         }
 
         let mut cookies = Vec::new();
-        if self.n % 3 == 0 {
+        if self.n.is_multiple_of(3) {
             cookies.push(json!({ "name": "FPID", "value": "FPID2.2.kJ8mZ2x%2FqW7nVb1r0Lr4sT9yD0aXcE%3D.1764911200", "domain": "example.com", "max_age_secs": 34_560_000, "http_only": true, "secure": true, "same_site": "Lax", "path": "/" }));
             cookies.push(json!({ "name": "_fbp", "value": v.fbp, "domain": "example.com", "max_age_secs": 7_776_000, "http_only": false, "secure": true, "same_site": "Lax", "path": "/" }));
         }
@@ -759,10 +759,10 @@ async fn run_generator(d: Demo, mut gen: Gen, rate: u32) {
                 out.push(Msg::Update(Arc::from(u.to_string())));
             }
         }
-        if ticks % 100 == 0 {
+        if ticks.is_multiple_of(100) {
             out.push(Msg::Dropped(3));
         }
-        if ticks % 150 == 0 {
+        if ticks.is_multiple_of(150) {
             out.push(Msg::Garbage);
         }
         for m in out {

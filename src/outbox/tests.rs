@@ -1036,8 +1036,7 @@ async fn a_second_server_cannot_open_the_same_outbox() {
     let first = SqliteOutbox::open(&cfg).await.unwrap();
     let err = SqliteOutbox::open(&cfg)
         .await
-        .err()
-        .expect("second open is refused");
+        .expect_err("second open is refused");
     assert!(err.contains("in use by another tagrelay process"), "{err}");
     first.close().await;
     drop(first);
