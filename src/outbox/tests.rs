@@ -1031,8 +1031,10 @@ mod model {
 #[tokio::test]
 async fn a_second_server_cannot_open_the_same_outbox() {
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = OutboxConfig::default();
-    cfg.path = dir.path().join("ob").display().to_string();
+    let cfg = OutboxConfig {
+        path: dir.path().join("ob").display().to_string(),
+        ..OutboxConfig::default()
+    };
     let first = SqliteOutbox::open(&cfg).await.unwrap();
     let err = SqliteOutbox::open(&cfg)
         .await
