@@ -34,6 +34,8 @@ struct Inner {
     script_cache: Arc<ScriptCache>,
     source: Source,
     shutting_down: AtomicBool,
+    /// Flips to true when shutdown starts; long-lived responses (SSE) end on it.
+    stop: watch::Sender<bool>,
 }
 
 impl AppState {
@@ -52,6 +54,7 @@ impl AppState {
                 script_cache: Arc::new(ScriptCache::default()),
                 source,
                 shutting_down: AtomicBool::new(false),
+                stop: watch::channel(false).0,
             }),
         }
     }
@@ -79,6 +82,14 @@ impl AppState {
 
     pub fn is_shutting_down(&self) -> bool {
         self.inner.shutting_down.load(Ordering::Relaxed)
+    }
+
+    /// Resolves when shutdown starts.
+    pub fn stopping(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut rx = self.inner.stop.subscribe();
+        async move {
+            let _ = rx.wait_for(|v| *v).await;
+        }
     }
 
     pub fn metrics(&self) -> PrometheusHandle {
@@ -184,7 +195,7 @@ impl Application {
         self,
         stop: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        let (tx, rx) = watch::channel(false);
+        let rx = self.state.inner.stop.subscribe();
         let deadline =
             Duration::from_millis(self.state.pipeline().config.server.shutdown_timeout_ms);
         let dispatchers = spawn_dispatchers(
@@ -201,7 +212,7 @@ impl Application {
             crate::admin::router(self.state.clone()),
             rx.clone(),
         );
-        let servers = tokio::spawn(async move {
+        let mut servers = tokio::spawn(async move {
             let (a, b) = tokio::join!(public, admin);
             a.and(b)
         });
@@ -212,17 +223,23 @@ impl Application {
             .inner
             .shutting_down
             .store(true, Ordering::Relaxed);
-        let _ = tx.send(true);
-        match tokio::time::timeout(deadline, servers).await {
+        let _ = self.state.inner.stop.send(true);
+        // One deadline for everything: requests in flight, then vendor sends in flight.
+        let end = tokio::time::Instant::now() + deadline;
+        match tokio::time::timeout_at(end, &mut servers).await {
             Ok(Ok(Ok(()))) => {}
             Ok(Ok(Err(e))) => tracing::warn!(error = %e, "listener ended with an error"),
             Ok(Err(e)) => tracing::warn!(error = %e, "server task failed"),
-            Err(_) => tracing::warn!(
-                ?deadline,
-                "in-flight requests did not finish before the deadline"
-            ),
+            Err(_) => {
+                servers.abort();
+                tracing::warn!(
+                    ?deadline,
+                    "in-flight requests did not finish before the deadline"
+                );
+            }
         }
-        dispatchers.shutdown(deadline).await;
+        let left = end.saturating_duration_since(tokio::time::Instant::now());
+        dispatchers.shutdown(left).await;
         self.store.close().await;
         tracing::info!("tagrelay stopped");
         Ok(())

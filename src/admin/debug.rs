@@ -109,6 +109,8 @@ pub async fn stream(
             }
         }
     });
+    // Ends with shutdown, so an open debug tab never holds the admin listener's drain.
+    let s = futures_util::StreamExt::take_until(s, state.stopping());
     Sse::new(s).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
 }
 
@@ -152,6 +154,25 @@ fn authorized(headers: &HeaderMap, token: &str) -> bool {
 pub async fn require_token(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let pipeline = state.pipeline();
     let Some(token) = pipeline.config.admin.token.as_ref() else {
+        // Without a token the admin surface trusts the network path (loopback, a port
+        // forward). A web page on another domain can still reach it by DNS rebinding; its
+        // requests carry that domain as Host, so only IPs and `localhost` are accepted.
+        let host = req
+            .headers()
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .map(crate::identity::host_without_port)
+            .unwrap_or("");
+        let local = host.is_empty()
+            || host.eq_ignore_ascii_case("localhost")
+            || host.parse::<std::net::IpAddr>().is_ok();
+        if !local {
+            return (
+                StatusCode::FORBIDDEN,
+                "admin: requests must address this listener by IP or `localhost` (set [admin] token to use a host name)\n",
+            )
+                .into_response();
+        }
         return next.run(req).await;
     };
     let path = req.uri().path();

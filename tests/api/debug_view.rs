@@ -358,3 +358,50 @@ async fn the_live_page_lists_hits_with_their_tag_outcomes() {
     assert!(std::fs::metadata(&shot).unwrap().len() > 10_000);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn an_open_live_stream_does_not_hold_up_shutdown() {
+    let (meta, hook) = (FakeVendor::start().await, FakeVendor::start().await);
+    let app = spawn_app(&config(&meta, &hook, "")).await;
+    let stream = app
+        .http
+        .get(app.admin_url("/debug/api/stream"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 200);
+    let started = std::time::Instant::now();
+    app.stop().await; // the test config's shutdown_timeout_ms is 3000
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "shutdown waited {:?} for a debug stream",
+        started.elapsed()
+    );
+    drop(stream);
+}
+
+#[tokio::test]
+async fn without_a_token_the_admin_listener_refuses_foreign_host_names() {
+    let (meta, hook) = (FakeVendor::start().await, FakeVendor::start().await);
+    let app = spawn_app(&config(&meta, &hook, "")).await;
+    // What a DNS-rebinding page would send.
+    let r = app
+        .http
+        .get(app.admin_url("/debug/api/traces"))
+        .header("host", "attacker.example:9090")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    for host in ["localhost:9090", "127.0.0.1"] {
+        let r = app
+            .http
+            .get(app.admin_url("/debug/api/traces"))
+            .header("host", host)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{host}");
+    }
+    app.stop().await;
+}
