@@ -52,6 +52,8 @@ pub struct ServerConfig {
     pub path_prefix: String,
     /// CIDRs whose forwarding headers are believed.
     pub trusted_proxies: Vec<IpNet>,
+    /// The forwarding header your proxies set; only that one is read.
+    pub client_ip_header: ClientIpHeader,
     /// CORS origins for tracking routes; empty = any origin under the request host's
     /// registrable domain.
     pub allowed_origins: Vec<String>,
@@ -69,6 +71,7 @@ impl Default for ServerConfig {
             admin_listen: "127.0.0.1:9090".parse().expect("static address"),
             path_prefix: String::new(),
             trusted_proxies: Vec::new(),
+            client_ip_header: ClientIpHeader::XForwardedFor,
             allowed_origins: Vec::new(),
             max_body_bytes: 64 * 1024,
             request_timeout_ms: 5_000,
@@ -76,6 +79,17 @@ impl Default for ServerConfig {
             log_format: LogFormat::Pretty,
         }
     }
+}
+
+/// Which forwarding header carries the client IP. Reading only the one your proxy writes
+/// stops a client from supplying another one the proxy passes through untouched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClientIpHeader {
+    #[default]
+    XForwardedFor,
+    Forwarded,
+    XRealIp,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]

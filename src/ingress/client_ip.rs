@@ -6,8 +6,16 @@ use std::net::{IpAddr, SocketAddr};
 use http::HeaderMap;
 use ipnet::IpNet;
 
-/// Resolves the client IP. Never fails: garbage in headers is skipped.
-pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
+use crate::config::ClientIpHeader;
+
+/// Resolves the client IP. Never fails: a header that says nothing usable leaves the
+/// nearest address we can vouch for.
+pub fn client_ip(
+    peer: IpAddr,
+    headers: &HeaderMap,
+    trusted: &[IpNet],
+    which: ClientIpHeader,
+) -> IpAddr {
     let peer = peer.to_canonical();
     let is_trusted = |ip: &IpAddr| trusted.iter().any(|net| net.contains(ip));
     if !is_trusted(&peer) {
@@ -15,53 +23,47 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr
     }
     // Walk the chain from the nearest hop outwards; the first hop we do not trust is the one
     // whose claim about the client we cannot check, so it *is* the client as far as we know.
-    let chain = forwarded_chain(headers);
-    let mut leftmost = None;
-    for ip in chain.iter().rev() {
-        if !is_trusted(ip) {
-            return *ip;
+    // An unreadable hop (`unknown`, garbage) ends the walk: what stands left of it was
+    // written by someone we cannot vouch for.
+    let mut nearest = peer;
+    for hop in forwarded_chain(headers, which).into_iter().rev() {
+        let Some(ip) = hop else {
+            return nearest;
+        };
+        if !is_trusted(&ip) {
+            return ip;
         }
-        leftmost = Some(*ip);
+        nearest = ip;
     }
-    leftmost.unwrap_or(peer)
+    nearest
 }
 
-/// Addresses from `X-Forwarded-For`, else `Forwarded`, else `X-Real-IP`, left to right.
-fn forwarded_chain(headers: &HeaderMap) -> Vec<IpAddr> {
-    let xff: Vec<IpAddr> = headers
-        .get_all("x-forwarded-for")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(parse_addr)
-        .collect();
-    if !xff.is_empty() {
-        return xff;
-    }
-    let fwd: Vec<IpAddr> = headers
-        .get_all("forwarded")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|element| {
-            element.split(';').find_map(|pair| {
-                let (k, v) = pair.split_once('=')?;
-                k.trim()
-                    .eq_ignore_ascii_case("for")
-                    .then(|| parse_addr(v.trim().trim_matches('"')))
-                    .flatten()
+/// The hops of the configured header, left to right; `None` for an unreadable hop.
+fn forwarded_chain(headers: &HeaderMap, which: ClientIpHeader) -> Vec<Option<IpAddr>> {
+    let values = |name: &'static str| {
+        headers
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+    };
+    match which {
+        ClientIpHeader::XForwardedFor => values("x-forwarded-for").map(parse_addr).collect(),
+        ClientIpHeader::Forwarded => values("forwarded")
+            .map(|element| {
+                element.split(';').find_map(|pair| {
+                    let (k, v) = pair.split_once('=')?;
+                    k.trim()
+                        .eq_ignore_ascii_case("for")
+                        .then(|| parse_addr(v.trim().trim_matches('"')))
+                        .flatten()
+                })
             })
-        })
-        .collect();
-    if !fwd.is_empty() {
-        return fwd;
+            .collect(),
+        ClientIpHeader::XRealIp => values("x-real-ip").map(parse_addr).collect(),
     }
-    headers
-        .get("x-real-ip")
-        .and_then(|v| v.to_str().ok())
-        .and_then(parse_addr)
-        .into_iter()
-        .collect()
 }
 
 /// Parses `1.2.3.4`, `1.2.3.4:80`, `2001:db8::1`, `[2001:db8::1]:443`; anything else is None.
@@ -92,6 +94,10 @@ mod tests {
             );
         }
         m
+    }
+
+    fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
+        super::client_ip(peer, headers, trusted, ClientIpHeader::XForwardedFor)
     }
 
     fn nets(s: &[&str]) -> Vec<IpNet> {
@@ -126,31 +132,38 @@ mod tests {
         assert_eq!(ip.to_string(), "198.51.100.7");
         let ip = client_ip(peer, &h(&[("x-forwarded-for", "[2001:db8::7]:443")]), &t);
         assert_eq!(ip.to_string(), "2001:db8::7");
+        // Garbage left of the first untrusted hop does not matter...
+        let ip = client_ip(
+            peer,
+            &h(&[("x-forwarded-for", "not-an-ip, 2001:db8::8")]),
+            &t,
+        );
+        assert_eq!(ip.to_string(), "2001:db8::8");
+        // ...garbage right of it ends the walk at the nearest hop we can vouch for.
         let ip = client_ip(
             peer,
             &h(&[("x-forwarded-for", "2001:db8::8, not-an-ip")]),
             &t,
         );
-        assert_eq!(ip.to_string(), "2001:db8::8");
+        assert_eq!(ip.to_string(), "127.0.0.1");
         let ip = client_ip(peer, &h(&[("x-forwarded-for", "%%%, ,")]), &t);
         assert_eq!(ip.to_string(), "127.0.0.1");
     }
 
     #[test]
-    fn forwarded_and_real_ip() {
+    fn forwarded_header() {
         let t = nets(&["127.0.0.0/8"]);
         let peer = "127.0.0.1".parse().unwrap();
-        let ip = client_ip(
+        let ip = super::client_ip(
             peer,
             &h(&[(
                 "forwarded",
                 "for=192.0.2.60;proto=http, for=\"[2001:db8:cafe::17]:4711\"",
             )]),
             &t,
+            ClientIpHeader::Forwarded,
         );
         assert_eq!(ip.to_string(), "2001:db8:cafe::17");
-        let ip = client_ip(peer, &h(&[("x-real-ip", "192.0.2.61")]), &t);
-        assert_eq!(ip.to_string(), "192.0.2.61");
     }
 
     #[test]

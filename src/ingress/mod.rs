@@ -143,6 +143,7 @@ async fn track(
         peer.ip(),
         &parts.headers,
         &pipeline.config.server.trusted_proxies,
+        pipeline.config.server.client_ip_header,
     );
     let prefix = pipeline.config.server.path_prefix.as_str();
     let path = strip_prefix(parts.uri.path(), prefix);

@@ -72,7 +72,9 @@ async fn ipv6_and_garbage_forwarding_headers() {
     let app = spawn_app(&http_tag(&vendor, "[\"*\"]")).await;
     for (xff, want) in [
         ("[2001:db8::42]:443", "2001:db8::42"),
-        ("2001:db8::43, junk, 300.1.1.1", "2001:db8::43"),
+        ("junk, 2001:db8::43", "2001:db8::43"),
+        // An unreadable hop ends the walk at the nearest address we can vouch for.
+        ("2001:db8::43, junk, 300.1.1.1", "127.0.0.1"),
         ("%%%%", "127.0.0.1"),
     ] {
         let r = app
