@@ -115,8 +115,24 @@ impl AppState {
                 "listener addresses changed in the config; they take effect after a restart"
             );
         }
-        if old.outbox.path != new.outbox.path {
-            tracing::warn!("outbox.path changed in the config; it takes effect after a restart");
+        let mut restart = Vec::new();
+        if old.outbox != new.outbox {
+            restart.push("[outbox]");
+        }
+        if old.server.request_timeout_ms != new.server.request_timeout_ms {
+            restart.push("server.request_timeout_ms");
+        }
+        let (oa, na) = (&old.admin, &new.admin);
+        if (oa.trace_capacity, oa.trace_max_bytes, oa.trace_sampling)
+            != (na.trace_capacity, na.trace_max_bytes, na.trace_sampling)
+        {
+            restart.push("admin.trace_*");
+        }
+        if !restart.is_empty() {
+            tracing::warn!(
+                keys = restart.join(", "),
+                "these settings changed in the config; they take effect after a restart"
+            );
         }
         self.inner.pipeline.store(Arc::new(next));
         tracing::info!(source = %loaded.source, "configuration reloaded");

@@ -64,6 +64,46 @@ impl Pipeline {
             }
         }
 
+        let o = &config.outbox;
+        let mut need = |ok: bool, msg: &str| {
+            if !ok {
+                problems.push(format!("outbox.{msg}"));
+            }
+        };
+        need(!o.path.trim().is_empty(), "path: must name a directory");
+        need(
+            o.max_records > 0,
+            "max_records: must be greater than 0 (0 refuses every hit)",
+        );
+        need(
+            o.max_bytes > 0,
+            "max_bytes: must be greater than 0 (0 refuses every hit)",
+        );
+        need(
+            o.commit_max_records > 0,
+            "commit_max_records: must be greater than 0",
+        );
+        need(
+            o.max_retry_age_secs >= 60,
+            "max_retry_age_secs: must be at least 60 (shorter gives up on the first hiccup)",
+        );
+        need(
+            o.retry_initial_ms > 0,
+            "retry_initial_ms: must be greater than 0",
+        );
+        need(
+            o.retry_max_ms >= o.retry_initial_ms,
+            "retry_max_ms: must be at least retry_initial_ms",
+        );
+        need(
+            o.lease_timeout_ms >= 10_000,
+            "lease_timeout_ms: must be at least 10000 (a batch still being sent would be sent twice)",
+        );
+        need(
+            o.dispatch_concurrency > 0,
+            "dispatch_concurrency: must be greater than 0",
+        );
+
         let cookies = CookiePolicy::build(&config.cookies)
             .map_err(|p| problems.extend(p.into_iter().map(|m| format!("cookies.{m}"))))
             .ok();

@@ -168,7 +168,7 @@ pub enum FsyncMode {
     Off,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct OutboxConfig {
     pub path: String,

@@ -220,3 +220,23 @@ fn environment_overrides_config_keys() {
     let (ok, _, err) = check(&default, &[("TAGRELAY__ADMIN__TOKEN", "12345678")]);
     assert!(ok, "{err}");
 }
+
+#[test]
+fn check_refuses_outbox_settings_that_would_refuse_or_lose_hits() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ob.toml");
+    std::fs::write(
+        &path,
+        "[outbox]\nmax_records = 0\nmax_retry_age_secs = 5\nlease_timeout_ms = 100\n",
+    )
+    .unwrap();
+    let (ok, _, err) = check(&path, &[]);
+    assert!(!ok);
+    for key in [
+        "outbox.max_records",
+        "outbox.max_retry_age_secs",
+        "outbox.lease_timeout_ms",
+    ] {
+        assert!(err.contains(key), "{key} missing from: {err}");
+    }
+}
