@@ -11,8 +11,9 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Response};
 use axum::{Form, Json};
 use futures_util::stream::{self, Stream};
+use hmac::{Hmac, Mac};
 use serde::Deserialize;
-use sha2::{Digest, Sha256};
+use sha2::Sha256;
 use subtle::ConstantTimeEq;
 use tokio::sync::broadcast::error::RecvError;
 
@@ -121,9 +122,36 @@ fn html_escape(s: &str) -> String {
         .replace('"', "&quot;")
 }
 
-/// The session cookie value for a token: a hash, so the cookie never carries the token.
-fn session_value(token: &str) -> String {
-    hex::encode(Sha256::digest(format!("tagrelay-admin-session:{token}")))
+/// How long a login lasts.
+const SESSION_SECS: u64 = 12 * 3600;
+
+/// `<issued unix seconds>.<HMAC-SHA256(token, issued)>`: the cookie never carries the token,
+/// expires on its own, and rotating the token revokes every session.
+fn session_value(token: &str, issued: u64) -> String {
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(token.as_bytes())
+        .expect("HMAC takes keys of any length");
+    mac.update(format!("tagrelay-admin-session:{issued}").as_bytes());
+    format!("{issued}.{}", hex::encode(mac.finalize().into_bytes()))
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn session_valid(value: &str, token: &str) -> bool {
+    let Some(issued) = value
+        .split_once('.')
+        .and_then(|(t, _)| t.parse::<u64>().ok())
+    else {
+        return false;
+    };
+    let now = unix_now();
+    issued <= now + 60
+        && now.saturating_sub(issued) < SESSION_SECS
+        && ct_eq(value, &session_value(token, issued))
 }
 
 fn ct_eq(a: &str, b: &str) -> bool {
@@ -140,14 +168,12 @@ fn authorized(headers: &HeaderMap, token: &str) -> bool {
             return true;
         }
     }
-    let expected = session_value(token);
     headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|p| p.trim().split_once('='))
-        .any(|(k, v)| k == SESSION_COOKIE && ct_eq(v, &expected))
+        .filter_map(|h| crate::identity::cookie_value(h, SESSION_COOKIE))
+        .any(|v| session_valid(v, token))
 }
 
 /// Guards the admin surface when `[admin] token` is set. Health probes stay open.
@@ -221,7 +247,11 @@ pub struct Login {
     token: String,
 }
 
-pub async fn login(State(state): State<AppState>, Form(form): Form<Login>) -> Response {
+pub async fn login(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Form(form): Form<Login>,
+) -> Response {
     let pipeline = state.pipeline();
     let Some(token) = pipeline.config.admin.token.as_ref() else {
         return axum::response::Redirect::to("/debug").into_response();
@@ -233,9 +263,15 @@ pub async fn login(State(state): State<AppState>, Form(form): Form<Login>) -> Re
         )
             .into_response();
     }
+    // Secure when a TLS-terminating proxy says the page came over https.
+    let secure = headers
+        .get("x-forwarded-proto")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|p| p.eq_ignore_ascii_case("https"));
     let cookie = format!(
-        "{SESSION_COOKIE}={}; Path=/; HttpOnly; SameSite=Strict; Max-Age=43200",
-        session_value(token.expose())
+        "{SESSION_COOKIE}={}; Path=/; HttpOnly; SameSite=Strict; Max-Age={SESSION_SECS}{}",
+        session_value(token.expose(), unix_now()),
+        if secure { "; Secure" } else { "" }
     );
     (
         StatusCode::SEE_OTHER,
@@ -245,4 +281,26 @@ pub async fn login(State(state): State<AppState>, Form(form): Form<Login>) -> Re
         ],
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sessions_expire_and_are_bound_to_the_token() {
+        let now = unix_now();
+        let v = session_value("tok", now);
+        assert!(session_valid(&v, "tok"));
+        assert!(
+            !session_valid(&v, "other-token"),
+            "rotating the token revokes it"
+        );
+        assert!(!v.contains("tok"));
+        let old = session_value("tok", now - SESSION_SECS - 1);
+        assert!(!session_valid(&old, "tok"), "expired");
+        let forged = format!("{}.{}", now, "0".repeat(64));
+        assert!(!session_valid(&forged, "tok"));
+        assert!(!session_valid("garbage", "tok"));
+    }
 }
