@@ -404,7 +404,8 @@ async fn handle_hit(
         if e.source.is_empty() {
             e.source = client.kind().to_owned();
         }
-        if e.timestamp_ms == 0 {
+        // A sender's clock far ahead would make vendors refuse the event later.
+        if e.timestamp_ms == 0 || e.timestamp_ms > now_ms + 60_000 {
             e.timestamp_ms = now_ms;
         }
         if let Some(m) = ctx.marker {

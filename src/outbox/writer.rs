@@ -98,6 +98,16 @@ const TOTALS: &str =
 
 /// The writer thread's body. Returns when closed or when every sender is gone.
 pub(crate) fn run(mut conn: Connection, rx: mpsc::Receiver<Op>, shared: Arc<Shared>, s: Settings) {
+    // However the writer ends (closed, or a panic), the store stops reporting ready.
+    struct NotOpenOnExit(Arc<Shared>);
+    impl Drop for NotOpenOnExit {
+        fn drop(&mut self) {
+            self.0
+                .open
+                .store(false, std::sync::atomic::Ordering::Release);
+        }
+    }
+    let _guard = NotOpenOnExit(shared.clone());
     let mut batch: Vec<Op> = Vec::with_capacity(256);
     loop {
         let Ok(first) = rx.recv() else { break };
