@@ -33,6 +33,11 @@ pub fn apply(headers: &mut HeaderMap, origin: &HeaderValue) {
         HeaderValue::from_static("true"),
     );
     headers.append("vary", HeaderValue::from_static("Origin"));
+    // tagrelay.js reads it on a 503 to know when to retry.
+    headers.insert(
+        "access-control-expose-headers",
+        HeaderValue::from_static("Retry-After"),
+    );
 }
 
 /// Adds the preflight answer headers.

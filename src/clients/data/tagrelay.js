@@ -89,28 +89,35 @@
 
     if (typeof fetch !== "function") return Promise.resolve().then(viaBeacon);
     // text/plain keeps this a "simple" request: no CORS preflight round trip.
-    return fetch(endpoint, {
-      method: "POST",
-      keepalive: true,
-      credentials: "include",
-      headers: { "content-type": "text/plain" },
-      body,
-    }).then(
-      (res) => {
-        if (!res.ok) {
-          return res.text().then((t) => {
-            throw new Error("tagrelay: " + res.status + " " + t.trim());
-          });
-        }
-        if (res.status === 204) return id;
-        return res.json().then(
-          (j) => (j && j.events && j.events[0] && j.events[0].event_id) || id,
-          () => id
-        );
-      },
-      // Network failure, or keepalive's 64 KiB in-flight budget is spent (page unloading).
-      viaBeacon
-    );
+    const send = (retried) =>
+      fetch(endpoint, {
+        method: "POST",
+        keepalive: true,
+        credentials: "include",
+        headers: { "content-type": "text/plain" },
+        body,
+      }).then(
+        (res) => {
+          // 503 = the server is shedding load; it says when to come back. Retry once.
+          if (res.status === 503 && !retried) {
+            const secs = Math.min(parseInt(res.headers.get("retry-after"), 10) || 1, 30);
+            return new Promise((r) => setTimeout(r, secs * 1000)).then(() => send(true));
+          }
+          if (!res.ok) {
+            return res.text().then((t) => {
+              throw new Error("tagrelay: " + res.status + " " + t.trim());
+            });
+          }
+          if (res.status === 204) return id;
+          return res.json().then(
+            (j) => (j && j.events && j.events[0] && j.events[0].event_id) || id,
+            () => id
+          );
+        },
+        // Network failure, or keepalive's 64 KiB in-flight budget is spent (page unloading).
+        viaBeacon
+      );
+    return send(false);
   };
 
   const quietly = (args) => {
