@@ -18,6 +18,10 @@ use tagrelay::event::Event;
 use tagrelay::identity::IdentityInput;
 use tagrelay::pipeline::Pipeline;
 
+/// The allocator the server binary uses (see `src/main.rs`), so the figures match it.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const CONFIG: &str = r#"
 [cookies]
 secure = true
@@ -103,7 +107,10 @@ fn one_hit(
         now_ms: NOW_MS,
     };
     let cookies = p.cookies.apply(&input, &mut parsed.events, rng);
-    let mut produced = cookies.iter().map(|c| c.header_value().len()).sum::<usize>();
+    let mut produced = cookies
+        .iter()
+        .map(|c| c.header_value().len())
+        .sum::<usize>();
     for tag in &p.tags {
         let fired = parsed
             .events
