@@ -46,8 +46,6 @@ const FULL_RETRY_AFTER_SECS: u64 = 5;
 /// At most one "outbox full" error log per this many milliseconds.
 const FULL_LOG_EVERY_MS: i64 = 10_000;
 const SCHEMA_VERSION: i64 = 1;
-/// WAL pages between automatic checkpoints (see `configure_writer`).
-const WAL_AUTOCHECKPOINT_PAGES: i64 = 8_192;
 pub(crate) const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 const SCHEMA: &str = "
@@ -407,12 +405,6 @@ fn configure_writer(conn: &Connection, fsync: FsyncMode) -> Result<(), String> {
     conn.pragma_update(None, "temp_store", "MEMORY")
         .map_err(s)?;
     conn.pragma_update(None, "cache_size", -16_000).map_err(s)?;
-    // Records live briefly (insert, lease, delete), so the pages a checkpoint copies back
-    // into the database are mostly rewritten or freed again soon after. Checkpointing every
-    // 8k pages (32 MiB of WAL) instead of SQLite's 1k copies each hot page once per much
-    // longer stretch: measured, it cuts the writer's CPU per record noticeably at high rates.
-    conn.pragma_update(None, "wal_autocheckpoint", WAL_AUTOCHECKPOINT_PAGES)
-        .map_err(s)?;
     Ok(())
 }
 
