@@ -221,6 +221,7 @@ impl Application {
             self.state.traces().clone(),
         )
         .map_err(anyhow::Error::msg)?;
+        crate::admin::spawn_metrics_upkeep();
 
         let public = serve(self.public, app(self.state.clone()), rx.clone());
         let admin = serve(
