@@ -14,5 +14,7 @@ pub mod outbox;
 pub mod pipeline;
 pub mod tags;
 pub mod telemetry;
+#[cfg(test)]
+pub(crate) mod test_metrics;
 
 pub use app::{app, AppState, Application};

@@ -1,6 +1,4 @@
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
@@ -130,68 +128,12 @@ fn auto_domain_is_applied_to_cookies() {
     }
 }
 
-/// Counts `tagrelay_cookie_domain_mismatch_total` increments made on this thread.
-#[derive(Default)]
-struct MismatchRecorder(Arc<AtomicU64>);
-
-struct CounterHandle(Arc<AtomicU64>);
-
-impl metrics::CounterFn for CounterHandle {
-    fn increment(&self, value: u64) {
-        self.0.fetch_add(value, Ordering::Relaxed);
-    }
-    fn absolute(&self, value: u64) {
-        self.0.store(value, Ordering::Relaxed);
-    }
-}
-
-impl metrics::Recorder for MismatchRecorder {
-    fn describe_counter(
-        &self,
-        _: metrics::KeyName,
-        _: Option<metrics::Unit>,
-        _: metrics::SharedString,
-    ) {
-    }
-    fn describe_gauge(
-        &self,
-        _: metrics::KeyName,
-        _: Option<metrics::Unit>,
-        _: metrics::SharedString,
-    ) {
-    }
-    fn describe_histogram(
-        &self,
-        _: metrics::KeyName,
-        _: Option<metrics::Unit>,
-        _: metrics::SharedString,
-    ) {
-    }
-    fn register_counter(&self, key: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Counter {
-        if key.name() == "tagrelay_cookie_domain_mismatch_total" {
-            metrics::Counter::from_arc(Arc::new(CounterHandle(self.0.clone())))
-        } else {
-            metrics::Counter::noop()
-        }
-    }
-    fn register_gauge(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
-        metrics::Gauge::noop()
-    }
-    fn register_histogram(
-        &self,
-        _: &metrics::Key,
-        _: &metrics::Metadata<'_>,
-    ) -> metrics::Histogram {
-        metrics::Histogram::noop()
-    }
-}
-
 #[test]
 fn explicit_domain_is_used_on_matching_hosts_and_host_only_elsewhere() {
+    use crate::test_metrics::recording;
+    const MISMATCH: &str = "tagrelay_cookie_domain_mismatch_total";
     let p = policy(|c| c.domain = ".Example.com".into());
-    let recorder = MismatchRecorder::default();
-    let count = recorder.0.clone();
-    metrics::with_local_recorder(&recorder, || {
+    let ((), counted) = recording(|| {
         for host in ["example.com", "sst.example.com", "a.b.example.com:443"] {
             let ds = run(&p, &Req { host, ..HOST }, &mut [hit(None, None)]);
             assert_eq!(
@@ -199,36 +141,38 @@ fn explicit_domain_is_used_on_matching_hosts_and_host_only_elsewhere() {
                 Some("example.com")
             );
         }
-        assert_eq!(count.load(Ordering::Relaxed), 0);
+    });
+    assert_eq!(counted.counter(MISMATCH, &[]), 0);
 
-        let req = Req {
-            host: "sst.other.com",
-            referer: Some("https://other.com/?fbclid=CLICK"),
-            ..HOST
-        };
-        let mut events = [hit(None, None)];
-        let ds = run(&p, &req, &mut events);
-        assert!(!ds.is_empty());
-        assert!(ds.iter().all(|d| d.domain.is_none()), "{ds:?}");
-        assert_eq!(count.load(Ordering::Relaxed), 1);
-        // Host-only on `sst.other.com`: the cookie lives on a 3-label host.
-        assert_eq!(
-            events[0].identity.fbc.as_deref(),
-            Some(format!("fb.2.{NOW}.CLICK").as_str())
-        );
+    let req = Req {
+        host: "sst.other.com",
+        referer: Some("https://other.com/?fbclid=CLICK"),
+        ..HOST
+    };
+    let mut events = [hit(None, None)];
+    let (ds, counted) = recording(|| run(&p, &req, &mut events));
+    assert!(!ds.is_empty());
+    assert!(ds.iter().all(|d| d.domain.is_none()), "{ds:?}");
+    assert_eq!(counted.counter(MISMATCH, &[]), 1);
+    // Host-only on `sst.other.com`: the cookie lives on a 3-label host.
+    assert_eq!(
+        events[0].identity.fbc.as_deref(),
+        Some(format!("fb.2.{NOW}.CLICK").as_str())
+    );
 
-        // `notexample.com` is not a subdomain of `example.com`.
-        let ds = run(
+    // `notexample.com` is not a subdomain of `example.com`.
+    let (ds, counted) = recording(|| {
+        run(
             &p,
             &Req {
                 host: "notexample.com",
                 ..HOST
             },
             &mut [hit(None, None)],
-        );
-        assert_eq!(find(&ds, "FPID").unwrap().domain, None);
-        assert_eq!(count.load(Ordering::Relaxed), 2);
+        )
     });
+    assert_eq!(find(&ds, "FPID").unwrap().domain, None);
+    assert_eq!(counted.counter(MISMATCH, &[]), 1);
 }
 
 #[test]

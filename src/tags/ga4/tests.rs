@@ -1,5 +1,3 @@
-use std::sync::{Arc, Mutex};
-
 use serde_json::{json, Value};
 
 use super::*;
@@ -1076,96 +1074,27 @@ fn mp_redacts_api_secret_and_ip() {
     assert_eq!(tag(cfg()).redact("as is"), "as is");
 }
 
-// ---- a tiny metrics recorder, to check what gets counted ----
+// ---- what gets counted ----
 
-#[derive(Default, Clone)]
-struct Counts(Arc<Mutex<Vec<(String, Params, u64)>>>);
+use crate::test_metrics::{recording, Recorded};
 
-impl Counts {
+trait DroppedCounts {
+    fn get(&self, reason: &str) -> u64;
+    /// Every recorded counter is the dropped counter with exactly the two bounded labels.
+    fn labels_ok(&self) -> bool;
+}
+
+impl DroppedCounts for Recorded {
     fn get(&self, reason: &str) -> u64 {
-        self.0
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|(n, l, _)| {
-                n == "tagrelay_tag_dropped_total"
-                    && l.contains(&("reason".to_owned(), reason.to_owned()))
-            })
-            .map(|(_, _, v)| *v)
-            .sum()
+        self.counter("tagrelay_tag_dropped_total", &[("reason", reason)])
     }
 
-    /// Every recorded counter is the dropped counter with exactly the two bounded labels.
     fn labels_ok(&self) -> bool {
-        self.0.lock().unwrap().iter().all(|(n, l, _)| {
+        self.series().all(|(n, l)| {
             n == "tagrelay_tag_dropped_total"
                 && l.len() == 2
                 && l[0] == ("tag_type".to_owned(), "ga4".to_owned())
                 && l[1].0 == "reason"
         })
     }
-}
-
-struct Handle(Counts, String, Vec<(String, String)>);
-
-impl metrics::CounterFn for Handle {
-    fn increment(&self, value: u64) {
-        self.0
-             .0
-            .lock()
-            .unwrap()
-            .push((self.1.clone(), self.2.clone(), value));
-    }
-    fn absolute(&self, _value: u64) {}
-}
-
-impl metrics::Recorder for Counts {
-    fn describe_counter(
-        &self,
-        _: metrics::KeyName,
-        _: Option<metrics::Unit>,
-        _: metrics::SharedString,
-    ) {
-    }
-    fn describe_gauge(
-        &self,
-        _: metrics::KeyName,
-        _: Option<metrics::Unit>,
-        _: metrics::SharedString,
-    ) {
-    }
-    fn describe_histogram(
-        &self,
-        _: metrics::KeyName,
-        _: Option<metrics::Unit>,
-        _: metrics::SharedString,
-    ) {
-    }
-    fn register_counter(&self, key: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Counter {
-        let labels = key
-            .labels()
-            .map(|l| (l.key().to_owned(), l.value().to_owned()))
-            .collect();
-        metrics::Counter::from_arc(Arc::new(Handle(
-            self.clone(),
-            key.name().to_owned(),
-            labels,
-        )))
-    }
-    fn register_gauge(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
-        metrics::Gauge::noop()
-    }
-    fn register_histogram(
-        &self,
-        _: &metrics::Key,
-        _: &metrics::Metadata<'_>,
-    ) -> metrics::Histogram {
-        metrics::Histogram::noop()
-    }
-}
-
-fn recording<T>(f: impl FnOnce() -> T) -> (T, Counts) {
-    let counts = Counts::default();
-    let out = metrics::with_local_recorder(&counts, f);
-    (out, counts)
 }
