@@ -430,24 +430,29 @@ async fn handle_hit(
     for e in &parsed.events {
         let mut payload = None;
         for tag in &pipeline.tags {
-            let decision = tag.trigger.evaluate(e);
-            if let Some(t) = trace.as_mut() {
-                t.tags.push(TagTrace {
-                    tag: tag.name.to_string(),
-                    kind: tag.tag.kind(),
-                    event_id: e.event_id.clone(),
-                    event_name: e.event_name.clone(),
-                    fired: decision.fired,
-                    outcome: if decision.fired {
-                        TagOutcome::new("queued", "in the outbox")
-                    } else {
-                        TagOutcome::new("not_fired", decision.reason.clone())
-                    },
-                    reason: decision.reason,
-                    attempts: Vec::new(),
-                });
-            }
-            if decision.fired {
+            // Explanations are only built for traced hits; the hot path asks yes or no.
+            let fired = match trace.as_mut() {
+                None => tag.trigger.fires(e),
+                Some(t) => {
+                    let decision = tag.trigger.evaluate(e);
+                    t.tags.push(TagTrace {
+                        tag: tag.name.to_string(),
+                        kind: tag.tag.kind(),
+                        event_id: e.event_id.clone(),
+                        event_name: e.event_name.clone(),
+                        fired: decision.fired,
+                        outcome: if decision.fired {
+                            TagOutcome::new("queued", "in the outbox")
+                        } else {
+                            TagOutcome::new("not_fired", decision.reason.clone())
+                        },
+                        reason: decision.reason,
+                        attempts: Vec::new(),
+                    });
+                    decision.fired
+                }
+            };
+            if fired {
                 let payload = match &payload {
                     Some(p) => Bytes::clone(p),
                     None => {

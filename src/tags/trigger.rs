@@ -16,6 +16,16 @@ use serde::Deserialize;
 use crate::config::ConsentDefault;
 use crate::event::{ConsentState, Event, FieldValue};
 
+/// A trigger's verdict before it is put into words.
+enum Verdict<'a> {
+    Fired,
+    OtherEvent,
+    ConsentDenied(&'a str),
+    ConsentUnknown(&'a str),
+    ConditionFailed(usize, &'a Condition),
+    Excepted(usize, &'a Condition),
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TriggerConfig {
@@ -396,49 +406,61 @@ impl Trigger {
         })
     }
 
+    /// Whether the tag fires: the hot path, which never builds an explanation.
+    pub fn fires(&self, event: &Event) -> bool {
+        matches!(self.verdict(event), Verdict::Fired)
+    }
+
+    /// Whether the tag fires and why (for the debug view).
     pub fn evaluate(&self, event: &Event) -> Decision {
+        let reason = match self.verdict(event) {
+            Verdict::Fired => {
+                return Decision {
+                    fired: true,
+                    reason: String::from("fired"),
+                }
+            }
+            Verdict::OtherEvent => format!("event `{}` is not in trigger.events", event.event_name),
+            Verdict::ConsentDenied(c) => format!("consent `{c}` is denied"),
+            Verdict::ConsentUnknown(c) => {
+                format!("consent `{c}` is unknown and cookies.consent_default is denied")
+            }
+            Verdict::ConditionFailed(i, c) => {
+                format!("condition {i} failed: {}", c.describe(event, false))
+            }
+            Verdict::Excepted(i, c) => {
+                format!("blocked by exception {i}: {}", c.describe(event, true))
+            }
+        };
+        Decision::no(reason)
+    }
+
+    fn verdict(&self, event: &Event) -> Verdict<'_> {
         if !self.all_events && !self.events.iter().any(|e| e == &event.event_name) {
-            return Decision::no(format!(
-                "event `{}` is not in trigger.events",
-                event.event_name
-            ));
+            return Verdict::OtherEvent;
         }
         for c in &self.consent {
-            let state = event.consent.get(c).unwrap_or(ConsentState::Unknown);
-            match state {
+            match event.consent.get(c).unwrap_or(ConsentState::Unknown) {
                 ConsentState::Granted => {}
-                ConsentState::Denied => {
-                    return Decision::no(format!("consent `{c}` is denied"));
-                }
+                ConsentState::Denied => return Verdict::ConsentDenied(c),
                 ConsentState::Unknown => {
                     if self.consent_default != ConsentDefault::Granted {
-                        return Decision::no(format!(
-                            "consent `{c}` is unknown and cookies.consent_default is denied"
-                        ));
+                        return Verdict::ConsentUnknown(c);
                     }
                 }
             }
         }
         for (i, c) in self.conditions.iter().enumerate() {
             if !c.holds(event) {
-                return Decision::no(format!(
-                    "condition {i} failed: {}",
-                    c.describe(event, false)
-                ));
+                return Verdict::ConditionFailed(i, c);
             }
         }
         for (i, c) in self.exceptions.iter().enumerate() {
             if c.holds(event) {
-                return Decision::no(format!(
-                    "blocked by exception {i}: {}",
-                    c.describe(event, true)
-                ));
+                return Verdict::Excepted(i, c);
             }
         }
-        Decision {
-            fired: true,
-            reason: String::from("fired"),
-        }
+        Verdict::Fired
     }
 
     /// A one-line summary of the trigger for the debug view.
@@ -480,6 +502,51 @@ mod tests {
             ..Default::default()
         };
         Trigger::build(&cfg, ConsentDefault::Granted).unwrap()
+    }
+
+    #[test]
+    fn fires_agrees_with_evaluate() {
+        let mut gt = cond("value");
+        gt.gt = Some(50.0);
+        let mut starts = cond("page_location");
+        starts.starts_with = Some("https://shop.".into());
+        let mut exception = cond("params.coupon");
+        exception.equals = Some(Scalar::Str("SUMMER".into()));
+        let cases = [
+            trigger_with(vec![]),
+            trigger_with(vec![gt]),
+            trigger_with(vec![starts.clone()]),
+            Trigger::build(
+                &TriggerConfig {
+                    conditions: vec![starts],
+                    exceptions: vec![exception],
+                    ..Default::default()
+                },
+                ConsentDefault::Granted,
+            )
+            .unwrap(),
+            Trigger::build(
+                &TriggerConfig {
+                    events: vec!["page_view".into()],
+                    ..Default::default()
+                },
+                ConsentDefault::Granted,
+            )
+            .unwrap(),
+            Trigger::build(
+                &TriggerConfig {
+                    consent: vec!["ad_storage".into()],
+                    ..Default::default()
+                },
+                ConsentDefault::Denied,
+            )
+            .unwrap(),
+        ];
+        let fired: Vec<bool> = cases.iter().map(|t| t.fires(&event())).collect();
+        assert_eq!(fired, [true, false, true, false, false, false]);
+        for t in &cases {
+            assert_eq!(t.fires(&event()), t.evaluate(&event()).fired);
+        }
     }
 
     fn event() -> Event {
