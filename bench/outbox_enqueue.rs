@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tagrelay::config::{FsyncMode, OutboxConfig};
-use tagrelay::outbox::{NewRecord, Outbox, SqliteOutbox};
+use tagrelay::outbox::{NewEvent, Outbox, SqliteOutbox};
 
 const TASKS: usize = 64;
 const RECORDS: usize = 200_000;
@@ -55,10 +55,11 @@ async fn run(mode: FsyncMode, name: &'static str, interval_ms: u64) -> Row {
             let mut latencies = Vec::with_capacity(per_task);
             for i in 0..per_task {
                 let n = t * per_task + i;
-                let rec = NewRecord {
-                    tag: tag.clone(),
+                let rec = NewEvent {
                     event_id: format!("{n:016x}"),
                     payload: payload(n),
+                    event: None,
+                    tags: vec![tag.clone()],
                     enqueued_at_ms: 1_700_000_000_000,
                 };
                 let began = Instant::now();

@@ -7,6 +7,7 @@ pub mod client_ip;
 pub mod cors;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
@@ -23,8 +24,9 @@ use tower_http::trace::{DefaultOnFailure, TraceLayer};
 use crate::admin::trace::{self, TagOutcome, TagTrace, Trace};
 use crate::app::AppState;
 use crate::clients::{ClientError, ClientResponse, HitRequest};
+use crate::event::Event;
 use crate::identity::{CookieDecision, IdentityInput};
-use crate::outbox::{EnqueueError, NewRecord};
+use crate::outbox::{EnqueueError, NewEvent};
 use crate::pipeline::Pipeline;
 
 /// Bounded route label for metrics and logs, set by handlers as a response extension.
@@ -426,9 +428,14 @@ async fn handle_hit(
         Vec::new()
     };
 
-    let mut records = Vec::new();
-    for e in &parsed.events {
-        let mut payload = None;
+    // Shared with the dispatchers, which then never re-parse what was just stored.
+    let events: Vec<Arc<Event>> = std::mem::take(&mut parsed.events)
+        .into_iter()
+        .map(Arc::new)
+        .collect();
+    let mut queued: Vec<NewEvent> = Vec::with_capacity(events.len());
+    for e in &events {
+        let mut fired_tags: Vec<Arc<str>> = Vec::new();
         for tag in &pipeline.tags {
             // Explanations are only built for traced hits; the hot path asks yes or no.
             let fired = match trace.as_mut() {
@@ -453,35 +460,32 @@ async fn handle_hit(
                 }
             };
             if fired {
-                let payload = match &payload {
-                    Some(p) => Bytes::clone(p),
-                    None => {
-                        let p = Bytes::from(serde_json::to_vec(e).map_err(|err| {
-                            tracing::error!(error = %err, "could not serialize an event; hit answered 500");
-                            HitError::Store
-                        })?);
-                        payload.insert(p).clone()
-                    }
-                };
-                records.push(NewRecord {
-                    tag: tag.name.clone(),
-                    event_id: e.event_id.clone(),
-                    payload,
-                    enqueued_at_ms: now_ms,
-                });
+                fired_tags.push(tag.name.clone());
             }
+        }
+        if !fired_tags.is_empty() {
+            let payload = Bytes::from(serde_json::to_vec(&**e).map_err(|err| {
+                tracing::error!(error = %err, "could not serialize an event; hit answered 500");
+                HitError::Store
+            })?);
+            queued.push(NewEvent {
+                event_id: e.event_id.clone(),
+                payload,
+                event: Some(e.clone()),
+                tags: fired_tags,
+                enqueued_at_ms: now_ms,
+            });
         }
     }
     if let Some(t) = trace.as_mut() {
-        t.events = parsed
-            .events
+        t.events = events
             .iter()
             .filter_map(|e| serde_json::to_value(e).ok())
             .collect();
         t.cookies = cookies.clone();
     }
-    if !records.is_empty() {
-        let stored = ctx.state.outbox().enqueue(records).await.map_err(|e| match e {
+    if !queued.is_empty() {
+        let stored = ctx.state.outbox().enqueue(queued).await.map_err(|e| match e {
             EnqueueError::Full { retry_after_secs } => HitError::Full(retry_after_secs),
             EnqueueError::Closed => HitError::Closed,
             EnqueueError::Io(msg) => {
@@ -497,13 +501,12 @@ async fn handle_hit(
         stored?;
     }
     metrics::counter!("tagrelay_events_total", "client" => client.kind())
-        .increment(parsed.events.len() as u64);
+        .increment(events.len() as u64);
 
     let mut resp = match parsed.response {
         ClientResponse::NoContent => StatusCode::NO_CONTENT.into_response(),
         ClientResponse::EventIds => {
-            let events: Vec<serde_json::Value> = parsed
-                .events
+            let events: Vec<serde_json::Value> = events
                 .iter()
                 .map(|e| serde_json::json!({"event_id": e.event_id, "event_name": e.event_name}))
                 .collect();

@@ -310,12 +310,26 @@ async fn idle(
     shutdown.borrow().is_none()
 }
 
+/// Records one tag's dispatcher may hold in memory, handed over by the writer, per batch
+/// it can have in flight: enough to keep every permit busy between two wake-ups.
+const HOT_BATCHES_PER_PERMIT: usize = 4;
+
 async fn run_tag(inner: Arc<Inner>, name: Arc<str>) {
     let wake = inner.store.wakeup(&name);
     let permits = Arc::new(Semaphore::new(inner.settings.concurrency));
     let mut shutdown = inner.shutdown.subscribe();
     let mut tasks: JoinSet<()> = JoinSet::new();
     let lease_ms = u64::try_from(inner.settings.lease_timeout.as_millis()).unwrap_or(u64::MAX);
+    let hot = inner.pipeline.load().tag(&name).and_then(|t| {
+        let capacity =
+            (t.tag.max_batch().max(1) * inner.settings.concurrency * HOT_BATCHES_PER_PERMIT)
+                .clamp(256, 16_384);
+        inner.store.subscribe_hot(&name, capacity, lease_ms)
+    });
+    // Records can be due in the store (retries, overflow, a previous process's backlog):
+    // look there first, then whenever the writer left some there, and at least every poll.
+    let mut store_due = true;
+    let mut last_store_look = Instant::now();
     loop {
         while let Some(done) = tasks.try_join_next() {
             if let Err(e) = done {
@@ -339,18 +353,38 @@ async fn run_tag(inner: Arc<Inner>, name: Arc<str>) {
             _ = shutdown.changed() => continue,
         };
         let limit = tag.tag.max_batch().max(1);
-        let batch = match inner.store.lease(&name, now_ms(), limit, lease_ms).await {
-            Ok(b) => b,
-            Err(StoreError::Closed) => break,
-            Err(e) => {
-                tracing::warn!(tag = %name, error = %e, "outbox: lease failed; retrying");
-                drop(permit);
-                if !idle(&inner, &wake, &mut shutdown).await {
-                    break;
-                }
-                continue;
+        if let Some(q) = &hot {
+            store_due |= q.take_overflowed();
+        }
+        store_due |= last_store_look.elapsed() >= inner.settings.idle_poll;
+        let mut batch = Vec::new();
+        if !store_due {
+            if let Some(q) = &hot {
+                batch = q.take(limit);
             }
-        };
+        }
+        if batch.is_empty() {
+            last_store_look = Instant::now();
+            batch = match inner.store.lease(&name, now_ms(), limit, lease_ms).await {
+                Ok(b) => b,
+                Err(StoreError::Closed) => break,
+                Err(e) => {
+                    tracing::warn!(tag = %name, error = %e, "outbox: lease failed; retrying");
+                    drop(permit);
+                    if !idle(&inner, &wake, &mut shutdown).await {
+                        break;
+                    }
+                    continue;
+                }
+            };
+            // A full batch means there may be more due in the store.
+            store_due = batch.len() >= limit;
+            if batch.is_empty() {
+                if let Some(q) = &hot {
+                    batch = q.take(limit);
+                }
+            }
+        }
         if batch.is_empty() {
             drop(permit);
             if !idle(&inner, &wake, &mut shutdown).await {
@@ -360,10 +394,15 @@ async fn run_tag(inner: Arc<Inner>, name: Arc<str>) {
         }
         let full = batch.len() >= limit;
         tasks.spawn(deliver(inner.clone(), tag, batch, permit));
-        // A partial batch means everything due was taken: wait for more rather than spin.
-        if !full && !idle(&inner, &wake, &mut shutdown).await {
+        let more_waiting = store_due || hot.as_ref().is_some_and(|q| !q.is_empty());
+        // A partial batch with nothing else waiting means everything due was taken: wait
+        // for more rather than spin.
+        if !full && !more_waiting && !idle(&inner, &wake, &mut shutdown).await {
             break;
         }
+    }
+    if hot.is_some() {
+        inner.store.unsubscribe_hot(&name);
     }
     let deadline = *shutdown.borrow();
     match deadline {
@@ -435,13 +474,17 @@ async fn deliver(
     };
     let is_meta = tag.tag.kind() == "meta_capi";
     let mut fates: Vec<Fate> = vec![Fate::Undecided; batch.len()];
-    let mut events: Vec<Event> = Vec::with_capacity(batch.len());
+    let mut events: Vec<Arc<Event>> = Vec::with_capacity(batch.len());
     // Event index (what the tag sees) → record index.
     let mut owners: Vec<usize> = Vec::with_capacity(batch.len());
     let mut invalid = 0u64;
     let mut expired = 0u64;
     for (i, rec) in batch.iter().enumerate() {
-        match serde_json::from_slice::<Event>(&rec.payload) {
+        let parsed = match &rec.event {
+            Some(ev) => Ok(ev.clone()),
+            None => serde_json::from_slice::<Event>(&rec.payload).map(Arc::new),
+        };
+        match parsed {
             Ok(ev) => {
                 let born = if ev.timestamp_ms > 0 {
                     ev.timestamp_ms
@@ -484,7 +527,8 @@ async fn deliver(
     let encoded = if events.is_empty() {
         Encoded::default()
     } else {
-        tag.tag.encode(&events, now)
+        let refs: Vec<&Event> = events.iter().map(|e| &**e).collect();
+        tag.tag.encode_batch(&refs, now)
     };
     let mut rejected = 0u64;
     for (idx, reason) in &encoded.rejected {
@@ -698,7 +742,7 @@ async fn deliver(
 async fn bisect(
     inner: &Inner,
     tag: &TagInstance,
-    events: &[Event],
+    events: &[Arc<Event>],
     idxs: &[usize],
     now: i64,
     batch: &[LeasedRecord],
@@ -710,11 +754,11 @@ async fn bisect(
         let (a, b) = set.split_at(set.len() / 2);
         let mut results = Vec::with_capacity(2);
         for half in [a, b] {
-            let subset: Vec<Event> = half
+            let subset: Vec<&Event> = half
                 .iter()
-                .filter_map(|&i| events.get(i).cloned())
+                .filter_map(|&i| events.get(i).map(|e| &**e))
                 .collect();
-            let encoded = tag.tag.encode(&subset, now);
+            let encoded = tag.tag.encode_batch(&subset, now);
             let mut fates: Vec<(usize, Fate)> = Vec::new();
             for (sub, reason) in &encoded.rejected {
                 fates.extend(half.get(*sub).map(|&i| (i, Fate::Rejected(reason.clone()))));

@@ -21,9 +21,16 @@ mod tests;
 
 use std::sync::Arc;
 
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
 use async_trait::async_trait;
 use bytes::Bytes;
 use tokio::sync::Notify;
+
+use crate::event::Event;
 
 pub use dispatcher::{
     spawn_dispatchers, DeliveryObserver, DispatchSettings, Dispatchers, NoopObserver,
@@ -31,14 +38,26 @@ pub use dispatcher::{
 pub use retry::RetryPolicy;
 pub use sqlite::SqliteOutbox;
 
-/// One event queued for one tag.
+/// One event queued for every tag it fired: the store keeps its payload once and one small
+/// delivery record per tag.
 #[derive(Debug, Clone, PartialEq)]
-pub struct NewRecord {
-    pub tag: Arc<str>,
+pub struct NewEvent {
     pub event_id: String,
-    /// The event, serialized as JSON once and shared by every tag it fired.
+    /// The event serialized as JSON: what survives a restart.
     pub payload: Bytes,
+    /// The same event, parsed, handed straight to dispatchers that are keeping up so the hot
+    /// path never re-reads or re-parses what it just wrote. `None`: dispatchers parse `payload`.
+    pub event: Option<Arc<Event>>,
+    /// Tags that fired for this event (one delivery record each).
+    pub tags: Vec<Arc<str>>,
     pub enqueued_at_ms: i64,
+}
+
+impl NewEvent {
+    /// Delivery records this event adds.
+    pub fn records(&self) -> usize {
+        self.tags.len()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -63,7 +82,7 @@ pub enum StoreError {
 /// The hit path's view of the outbox. `enqueue` resolves once the records are committed.
 #[async_trait]
 pub trait Outbox: Send + Sync + 'static {
-    async fn enqueue(&self, records: Vec<NewRecord>) -> Result<(), EnqueueError>;
+    async fn enqueue(&self, events: Vec<NewEvent>) -> Result<(), EnqueueError>;
     /// Open and accepting writes (for `/readyz`).
     fn is_open(&self) -> bool;
 }
@@ -76,6 +95,8 @@ pub struct LeasedRecord {
     pub tag: Arc<str>,
     pub event_id: String,
     pub payload: Bytes,
+    /// Set when the record came straight from the writer (see [`HotQueue`]).
+    pub event: Option<Arc<Event>>,
     /// Failed attempts so far.
     pub attempts: u32,
     pub first_enqueued_ms: i64,
@@ -141,6 +162,15 @@ pub trait DeliveryStore: Outbox {
     async fn settle(&self, settlement: Settlement) -> Result<(), StoreError>;
     /// Signalled (at most once per commit) when records for `tag` were committed.
     fn wakeup(&self, tag: &str) -> Arc<Notify>;
+    /// Asks the store to hand newly committed records of `tag` straight to the returned
+    /// queue, already leased, instead of leaving them to be found by [`lease`](Self::lease).
+    /// `None` when the store cannot (then everything goes through `lease`).
+    fn subscribe_hot(&self, _tag: &str, _capacity: usize, _lease_ms: u64) -> Option<Arc<HotQueue>> {
+        None
+    }
+    /// The dispatcher of `tag` stopped: stop handing records to its queue. Records still in
+    /// it stay leased in the store until their lease passes, then are leased again.
+    fn unsubscribe_hot(&self, _tag: &str) {}
     /// Pending records per tag (a scan: call every few seconds, not per hit).
     async fn backlog(&self, now_ms: i64) -> Result<Vec<TagBacklog>, StoreError>;
     /// Stops accepting writes, flushes everything queued, and releases the store.
@@ -173,6 +203,88 @@ pub trait DeliveryStore: Outbox {
             ..Settlement::default()
         })
         .await
+    }
+}
+
+/// Records the writer leased for a dispatcher at the moment it committed them: the in-memory
+/// fast path. The store row is written already leased (for `lease_ms`), so nothing else
+/// leases it while it waits here; if the process dies, the lease is cleared at the next open
+/// and the record is sent again, exactly as for a record leased from the store.
+#[derive(Debug)]
+pub struct HotQueue {
+    queue: Mutex<VecDeque<(Instant, LeasedRecord)>>,
+    capacity: usize,
+    lease_ms: u64,
+    /// Records were written due (not handed over) because the queue was full: the
+    /// dispatcher must look in the store.
+    overflowed: AtomicBool,
+}
+
+impl HotQueue {
+    pub fn new(capacity: usize, lease_ms: u64) -> Self {
+        HotQueue {
+            queue: Mutex::new(VecDeque::with_capacity(capacity.min(4096))),
+            capacity,
+            lease_ms,
+            overflowed: AtomicBool::new(false),
+        }
+    }
+
+    /// How long a handed-over record stays leased in the store.
+    pub fn lease_ms(&self) -> u64 {
+        self.lease_ms
+    }
+
+    /// Room for `n` more records on top of `reserved` already promised in this commit.
+    pub fn has_room(&self, reserved: usize, n: usize) -> bool {
+        self.len() + reserved + n <= self.capacity
+    }
+
+    pub fn len(&self) -> usize {
+        self.queue.lock().map(|q| q.len()).unwrap_or(usize::MAX)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Called by the store after the records are committed.
+    pub fn push(&self, records: impl IntoIterator<Item = LeasedRecord>) {
+        let now = Instant::now();
+        if let Ok(mut q) = self.queue.lock() {
+            q.extend(records.into_iter().map(|r| (now, r)));
+        }
+    }
+
+    pub fn mark_overflowed(&self) {
+        self.overflowed.store(true, Ordering::Release);
+    }
+
+    /// Whether records were left in the store since the last call.
+    pub fn take_overflowed(&self) -> bool {
+        self.overflowed.swap(false, Ordering::AcqRel)
+    }
+
+    /// Takes up to `limit` records, oldest first. Records that waited here for half their
+    /// lease or more are dropped instead: sending them now could overlap with the store
+    /// leasing them again once the lease passes, so they are left to that.
+    pub fn take(&self, limit: usize) -> Vec<LeasedRecord> {
+        let Ok(mut q) = self.queue.lock() else {
+            return Vec::new();
+        };
+        let stale = std::time::Duration::from_millis(self.lease_ms / 2);
+        let mut out = Vec::with_capacity(limit.min(q.len()));
+        while out.len() < limit {
+            let Some((at, rec)) = q.pop_front() else {
+                break;
+            };
+            if at.elapsed() < stale {
+                out.push(rec);
+            } else {
+                self.overflowed.store(true, Ordering::Release);
+            }
+        }
+        out
     }
 }
 

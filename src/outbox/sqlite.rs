@@ -33,7 +33,7 @@ use tokio::sync::{oneshot, Notify};
 
 use super::writer::{self, Op};
 use super::{
-    DeliveryStore, EnqueueError, LeasedRecord, NewRecord, Outbox, Settlement, StoreError,
+    DeliveryStore, EnqueueError, HotQueue, LeasedRecord, NewEvent, Outbox, Settlement, StoreError,
     TagBacklog,
 };
 use crate::config::{FsyncMode, OutboxConfig};
@@ -45,15 +45,22 @@ pub const DB_FILE: &str = "outbox.sqlite3";
 const FULL_RETRY_AFTER_SECS: u64 = 5;
 /// At most one "outbox full" error log per this many milliseconds.
 const FULL_LOG_EVERY_MS: i64 = 10_000;
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 pub(crate) const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
+// Version 2 keeps each event's payload once (`events`) and one small delivery row per tag
+// (`pending`): a hit firing two tags writes its ~1 KB payload once, and leases, retries and
+// acks touch only the small rows.
 const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY,
+    event_id TEXT NOT NULL,
+    payload BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS pending (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     tag TEXT NOT NULL,
-    event_id TEXT NOT NULL,
-    payload BLOB NOT NULL,
+    event_row INTEGER NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0,
     next_attempt_ms INTEGER NOT NULL,
     first_enqueued_ms INTEGER NOT NULL,
@@ -61,6 +68,7 @@ CREATE TABLE IF NOT EXISTS pending (
     lease_until_ms INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS pending_due ON pending (tag, next_attempt_ms);
+CREATE INDEX IF NOT EXISTS pending_event ON pending (event_row);
 CREATE TABLE IF NOT EXISTS dead_letters (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     tag TEXT NOT NULL,
@@ -82,6 +90,33 @@ CREATE TABLE IF NOT EXISTS outbox_totals (
 );
 ";
 
+/// Version 1 stored the payload in every pending row. Each row becomes one event and one
+/// delivery with the same id; the totals are recomputed (bytes now count payloads once).
+const MIGRATE_V1: &str = "
+ALTER TABLE pending RENAME TO pending_v1;
+DROP INDEX IF EXISTS pending_due;
+CREATE TABLE events (
+    id INTEGER PRIMARY KEY,
+    event_id TEXT NOT NULL,
+    payload BLOB NOT NULL
+);
+CREATE TABLE pending (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    tag TEXT NOT NULL,
+    event_row INTEGER NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_ms INTEGER NOT NULL,
+    first_enqueued_ms INTEGER NOT NULL,
+    last_error TEXT,
+    lease_until_ms INTEGER NOT NULL DEFAULT 0
+);
+INSERT INTO events (id, event_id, payload) SELECT id, event_id, payload FROM pending_v1;
+INSERT INTO pending (id, tag, event_row, attempts, next_attempt_ms, first_enqueued_ms, last_error, lease_until_ms)
+    SELECT id, tag, id, attempts, next_attempt_ms, first_enqueued_ms, last_error, lease_until_ms FROM pending_v1;
+DROP TABLE pending_v1;
+DELETE FROM outbox_totals;
+";
+
 /// State shared by the async handle and the writer thread.
 #[derive(Debug, Default)]
 pub(crate) struct Shared {
@@ -95,6 +130,8 @@ pub(crate) struct Shared {
     pub commits: AtomicU64,
     pub last_full_log_ms: AtomicI64,
     pub wakeups: RwLock<HashMap<Arc<str>, Arc<Notify>>>,
+    /// Dispatchers that take freshly committed records straight from the writer.
+    pub hot: RwLock<HashMap<Arc<str>, Arc<HotQueue>>>,
 }
 
 impl Shared {
@@ -109,6 +146,10 @@ impl Shared {
             // A poisoned map only loses wake-ups; dispatchers still poll.
             Err(_) => Arc::new(Notify::new()),
         }
+    }
+
+    pub fn hot_queue(&self, tag: &str) -> Option<Arc<HotQueue>> {
+        self.hot.read().ok().and_then(|m| m.get(tag).cloned())
     }
 
     /// Wakes the dispatcher of `tag` if one ever asked for wake-ups.
@@ -175,9 +216,7 @@ impl SqliteOutbox {
                 path.display()
             ));
         }
-        conn.execute_batch(SCHEMA).map_err(ctx)?;
-        conn.pragma_update(None, "user_version", SCHEMA_VERSION)
-            .map_err(ctx)?;
+        migrate(&conn, version).map_err(ctx)?;
         // Records in flight when the previous process stopped are due at once, in their
         // original order (first_enqueued_ms is always in the past).
         let cleared = conn
@@ -306,15 +345,19 @@ impl SqliteOutbox {
 
 #[async_trait]
 impl Outbox for SqliteOutbox {
-    async fn enqueue(&self, records: Vec<NewRecord>) -> Result<(), EnqueueError> {
-        if records.is_empty() {
+    async fn enqueue(&self, events: Vec<NewEvent>) -> Result<(), EnqueueError> {
+        let n: u64 = events.iter().map(|e| e.records() as u64).sum();
+        if n == 0 {
             return Ok(());
         }
         if !self.is_open() {
             return Err(EnqueueError::Closed);
         }
-        let n = records.len() as u64;
-        let bytes: u64 = records.iter().map(|r| r.payload.len() as u64).sum();
+        let bytes: u64 = events
+            .iter()
+            .filter(|e| !e.tags.is_empty())
+            .map(|e| e.payload.len() as u64)
+            .sum();
         // A soft cap: concurrent enqueues may overshoot by what they carry, never by more.
         let (cur_records, cur_bytes) = self.pending_totals();
         if cur_records.saturating_add(n) > self.max_records
@@ -328,7 +371,8 @@ impl Outbox for SqliteOutbox {
             .fetch_add(bytes, Ordering::AcqRel);
         let (done, wait) = oneshot::channel();
         if !self.send(Op::Enqueue {
-            records,
+            events,
+            records: n,
             bytes,
             done,
         }) {
@@ -387,6 +431,22 @@ impl DeliveryStore for SqliteOutbox {
         self.shared.wakeup(tag)
     }
 
+    fn subscribe_hot(&self, tag: &str, capacity: usize, lease_ms: u64) -> Option<Arc<HotQueue>> {
+        let queue = Arc::new(HotQueue::new(capacity, lease_ms));
+        self.shared
+            .hot
+            .write()
+            .ok()?
+            .insert(Arc::from(tag), queue.clone());
+        Some(queue)
+    }
+
+    fn unsubscribe_hot(&self, tag: &str) {
+        if let Ok(mut map) = self.shared.hot.write() {
+            map.remove(tag);
+        }
+    }
+
     async fn backlog(&self, now_ms: i64) -> Result<Vec<TagBacklog>, StoreError> {
         let reader = self.reader.clone();
         tokio::task::spawn_blocking(move || {
@@ -430,6 +490,32 @@ fn configure_writer(conn: &Connection, fsync: FsyncMode) -> Result<(), String> {
     Ok(())
 }
 
+/// Brings the schema to [`SCHEMA_VERSION`] in one transaction.
+fn migrate(conn: &Connection, version: i64) -> rusqlite::Result<()> {
+    let v1_tables: i64 = conn.query_row(
+        "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'pending'
+         AND sql LIKE '%payload%'",
+        [],
+        |r| r.get(0),
+    )?;
+    conn.execute_batch("BEGIN IMMEDIATE")?;
+    let result = (|| {
+        if version <= 1 && v1_tables > 0 {
+            conn.execute_batch(MIGRATE_V1)?;
+            tracing::info!("outbox: migrated the store to schema version {SCHEMA_VERSION}");
+        }
+        conn.execute_batch(SCHEMA)?;
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION)
+    })();
+    match result {
+        Ok(()) => conn.execute_batch("COMMIT"),
+        Err(e) => {
+            let _ = conn.execute_batch("ROLLBACK");
+            Err(e)
+        }
+    }
+}
+
 /// Reads the pending totals row, computing it (one scan) if this database has none yet.
 fn load_totals(conn: &Connection) -> rusqlite::Result<(u64, u64)> {
     let row: Option<(i64, i64)> = conn
@@ -443,7 +529,8 @@ fn load_totals(conn: &Connection) -> rusqlite::Result<(u64, u64)> {
         Some(v) => v,
         None => {
             let v: (i64, i64) = conn.query_row(
-                "SELECT count(*), coalesce(sum(length(payload)), 0) FROM pending",
+                "SELECT (SELECT count(*) FROM pending),
+                        (SELECT coalesce(sum(length(payload)), 0) FROM events)",
                 [],
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )?;

@@ -41,16 +41,17 @@ fn payload(event_id: &str, name: &str) -> Bytes {
     Bytes::from(serde_json::to_vec(&ev).unwrap())
 }
 
-fn record(tag: &str, event_id: &str, at_ms: i64) -> NewRecord {
-    NewRecord {
-        tag: Arc::from(tag),
+fn record(tag: &str, event_id: &str, at_ms: i64) -> NewEvent {
+    NewEvent {
         event_id: event_id.into(),
         payload: payload(event_id, "purchase"),
+        event: None,
+        tags: vec![Arc::from(tag)],
         enqueued_at_ms: at_ms,
     }
 }
 
-fn records(tag: &str, prefix: &str, n: usize) -> Vec<NewRecord> {
+fn records(tag: &str, prefix: &str, n: usize) -> Vec<NewEvent> {
     let now = now_ms();
     (0..n)
         .map(|i| record(tag, &format!("{prefix}{i}"), now))
@@ -61,7 +62,10 @@ fn records(tag: &str, prefix: &str, n: usize) -> Vec<NewRecord> {
 fn pending_rows(path: &std::path::Path) -> Vec<(String, String, i64, i64, i64)> {
     let conn = rusqlite::Connection::open(path).unwrap();
     let mut stmt = conn
-        .prepare("SELECT tag, event_id, attempts, next_attempt_ms, lease_until_ms FROM pending ORDER BY id")
+        .prepare(
+            "SELECT p.tag, e.event_id, p.attempts, p.next_attempt_ms, p.lease_until_ms
+             FROM pending p JOIN events e ON e.id = p.event_row ORDER BY p.id",
+        )
         .unwrap();
     let rows = stmt
         .query_map([], |r| {
@@ -98,7 +102,7 @@ impl Tag for TestTag {
     fn timeout(&self) -> Duration {
         Duration::from_millis(500)
     }
-    fn encode(&self, events: &[Event], _now_ms: i64) -> Encoded {
+    fn encode_batch(&self, events: &[&Event], _now_ms: i64) -> Encoded {
         let mut out = Encoded::default();
         let mut body = Vec::new();
         let mut idxs = Vec::new();
@@ -647,15 +651,15 @@ async fn rejected_events_are_dead_lettered_and_replay_delivers_them() {
     let (h, _) = Harness::start(|_| {}, vec![tag], recorder.clone()).await;
     let now = now_ms();
     let mut recs = vec![record("vendor", "ok-1", now), record("vendor", "ok-2", now)];
-    recs.push(NewRecord {
+    recs.push(NewEvent {
         payload: payload("named-bad", "bad"),
         ..record("vendor", "named-bad", now)
     });
-    recs.push(NewRecord {
+    recs.push(NewEvent {
         payload: payload("named-skip", "skip"),
         ..record("vendor", "named-skip", now)
     });
-    recs.push(NewRecord {
+    recs.push(NewEvent {
         payload: Bytes::from_static(b"{not json"),
         ..record("vendor", "garbage", now)
     });
@@ -755,7 +759,7 @@ async fn meta_events_older_than_seven_days_are_not_sent() {
         ..Event::default()
     };
     let mut recs = records("meta", "fresh", 1);
-    recs.push(NewRecord {
+    recs.push(NewEvent {
         payload: Bytes::from(serde_json::to_vec(&old).unwrap()),
         ..record("meta", "old", now_ms())
     });
@@ -1045,4 +1049,213 @@ async fn a_second_server_cannot_open_the_same_outbox() {
     SqliteOutbox::open(&cfg)
         .await
         .expect("reopens once the first is gone");
+}
+
+// ---------------------------------------------------------------- schema v2 and the hot path
+
+fn count(path: &std::path::Path, sql: &str) -> i64 {
+    let conn = rusqlite::Connection::open(path).unwrap();
+    conn.query_row(sql, [], |r| r.get(0)).unwrap()
+}
+
+#[tokio::test]
+async fn an_event_firing_two_tags_is_stored_once_and_goes_with_its_last_delivery() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), FsyncMode::Off);
+    let outbox = SqliteOutbox::open(&cfg).await.unwrap();
+    let ev = NewEvent {
+        tags: vec![Arc::from("ga4"), Arc::from("meta")],
+        ..record("ga4", "shared", now_ms())
+    };
+    let size = ev.payload.len() as u64;
+    outbox.enqueue(vec![ev]).await.unwrap();
+    let db = outbox.db_path().to_path_buf();
+    assert_eq!(count(&db, "SELECT count(*) FROM events"), 1);
+    assert_eq!(count(&db, "SELECT count(*) FROM pending"), 2);
+    assert_eq!(
+        outbox.pending_totals(),
+        (2, size),
+        "bytes count the payload once"
+    );
+
+    let now = now_ms();
+    let ga4 = outbox.lease("ga4", now, 10, 60_000).await.unwrap();
+    let meta = outbox.lease("meta", now, 10, 60_000).await.unwrap();
+    assert_eq!((ga4.len(), meta.len()), (1, 1));
+    assert_eq!(ga4[0].payload, meta[0].payload);
+    assert_eq!(meta[0].event_id, "shared");
+
+    outbox.ack(vec![ga4[0].id], now).await.unwrap();
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM events"),
+        1,
+        "meta still needs it"
+    );
+    assert_eq!(outbox.pending_totals(), (1, size));
+    // Dead-lettering the last delivery keeps a copy of the payload in the dead letter.
+    outbox
+        .dead_letter(
+            vec![DeadLetterRequest {
+                id: meta[0].id,
+                reason: "rejected: test".into(),
+                attempted: true,
+            }],
+            now,
+        )
+        .await
+        .unwrap();
+    assert_eq!(count(&db, "SELECT count(*) FROM events"), 0);
+    assert_eq!(outbox.pending_totals(), (0, 0));
+    let dead = tools::dead_letters(dir.path(), None, 10).unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].event_name.as_deref(), Some("purchase"));
+    outbox.close().await;
+}
+
+#[tokio::test]
+async fn subscribed_dispatchers_get_records_already_leased_and_parsed() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), FsyncMode::Off);
+    let outbox = SqliteOutbox::open(&cfg).await.unwrap();
+    let queue = outbox.subscribe_hot("t", 3, 60_000).unwrap();
+    let event = Arc::new(Event {
+        event_name: "purchase".into(),
+        event_id: "e0".into(),
+        ..Event::default()
+    });
+    let mut recs = records("t", "e", 5);
+    recs[0].event = Some(event.clone());
+    outbox.enqueue(recs).await.unwrap();
+
+    // Three fit in the queue; two were left due in the store, and the queue says so.
+    assert!(queue.take_overflowed());
+    let hot = queue.take(10);
+    let ids: Vec<&str> = hot.iter().map(|r| r.event_id.as_str()).collect();
+    assert_eq!(ids, vec!["e0", "e1", "e2"]);
+    assert!(
+        Arc::ptr_eq(hot[0].event.as_ref().unwrap(), &event),
+        "the hit's own event, not a re-parsed copy"
+    );
+    let rows = pending_rows(outbox.db_path());
+    assert!(
+        rows[..3].iter().all(|r| r.4 > 0),
+        "handed-over rows are leased: {rows:?}"
+    );
+    let leased = outbox.lease("t", now_ms(), 10, 60_000).await.unwrap();
+    let ids: Vec<&str> = leased.iter().map(|r| r.event_id.as_str()).collect();
+    assert_eq!(
+        ids,
+        vec!["e3", "e4"],
+        "the store hands out only what the queue did not take"
+    );
+    assert!(leased.iter().all(|r| r.event.is_none()));
+
+    // A crash with records still held in memory: they are due again at the next open.
+    let path = dir.path().to_path_buf();
+    drop(queue);
+    outbox.leak_as_if_crashed();
+    let reopened = SqliteOutbox::open(&config(&path, FsyncMode::Off))
+        .await
+        .unwrap();
+    let again = reopened.lease("t", now_ms(), 10, 60_000).await.unwrap();
+    assert_eq!(again.len(), 5, "in-memory leases end with the process");
+    reopened.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dispatcher_delivers_from_memory_and_from_the_store() {
+    let (vendor, url) = Vendor::start(Box::new(|_, _| (200, None))).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), FsyncMode::Off);
+    let outbox = SqliteOutbox::open(&cfg).await.unwrap();
+    // Records of "a previous process" wait in the store before any dispatcher runs.
+    let mut expected: Vec<String> = Vec::new();
+    let old = records("v", "old", 30);
+    expected.extend(old.iter().map(|r| r.event_id.clone()));
+    outbox.enqueue(old).await.unwrap();
+    let swap = Arc::new(ArcSwap::from_pointee(pipeline(vec![tag_instance(
+        "v", &url, 10, "test",
+    )])));
+    let d = spawn_dispatchers(
+        outbox.clone(),
+        swap,
+        fast_settings(&cfg),
+        Arc::new(NoopObserver),
+    )
+    .unwrap();
+    // Then live traffic, in bursts bigger than the in-memory queue (256 records).
+    for chunk in 0..10 {
+        let recs = records("v", &format!("new{chunk}-"), 100);
+        expected.extend(recs.iter().map(|r| r.event_id.clone()));
+        outbox.enqueue(recs).await.unwrap();
+    }
+    let expected = sorted(expected);
+    wait_until("every event delivered", Duration::from_secs(20), || {
+        vendor.delivered().len() >= expected.len()
+    })
+    .await;
+    assert_eq!(
+        vendor.delivered(),
+        expected,
+        "each record sent exactly once"
+    );
+    wait_until("store drained", Duration::from_secs(5), || {
+        outbox.pending_totals() == (0, 0)
+    })
+    .await;
+    assert_eq!(count(outbox.db_path(), "SELECT count(*) FROM events"), 0);
+    d.shutdown(Duration::from_secs(1)).await;
+    outbox.close().await;
+}
+
+#[tokio::test]
+async fn a_version_1_store_is_migrated_with_its_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join(sqlite::DB_FILE);
+    {
+        let conn = rusqlite::Connection::open(&db).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE pending (
+                id INTEGER PRIMARY KEY AUTOINCREMENT, tag TEXT NOT NULL, event_id TEXT NOT NULL,
+                payload BLOB NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
+                next_attempt_ms INTEGER NOT NULL, first_enqueued_ms INTEGER NOT NULL,
+                last_error TEXT, lease_until_ms INTEGER NOT NULL DEFAULT 0);
+             CREATE INDEX pending_due ON pending (tag, next_attempt_ms);
+             CREATE TABLE outbox_totals (id INTEGER PRIMARY KEY CHECK (id = 0),
+                records INTEGER NOT NULL, bytes INTEGER NOT NULL);
+             INSERT INTO outbox_totals VALUES (0, 2, 999);
+             PRAGMA user_version = 1;",
+        )
+        .unwrap();
+        for (tag, id, attempts) in [("ga4", "a", 0), ("meta", "b", 3)] {
+            conn.execute(
+                "INSERT INTO pending (tag, event_id, payload, attempts, next_attempt_ms, first_enqueued_ms, last_error)
+                 VALUES (?1, ?2, ?3, ?4, 1000, 1000, 'HTTP 503')",
+                rusqlite::params![tag, id, &payload(id, "purchase")[..], attempts],
+            )
+            .unwrap();
+        }
+    }
+    let outbox = SqliteOutbox::open(&config(dir.path(), FsyncMode::Off))
+        .await
+        .unwrap();
+    let size = payload("a", "purchase").len() as u64;
+    assert_eq!(outbox.pending_totals(), (2, 2 * size), "totals recomputed");
+    let ga4 = outbox.lease("ga4", now_ms(), 10, 60_000).await.unwrap();
+    let meta = outbox.lease("meta", now_ms(), 10, 60_000).await.unwrap();
+    assert_eq!(ga4[0].event_id, "a");
+    assert_eq!(meta[0].attempts, 3);
+    assert_eq!(meta[0].last_error.as_deref(), Some("HTTP 503"));
+    let ev: Event = serde_json::from_slice(&meta[0].payload).unwrap();
+    assert_eq!(ev.event_id, "b");
+    outbox
+        .ack(vec![ga4[0].id, meta[0].id], now_ms())
+        .await
+        .unwrap();
+    assert_eq!(outbox.pending_totals(), (0, 0));
+    // New records continue after the migrated ids.
+    outbox.enqueue(records("ga4", "n", 1)).await.unwrap();
+    let n = outbox.lease("ga4", now_ms(), 10, 60_000).await.unwrap();
+    assert!(n[0].id > meta[0].id);
+    outbox.close().await;
 }

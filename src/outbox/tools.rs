@@ -261,13 +261,34 @@ pub fn replay(dir: &Path, tag: Option<&str>) -> Result<usize, ToolError> {
             tx.commit().map_err(&err)?;
             return Ok(moved);
         }
-        tx.execute(
-            "INSERT INTO pending (tag, event_id, payload, attempts, next_attempt_ms, first_enqueued_ms, last_error, lease_until_ms)
-             SELECT tag, event_id, payload, 0, ?1, ?1, last_error, 0 FROM dead_letters
-             WHERE id IN (SELECT id FROM replay_batch) ORDER BY id",
-            [now],
-        )
-        .map_err(&err)?;
+        {
+            // Each dead letter carries its own copy of the event: it becomes one event and
+            // one delivery again.
+            let mut rows = tx
+                .prepare(
+                    "SELECT id FROM dead_letters WHERE id IN (SELECT id FROM replay_batch) ORDER BY id",
+                )
+                .map_err(&err)?;
+            let ids = rows
+                .query_map([], |r| r.get::<_, i64>(0))
+                .map_err(&err)?
+                .collect::<Result<Vec<i64>, _>>()
+                .map_err(&err)?;
+            let mut event = tx
+                .prepare("INSERT INTO events (event_id, payload) SELECT event_id, payload FROM dead_letters WHERE id = ?1")
+                .map_err(&err)?;
+            let mut delivery = tx
+                .prepare(
+                    "INSERT INTO pending (tag, event_row, attempts, next_attempt_ms, first_enqueued_ms, last_error, lease_until_ms)
+                     SELECT tag, ?2, 0, ?3, ?3, last_error, 0 FROM dead_letters WHERE id = ?1",
+                )
+                .map_err(&err)?;
+            for id in ids {
+                event.execute([id]).map_err(&err)?;
+                let row = tx.last_insert_rowid();
+                delivery.execute([id, row, now]).map_err(&err)?;
+            }
+        }
         tx.execute(
             "DELETE FROM dead_letters WHERE id IN (SELECT id FROM replay_batch)",
             [],

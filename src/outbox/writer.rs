@@ -7,15 +7,17 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use rusqlite::Connection;
+use rusqlite::{Connection, OptionalExtension};
 use tokio::sync::oneshot;
 
 use super::sqlite::Shared;
-use super::{EnqueueError, LeasedRecord, NewRecord, Settlement, StoreError};
+use super::{EnqueueError, HotQueue, LeasedRecord, NewEvent, Settlement, StoreError};
 
 pub(crate) enum Op {
     Enqueue {
-        records: Vec<NewRecord>,
+        events: Vec<NewEvent>,
+        /// Delivery records (events × fired tags).
+        records: u64,
         bytes: u64,
         done: oneshot::Sender<Result<(), EnqueueError>>,
     },
@@ -38,7 +40,7 @@ pub(crate) enum Op {
 impl std::fmt::Debug for Op {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Op::Enqueue { records, .. } => write!(f, "Enqueue({})", records.len()),
+            Op::Enqueue { records, .. } => write!(f, "Enqueue({records})"),
             Op::Lease { tag, limit, .. } => write!(f, "Lease({tag}, {limit})"),
             Op::Settle { settlement, .. } => write!(
                 f,
@@ -56,7 +58,7 @@ impl Op {
     /// Rows this op writes, for the `commit_max_records` budget.
     fn weight(&self) -> usize {
         match self {
-            Op::Enqueue { records, .. } => records.len(),
+            Op::Enqueue { records, .. } => usize::try_from(*records).unwrap_or(usize::MAX),
             Op::Lease { limit, .. } => *limit,
             Op::Settle { settlement, .. } => {
                 settlement.ack.len() + settlement.nack.len() + settlement.dead.len()
@@ -79,19 +81,27 @@ pub(crate) struct Settings {
     pub commit_max_records: usize,
 }
 
-const INSERT: &str = "INSERT INTO pending (tag, event_id, payload, attempts, next_attempt_ms, first_enqueued_ms, lease_until_ms)
-     VALUES (?1, ?2, ?3, 0, ?4, ?4, 0)";
+const INSERT_EVENT: &str = "INSERT INTO events (event_id, payload) VALUES (?1, ?2)";
+/// Records handed to a waiting dispatcher are written already leased (?5 > 0): nothing
+/// else may lease them while that dispatcher holds them in memory.
+const INSERT: &str = "INSERT INTO pending (tag, event_row, attempts, next_attempt_ms, first_enqueued_ms, lease_until_ms)
+     VALUES (?1, ?2, 0, ?3, ?4, ?5)";
 const LEASE: &str = "UPDATE pending SET lease_until_ms = ?1, next_attempt_ms = ?1
      WHERE id IN (SELECT id FROM pending
                   WHERE tag = ?2 AND next_attempt_ms <= ?3 AND lease_until_ms <= ?3
                   ORDER BY next_attempt_ms, id LIMIT ?4)
-     RETURNING id, event_id, payload, attempts, first_enqueued_ms, last_error";
-const ACK: &str = "DELETE FROM pending WHERE id = ?1 RETURNING length(payload)";
+     RETURNING id, event_row, attempts, first_enqueued_ms, last_error";
+const EVENT: &str = "SELECT event_id, payload FROM events WHERE id = ?1";
+const ACK: &str = "DELETE FROM pending WHERE id = ?1 RETURNING event_row";
+/// The event goes with its last delivery.
+const DROP_EVENT: &str = "DELETE FROM events WHERE id = ?1
+     AND NOT EXISTS (SELECT 1 FROM pending WHERE event_row = ?1)
+     RETURNING length(payload)";
 const NACK: &str = "UPDATE pending SET attempts = attempts + 1, next_attempt_ms = ?2, last_error = ?3, lease_until_ms = 0
      WHERE id = ?1";
 const BURY: &str = "INSERT INTO dead_letters (tag, event_id, payload, attempts, next_attempt_ms, first_enqueued_ms, last_error, lease_until_ms, reason, dead_at_ms)
-     SELECT tag, event_id, payload, attempts + ?2, next_attempt_ms, first_enqueued_ms, last_error, 0, ?3, ?4
-     FROM pending WHERE id = ?1";
+     SELECT p.tag, e.event_id, e.payload, p.attempts + ?2, p.next_attempt_ms, p.first_enqueued_ms, p.last_error, 0, ?3, ?4
+     FROM pending p JOIN events e ON e.id = p.event_row WHERE p.id = ?1";
 const TOTALS: &str =
     "UPDATE outbox_totals SET records = max(records + ?1, 0), bytes = max(bytes + ?2, 0)
      WHERE id = 0 RETURNING records, bytes";
@@ -170,6 +180,34 @@ struct Delta {
     bytes: i64,
     enqueued: Vec<(Arc<str>, u64)>,
     committed_records: u64,
+    /// Per tag seen in this commit: its dispatcher's queue (if it has one), the records to
+    /// hand it after the commit, and whether some had to be left in the store instead.
+    hot: Vec<HotHandoff>,
+}
+
+struct HotHandoff {
+    tag: Arc<str>,
+    queue: Option<Arc<HotQueue>>,
+    records: Vec<LeasedRecord>,
+    overflowed: bool,
+}
+
+impl Delta {
+    fn handoff(&mut self, tag: &Arc<str>, shared: &Shared) -> &mut HotHandoff {
+        let i = match self.hot.iter().position(|h| h.tag == *tag) {
+            Some(i) => i,
+            None => {
+                self.hot.push(HotHandoff {
+                    tag: tag.clone(),
+                    queue: shared.hot_queue(tag),
+                    records: Vec::new(),
+                    overflowed: false,
+                });
+                self.hot.len() - 1
+            }
+        };
+        &mut self.hot[i]
+    }
 }
 
 fn commit(conn: &mut Connection, batch: &mut Vec<Op>, shared: &Shared) {
@@ -178,7 +216,7 @@ fn commit(conn: &mut Connection, batch: &mut Vec<Op>, shared: &Shared) {
         conn.execute_batch("BEGIN IMMEDIATE")?;
         let mut replies = Vec::with_capacity(batch.len());
         for op in batch.iter() {
-            replies.push(apply(conn, op, &mut delta)?);
+            replies.push(apply(conn, op, &mut delta, shared)?);
         }
         let totals = if delta.records != 0 || delta.bytes != 0 {
             let mut stmt = conn.prepare_cached(TOTALS)?;
@@ -193,7 +231,7 @@ fn commit(conn: &mut Connection, batch: &mut Vec<Op>, shared: &Shared) {
     let reserved_records: u64 = batch
         .iter()
         .map(|op| match op {
-            Op::Enqueue { records, .. } => records.len() as u64,
+            Op::Enqueue { records, .. } => *records,
             _ => 0,
         })
         .sum();
@@ -220,6 +258,16 @@ fn commit(conn: &mut Connection, batch: &mut Vec<Op>, shared: &Shared) {
             if delta.committed_records > 0 {
                 metrics::histogram!("tagrelay_outbox_commit_records")
                     .record(delta.committed_records as f64);
+            }
+            for h in delta.hot.drain(..) {
+                if let Some(q) = h.queue {
+                    if h.overflowed {
+                        q.mark_overflowed();
+                    }
+                    if !h.records.is_empty() {
+                        q.push(h.records);
+                    }
+                }
             }
             for (tag, n) in &delta.enqueued {
                 metrics::counter!("tagrelay_outbox_enqueued_total", "tag" => tag.to_string())
@@ -279,25 +327,73 @@ fn answer(op: Op, reply: Result<Reply, String>) {
     }
 }
 
-fn apply(conn: &Connection, op: &Op, delta: &mut Delta) -> rusqlite::Result<Reply> {
+fn apply(
+    conn: &Connection,
+    op: &Op,
+    delta: &mut Delta,
+    shared: &Shared,
+) -> rusqlite::Result<Reply> {
     match op {
-        Op::Enqueue { records, bytes, .. } => {
+        Op::Enqueue {
+            events,
+            records,
+            bytes,
+            ..
+        } => {
+            let mut insert_event = conn.prepare_cached(INSERT_EVENT)?;
             let mut insert = conn.prepare_cached(INSERT)?;
-            for r in records {
-                insert.execute(rusqlite::params![
-                    &*r.tag,
-                    r.event_id,
-                    &r.payload[..],
-                    r.enqueued_at_ms
-                ])?;
-                match delta.enqueued.iter_mut().find(|(t, _)| *t == r.tag) {
-                    Some((_, n)) => *n += 1,
-                    None => delta.enqueued.push((r.tag.clone(), 1)),
+            let now = super::now_ms();
+            for e in events {
+                if e.tags.is_empty() {
+                    continue;
+                }
+                insert_event.execute(rusqlite::params![e.event_id, &e.payload[..]])?;
+                let row = conn.last_insert_rowid();
+                for tag in &e.tags {
+                    let h = delta.handoff(tag, shared);
+                    let lease_until = match &h.queue {
+                        Some(q) if q.has_room(h.records.len(), 1) => {
+                            now.saturating_add(i64::try_from(q.lease_ms()).unwrap_or(i64::MAX))
+                        }
+                        Some(_) => {
+                            h.overflowed = true;
+                            0
+                        }
+                        None => 0,
+                    };
+                    let next_attempt = if lease_until > 0 {
+                        lease_until
+                    } else {
+                        e.enqueued_at_ms
+                    };
+                    insert.execute(rusqlite::params![
+                        &**tag,
+                        row,
+                        next_attempt,
+                        e.enqueued_at_ms,
+                        lease_until
+                    ])?;
+                    if lease_until > 0 {
+                        h.records.push(LeasedRecord {
+                            id: conn.last_insert_rowid(),
+                            tag: tag.clone(),
+                            event_id: e.event_id.clone(),
+                            payload: e.payload.clone(),
+                            event: e.event.clone(),
+                            attempts: 0,
+                            first_enqueued_ms: e.enqueued_at_ms,
+                            last_error: None,
+                        });
+                    }
+                    match delta.enqueued.iter_mut().find(|(t, _)| t == tag) {
+                        Some((_, n)) => *n += 1,
+                        None => delta.enqueued.push((tag.clone(), 1)),
+                    }
                 }
             }
-            delta.records += records.len() as i64;
+            delta.records += i64::try_from(*records).unwrap_or(i64::MAX);
             delta.bytes += i64::try_from(*bytes).unwrap_or(i64::MAX);
-            delta.committed_records += records.len() as u64;
+            delta.committed_records += records;
             Ok(Reply::Enqueued)
         }
         Op::Lease {
@@ -312,20 +408,40 @@ fn apply(conn: &Connection, op: &Op, delta: &mut Delta) -> rusqlite::Result<Repl
             let rows = stmt.query_map(
                 rusqlite::params![lease_until_ms, &**tag, now_ms, limit],
                 |r| {
-                    Ok(LeasedRecord {
-                        id: r.get(0)?,
-                        tag: tag.clone(),
-                        event_id: r.get(1)?,
-                        payload: Bytes::from(r.get::<_, Vec<u8>>(2)?),
-                        attempts: u32::try_from(r.get::<_, i64>(3)?).unwrap_or(u32::MAX),
-                        first_enqueued_ms: r.get(4)?,
-                        last_error: r.get(5)?,
-                    })
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, i64>(1)?,
+                        u32::try_from(r.get::<_, i64>(2)?).unwrap_or(u32::MAX),
+                        r.get::<_, i64>(3)?,
+                        r.get::<_, Option<String>>(4)?,
+                    ))
                 },
             )?;
-            let mut out = rows.collect::<rusqlite::Result<Vec<_>>>()?;
+            let mut leased = rows.collect::<rusqlite::Result<Vec<_>>>()?;
             // RETURNING yields rows in no promised order; dispatchers want oldest first.
-            out.sort_unstable_by_key(|r| r.id);
+            leased.sort_unstable_by_key(|r| r.0);
+            let mut event = conn.prepare_cached(EVENT)?;
+            let mut out = Vec::with_capacity(leased.len());
+            for (id, row, attempts, first_enqueued_ms, last_error) in leased {
+                // A delivery without its event cannot be sent; an empty payload makes the
+                // dispatcher dead-letter it as invalid rather than failing every lease.
+                let (event_id, payload) = event
+                    .query_row([row], |r| {
+                        Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?))
+                    })
+                    .optional()?
+                    .unwrap_or_default();
+                out.push(LeasedRecord {
+                    id,
+                    tag: tag.clone(),
+                    event_id,
+                    payload: Bytes::from(payload),
+                    event: None,
+                    attempts,
+                    first_enqueued_ms,
+                    last_error,
+                });
+            }
             Ok(Reply::Leased(out))
         }
         Op::Settle { settlement, .. } => {
@@ -338,11 +454,17 @@ fn apply(conn: &Connection, op: &Op, delta: &mut Delta) -> rusqlite::Result<Repl
 
 fn settle(conn: &Connection, s: &Settlement, delta: &mut Delta) -> rusqlite::Result<()> {
     let mut ack = conn.prepare_cached(ACK)?;
+    let mut drop_event = conn.prepare_cached(DROP_EVENT)?;
     let mut remove = |id: i64, delta: &mut Delta| -> rusqlite::Result<()> {
-        let mut rows = ack.query([id])?;
-        if let Some(row) = rows.next()? {
+        let row: Option<i64> = ack.query_row([id], |r| r.get(0)).optional()?;
+        if let Some(row) = row {
             delta.records -= 1;
-            delta.bytes -= row.get::<_, i64>(0)?;
+            if let Some(len) = drop_event
+                .query_row([row], |r| r.get::<_, i64>(0))
+                .optional()?
+            {
+                delta.bytes -= len;
+            }
         }
         Ok(())
     };

@@ -57,8 +57,14 @@ pub trait Tag: Send + Sync + std::fmt::Debug {
     fn max_batch(&self) -> usize;
     /// Per-request timeout the dispatcher applies.
     fn timeout(&self) -> Duration;
-    /// Builds the vendor requests for a batch of events.
-    fn encode(&self, events: &[Event], now_ms: i64) -> Encoded;
+    /// Builds the vendor requests for a batch of events. Borrowed one by one so dispatchers
+    /// can pass events they share with the hit path without copying them.
+    fn encode_batch(&self, events: &[&Event], now_ms: i64) -> Encoded;
+    /// [`encode_batch`](Self::encode_batch) for owned events.
+    fn encode(&self, events: &[Event], now_ms: i64) -> Encoded {
+        let refs: Vec<&Event> = events.iter().collect();
+        self.encode_batch(&refs, now_ms)
+    }
     /// Classifies the vendor's response to one request.
     fn classify(&self, status: StatusCode, headers: &HeaderMap, body: &[u8]) -> Outcome;
     /// Replaces every secret this tag holds (tokens, API secrets, proofs) in `text`.

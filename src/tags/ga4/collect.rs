@@ -48,7 +48,7 @@ type GroupKey<'a> = (
     Option<&'a str>,
 );
 
-pub(super) fn encode(tag: &Ga4Tag, events: &[Event]) -> Encoded {
+pub(super) fn encode(tag: &Ga4Tag, events: &[&Event]) -> Encoded {
     let mut out = Encoded::default();
     let mut groups: Vec<(GroupKey<'_>, Vec<usize>)> = Vec::new();
     for (i, e) in events.iter().enumerate() {
@@ -92,7 +92,7 @@ pub(super) fn encode(tag: &Ga4Tag, events: &[Event]) -> Encoded {
     out
 }
 
-fn build_request(tag: &Ga4Tag, events: &[Event], chunk: &[usize]) -> OutboundRequest {
+fn build_request(tag: &Ga4Tag, events: &[&Event], chunk: &[usize]) -> OutboundRequest {
     let params: Vec<Vec<Pair<'_>>> = chunk
         .iter()
         .filter_map(|&i| events.get(i))

@@ -155,7 +155,7 @@ impl Tag for Ga4Tag {
     fn timeout(&self) -> std::time::Duration {
         std::time::Duration::from_millis(self.timeout_ms)
     }
-    fn encode(&self, events: &[Event], now_ms: i64) -> Encoded {
+    fn encode_batch(&self, events: &[&Event], now_ms: i64) -> Encoded {
         match self.mode {
             Ga4Mode::Collect => collect::encode(self, events),
             Ga4Mode::MeasurementProtocol => mp::encode(self, events, now_ms),

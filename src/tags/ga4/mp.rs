@@ -89,7 +89,7 @@ type GroupKey<'a> = (
     ConsentState,
 );
 
-pub(super) fn encode(tag: &Ga4Tag, events: &[Event], now_ms: i64) -> Encoded {
+pub(super) fn encode(tag: &Ga4Tag, events: &[&Event], now_ms: i64) -> Encoded {
     let mut out = Encoded::default();
     let Some(secret) = tag.api_secret.as_ref().map(|s| s.expose()) else {
         // from_config refuses this; kept total rather than panicking.
@@ -174,7 +174,7 @@ pub(super) fn encode(tag: &Ga4Tag, events: &[Event], now_ms: i64) -> Encoded {
 fn push_sized(
     tag: &Ga4Tag,
     url: &str,
-    events: &[Event],
+    events: &[&Event],
     now_ms: i64,
     chunk: &[(usize, Value)],
     out: &mut Encoded,
@@ -222,7 +222,7 @@ fn consent_word(s: ConsentState) -> Option<&'static str> {
     }
 }
 
-fn request_body(tag: &Ga4Tag, events: &[Event], now_ms: i64, chunk: &[(usize, Value)]) -> Value {
+fn request_body(tag: &Ga4Tag, events: &[&Event], now_ms: i64, chunk: &[(usize, Value)]) -> Value {
     let mut body = Map::new();
     let Some(first) = chunk.first().and_then(|(i, _)| events.get(*i)) else {
         return Value::Object(body);
@@ -240,7 +240,7 @@ fn request_body(tag: &Ga4Tag, events: &[Event], now_ms: i64, chunk: &[(usize, Va
     if let Some(ts) = request_ts {
         body.insert("timestamp_micros".into(), Value::from(ts));
     }
-    let props = user_properties(chunk.iter().filter_map(|(i, _)| events.get(*i)));
+    let props = user_properties(chunk.iter().filter_map(|(i, _)| events.get(*i).copied()));
     if !props.is_empty() {
         body.insert("user_properties".into(), Value::Object(props));
     }

@@ -197,7 +197,7 @@ impl Tag for HttpTag {
     fn timeout(&self) -> std::time::Duration {
         std::time::Duration::from_millis(self.timeout_ms)
     }
-    fn encode(&self, events: &[Event], _now_ms: i64) -> Encoded {
+    fn encode_batch(&self, events: &[&Event], _now_ms: i64) -> Encoded {
         let mut out = Encoded::default();
         if self.batch_max <= 1 {
             for (i, e) in events.iter().enumerate() {

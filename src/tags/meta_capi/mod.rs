@@ -415,7 +415,7 @@ impl Tag for MetaCapiTag {
         self.timeout
     }
 
-    fn encode(&self, events: &[Event], now_ms: i64) -> Encoded {
+    fn encode_batch(&self, events: &[&Event], now_ms: i64) -> Encoded {
         let mut out = Encoded::default();
         let max_year = normalize::year_of(now_ms);
         let mut scratch = String::with_capacity(64);
