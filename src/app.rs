@@ -17,7 +17,7 @@ use tokio::sync::watch;
 use crate::admin::trace::Traces;
 use crate::clients::script_proxy::ScriptCache;
 use crate::config::{self, ConfigError, LoadedConfig, Source};
-use crate::outbox::{spawn_dispatchers, DispatchSettings, Outbox, SqliteOutbox};
+use crate::outbox::{spawn_dispatchers, DeliveryRuntime, DispatchSettings, Outbox, SqliteOutbox};
 use crate::pipeline::Pipeline;
 
 /// State shared by every handler. Cheap to clone.
@@ -214,13 +214,18 @@ impl Application {
         let rx = self.state.inner.stop.subscribe();
         let deadline =
             Duration::from_millis(self.state.pipeline().config.server.shutdown_timeout_ms);
-        let dispatchers = spawn_dispatchers(
-            self.store.clone(),
-            self.state.pipeline_cell(),
-            DispatchSettings::from_config(&self.state.pipeline().config.outbox),
-            self.state.traces().clone(),
-        )
-        .map_err(anyhow::Error::msg)?;
+        let outbox_cfg = self.state.pipeline().config.outbox.clone();
+        let delivery = DeliveryRuntime::start(&outbox_cfg).map_err(anyhow::Error::msg)?;
+        let dispatchers = {
+            let _on_delivery_threads = delivery.handle().map(|h| h.enter());
+            spawn_dispatchers(
+                self.store.clone(),
+                self.state.pipeline_cell(),
+                DispatchSettings::from_config(&outbox_cfg),
+                self.state.traces().clone(),
+            )
+            .map_err(anyhow::Error::msg)?
+        };
         crate::admin::spawn_metrics_upkeep();
 
         let public = serve(self.public, app(self.state.clone()), rx.clone());
@@ -257,6 +262,7 @@ impl Application {
         }
         let left = end.saturating_duration_since(tokio::time::Instant::now());
         dispatchers.shutdown(left).await;
+        delivery.shutdown();
         self.store.close().await;
         tracing::info!("tagrelay stopped");
         Ok(())

@@ -103,6 +103,10 @@ impl Pipeline {
             o.dispatch_concurrency > 0,
             "dispatch_concurrency: must be greater than 0",
         );
+        need(
+            (0..=19).contains(&o.dispatch_nice),
+            "dispatch_nice: must be between 0 (same priority as answering hits) and 19 (lowest)",
+        );
 
         let cookies = CookiePolicy::build(&config.cookies)
             .map_err(|p| problems.extend(p.into_iter().map(|m| format!("cookies.{m}"))))

@@ -191,6 +191,13 @@ pub struct OutboxConfig {
     pub lease_timeout_ms: u64,
     /// When traffic is light, wait this long after a wake-up so batches fill.
     pub dispatch_linger_ms: u64,
+    /// Threads that send to vendors (0 = one per CPU). They run apart from the threads that
+    /// answer hits.
+    pub dispatch_threads: usize,
+    /// Unix nice value of the sending threads (0–19): above 0, answering hits wins the CPU
+    /// whenever both want it, and sending uses what is left (the outbox holds the
+    /// difference).
+    pub dispatch_nice: i32,
 }
 
 impl Default for OutboxConfig {
@@ -208,6 +215,8 @@ impl Default for OutboxConfig {
             dispatch_concurrency: 4,
             lease_timeout_ms: 300_000,
             dispatch_linger_ms: 50,
+            dispatch_threads: 0,
+            dispatch_nice: 10,
         }
     }
 }

@@ -77,6 +77,71 @@ impl DeliveryObserver for NoopObserver {
     }
 }
 
+/// The threads that send to vendors: a runtime of their own, so encoding, TLS and response
+/// handling for a burst of deliveries never queue in front of hits on the request
+/// runtime's threads, and (with `dispatch_nice`) the kernel runs hits first when both want
+/// the CPU.
+#[derive(Debug)]
+pub struct DeliveryRuntime {
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+/// Name of the delivery threads (visible in `top -H`, `ps -L`, profiles).
+pub const DELIVERY_THREAD_NAME: &str = "tagrelay-send";
+
+impl DeliveryRuntime {
+    pub fn start(cfg: &OutboxConfig) -> Result<DeliveryRuntime, String> {
+        let threads = match cfg.dispatch_threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        let nice = cfg.dispatch_nice;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .thread_name(DELIVERY_THREAD_NAME)
+            .on_thread_start(move || lower_priority(nice))
+            .enable_all()
+            .build()
+            .map_err(|e| format!("cannot start the delivery threads: {e}"))?;
+        Ok(DeliveryRuntime {
+            runtime: Some(runtime),
+        })
+    }
+
+    pub fn handle(&self) -> Option<&tokio::runtime::Handle> {
+        self.runtime.as_ref().map(|r| r.handle())
+    }
+
+    /// Stops the threads without waiting for tasks still running (shut the dispatchers down
+    /// first). Safe to call from async code, unlike dropping a runtime.
+    pub fn shutdown(mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl Drop for DeliveryRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn lower_priority(nice: i32) {
+    if nice > 0 {
+        // Linux keeps the nice value per thread: this touches only the calling thread.
+        if let Err(e) = rustix::process::setpriority_process(None, nice) {
+            tracing::warn!(error = %e, nice, "cannot lower the priority of a delivery thread; it shares the CPU evenly with hits");
+        }
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn lower_priority(_nice: i32) {}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DispatchSettings {
     /// Batches (requests) of one tag in flight at once.
@@ -105,6 +170,8 @@ impl DispatchSettings {
 }
 
 struct Inner {
+    /// Where dispatcher tasks run (the delivery runtime in the server).
+    runtime: tokio::runtime::Handle,
     store: Arc<dyn DeliveryStore>,
     pipeline: Arc<ArcSwap<Pipeline>>,
     http: reqwest::Client,
@@ -132,7 +199,8 @@ impl std::fmt::Debug for Dispatchers {
 
 /// Starts one dispatcher per tag of the current pipeline and a supervisor that adds
 /// dispatchers for tags that appear on reload and refreshes the pending gauges.
-/// Must be called inside a tokio runtime.
+/// Must be called inside a tokio runtime; every dispatcher task runs on that runtime, even
+/// those started later from another one (see [`DeliveryRuntime`]).
 pub fn spawn_dispatchers(
     store: Arc<dyn DeliveryStore>,
     pipeline: Arc<ArcSwap<Pipeline>>,
@@ -151,6 +219,7 @@ pub fn spawn_dispatchers(
         .map_err(|e| format!("cannot build the HTTP client for dispatchers: {e}"))?;
     let (shutdown, _) = watch::channel(None);
     let inner = Arc::new(Inner {
+        runtime: tokio::runtime::Handle::current(),
         store,
         pipeline,
         http,
@@ -160,7 +229,7 @@ pub fn spawn_dispatchers(
         running: Mutex::new(HashMap::new()),
     });
     inner.ensure();
-    let supervisor = tokio::spawn(supervise(inner.clone()));
+    let supervisor = inner.runtime.spawn(supervise(inner.clone()));
     Ok(Dispatchers {
         inner,
         supervisor: Mutex::new(Some(supervisor)),
@@ -228,7 +297,7 @@ impl Inner {
         for t in &pipeline.tags {
             if !running.contains_key(&t.name) {
                 tracing::debug!(tag = %t.name, "outbox: starting dispatcher");
-                let handle = tokio::spawn(run_tag(self.clone(), t.name.clone()));
+                let handle = self.runtime.spawn(run_tag(self.clone(), t.name.clone()));
                 running.insert(t.name.clone(), handle);
             }
         }
@@ -323,7 +392,7 @@ async fn run_tag(inner: Arc<Inner>, name: Arc<str>) {
     let hot = inner.pipeline.load().tag(&name).and_then(|t| {
         let capacity =
             (t.tag.max_batch().max(1) * inner.settings.concurrency * HOT_BATCHES_PER_PERMIT)
-                .clamp(256, 16_384);
+                .clamp(256, 2_048);
         inner.store.subscribe_hot(&name, capacity, lease_ms)
     });
     // Records can be due in the store (retries, overflow, a previous process's backlog):

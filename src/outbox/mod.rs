@@ -33,7 +33,8 @@ use tokio::sync::Notify;
 use crate::event::Event;
 
 pub use dispatcher::{
-    spawn_dispatchers, DeliveryObserver, DispatchSettings, Dispatchers, NoopObserver,
+    spawn_dispatchers, DeliveryObserver, DeliveryRuntime, DispatchSettings, Dispatchers,
+    NoopObserver, DELIVERY_THREAD_NAME,
 };
 pub use retry::RetryPolicy;
 pub use sqlite::SqliteOutbox;

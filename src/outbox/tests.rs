@@ -1259,3 +1259,82 @@ async fn a_version_1_store_is_migrated_with_its_records() {
     assert!(n[0].id > meta[0].id);
     outbox.close().await;
 }
+
+// ---------------------------------------------------------------- delivery threads
+
+/// Thread names that delivery attempts ran on.
+#[derive(Default)]
+struct ThreadRecorder {
+    names: Mutex<Vec<String>>,
+}
+
+impl DeliveryObserver for ThreadRecorder {
+    fn attempt(
+        &self,
+        _: &str,
+        _: &[String],
+        _: &OutboundRequest,
+        _: Option<u16>,
+        _: &[u8],
+        _: Duration,
+        _: &str,
+    ) {
+        let name = std::thread::current().name().unwrap_or("").to_owned();
+        self.names.lock().unwrap().push(name);
+    }
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_run_on_their_own_lower_priority_threads() {
+    let nice_here = rustix::process::getpriority_process(None).unwrap();
+    let (vendor, url) = Vendor::start(Box::new(|_, _| (200, None))).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = OutboxConfig {
+        dispatch_threads: 1,
+        dispatch_nice: 7,
+        ..config(dir.path(), FsyncMode::Off)
+    };
+    let delivery = DeliveryRuntime::start(&cfg).unwrap();
+    let handle = delivery.handle().unwrap().clone();
+    let seen = handle
+        .spawn(async {
+            (
+                std::thread::current().name().map(String::from),
+                rustix::process::getpriority_process(None).unwrap(),
+            )
+        })
+        .await
+        .unwrap();
+    assert_eq!(seen, (Some(DELIVERY_THREAD_NAME.to_owned()), 7));
+    assert_eq!(
+        rustix::process::getpriority_process(None).unwrap(),
+        nice_here,
+        "the threads answering hits keep their priority"
+    );
+
+    let outbox = SqliteOutbox::open(&cfg).await.unwrap();
+    let recorder = Arc::new(ThreadRecorder::default());
+    let swap = Arc::new(ArcSwap::from_pointee(pipeline(vec![tag_instance(
+        "v", &url, 10, "test",
+    )])));
+    let dispatchers = {
+        let _enter = handle.enter();
+        spawn_dispatchers(outbox.clone(), swap, fast_settings(&cfg), recorder.clone()).unwrap()
+    };
+    // Enqueued from this (test) runtime, delivered from the delivery thread.
+    outbox.enqueue(records("v", "e", 25)).await.unwrap();
+    wait_until("delivered", Duration::from_secs(10), || {
+        vendor.delivered().len() == 25
+    })
+    .await;
+    let names = recorder.names.lock().unwrap().clone();
+    assert!(!names.is_empty());
+    assert!(
+        names.iter().all(|n| n == DELIVERY_THREAD_NAME),
+        "attempts ran on {names:?}"
+    );
+    dispatchers.shutdown(Duration::from_secs(1)).await;
+    delivery.shutdown();
+    outbox.close().await;
+}

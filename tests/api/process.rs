@@ -227,7 +227,7 @@ fn check_refuses_outbox_settings_that_would_refuse_or_lose_hits() {
     let path = dir.path().join("ob.toml");
     std::fs::write(
         &path,
-        "[outbox]\nmax_records = 0\nmax_retry_age_secs = 5\nlease_timeout_ms = 100\n",
+        "[outbox]\nmax_records = 0\nmax_retry_age_secs = 5\nlease_timeout_ms = 100\ndispatch_nice = 25\n",
     )
     .unwrap();
     let (ok, _, err) = check(&path, &[]);
@@ -236,6 +236,7 @@ fn check_refuses_outbox_settings_that_would_refuse_or_lose_hits() {
         "outbox.max_records",
         "outbox.max_retry_age_secs",
         "outbox.lease_timeout_ms",
+        "outbox.dispatch_nice",
     ] {
         assert!(err.contains(key), "{key} missing from: {err}");
     }
