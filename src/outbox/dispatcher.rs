@@ -21,6 +21,10 @@ use crate::event::Event;
 use crate::pipeline::Pipeline;
 use crate::tags::{Encoded, OutboundRequest, Outcome, TagInstance};
 
+/// Records per settle request (the writer gives dispatcher work about this much of each
+/// commit while hits wait).
+const SETTLE_CHUNK: usize = 64;
+
 /// Most of a vendor response body kept for classification and the debug view.
 const MAX_RESPONSE_BODY: usize = 64 * 1024;
 
@@ -796,7 +800,11 @@ async fn deliver(
             "outbox: dead-lettered (list with `tagrelay outbox dead-letters`)"
         );
     }
-    if let Err(e) = inner.store.settle(settlement).await {
+    // In slices, so a big batch's acks never hold up hits' commits (see the writer).
+    let parts = settlement.chunks(SETTLE_CHUNK);
+    let results =
+        futures_util::future::join_all(parts.into_iter().map(|p| inner.store.settle(p))).await;
+    if let Some(e) = results.into_iter().find_map(Result::err) {
         // The leases expire and these records are sent again: at-least-once, never lost.
         tracing::error!(tag = %name, error = %e, "outbox: could not record delivery results");
     }

@@ -10,6 +10,7 @@
 //! Operator tools that work on the embedded store's files (stats, dead letters, replay) are
 //! in [`tools`]; they open the database themselves so they work while the server runs.
 
+mod checkpoint;
 pub mod dispatcher;
 pub mod retry;
 pub mod sqlite;
@@ -133,6 +134,52 @@ pub struct Settlement {
 impl Settlement {
     pub fn is_empty(&self) -> bool {
         self.ack.is_empty() && self.nack.is_empty() && self.dead.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.ack.len() + self.nack.len() + self.dead.len()
+    }
+
+    /// Splits into settlements of at most `max` records each (order kept): the store can
+    /// then fit them between hits' commits.
+    pub fn chunks(self, max: usize) -> Vec<Settlement> {
+        let max = max.max(1);
+        if self.len() <= max {
+            return vec![self];
+        }
+        let mut out: Vec<Settlement> = Vec::new();
+        let mut cur = Settlement {
+            now_ms: self.now_ms,
+            ..Settlement::default()
+        };
+        let push = |cur: &mut Settlement, out: &mut Vec<Settlement>| {
+            if cur.len() >= max {
+                let now_ms = cur.now_ms;
+                out.push(std::mem::replace(
+                    cur,
+                    Settlement {
+                        now_ms,
+                        ..Settlement::default()
+                    },
+                ));
+            }
+        };
+        for id in self.ack {
+            cur.ack.push(id);
+            push(&mut cur, &mut out);
+        }
+        for n in self.nack {
+            cur.nack.push(n);
+            push(&mut cur, &mut out);
+        }
+        for d in self.dead {
+            cur.dead.push(d);
+            push(&mut cur, &mut out);
+        }
+        if !cur.is_empty() {
+            out.push(cur);
+        }
+        out
     }
 }
 

@@ -31,6 +31,7 @@ use async_trait::async_trait;
 use rusqlite::{Connection, OpenFlags, OptionalExtension};
 use tokio::sync::{oneshot, Notify};
 
+use super::checkpoint::Checkpointer;
 use super::writer::{self, Op};
 use super::{
     DeliveryStore, EnqueueError, HotQueue, LeasedRecord, NewEvent, Outbox, Settlement, StoreError,
@@ -169,6 +170,7 @@ pub struct SqliteOutbox {
     shared: Arc<Shared>,
     reader: Arc<Mutex<Connection>>,
     writer_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    checkpointer: Mutex<Option<Checkpointer>>,
     path: PathBuf,
     max_records: u64,
     max_bytes: u64,
@@ -252,6 +254,8 @@ impl SqliteOutbox {
             commit_max_records: cfg.commit_max_records.max(1),
         };
         let thread_shared = shared.clone();
+        let checkpointer = Checkpointer::start(&path, cfg.fsync)
+            .map_err(|e| format!("outbox `{}`: {e}", path.display()))?;
         let handle = std::thread::Builder::new()
             .name("outbox-writer".into())
             .spawn(move || writer::run(conn, rx, thread_shared, settings))
@@ -262,6 +266,7 @@ impl SqliteOutbox {
             shared,
             reader: Arc::new(Mutex::new(reader)),
             writer_thread: Mutex::new(Some(handle)),
+            checkpointer: Mutex::new(Some(checkpointer)),
             path,
             max_records: cfg.max_records,
             max_bytes: cfg.max_bytes,
@@ -318,6 +323,10 @@ impl SqliteOutbox {
     /// writer thread. Call after the dispatchers have shut down.
     pub async fn close(&self) {
         self.shared.open.store(false, Ordering::Release);
+        let checkpointer = self.checkpointer.lock().ok().and_then(|mut c| c.take());
+        if let Some(mut c) = checkpointer {
+            let _ = tokio::task::spawn_blocking(move || c.stop()).await;
+        }
         let (done, wait) = oneshot::channel();
         if self.send(Op::Close { done }) {
             // An error means the writer already stopped; either way it is flushed.
@@ -334,6 +343,9 @@ impl SqliteOutbox {
     /// Tests simulate a crash by leaking the store; a real crash also releases the lock.
     #[cfg(test)]
     pub(crate) fn leak_as_if_crashed(self: Arc<Self>) {
+        if let Some(mut c) = self.checkpointer.lock().ok().and_then(|mut c| c.take()) {
+            c.stop();
+        }
         let _ = self.lock.unlock();
         std::mem::forget(self);
     }
@@ -382,7 +394,11 @@ impl Outbox for SqliteOutbox {
                 .fetch_sub(bytes, Ordering::AcqRel);
             return Err(EnqueueError::Closed);
         }
-        wait.await.unwrap_or(Err(EnqueueError::Closed))
+        let started = std::time::Instant::now();
+        let result = wait.await.unwrap_or(Err(EnqueueError::Closed));
+        metrics::histogram!("tagrelay_outbox_commit_wait_seconds")
+            .record(started.elapsed().as_secs_f64());
+        result
     }
 
     fn is_open(&self) -> bool {
@@ -487,6 +503,8 @@ fn configure_writer(conn: &Connection, fsync: FsyncMode) -> Result<(), String> {
     conn.pragma_update(None, "temp_store", "MEMORY")
         .map_err(s)?;
     conn.pragma_update(None, "cache_size", -16_000).map_err(s)?;
+    // Checkpoints run on their own thread (see `checkpoint`), never inside a hit's commit.
+    conn.pragma_update(None, "wal_autocheckpoint", 0).map_err(s)?;
     Ok(())
 }
 

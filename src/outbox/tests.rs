@@ -1338,3 +1338,96 @@ async fn deliveries_run_on_their_own_lower_priority_threads() {
     delivery.shutdown();
     outbox.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wal_is_copied_back_off_the_writer_thread() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = SqliteOutbox::open(&config(dir.path(), FsyncMode::Off))
+        .await
+        .unwrap();
+    let db = outbox.db_path().to_path_buf();
+    let schema_only = std::fs::metadata(&db).unwrap().len();
+    // 10,000 records: many times what the writer commits between two checkpoints.
+    for chunk in 0..40 {
+        outbox
+            .enqueue(records("t", &format!("c{chunk}-"), 250))
+            .await
+            .unwrap();
+    }
+    wait_until("records copied into the database file", Duration::from_secs(10), || {
+        std::fs::metadata(&db).unwrap().len() > schema_only + 1_000_000
+    })
+    .await;
+    // Nothing reads the store, so the checkpointed WAL is rewound and reused: its file stays
+    // far smaller than what was written through it.
+    outbox.enqueue(records("t", "last", 10)).await.unwrap();
+    let wal = std::fs::metadata(db.with_extension("sqlite3-wal"))
+        .unwrap()
+        .len();
+    assert!(wal < 64 * 1024 * 1024, "WAL is {wal} bytes");
+    outbox.close().await;
+}
+
+#[test]
+fn settlements_split_in_order_and_keep_their_time() {
+    let s = Settlement {
+        ack: (0..100).collect(),
+        nack: vec![Nack {
+            id: 100,
+            next_attempt_ms: 5,
+            error: "HTTP 503".into(),
+        }],
+        dead: vec![DeadLetterRequest {
+            id: 101,
+            reason: "rejected".into(),
+            attempted: true,
+        }],
+        now_ms: 42,
+    };
+    let parts = s.clone().chunks(64);
+    assert_eq!(
+        parts.iter().map(Settlement::len).collect::<Vec<_>>(),
+        vec![64, 38]
+    );
+    assert!(parts.iter().all(|p| p.now_ms == 42));
+    assert_eq!(parts[1].nack.len(), 1);
+    assert_eq!(parts[1].dead.len(), 1);
+    let acks: Vec<i64> = parts.iter().flat_map(|p| p.ack.clone()).collect();
+    assert_eq!(acks, s.ack);
+    assert_eq!(s.clone().chunks(500), vec![s]);
+}
+
+#[tokio::test]
+async fn a_hit_does_not_wait_behind_a_queue_of_settlements() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = SqliteOutbox::open(&config(dir.path(), FsyncMode::Off))
+        .await
+        .unwrap();
+    outbox.enqueue(records("t", "e", 2_048)).await.unwrap();
+    let leased = outbox.lease("t", now_ms(), 2_048, 60_000).await.unwrap();
+    let settlement = Settlement {
+        ack: leased.iter().map(|r| r.id).collect(),
+        now_ms: now_ms(),
+        ..Settlement::default()
+    };
+    let settled = Arc::new(AtomicUsize::new(0));
+    // 32 slices queued first, then a hit.
+    let settles = settlement.chunks(64).into_iter().map(|p| {
+        let outbox = outbox.clone();
+        let settled = settled.clone();
+        async move {
+            outbox.settle(p).await.unwrap();
+            settled.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    let (_, settled_before_hit) = tokio::join!(futures_util::future::join_all(settles), async {
+        outbox.enqueue(records("t", "hit", 1)).await.unwrap();
+        settled.load(Ordering::SeqCst)
+    });
+    assert!(
+        settled_before_hit < 8,
+        "the hit waited for {settled_before_hit} of 32 settlement slices"
+    );
+    assert_eq!(outbox.pending_totals().0, 1);
+    outbox.close().await;
+}
