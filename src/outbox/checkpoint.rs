@@ -18,8 +18,10 @@ use rusqlite::Connection;
 
 use crate::config::FsyncMode;
 
-/// How often the WAL is copied back when the writer is busy.
-const EVERY: Duration = Duration::from_millis(100);
+/// How often the WAL is copied back. Records are usually delivered and deleted within a
+/// second, so a longer interval copies fewer pages that are about to change again; the
+/// WAL file itself is bounded by [`RESTART_FRAMES`].
+const EVERY: Duration = Duration::from_secs(1);
 /// Frames (4 KiB pages) past which a RESTART checkpoint is forced: 64 MiB.
 pub(crate) const RESTART_FRAMES: i64 = 16_384;
 
