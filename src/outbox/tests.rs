@@ -1354,9 +1354,11 @@ async fn the_wal_is_copied_back_off_the_writer_thread() {
             .await
             .unwrap();
     }
-    wait_until("records copied into the database file", Duration::from_secs(10), || {
-        std::fs::metadata(&db).unwrap().len() > schema_only + 1_000_000
-    })
+    wait_until(
+        "records copied into the database file",
+        Duration::from_secs(10),
+        || std::fs::metadata(&db).unwrap().len() > schema_only + 1_000_000,
+    )
     .await;
     // Nothing reads the store, so the checkpointed WAL is rewound and reused: its file stays
     // far smaller than what was written through it.
