@@ -1,29 +1,32 @@
-//! WAL checkpoints on their own thread and connection.
+//! WAL checkpoints, mostly on their own thread and connection.
 //!
 //! SQLite's automatic checkpoint runs inside the COMMIT that crosses the threshold: the
 //! writer thread copies ~1000 pages into the database file and fsyncs it while every hit
-//! of that group commit waits (2–5 ms on the development machine, the largest part of
-//! the p99 at moderate load). Here the writer connection never checkpoints; this thread
-//! does it in small PASSIVE steps, which never block the writer. A WAL that is fully
-//! copied back is rewound by the writer's next transaction, so it stays small; only if it
-//! grows past [`RESTART_FRAMES`] (the writer never left a gap) does this thread force a
-//! RESTART, which briefly holds the writer.
+//! of that group commit waits. Here the writer connection never checkpoints on its own;
+//! this thread copies the WAL back in PASSIVE steps, which never block the writer.
+//!
+//! A WAL is only rewound when it is fully copied back at the start of a write transaction,
+//! which a busy writer may never allow; a RESTART checkpoint would force it but holds the
+//! writer for as long as the copy takes (hundreds of milliseconds on a slow disk under full
+//! load). So when the WAL passes [`WRITER_STEP_FRAMES`], the writer itself takes one PASSIVE
+//! step between two commits (after answering the hits of the first): little is left to
+//! copy by then, and the next transaction rewinds the WAL.
 
 use std::path::Path;
-use std::sync::mpsc;
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use rusqlite::Connection;
 
+use super::sqlite::Shared;
 use crate::config::FsyncMode;
 
-/// How often the WAL is copied back. Records are usually delivered and deleted within a
-/// second, so a longer interval copies fewer pages that are about to change again; the
-/// WAL file itself is bounded by [`RESTART_FRAMES`].
-const EVERY: Duration = Duration::from_secs(1);
-/// Frames (4 KiB pages) past which a RESTART checkpoint is forced: 64 MiB.
-pub(crate) const RESTART_FRAMES: i64 = 16_384;
+/// How often this thread copies the WAL back.
+const EVERY: Duration = Duration::from_millis(250);
+/// Frames (4 KiB pages) past which the writer takes a step itself: 16 MiB.
+pub(crate) const WRITER_STEP_FRAMES: i64 = 4_096;
 
 /// The running checkpointer; stops (after one last PASSIVE step) when dropped or stopped.
 #[derive(Debug)]
@@ -33,7 +36,11 @@ pub(crate) struct Checkpointer {
 }
 
 impl Checkpointer {
-    pub(crate) fn start(path: &Path, fsync: FsyncMode) -> Result<Checkpointer, String> {
+    pub(crate) fn start(
+        path: &Path,
+        fsync: FsyncMode,
+        shared: Arc<Shared>,
+    ) -> Result<Checkpointer, String> {
         let conn = Connection::open(path).map_err(|e| e.to_string())?;
         conn.busy_timeout(super::sqlite::BUSY_TIMEOUT)
             .map_err(|e| e.to_string())?;
@@ -52,7 +59,7 @@ impl Checkpointer {
         let (stop, rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("outbox-checkpoint".into())
-            .spawn(move || run(conn, rx))
+            .spawn(move || run(conn, rx, shared))
             .map_err(|e| format!("cannot start the checkpoint thread: {e}"))?;
         Ok(Checkpointer {
             stop: Some(stop),
@@ -76,12 +83,15 @@ impl Drop for Checkpointer {
     }
 }
 
-fn run(conn: Connection, stop: mpsc::Receiver<()>) {
+fn run(conn: Connection, stop: mpsc::Receiver<()>, shared: Arc<Shared>) {
     let mut warned = false;
     // Anything but a timeout means stopped (or the store is gone).
     while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(EVERY) {
         match step(&conn) {
-            Ok(()) => warned = false,
+            Ok(frames) => {
+                shared.wal_frames.store(frames, Ordering::Relaxed);
+                warned = false;
+            }
             Err(e) if !warned => {
                 warned = true;
                 tracing::warn!(error = %e, "outbox: WAL checkpoint failed; retrying (the WAL grows until it succeeds)");
@@ -91,18 +101,17 @@ fn run(conn: Connection, stop: mpsc::Receiver<()>) {
     }
 }
 
-/// One PASSIVE step; a RESTART when the WAL has grown too long.
-pub(crate) fn step(conn: &Connection) -> rusqlite::Result<()> {
-    let (_, log, _) = checkpoint(conn, "PASSIVE")?;
-    if log > RESTART_FRAMES {
-        checkpoint(conn, "RESTART")?;
-    }
-    Ok(())
+/// One PASSIVE step. Returns the frames in the WAL.
+pub(crate) fn step(conn: &Connection) -> rusqlite::Result<i64> {
+    conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get(1))
 }
 
-/// (busy, frames in the WAL, frames copied back).
-fn checkpoint(conn: &Connection, mode: &str) -> rusqlite::Result<(i64, i64, i64)> {
-    conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
-        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-    })
+/// Called by the writer between commits: a step of its own when the WAL has grown long.
+pub(crate) fn writer_step(conn: &Connection, shared: &Shared) {
+    if shared.wal_frames.load(Ordering::Relaxed) > WRITER_STEP_FRAMES {
+        match step(conn) {
+            Ok(frames) => shared.wal_frames.store(frames, Ordering::Relaxed),
+            Err(e) => tracing::warn!(error = %e, "outbox: WAL checkpoint failed; retrying"),
+        }
+    }
 }

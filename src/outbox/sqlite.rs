@@ -133,6 +133,8 @@ pub(crate) struct Shared {
     pub wakeups: RwLock<HashMap<Arc<str>, Arc<Notify>>>,
     /// Dispatchers that take freshly committed records straight from the writer.
     pub hot: RwLock<HashMap<Arc<str>, Arc<HotQueue>>>,
+    /// Frames in the WAL at the checkpointer's last step (see `checkpoint`).
+    pub wal_frames: AtomicI64,
 }
 
 impl Shared {
@@ -254,7 +256,7 @@ impl SqliteOutbox {
             commit_max_records: cfg.commit_max_records.max(1),
         };
         let thread_shared = shared.clone();
-        let checkpointer = Checkpointer::start(&path, cfg.fsync)
+        let checkpointer = Checkpointer::start(&path, cfg.fsync, shared.clone())
             .map_err(|e| format!("outbox `{}`: {e}", path.display()))?;
         let handle = std::thread::Builder::new()
             .name("outbox-writer".into())

@@ -192,6 +192,7 @@ pub(crate) fn run(mut conn: Connection, rx: mpsc::Receiver<Op>, shared: Arc<Shar
         }
         if !batch.is_empty() {
             commit(&mut conn, &mut batch, &shared);
+            super::checkpoint::writer_step(&conn, &shared);
         }
         if close.is_some() && deferred.is_empty() {
             // Tidy shutdown: fold the WAL back into the database so the next start is quick.
