@@ -91,26 +91,16 @@ CREATE TABLE IF NOT EXISTS outbox_totals (
 );
 ";
 
-/// Version 1 stored the payload in every pending row. Each row becomes one event and one
-/// delivery with the same id; the totals are recomputed (bytes now count payloads once).
-const MIGRATE_V1: &str = "
+/// Version 1 stored the payload in every pending row: its table steps aside before
+/// [`SCHEMA`] creates version 2's, then [`MIGRATE_V1_COPY`] moves the rows over.
+const MIGRATE_V1_ASIDE: &str = "
 ALTER TABLE pending RENAME TO pending_v1;
 DROP INDEX IF EXISTS pending_due;
-CREATE TABLE events (
-    id INTEGER PRIMARY KEY,
-    event_id TEXT NOT NULL,
-    payload BLOB NOT NULL
-);
-CREATE TABLE pending (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    tag TEXT NOT NULL,
-    event_row INTEGER NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    next_attempt_ms INTEGER NOT NULL,
-    first_enqueued_ms INTEGER NOT NULL,
-    last_error TEXT,
-    lease_until_ms INTEGER NOT NULL DEFAULT 0
-);
+";
+
+/// Each version-1 row becomes one event and one delivery with the same id; the totals are
+/// recomputed (bytes now count payloads once).
+const MIGRATE_V1_COPY: &str = "
 INSERT INTO events (id, event_id, payload) SELECT id, event_id, payload FROM pending_v1;
 INSERT INTO pending (id, tag, event_row, attempts, next_attempt_ms, first_enqueued_ms, last_error, lease_until_ms)
     SELECT id, tag, id, attempts, next_attempt_ms, first_enqueued_ms, last_error, lease_until_ms FROM pending_v1;
@@ -522,11 +512,15 @@ fn migrate(conn: &Connection, version: i64) -> rusqlite::Result<()> {
     )?;
     conn.execute_batch("BEGIN IMMEDIATE")?;
     let result = (|| {
-        if version <= 1 && v1_tables > 0 {
-            conn.execute_batch(MIGRATE_V1)?;
-            tracing::info!("outbox: migrated the store to schema version {SCHEMA_VERSION}");
+        let from_v1 = version <= 1 && v1_tables > 0;
+        if from_v1 {
+            conn.execute_batch(MIGRATE_V1_ASIDE)?;
         }
         conn.execute_batch(SCHEMA)?;
+        if from_v1 {
+            conn.execute_batch(MIGRATE_V1_COPY)?;
+            tracing::info!("outbox: migrated the store to schema version {SCHEMA_VERSION}");
+        }
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)
     })();
     match result {

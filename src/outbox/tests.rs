@@ -608,6 +608,8 @@ async fn honours_retry_after_on_429() {
 #[derive(Default)]
 struct Recorder {
     attempts: Mutex<Vec<SeenAttempt>>,
+    /// The thread each attempt ran on.
+    threads: Mutex<Vec<String>>,
 }
 
 impl DeliveryObserver for Recorder {
@@ -621,6 +623,8 @@ impl DeliveryObserver for Recorder {
         _latency: Duration,
         outcome: &str,
     ) {
+        let thread = std::thread::current().name().unwrap_or("").to_owned();
+        self.threads.lock().unwrap().push(thread);
         self.attempts.lock().unwrap().push((
             tag.into(),
             event_ids.to_vec(),
@@ -1262,28 +1266,6 @@ async fn a_version_1_store_is_migrated_with_its_records() {
 
 // ---------------------------------------------------------------- delivery threads
 
-/// Thread names that delivery attempts ran on.
-#[derive(Default)]
-struct ThreadRecorder {
-    names: Mutex<Vec<String>>,
-}
-
-impl DeliveryObserver for ThreadRecorder {
-    fn attempt(
-        &self,
-        _: &str,
-        _: &[String],
-        _: &OutboundRequest,
-        _: Option<u16>,
-        _: &[u8],
-        _: Duration,
-        _: &str,
-    ) {
-        let name = std::thread::current().name().unwrap_or("").to_owned();
-        self.names.lock().unwrap().push(name);
-    }
-}
-
 #[cfg(target_os = "linux")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deliveries_run_on_their_own_lower_priority_threads() {
@@ -1314,7 +1296,7 @@ async fn deliveries_run_on_their_own_lower_priority_threads() {
     );
 
     let outbox = SqliteOutbox::open(&cfg).await.unwrap();
-    let recorder = Arc::new(ThreadRecorder::default());
+    let recorder = Arc::new(Recorder::default());
     let swap = Arc::new(ArcSwap::from_pointee(pipeline(vec![tag_instance(
         "v", &url, 10, "test",
     )])));
@@ -1328,7 +1310,7 @@ async fn deliveries_run_on_their_own_lower_priority_threads() {
         vendor.delivered().len() == 25
     })
     .await;
-    let names = recorder.names.lock().unwrap().clone();
+    let names = recorder.threads.lock().unwrap().clone();
     assert!(!names.is_empty());
     assert!(
         names.iter().all(|n| n == DELIVERY_THREAD_NAME),
