@@ -499,6 +499,8 @@ fn configure_writer(conn: &Connection, fsync: FsyncMode) -> Result<(), String> {
     // Checkpoints run on their own thread (see `checkpoint`), never inside a hit's commit.
     conn.pragma_update(None, "wal_autocheckpoint", 0)
         .map_err(s)?;
+    // `rarray`: the writer binds whole lists of ids.
+    rusqlite::vtab::array::load_module(conn).map_err(s)?;
     Ok(())
 }
 

@@ -8,6 +8,9 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use std::rc::Rc;
+
+use rusqlite::types::Value;
 use rusqlite::{Connection, OptionalExtension};
 use tokio::sync::oneshot;
 
@@ -93,10 +96,11 @@ const LEASE: &str = "UPDATE pending SET lease_until_ms = ?1, next_attempt_ms = ?
                   ORDER BY next_attempt_ms, id LIMIT ?4)
      RETURNING id, event_row, attempts, first_enqueued_ms, last_error";
 const EVENT: &str = "SELECT event_id, payload FROM events WHERE id = ?1";
-const ACK: &str = "DELETE FROM pending WHERE id = ?1 RETURNING event_row";
-/// The event goes with its last delivery.
-const DROP_EVENT: &str = "DELETE FROM events WHERE id = ?1
-     AND NOT EXISTS (SELECT 1 FROM pending WHERE event_row = ?1)
+/// Whole slices at once (`rarray` binds a list): one statement per slice, not per record.
+const ACK: &str = "DELETE FROM pending WHERE id IN rarray(?1) RETURNING event_row";
+/// Events go with their last delivery.
+const DROP_EVENTS: &str = "DELETE FROM events WHERE id IN rarray(?1)
+     AND NOT EXISTS (SELECT 1 FROM pending WHERE event_row = events.id)
      RETURNING length(payload)";
 const NACK: &str = "UPDATE pending SET attempts = attempts + 1, next_attempt_ms = ?2, last_error = ?3, lease_until_ms = 0
      WHERE id = ?1";
@@ -497,25 +501,8 @@ fn apply(
 }
 
 fn settle(conn: &Connection, s: &Settlement, delta: &mut Delta) -> rusqlite::Result<()> {
-    let mut ack = conn.prepare_cached(ACK)?;
-    let mut drop_event = conn.prepare_cached(DROP_EVENT)?;
-    let mut remove = |id: i64, delta: &mut Delta| -> rusqlite::Result<()> {
-        let row: Option<i64> = ack.query_row([id], |r| r.get(0)).optional()?;
-        if let Some(row) = row {
-            delta.records -= 1;
-            if let Some(len) = drop_event
-                .query_row([row], |r| r.get::<_, i64>(0))
-                .optional()?
-            {
-                delta.bytes -= len;
-            }
-        }
-        Ok(())
-    };
-    for id in &s.ack {
-        remove(*id, delta)?;
-    }
     if !s.dead.is_empty() {
+        // Copied out before their delivery rows go.
         let mut bury = conn.prepare_cached(BURY)?;
         for d in &s.dead {
             bury.execute(rusqlite::params![
@@ -524,7 +511,28 @@ fn settle(conn: &Connection, s: &Settlement, delta: &mut Delta) -> rusqlite::Res
                 d.reason,
                 s.now_ms
             ])?;
-            remove(d.id, delta)?;
+        }
+    }
+    let gone: Vec<Value> = s
+        .ack
+        .iter()
+        .chain(s.dead.iter().map(|d| &d.id))
+        .map(|&id| Value::Integer(id))
+        .collect();
+    if !gone.is_empty() {
+        let mut rows: Vec<Value> = Vec::with_capacity(gone.len());
+        {
+            let mut ack = conn.prepare_cached(ACK)?;
+            let mut found = ack.query([Rc::new(gone)])?;
+            while let Some(r) = found.next()? {
+                rows.push(Value::Integer(r.get(0)?));
+            }
+        }
+        delta.records -= rows.len() as i64;
+        let mut drop_events = conn.prepare_cached(DROP_EVENTS)?;
+        let mut freed = drop_events.query([Rc::new(rows)])?;
+        while let Some(r) = freed.next()? {
+            delta.bytes -= r.get::<_, i64>(0)?;
         }
     }
     if !s.nack.is_empty() {
