@@ -403,12 +403,11 @@ async fn run_tag(inner: Arc<Inner>, name: Arc<str>) {
     // look there first, then whenever the writer left some there, and at least every poll.
     let mut store_due = true;
     let mut last_store_look = Instant::now();
+    // What each delivery task carries, so a task that panics can still settle its records.
+    let mut carried: HashMap<tokio::task::Id, Vec<Carried>> = HashMap::new();
     loop {
-        while let Some(done) = tasks.try_join_next() {
-            if let Err(e) = done {
-                // Its records stay leased until the lease expires, then are resent.
-                tracing::error!(tag = %name, error = %e, "outbox: delivery task failed");
-            }
+        while let Some(done) = tasks.try_join_next_with_id() {
+            finished(&inner, &name, done, &mut carried).await;
         }
         if shutdown.borrow().is_some() {
             break;
@@ -466,7 +465,16 @@ async fn run_tag(inner: Arc<Inner>, name: Arc<str>) {
             continue;
         }
         let full = batch.len() >= limit;
-        tasks.spawn(deliver(inner.clone(), tag, batch, permit));
+        let what: Vec<Carried> = batch
+            .iter()
+            .map(|r| Carried {
+                id: r.id,
+                attempts: r.attempts,
+                first_enqueued_ms: r.first_enqueued_ms,
+            })
+            .collect();
+        let task = tasks.spawn(deliver(inner.clone(), tag, batch, permit));
+        carried.insert(task.id(), what);
         let more_waiting = store_due || hot.as_ref().is_some_and(|q| !q.is_empty());
         // A partial batch with nothing else waiting means everything due was taken: wait
         // for more rather than spin.
@@ -481,7 +489,9 @@ async fn run_tag(inner: Arc<Inner>, name: Arc<str>) {
     match deadline {
         Some(deadline) => {
             let drained = tokio::time::timeout_at(deadline, async {
-                while tasks.join_next().await.is_some() {}
+                while let Some(done) = tasks.join_next_with_id().await {
+                    finished(&inner, &name, done, &mut carried).await;
+                }
             })
             .await;
             if drained.is_err() {
@@ -494,7 +504,95 @@ async fn run_tag(inner: Arc<Inner>, name: Arc<str>) {
                 while tasks.join_next().await.is_some() {}
             }
         }
-        None => while tasks.join_next().await.is_some() {},
+        None => {
+            while let Some(done) = tasks.join_next_with_id().await {
+                finished(&inner, &name, done, &mut carried).await;
+            }
+        }
+    }
+}
+
+/// A record as a delivery task took it.
+struct Carried {
+    id: i64,
+    attempts: u32,
+    first_enqueued_ms: i64,
+}
+
+/// Bookkeeping for a finished delivery task. One that panicked (a bug in an encoder, say)
+/// never settled its records: left leased they would be taken again when the lease ends
+/// and panic again, forever. They count a failed attempt instead, so they back off and are
+/// dead-lettered when their retry window ends, like any other failure.
+async fn finished(
+    inner: &Inner,
+    name: &str,
+    done: Result<(tokio::task::Id, ()), tokio::task::JoinError>,
+    carried: &mut HashMap<tokio::task::Id, Vec<Carried>>,
+) {
+    let e = match done {
+        Ok((id, ())) => {
+            carried.remove(&id);
+            return;
+        }
+        Err(e) => e,
+    };
+    let records = carried.remove(&e.id()).unwrap_or_default();
+    if !e.is_panic() {
+        // Aborted at the shutdown deadline: the records are resent after the restart.
+        return;
+    }
+    let now = now_ms();
+    let kind = inner
+        .pipeline
+        .load()
+        .tag(name)
+        .map(|t| t.tag.kind())
+        .unwrap_or("");
+    let window = inner.settings.retry.window_for(kind);
+    let error = "delivery task panicked (a bug in tagrelay): retried with backoff".to_owned();
+    let mut settlement = Settlement {
+        now_ms: now,
+        ..Settlement::default()
+    };
+    {
+        let mut rng = rand::thread_rng();
+        for r in &records {
+            let attempts = r.attempts.saturating_add(1);
+            match inner.settings.retry.decide(
+                attempts,
+                r.first_enqueued_ms,
+                now,
+                window,
+                None,
+                &mut rng,
+            ) {
+                RetryDecision::RetryAt(at) => settlement.nack.push(Nack {
+                    id: r.id,
+                    next_attempt_ms: at,
+                    error: error.clone(),
+                }),
+                RetryDecision::GiveUp => settlement.dead.push(DeadLetterRequest {
+                    id: r.id,
+                    reason: format!("invalid: {error} until the retry window ended"),
+                    attempted: true,
+                }),
+            }
+        }
+    }
+    tracing::error!(
+        tag = %name,
+        records = records.len(),
+        error = %e,
+        "outbox: delivery task panicked; its records will be retried with backoff"
+    );
+    if !settlement.dead.is_empty() {
+        metrics::counter!("tagrelay_outbox_dead_lettered_total", "tag" => name.to_string(), "reason" => "invalid")
+            .increment(settlement.dead.len() as u64);
+    }
+    for part in settlement.chunks(SETTLE_CHUNK) {
+        if let Err(e) = inner.store.settle(part).await {
+            tracing::error!(tag = %name, error = %e, "outbox: could not record delivery results");
+        }
     }
 }
 

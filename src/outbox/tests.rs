@@ -112,6 +112,7 @@ impl Tag for TestTag {
                     .rejected
                     .push((i, "event name `bad` is not allowed".into())),
                 "skip" => out.skipped.push((i, "skipped on purpose".into())),
+                "panic" => panic!("the test encoder panics on `panic` events"),
                 _ => {
                     body.push(
                         serde_json::json!({"event_id": e.event_id, "event_name": e.event_name}),
@@ -1414,4 +1415,38 @@ async fn a_hit_does_not_wait_behind_a_queue_of_settlements() {
     );
     assert_eq!(outbox.pending_totals().0, 1);
     outbox.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_of_a_panicking_delivery_back_off_instead_of_staying_leased() {
+    let (vendor, url) = Vendor::start(Box::new(|_, _| (200, None))).await;
+    // Batches of one, so the poison record does not take good ones down with it.
+    let tag = tag_instance("vendor", &url, 1, "test");
+    let (h, _) = Harness::start(|_| {}, vec![tag], Arc::new(NoopObserver)).await;
+    let now = now_ms();
+    let mut recs = records("vendor", "good", 3);
+    recs.push(NewEvent {
+        payload: payload("poison", "panic"),
+        ..record("vendor", "poison", now)
+    });
+    h.outbox.enqueue(recs).await.unwrap();
+    let db = h.outbox.db_path().to_path_buf();
+    wait_until(
+        "the poison record failed twice",
+        Duration::from_secs(10),
+        || {
+            let conn = rusqlite::Connection::open(&db).unwrap();
+            conn.query_row("SELECT attempts, last_error FROM pending", [], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, Option<String>>(1)?))
+            })
+            .map(|(a, e)| a >= 2 && e.unwrap_or_default().contains("panicked"))
+            .unwrap_or(false)
+        },
+    )
+    .await;
+    wait_until("the good ones delivered", Duration::from_secs(5), || {
+        vendor.delivered().len() == 3
+    })
+    .await;
+    h.stop().await;
 }
