@@ -6,6 +6,7 @@
 //! dispatchers for new tag names within a second (or at once via [`Dispatchers::ensure`]).
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -20,6 +21,9 @@ use crate::config::OutboxConfig;
 use crate::event::Event;
 use crate::pipeline::Pipeline;
 use crate::tags::{Encoded, OutboundRequest, Outcome, TagInstance};
+
+/// Longest a `Retry-After` pauses a whole tag.
+const MAX_TAG_PAUSE: Duration = Duration::from_secs(3600);
 
 /// Records per settle request (the writer gives dispatcher work about this much of each
 /// commit while hits wait).
@@ -405,6 +409,8 @@ async fn run_tag(inner: Arc<Inner>, name: Arc<str>) {
     let mut last_store_look = Instant::now();
     // What each delivery task carries, so a task that panics can still settle its records.
     let mut carried: HashMap<tokio::task::Id, Vec<Carried>> = HashMap::new();
+    // Until when the vendor asked (Retry-After) this tag to send nothing.
+    let pause = Arc::new(AtomicI64::new(0));
     loop {
         while let Some(done) = tasks.try_join_next_with_id() {
             finished(&inner, &name, done, &mut carried).await;
@@ -424,6 +430,16 @@ async fn run_tag(inner: Arc<Inner>, name: Arc<str>) {
             },
             _ = shutdown.changed() => continue,
         };
+        let paused_ms = pause.load(Ordering::Acquire).saturating_sub(now_ms());
+        if paused_ms > 0 {
+            drop(permit);
+            let wait = Duration::from_millis(u64::try_from(paused_ms).unwrap_or(0));
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.changed() => {}
+            }
+            continue;
+        }
         let limit = tag.tag.max_batch().max(1);
         if let Some(q) = &hot {
             store_due |= q.take_overflowed();
@@ -473,7 +489,7 @@ async fn run_tag(inner: Arc<Inner>, name: Arc<str>) {
                 first_enqueued_ms: r.first_enqueued_ms,
             })
             .collect();
-        let task = tasks.spawn(deliver(inner.clone(), tag, batch, permit));
+        let task = tasks.spawn(deliver(inner.clone(), tag, batch, pause.clone(), permit));
         carried.insert(task.id(), what);
         let more_waiting = store_due || hot.as_ref().is_some_and(|q| !q.is_empty());
         // A partial batch with nothing else waiting means everything due was taken: wait
@@ -635,6 +651,7 @@ async fn deliver(
     inner: Arc<Inner>,
     tag: Arc<TagInstance>,
     batch: Vec<LeasedRecord>,
+    pause: Arc<AtomicI64>,
     _permit: OwnedSemaphorePermit,
 ) {
     let name: &str = &tag.name;
@@ -814,6 +831,15 @@ async fn deliver(
                     reason,
                     label,
                 } => {
+                    if let Some(after) = after {
+                        // The vendor asked the whole tag to wait, not just this request
+                        // (within reason, whatever it says).
+                        let wait = after.min(MAX_TAG_PAUSE);
+                        pause.fetch_max(
+                            now.saturating_add(super::retry::duration_ms(wait)),
+                            Ordering::AcqRel,
+                        );
+                    }
                     let attempts = rec.attempts.saturating_add(1);
                     match inner.settings.retry.decide(
                         attempts,

@@ -1450,3 +1450,39 @@ async fn records_of_a_panicking_delivery_back_off_instead_of_staying_leased() {
     .await;
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_after_pauses_the_whole_tag() {
+    let (vendor, url) = Vendor::start(Box::new(|n, _| {
+        if n == 0 {
+            (429, Some("1"))
+        } else {
+            (200, None)
+        }
+    }))
+    .await;
+    // One event per request: the 429 answers one of them, the others must wait too.
+    let tag = tag_instance("vendor", &url, 1, "test");
+    let (h, _) = Harness::start(
+        |c| c.dispatch_concurrency = 1,
+        vec![tag],
+        Arc::new(NoopObserver),
+    )
+    .await;
+    h.outbox.enqueue(records("vendor", "r", 5)).await.unwrap();
+    wait_until("all delivered", Duration::from_secs(10), || {
+        vendor.delivered().len() == 5
+    })
+    .await;
+    let hits = vendor.hits();
+    assert_eq!(hits[0].1, 429);
+    let t0 = hits[0].0;
+    for (at, status, ids, _) in &hits[1..] {
+        let gap = at.duration_since(t0);
+        assert!(
+            gap >= Duration::from_millis(990),
+            "{ids:?} (HTTP {status}) was sent {gap:?} after a 429 with Retry-After: 1"
+        );
+    }
+    h.stop().await;
+}
