@@ -16,7 +16,9 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 
 use super::retry::{human_duration, retry_label, RetryDecision, RetryPolicy, META_MAX_AGE};
-use super::{now_ms, DeadLetterRequest, DeliveryStore, LeasedRecord, Nack, Settlement, StoreError};
+use super::{
+    now_ms, DeadLetterRequest, DeliveryStore, HotQueue, LeasedRecord, Nack, Settlement, StoreError,
+};
 use crate::config::OutboxConfig;
 use crate::event::Event;
 use crate::pipeline::Pipeline;
@@ -448,7 +450,7 @@ async fn run_tag(inner: Arc<Inner>, name: Arc<str>) {
         let mut batch = Vec::new();
         if !store_due {
             if let Some(q) = &hot {
-                batch = q.take(limit);
+                batch = take_hot(&inner, &name, q, limit).await;
             }
         }
         if batch.is_empty() {
@@ -469,7 +471,7 @@ async fn run_tag(inner: Arc<Inner>, name: Arc<str>) {
             store_due = batch.len() >= limit;
             if batch.is_empty() {
                 if let Some(q) = &hot {
-                    batch = q.take(limit);
+                    batch = take_hot(&inner, &name, q, limit).await;
                 }
             }
         }
@@ -498,8 +500,12 @@ async fn run_tag(inner: Arc<Inner>, name: Arc<str>) {
             break;
         }
     }
-    if hot.is_some() {
+    if let Some(q) = &hot {
         inner.store.unsubscribe_hot(&name);
+        // Due again at once, for the next dispatcher of this tag or the next process.
+        if let Err(e) = inner.store.release(q.drain()).await {
+            tracing::debug!(tag = %name, error = %e, "outbox: could not give back leases; they end on their own");
+        }
     }
     let deadline = *shutdown.borrow();
     match deadline {
@@ -526,6 +532,18 @@ async fn run_tag(inner: Arc<Inner>, name: Arc<str>) {
             }
         }
     }
+}
+
+/// Takes a batch from the in-memory queue; gives back to the store what waited too long.
+async fn take_hot(inner: &Inner, name: &str, q: &HotQueue, limit: usize) -> Vec<LeasedRecord> {
+    let (fresh, stale) = q.take(limit, now_ms());
+    if !stale.is_empty() {
+        if let Err(e) = inner.store.release(stale).await {
+            // Their leases end on their own; they are sent then.
+            tracing::warn!(tag = %name, error = %e, "outbox: could not give back leases");
+        }
+    }
+    fresh
 }
 
 /// A record as a delivery task took it.

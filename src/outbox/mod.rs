@@ -25,7 +25,6 @@ use std::sync::Arc;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
-use std::time::Instant;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -103,6 +102,8 @@ pub struct LeasedRecord {
     pub attempts: u32,
     pub first_enqueued_ms: i64,
     pub last_error: Option<String>,
+    /// When the lease ends (then the store may hand the record out again).
+    pub lease_until_ms: i64,
 }
 
 /// Try again later.
@@ -216,9 +217,14 @@ pub trait DeliveryStore: Outbox {
     fn subscribe_hot(&self, _tag: &str, _capacity: usize, _lease_ms: u64) -> Option<Arc<HotQueue>> {
         None
     }
-    /// The dispatcher of `tag` stopped: stop handing records to its queue. Records still in
-    /// it stay leased in the store until their lease passes, then are leased again.
+    /// The dispatcher of `tag` stopped: stop handing records to its queue (then give back
+    /// what is still in it with [`release`](Self::release)).
     fn unsubscribe_hot(&self, _tag: &str) {}
+    /// Gives back leases that will not be used, so the records are due again at once rather
+    /// than when the lease ends. Only leases still as handed out are released.
+    async fn release(&self, _records: Vec<LeasedRecord>) -> Result<(), StoreError> {
+        Ok(())
+    }
     /// Pending records per tag (a scan: call every few seconds, not per hit).
     async fn backlog(&self, now_ms: i64) -> Result<Vec<TagBacklog>, StoreError>;
     /// Stops accepting writes, flushes everything queued, and releases the store.
@@ -260,7 +266,7 @@ pub trait DeliveryStore: Outbox {
 /// and the record is sent again, exactly as for a record leased from the store.
 #[derive(Debug)]
 pub struct HotQueue {
-    queue: Mutex<VecDeque<(Instant, LeasedRecord)>>,
+    queue: Mutex<VecDeque<LeasedRecord>>,
     capacity: usize,
     lease_ms: u64,
     /// Records were written due (not handed over) because the queue was full: the
@@ -285,11 +291,15 @@ impl HotQueue {
 
     /// Room for `n` more records on top of `reserved` already promised in this commit.
     pub fn has_room(&self, reserved: usize, n: usize) -> bool {
-        self.len() + reserved + n <= self.capacity
+        match self.queue.lock() {
+            Ok(q) => q.len().saturating_add(reserved).saturating_add(n) <= self.capacity,
+            // A poisoned queue takes nothing: the records stay due in the store.
+            Err(_) => false,
+        }
     }
 
     pub fn len(&self) -> usize {
-        self.queue.lock().map(|q| q.len()).unwrap_or(usize::MAX)
+        self.queue.lock().map(|q| q.len()).unwrap_or(0)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -298,10 +308,17 @@ impl HotQueue {
 
     /// Called by the store after the records are committed.
     pub fn push(&self, records: impl IntoIterator<Item = LeasedRecord>) {
-        let now = Instant::now();
         if let Ok(mut q) = self.queue.lock() {
-            q.extend(records.into_iter().map(|r| (now, r)));
+            q.extend(records);
         }
+    }
+
+    /// Everything still queued (when the dispatcher stops).
+    pub fn drain(&self) -> Vec<LeasedRecord> {
+        self.queue
+            .lock()
+            .map(|mut q| q.drain(..).collect())
+            .unwrap_or_default()
     }
 
     pub fn mark_overflowed(&self) {
@@ -313,26 +330,31 @@ impl HotQueue {
         self.overflowed.swap(false, Ordering::AcqRel)
     }
 
-    /// Takes up to `limit` records, oldest first. Records that waited here for half their
-    /// lease or more are dropped instead: sending them now could overlap with the store
-    /// leasing them again once the lease passes, so they are left to that.
-    pub fn take(&self, limit: usize) -> Vec<LeasedRecord> {
+    /// Takes up to `limit` records, oldest first, as `(fresh, stale)`. Stale records have
+    /// less than half their lease left: sending them now could overlap with the store
+    /// handing them out again when it ends, so the caller gives them back
+    /// ([`DeliveryStore::release`]) and they go through the store.
+    pub fn take(&self, limit: usize, now_ms: i64) -> (Vec<LeasedRecord>, Vec<LeasedRecord>) {
         let Ok(mut q) = self.queue.lock() else {
-            return Vec::new();
+            return (Vec::new(), Vec::new());
         };
-        let stale = std::time::Duration::from_millis(self.lease_ms / 2);
-        let mut out = Vec::with_capacity(limit.min(q.len()));
-        while out.len() < limit {
-            let Some((at, rec)) = q.pop_front() else {
+        let half = i64::try_from(self.lease_ms / 2).unwrap_or(i64::MAX);
+        let mut fresh = Vec::with_capacity(limit.min(q.len()));
+        let mut stale = Vec::new();
+        while fresh.len() < limit {
+            let Some(rec) = q.pop_front() else {
                 break;
             };
-            if at.elapsed() < stale {
-                out.push(rec);
+            if now_ms < rec.lease_until_ms.saturating_sub(half) {
+                fresh.push(rec);
             } else {
-                self.overflowed.store(true, Ordering::Release);
+                stale.push(rec);
             }
         }
-        out
+        if !stale.is_empty() {
+            self.overflowed.store(true, Ordering::Release);
+        }
+        (fresh, stale)
     }
 }
 

@@ -455,6 +455,18 @@ impl DeliveryStore for SqliteOutbox {
         }
     }
 
+    async fn release(&self, records: Vec<LeasedRecord>) -> Result<(), StoreError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let leases = records.iter().map(|r| (r.id, r.lease_until_ms)).collect();
+        let (done, wait) = oneshot::channel();
+        if !self.send(Op::Release { leases, done }) {
+            return Err(StoreError::Closed);
+        }
+        wait.await.unwrap_or(Err(StoreError::Closed))
+    }
+
     async fn backlog(&self, now_ms: i64) -> Result<Vec<TagBacklog>, StoreError> {
         let reader = self.reader.clone();
         tokio::task::spawn_blocking(move || {

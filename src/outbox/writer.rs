@@ -36,6 +36,11 @@ pub(crate) enum Op {
         settlement: Settlement,
         done: oneshot::Sender<Result<(), StoreError>>,
     },
+    /// (id, lease end) of leases given back unused.
+    Release {
+        leases: Vec<(i64, i64)>,
+        done: oneshot::Sender<Result<(), StoreError>>,
+    },
     Close {
         done: oneshot::Sender<()>,
     },
@@ -53,6 +58,7 @@ impl std::fmt::Debug for Op {
                 settlement.nack.len(),
                 settlement.dead.len()
             ),
+            Op::Release { leases, .. } => write!(f, "Release({})", leases.len()),
             Op::Close { .. } => write!(f, "Close"),
         }
     }
@@ -67,6 +73,7 @@ impl Op {
             Op::Settle { settlement, .. } => {
                 settlement.ack.len() + settlement.nack.len() + settlement.dead.len()
             }
+            Op::Release { leases, .. } => leases.len(),
             Op::Close { .. } => 0,
         }
     }
@@ -105,8 +112,11 @@ const DROP_EVENTS: &str = "DELETE FROM events WHERE id IN rarray(?1)
 const NACK: &str = "UPDATE pending SET attempts = attempts + 1, next_attempt_ms = ?2, last_error = ?3, lease_until_ms = 0
      WHERE id = ?1";
 const BURY: &str = "INSERT INTO dead_letters (tag, event_id, payload, attempts, next_attempt_ms, first_enqueued_ms, last_error, lease_until_ms, reason, dead_at_ms)
-     SELECT p.tag, e.event_id, e.payload, p.attempts + ?2, p.next_attempt_ms, p.first_enqueued_ms, p.last_error, 0, ?3, ?4
-     FROM pending p JOIN events e ON e.id = p.event_row WHERE p.id = ?1";
+     SELECT p.tag, coalesce(e.event_id, ''), coalesce(e.payload, x''), p.attempts + ?2, p.next_attempt_ms, p.first_enqueued_ms, p.last_error, 0, ?3, ?4
+     FROM pending p LEFT JOIN events e ON e.id = p.event_row WHERE p.id = ?1";
+/// Due again at once, in their original order; only if nobody leased them since.
+const RELEASE: &str = "UPDATE pending SET lease_until_ms = 0, next_attempt_ms = first_enqueued_ms
+     WHERE id = ?1 AND lease_until_ms = ?2";
 const TOTALS: &str =
     "UPDATE outbox_totals SET records = max(records + ?1, 0), bytes = max(bytes + ?2, 0)
      WHERE id = 0 RETURNING records, bytes";
@@ -183,7 +193,9 @@ pub(crate) fn run(mut conn: Connection, rx: mpsc::Receiver<Op>, shared: Arc<Shar
             // Hits arriving now wait for this commit: keep it short too.
             DISPATCH_SLICE * 4
         } else {
-            DISPATCH_SLICE
+            // At least as much delivery work as hits' records: under sustained load acks
+            // keep pace with enqueues instead of falling behind by design.
+            DISPATCH_SLICE.max(weight)
         };
         let mut used = 0usize;
         while let Some(op) = deferred.front() {
@@ -366,8 +378,11 @@ fn answer(op: Op, reply: Result<Reply, String>) {
         (Op::Settle { done, .. }, Ok(_)) => {
             let _ = done.send(Ok(()));
         }
-        (Op::Settle { done, .. }, Err(e)) => {
+        (Op::Settle { done, .. }, Err(e)) | (Op::Release { done, .. }, Err(e)) => {
             let _ = done.send(Err(StoreError::Io(e)));
+        }
+        (Op::Release { done, .. }, Ok(_)) => {
+            let _ = done.send(Ok(()));
         }
         (Op::Close { done }, _) => {
             let _ = done.send(());
@@ -431,6 +446,7 @@ fn apply(
                             attempts: 0,
                             first_enqueued_ms: e.enqueued_at_ms,
                             last_error: None,
+                            lease_until_ms: lease_until,
                         });
                     }
                     match delta.enqueued.iter_mut().find(|(t, _)| t == tag) {
@@ -488,12 +504,20 @@ fn apply(
                     attempts,
                     first_enqueued_ms,
                     last_error,
+                    lease_until_ms: *lease_until_ms,
                 });
             }
             Ok(Reply::Leased(out))
         }
         Op::Settle { settlement, .. } => {
             settle(conn, settlement, delta)?;
+            Ok(Reply::Settled)
+        }
+        Op::Release { leases, .. } => {
+            let mut release = conn.prepare_cached(RELEASE)?;
+            for (id, until) in leases {
+                release.execute([id, until])?;
+            }
             Ok(Reply::Settled)
         }
         Op::Close { .. } => Ok(Reply::Settled),
