@@ -125,6 +125,35 @@ const TOTALS: &str =
 /// about 0.3 ms of the writer's time.
 const DISPATCH_SLICE: usize = 64;
 
+/// How many records of dispatcher work (leases, settlements) join a commit whose hits
+/// carry `hit_records`. With hits waiting, about as much as the hits themselves (never less
+/// than a slice): acks keep pace with enqueues, and no hit waits behind a thousand acks.
+/// Without hits, a few slices: a hit arriving meanwhile waits for this commit too. Closing:
+/// everything.
+fn dispatch_budget(hit_records: usize, closing: bool, commit_max_records: usize) -> usize {
+    if closing {
+        commit_max_records
+    } else if hit_records == 0 {
+        DISPATCH_SLICE * 4
+    } else {
+        DISPATCH_SLICE.max(hit_records)
+    }
+}
+
+/// Moves deferred ops into the group, oldest first, up to `budget` records; at least one op
+/// always goes, so nothing starves.
+fn admit(deferred: &mut VecDeque<Op>, budget: usize, batch: &mut Vec<Op>) {
+    let mut used = 0usize;
+    while let Some(op) = deferred.front() {
+        let w = op.weight().max(1);
+        if used > 0 && used + w > budget {
+            break;
+        }
+        used += w;
+        batch.extend(deferred.pop_front());
+    }
+}
+
 fn sort(
     op: Op,
     batch: &mut Vec<Op>,
@@ -185,27 +214,8 @@ pub(crate) fn run(mut conn: Connection, rx: mpsc::Receiver<Op>, shared: Arc<Shar
             };
             sort(next, &mut batch, &mut deferred, &mut close, &mut weight);
         }
-        // With hits in the group, dispatcher work gets a bounded slice of it; without, as
-        // much as one commit takes. At least one op always goes, so nothing starves.
-        let budget = if close.is_some() {
-            s.commit_max_records
-        } else if batch.is_empty() {
-            // Hits arriving now wait for this commit: keep it short too.
-            DISPATCH_SLICE * 4
-        } else {
-            // At least as much delivery work as hits' records: under sustained load acks
-            // keep pace with enqueues instead of falling behind by design.
-            DISPATCH_SLICE.max(weight)
-        };
-        let mut used = 0usize;
-        while let Some(op) = deferred.front() {
-            let w = op.weight().max(1);
-            if used > 0 && used + w > budget {
-                break;
-            }
-            used += w;
-            batch.extend(deferred.pop_front());
-        }
+        let budget = dispatch_budget(weight, close.is_some(), s.commit_max_records);
+        admit(&mut deferred, budget, &mut batch);
         if !batch.is_empty() {
             commit(&mut conn, &mut batch, &shared);
             super::checkpoint::writer_step(&conn, &shared);
@@ -566,4 +576,53 @@ fn settle(conn: &Connection, s: &Settlement, delta: &mut Delta) -> rusqlite::Res
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settle_op(records: usize) -> Op {
+        let (done, _) = oneshot::channel();
+        Op::Settle {
+            settlement: Settlement {
+                ack: (0..records as i64).collect(),
+                ..Settlement::default()
+            },
+            done,
+        }
+    }
+
+    fn admitted(hit_records: usize, closing: bool) -> usize {
+        let mut deferred: VecDeque<Op> = (0..32).map(|_| settle_op(64)).collect();
+        let mut batch = Vec::new();
+        admit(
+            &mut deferred,
+            dispatch_budget(hit_records, closing, 4096),
+            &mut batch,
+        );
+        assert_eq!(batch.len() + deferred.len(), 32);
+        batch.len()
+    }
+
+    #[test]
+    fn hits_share_a_commit_with_a_bounded_slice_of_dispatcher_work() {
+        // 32 queued settlement slices of 64 records each.
+        assert_eq!(
+            admitted(1, false),
+            1,
+            "a lone hit waits for one slice, not 32"
+        );
+        assert_eq!(admitted(200, false), 3, "more hits, more acks keep pace");
+        assert_eq!(admitted(0, false), 4, "no hit waiting: a few slices");
+        assert_eq!(admitted(1, true), 32, "closing flushes everything");
+    }
+
+    #[test]
+    fn one_op_always_goes_however_big() {
+        let mut deferred: VecDeque<Op> = [settle_op(5_000)].into_iter().collect();
+        let mut batch = Vec::new();
+        admit(&mut deferred, dispatch_budget(1, false, 4096), &mut batch);
+        assert_eq!(batch.len(), 1);
+    }
 }
