@@ -506,8 +506,9 @@ fn configure_writer(conn: &Connection, fsync: FsyncMode) -> Result<(), String> {
         .map_err(s)?;
     conn.pragma_update(None, "temp_store", "MEMORY")
         .map_err(s)?;
-    // 8 MiB: the working set is the recent end of each table; more only raises peak RSS.
-    conn.pragma_update(None, "cache_size", -8_000).map_err(s)?;
+    // 4 MiB: the working set is the recent end of each table; more only raises peak RSS
+    // (16 MiB measured ~11 MiB more at full load for ~2 % less CPU).
+    conn.pragma_update(None, "cache_size", -4_000).map_err(s)?;
     // Checkpoints run on their own thread (see `checkpoint`), never inside a hit's commit.
     conn.pragma_update(None, "wal_autocheckpoint", 0)
         .map_err(s)?;
