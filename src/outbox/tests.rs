@@ -578,16 +578,21 @@ async fn retries_5xx_until_every_event_is_delivered() {
     h.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn honours_retry_after_on_429() {
-    let (vendor, url) = Vendor::start(Box::new(|n, _| {
+/// A vendor that answers its first request `429` with `Retry-After: 1`, then `200`.
+async fn vendor_429_once() -> (Arc<Vendor>, String) {
+    Vendor::start(Box::new(|n, _| {
         if n == 0 {
             (429, Some("1"))
         } else {
             (200, None)
         }
     }))
-    .await;
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn honours_retry_after_on_429() {
+    let (vendor, url) = vendor_429_once().await;
     let tag = tag_instance("vendor", &url, 10, "test");
     let (h, _) = Harness::start(|_| {}, vec![tag], Arc::new(NoopObserver)).await;
     h.outbox.enqueue(records("vendor", "r", 3)).await.unwrap();
@@ -1419,14 +1424,7 @@ async fn records_of_a_panicking_delivery_back_off_instead_of_staying_leased() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retry_after_pauses_the_whole_tag() {
-    let (vendor, url) = Vendor::start(Box::new(|n, _| {
-        if n == 0 {
-            (429, Some("1"))
-        } else {
-            (200, None)
-        }
-    }))
-    .await;
+    let (vendor, url) = vendor_429_once().await;
     // One event per request: the 429 answers one of them, the others must wait too.
     let tag = tag_instance("vendor", &url, 1, "test");
     let (h, _) = Harness::start(
