@@ -410,19 +410,28 @@ impl Checker {
         Some(ms)
     }
 
-    fn user_properties(&mut self, v: &Json, base: &mut Event) {
-        let o = match v {
-            Json::Null => return,
-            Json::Obj(o) => o,
+    /// An optional top-level object: `None` when absent (null) or, flagged, not an object.
+    fn object<'j>(
+        &mut self,
+        v: &'j Json,
+        field: &'static str,
+        reason: &'static str,
+    ) -> Option<&'j Vec<(String, Json)>> {
+        match v {
+            Json::Null => None,
+            Json::Obj(o) => Some(o),
             other => {
-                return self.flag(
-                    Scope::Field,
-                    Code::ValueInvalid,
-                    "user_properties_invalid",
-                    "user_properties",
-                    || format!("user_properties must be an object, got {}.", show(other)),
-                )
+                self.flag(Scope::Field, Code::ValueInvalid, reason, field, || {
+                    format!("{field} must be an object, got {}.", show(other))
+                });
+                None
             }
+        }
+    }
+
+    fn user_properties(&mut self, v: &Json, base: &mut Event) {
+        let Some(o) = self.object(v, "user_properties", "user_properties_invalid") else {
+            return;
         };
         let props = dedup(o, |k| {
             self.flag(
@@ -504,18 +513,8 @@ impl Checker {
     }
 
     fn consent(&mut self, v: &Json, base: &mut Event) {
-        let o = match v {
-            Json::Null => return,
-            Json::Obj(o) => o,
-            other => {
-                return self.flag(
-                    Scope::Field,
-                    Code::ValueInvalid,
-                    "consent_invalid",
-                    "consent",
-                    || format!("consent must be an object, got {}.", show(other)),
-                )
-            }
+        let Some(o) = self.object(v, "consent", "consent_invalid") else {
+            return;
         };
         for (k, v) in dedup(o, |_| ()) {
             let (slot, path) = match k {
@@ -542,18 +541,8 @@ impl Checker {
     }
 
     fn user_data(&mut self, v: &Json, base: &mut Event) {
-        let o = match v {
-            Json::Null => return,
-            Json::Obj(o) => o,
-            other => {
-                return self.flag(
-                    Scope::Field,
-                    Code::ValueInvalid,
-                    "user_data_invalid",
-                    "user_data",
-                    || format!("user_data must be an object, got {}.", show(other)),
-                )
-            }
+        let Some(o) = self.object(v, "user_data", "user_data_invalid") else {
+            return;
         };
         let f = dedup(o, |_| ());
         if let Some(v) = get(&f, "sha256_email_address") {
@@ -706,18 +695,8 @@ impl Checker {
     }
 
     fn user_location(&mut self, v: &Json) {
-        let o = match v {
-            Json::Null => return,
-            Json::Obj(o) => o,
-            other => {
-                return self.flag(
-                    Scope::Field,
-                    Code::ValueInvalid,
-                    "user_location_invalid",
-                    "user_location",
-                    || format!("user_location must be an object, got {}.", show(other)),
-                )
-            }
+        let Some(o) = self.object(v, "user_location", "user_location_invalid") else {
+            return;
         };
         for (k, v) in dedup(o, |_| ()) {
             let path = match k {
@@ -741,18 +720,8 @@ impl Checker {
     }
 
     fn device(&mut self, v: &Json, base: &mut Event) {
-        let o = match v {
-            Json::Null => return,
-            Json::Obj(o) => o,
-            other => {
-                return self.flag(
-                    Scope::Field,
-                    Code::ValueInvalid,
-                    "device_invalid",
-                    "device",
-                    || format!("device must be an object, got {}.", show(other)),
-                )
-            }
+        let Some(o) = self.object(v, "device", "device_invalid") else {
+            return;
         };
         for (k, v) in dedup(o, |_| ()) {
             let path = match k {
