@@ -546,6 +546,39 @@ async fn take_hot(inner: &Inner, name: &str, q: &HotQueue, limit: usize) -> Vec<
     fresh
 }
 
+/// After a failed attempt: retry later (`Ok`), or give up once the retry window has ended
+/// (`Err`, the dead letter). `reason` says what failed.
+fn after_failure(
+    policy: &RetryPolicy,
+    rec: &Carried,
+    now: i64,
+    window: Duration,
+    after: Option<Duration>,
+    reason: String,
+    rng: &mut impl rand::Rng,
+) -> Result<Nack, DeadLetterRequest> {
+    let attempts = rec.attempts.saturating_add(1);
+    match policy.decide(attempts, rec.first_enqueued_ms, now, window, after, rng) {
+        RetryDecision::RetryAt(at) => Ok(Nack {
+            id: rec.id,
+            next_attempt_ms: at,
+            error: reason,
+        }),
+        RetryDecision::GiveUp => {
+            let span =
+                Duration::from_millis(u64::try_from(now - rec.first_enqueued_ms).unwrap_or(0));
+            Err(DeadLetterRequest {
+                id: rec.id,
+                reason: format!(
+                    "expired: gave up after {attempts} attempts over {}: {reason}",
+                    human_duration(span)
+                ),
+                attempted: true,
+            })
+        }
+    }
+}
+
 /// A record as a delivery task took it.
 struct Carried {
     id: i64,
@@ -583,7 +616,7 @@ async fn finished(
         .map(|t| t.tag.kind())
         .unwrap_or("");
     let window = inner.settings.retry.window_for(kind);
-    let error = "delivery task panicked (a bug in tagrelay): retried with backoff".to_owned();
+    let error = "delivery task panicked (a bug in tagrelay)";
     let mut settlement = Settlement {
         now_ms: now,
         ..Settlement::default()
@@ -591,25 +624,17 @@ async fn finished(
     {
         let mut rng = rand::thread_rng();
         for r in &records {
-            let attempts = r.attempts.saturating_add(1);
-            match inner.settings.retry.decide(
-                attempts,
-                r.first_enqueued_ms,
+            match after_failure(
+                &inner.settings.retry,
+                r,
                 now,
                 window,
                 None,
+                error.to_owned(),
                 &mut rng,
             ) {
-                RetryDecision::RetryAt(at) => settlement.nack.push(Nack {
-                    id: r.id,
-                    next_attempt_ms: at,
-                    error: error.clone(),
-                }),
-                RetryDecision::GiveUp => settlement.dead.push(DeadLetterRequest {
-                    id: r.id,
-                    reason: format!("invalid: {error} until the retry window ended"),
-                    attempted: true,
-                }),
+                Ok(nack) => settlement.nack.push(nack),
+                Err(dead) => settlement.dead.push(dead),
             }
         }
     }
@@ -620,7 +645,7 @@ async fn finished(
         "outbox: delivery task panicked; its records will be retried with backoff"
     );
     if !settlement.dead.is_empty() {
-        metrics::counter!("tagrelay_outbox_dead_lettered_total", "tag" => name.to_string(), "reason" => "invalid")
+        metrics::counter!("tagrelay_outbox_dead_lettered_total", "tag" => name.to_string(), "reason" => "expired")
             .increment(settlement.dead.len() as u64);
     }
     for part in settlement.chunks(SETTLE_CHUNK) {
@@ -858,39 +883,30 @@ async fn deliver(
                             Ordering::AcqRel,
                         );
                     }
-                    let attempts = rec.attempts.saturating_add(1);
-                    match inner.settings.retry.decide(
-                        attempts,
-                        rec.first_enqueued_ms,
+                    let carried = Carried {
+                        id: rec.id,
+                        attempts: rec.attempts,
+                        first_enqueued_ms: rec.first_enqueued_ms,
+                    };
+                    match after_failure(
+                        &inner.settings.retry,
+                        &carried,
                         now,
                         window,
                         after,
+                        reason,
                         &mut rng,
                     ) {
-                        RetryDecision::RetryAt(at) => {
+                        Ok(nack) => {
                             match retries.iter_mut().find(|(l, _)| *l == label) {
                                 Some((_, n)) => *n += 1,
                                 None => retries.push((label, 1)),
                             }
-                            settlement.nack.push(Nack {
-                                id: rec.id,
-                                next_attempt_ms: at,
-                                error: reason,
-                            });
+                            settlement.nack.push(nack);
                         }
-                        RetryDecision::GiveUp => {
+                        Err(dead) => {
                             gave_up += 1;
-                            let span = Duration::from_millis(
-                                u64::try_from(now - rec.first_enqueued_ms).unwrap_or(0),
-                            );
-                            settlement.dead.push(DeadLetterRequest {
-                                id: rec.id,
-                                reason: format!(
-                                    "expired: gave up after {attempts} attempts over {}: {reason}",
-                                    human_duration(span)
-                                ),
-                                attempted: true,
-                            });
+                            settlement.dead.push(dead);
                         }
                     }
                 }
