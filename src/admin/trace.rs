@@ -330,10 +330,8 @@ impl Drop for WatchGuard {
 
 /// Truncates text to `max` characters on a char boundary.
 pub fn truncate(s: &str, max: usize) -> (String, bool) {
-    match s.char_indices().nth(max) {
-        Some((i, _)) => (s[..i].to_owned(), true),
-        None => (s.to_owned(), false),
-    }
+    let cut = crate::tags::truncate_chars(s, max);
+    (cut.to_owned(), cut.len() < s.len())
 }
 
 /// Replaces the values of secret-bearing query parameters (`api_secret`, `access_token`).

@@ -33,7 +33,7 @@ const SCRIPT_CONTENT_TYPE: &str = "application/javascript; charset=utf-8";
 const SCRIPT_CACHE_CONTROL: &str = "public, max-age=300";
 
 pub const MAX_EVENTS: usize = 100;
-const MAX_ITEMS: usize = 200;
+use crate::ga4_limits::MAX_ITEMS;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]

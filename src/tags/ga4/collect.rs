@@ -13,6 +13,7 @@ use serde_json::Value;
 
 use super::{count_dropped, encode_component, redacted_ip, Ga4Tag, MAX_EVENTS_PER_REQUEST};
 use crate::event::{format_number, Event, Item};
+use crate::ga4_limits::{MAX_ITEMS, MAX_ITEM_CUSTOM_PARAMS};
 use crate::tags::{Encoded, OutboundRequest};
 
 type Pair<'a> = (Cow<'a, str>, Cow<'a, str>);
@@ -20,10 +21,6 @@ type Pair<'a> = (Cow<'a, str>, Cow<'a, str>);
 /// Beyond this a single event's parameters move into the body: 8 KiB is a common URL cap in
 /// proxies and load balancers.
 const MAX_QUERY_BYTES: usize = 8_000;
-/// gtag and ga4mp never send more than 200 items per event.
-const MAX_ITEMS: usize = 200;
-/// GA4 keeps at most 27 custom parameters per item (collection limits).
-const MAX_ITEM_CUSTOM: usize = 27;
 
 /// The client id sent as `cid`: the server-managed id, else what the browser sent.
 pub(super) fn client_id(e: &Event) -> Option<&str> {
@@ -392,7 +389,7 @@ pub(super) fn encode_item(item: &Item) -> String {
         }
     }
     let custom = item.custom.iter().filter(|(k, _)| !k.is_empty());
-    for (i, (k, v)) in custom.take(MAX_ITEM_CUSTOM).enumerate() {
+    for (i, (k, v)) in custom.take(MAX_ITEM_CUSTOM_PARAMS).enumerate() {
         let Some(idx) = custom_index(i) else { break };
         let mut key = String::with_capacity(2);
         key.push('k');
@@ -403,7 +400,7 @@ pub(super) fn encode_item(item: &Item) -> String {
         key.push(idx);
         tok(&mut s, &key, v);
     }
-    if item.custom.len() > MAX_ITEM_CUSTOM {
+    if item.custom.len() > MAX_ITEM_CUSTOM_PARAMS {
         count_dropped("too_many_item_params");
     }
     s

@@ -11,6 +11,8 @@ mod mp;
 mod tests;
 
 use std::borrow::Cow;
+
+pub(crate) use super::{encode_component, truncate_chars};
 use std::net::IpAddr;
 
 use http::{HeaderMap, StatusCode};
@@ -71,7 +73,7 @@ pub enum RedactIp {
 }
 
 /// Most events one GA4 request may carry (documented for MP; gtag batches far fewer).
-pub const MAX_EVENTS_PER_REQUEST: usize = 25;
+pub const MAX_EVENTS_PER_REQUEST: usize = crate::ga4_limits::MAX_EVENTS;
 
 #[derive(Debug)]
 pub struct Ga4Tag {
@@ -239,28 +241,8 @@ fn redacted_ip(mode: RedactIp, ip: Option<&str>) -> Option<Cow<'_, str>> {
     }
 }
 
-/// Characters left as-is in query values: RFC 3986 unreserved. Everything else is
-/// percent-encoded, so one decode gives back exactly the original value.
-const COMPONENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
-    .remove(b'-')
-    .remove(b'_')
-    .remove(b'.')
-    .remove(b'~');
-
-fn encode_component(s: &str) -> Cow<'_, str> {
-    percent_encoding::utf8_percent_encode(s, COMPONENT).into()
-}
-
 /// Counts something the tag dropped or cut to fit GA4's limits. Labels are fixed strings.
 fn count_dropped(reason: &'static str) {
     metrics::counter!("tagrelay_tag_dropped_total", "tag_type" => "ga4", "reason" => reason)
         .increment(1);
-}
-
-/// Cuts `s` to at most `max` characters (GA4 limits count characters, not bytes).
-fn truncate_chars(s: &str, max: usize) -> &str {
-    match s.char_indices().nth(max) {
-        Some((cut, _)) => &s[..cut],
-        None => s,
-    }
 }

@@ -1012,6 +1012,8 @@ fn mp_groups_by_measurement_id_and_client_and_caps_at_25() {
         ..mp_cfg()
     });
     let enc = t.encode(&events[5..8], 1_764_913_100_000);
+    assert!(enc.rejected.is_empty(), "{:?}", enc.rejected);
+    assert!(!enc.requests.is_empty());
     for (r, _) in &enc.requests {
         assert!(r.url.contains("measurement_id=G-OVERRIDE99&"), "{}", r.url);
     }

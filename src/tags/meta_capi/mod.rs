@@ -14,6 +14,8 @@ pub use mapping::default_meta_name;
 pub use normalize::{normalized, sha256_hex, Key};
 
 use std::collections::BTreeMap;
+
+use super::truncate_chars;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -117,13 +119,6 @@ impl std::fmt::Debug for MetaCapiTag {
             .finish_non_exhaustive()
     }
 }
-
-/// Characters of the access token that must be escaped in a query value.
-const QUERY_VALUE: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
-    .remove(b'-')
-    .remove(b'.')
-    .remove(b'_')
-    .remove(b'~');
 
 fn validate(cfg: &MetaCapiTagConfig) -> Vec<String> {
     let mut problems = Vec::new();
@@ -233,7 +228,7 @@ impl MetaCapiTag {
             return Err(problems);
         }
         let token = cfg.access_token.expose();
-        let encoded_token = percent_encoding::utf8_percent_encode(token, QUERY_VALUE).to_string();
+        let encoded_token = super::encode_component(token).into_owned();
         let mut url = format!(
             "{}/{}/{}/events?access_token={encoded_token}",
             cfg.endpoint.trim_end_matches('/'),
@@ -348,13 +343,6 @@ impl MetaCapiTag {
         } else {
             format!("HTTP {}: {text}", status.as_u16())
         }
-    }
-}
-
-fn truncate_chars(s: &str, max: usize) -> &str {
-    match s.char_indices().nth(max) {
-        Some((i, _)) => &s[..i],
-        None => s,
     }
 }
 
