@@ -8,7 +8,6 @@
 //! (`trigger.conditions[2]` ↔ "condition 2 failed").
 
 use std::borrow::Cow;
-use std::fmt::Write as _;
 
 use regex::Regex;
 use serde::Deserialize;
@@ -461,26 +460,6 @@ impl Trigger {
             }
         }
         Verdict::Fired
-    }
-
-    /// A one-line summary of the trigger for the debug view.
-    pub fn summary(&self) -> String {
-        let mut s = String::new();
-        if self.all_events {
-            s.push_str("all events");
-        } else {
-            let _ = write!(s, "events {}", self.events.join(", "));
-        }
-        if !self.consent.is_empty() {
-            let _ = write!(s, "; consent {}", self.consent.join(", "));
-        }
-        if !self.conditions.is_empty() {
-            let _ = write!(s, "; {} condition(s)", self.conditions.len());
-        }
-        if !self.exceptions.is_empty() {
-            let _ = write!(s, "; {} exception(s)", self.exceptions.len());
-        }
-        s
     }
 }
 

@@ -38,19 +38,6 @@ impl Json {
         }
     }
 
-    pub fn into_value(self) -> Value {
-        match self {
-            Json::Null => Value::Null,
-            Json::Bool(b) => Value::Bool(b),
-            Json::Num(n) => Value::Number(n),
-            Json::Str(s) => Value::String(s),
-            Json::Arr(a) => Value::Array(a.into_iter().map(Json::into_value).collect()),
-            Json::Obj(o) => {
-                Value::Object(o.into_iter().map(|(k, v)| (k, v.into_value())).collect())
-            }
-        }
-    }
-
     pub fn to_value(&self) -> Value {
         match self {
             Json::Null => Value::Null,
