@@ -90,3 +90,26 @@ pub trait Client: Send + Sync + std::fmt::Debug {
     fn claims(&self, method: &Method, path: &str) -> bool;
     fn parse(&self, req: &HitRequest<'_>) -> Result<Parsed, ClientError>;
 }
+
+/// Strong validator of a body we serve: a hash of its bytes, so it changes exactly when they
+/// do.
+pub(crate) fn etag_of(body: &[u8]) -> http::HeaderValue {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(body);
+    let hex = hex::encode(digest.get(..16).unwrap_or(&digest[..]));
+    http::HeaderValue::from_str(&format!("\"{hex}\""))
+        .unwrap_or(http::HeaderValue::from_static("\"0\""))
+}
+
+/// `If-None-Match` (every such header) against our ETag, with the weak comparison of RFC 9110
+/// §13.1.2: `W/` prefixes are ignored, `*` matches.
+pub(crate) fn etag_matches(headers: &HeaderMap, etag: &http::HeaderValue) -> bool {
+    let ours = etag.as_bytes();
+    headers
+        .get_all(http::header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .any(|t| t == "*" || t.strip_prefix("W/").unwrap_or(t).as_bytes() == ours)
+}

@@ -18,7 +18,6 @@ use std::net::IpAddr;
 use http::{Method, StatusCode};
 use serde::Deserialize;
 use serde_json::{Map, Value};
-use sha2::{Digest, Sha256};
 
 use crate::clients::measurement_protocol::item::{self, Scalar};
 use crate::clients::measurement_protocol::query_pairs;
@@ -58,7 +57,7 @@ pub struct DataClient {
     path: String,
     script_path: Option<String>,
     script: Vec<u8>,
-    etag: String,
+    etag: http::HeaderValue,
 }
 
 impl DataClient {
@@ -78,10 +77,7 @@ impl DataClient {
             return Err(problems);
         }
         let script = render_script(&cfg.path, &cfg.script_path);
-        let etag = format!(
-            "\"{}\"",
-            hex::encode(&Sha256::digest(script.as_bytes())[..16])
-        );
+        let etag = crate::clients::etag_of(script.as_bytes());
         Ok(DataClient {
             path: cfg.path.clone(),
             script_path: (!cfg.script_path.is_empty()).then(|| cfg.script_path.clone()),
@@ -96,12 +92,10 @@ impl DataClient {
         }
         let headers = vec![
             ("cache-control", SCRIPT_CACHE_CONTROL.to_owned()),
-            ("etag", self.etag.clone()),
+            ("etag", self.etag.to_str().unwrap_or_default().to_owned()),
             ("x-content-type-options", "nosniff".to_owned()),
         ];
-        let fresh = req
-            .header("if-none-match")
-            .is_some_and(|h| etag_matches(h, &self.etag));
+        let fresh = crate::clients::etag_matches(req.headers, &self.etag);
         let (status, body) = if fresh {
             (StatusCode::NOT_MODIFIED, Vec::new())
         } else {
@@ -198,14 +192,6 @@ fn render_script(data_path: &str, script_path: &str) -> String {
     SCRIPT
         .replacen(DATA_PATH_MARKER, &quote(data_path), 1)
         .replacen(SCRIPT_PATH_MARKER, &quote(script_path), 1)
-}
-
-/// `If-None-Match` uses weak comparison (RFC 9110 §13.1.2): `W/` prefixes are ignored.
-fn etag_matches(header: &str, etag: &str) -> bool {
-    header.split(',').any(|t| {
-        let t = t.trim();
-        t == "*" || t.strip_prefix("W/").unwrap_or(t) == etag
-    })
 }
 
 fn parse_body(req: &HitRequest<'_>) -> Result<Vec<Event>, ClientError> {

@@ -3,6 +3,7 @@ use std::net::{IpAddr, Ipv6Addr};
 use http::{HeaderMap, HeaderValue, Method, StatusCode};
 use proptest::prelude::*;
 use serde_json::json;
+use sha2::{Digest, Sha256};
 
 use super::*;
 use crate::event::{ConsentState, Item};

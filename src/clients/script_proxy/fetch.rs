@@ -10,7 +10,6 @@ use http::header::{
     IF_NONE_MATCH, LAST_MODIFIED,
 };
 use http::{HeaderValue, StatusCode};
-use sha2::{Digest, Sha256};
 
 use super::cache::Entry;
 use super::Encoding;
@@ -119,7 +118,7 @@ pub async fn fetch(
     }
     let body = Bytes::from(body);
     Ok(Fetched::Full(Arc::new(Entry {
-        etag: etag_of(&body),
+        etag: crate::clients::etag_of(&body),
         body,
         content_type,
         content_encoding,
@@ -130,12 +129,6 @@ pub async fn fetch(
 }
 
 /// A strong ETag from the bytes we serve (differs per encoding, as it must).
-pub fn etag_of(body: &[u8]) -> HeaderValue {
-    let digest = Sha256::digest(body);
-    let hex = hex::encode(digest.get(..16).unwrap_or(&digest[..]));
-    HeaderValue::from_str(&format!("\"{hex}\"")).unwrap_or(HeaderValue::from_static("\"0\""))
-}
-
 fn describe(e: &reqwest::Error, spec: FetchSpec) -> String {
     if e.is_timeout() {
         format!(

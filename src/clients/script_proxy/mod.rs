@@ -27,8 +27,7 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::response::{IntoResponse, Response};
 use http::header::{
-    ACCEPT_ENCODING, CACHE_CONTROL, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, ETAG,
-    IF_NONE_MATCH, VARY,
+    ACCEPT_ENCODING, CACHE_CONTROL, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, ETAG, VARY,
 };
 use http::{HeaderMap, HeaderValue, StatusCode};
 use serde::Deserialize;
@@ -482,7 +481,7 @@ impl ScriptProxy {
         }
         headers.insert(ETAG, entry.etag.clone());
         headers.insert(CACHE_HEADER, HeaderValue::from_static(outcome.header()));
-        if etag_matches(&parts.headers, &entry.etag) {
+        if crate::clients::etag_matches(&parts.headers, &entry.etag) {
             return (StatusCode::NOT_MODIFIED, headers).into_response();
         }
         headers.insert(CONTENT_TYPE, entry.content_type.clone());
@@ -532,17 +531,6 @@ fn check_upstream(url: &reqwest::Url, hosts: &[String], problems: &mut Vec<Strin
 }
 
 /// `If-None-Match` against our ETag, with the weak comparison the header calls for.
-fn etag_matches(headers: &HeaderMap, etag: &HeaderValue) -> bool {
-    let ours = etag.as_bytes();
-    headers
-        .get_all(IF_NONE_MATCH)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .any(|t| t == "*" || t.strip_prefix("W/").unwrap_or(t).as_bytes() == ours)
-}
-
 fn reason(status: StatusCode, text: &str) -> Response {
     (
         status,

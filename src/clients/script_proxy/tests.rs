@@ -6,8 +6,8 @@ use http::header::{ACCEPT_ENCODING, IF_NONE_MATCH};
 use http::{HeaderMap, HeaderValue};
 
 use super::cache::{Entry, ScriptCache};
-use super::fetch::etag_of;
 use super::*;
+use crate::clients::{etag_matches, etag_of};
 
 fn cfg(upstream: &str) -> ScriptProxyConfig {
     ScriptProxyConfig {
