@@ -187,6 +187,23 @@ fn b(s: &str) -> Cow<'_, str> {
     Cow::Borrowed(s)
 }
 
+/// A free-form parameter under `prefix` (`ep`/`up`): numbers go as `<prefix>n.<key>` so GA4
+/// keeps them numeric, nulls are left out.
+fn push_typed<'a>(p: &mut Vec<Pair<'a>>, prefix: &str, k: &str, v: &'a Value) {
+    match v {
+        Value::Number(n) => p.push((
+            Cow::Owned(format!("{prefix}n.{k}")),
+            Cow::Owned(json_number(n)),
+        )),
+        Value::String(s) => p.push((Cow::Owned(format!("{prefix}.{k}")), b(s))),
+        Value::Null => {}
+        other => p.push((
+            Cow::Owned(format!("{prefix}.{k}")),
+            Cow::Owned(scalar_text(other)),
+        )),
+    }
+}
+
 fn json_number(n: &serde_json::Number) -> String {
     match n.as_f64() {
         Some(f) if n.is_f64() => format_number(f),
@@ -232,17 +249,7 @@ fn event_params<'a>(tag: &'a Ga4Tag, e: &'a Event) -> Vec<Pair<'a>> {
     opt(&mut p, "dt", e.page_title.as_deref());
     opt(&mut p, "uid", e.user_id.as_deref());
     for (k, v) in &e.user_properties {
-        match v {
-            Value::Number(n) => {
-                p.push((Cow::Owned(format!("upn.{k}")), Cow::Owned(json_number(n))))
-            }
-            Value::String(s) => p.push((Cow::Owned(format!("up.{k}")), b(s))),
-            Value::Null => {}
-            other => p.push((
-                Cow::Owned(format!("up.{k}")),
-                Cow::Owned(scalar_text(other)),
-            )),
-        }
+        push_typed(&mut p, "up", k, v);
     }
     p.push((b("en"), b(&e.event_name)));
     if g.key_event {
@@ -276,17 +283,7 @@ fn event_params<'a>(tag: &'a Ga4Tag, e: &'a Event) -> Vec<Pair<'a>> {
         if typed {
             continue;
         }
-        match v {
-            Value::Number(n) => {
-                p.push((Cow::Owned(format!("epn.{k}")), Cow::Owned(json_number(n))))
-            }
-            Value::String(s) => p.push((Cow::Owned(format!("ep.{k}")), b(s))),
-            Value::Null => {}
-            other => p.push((
-                Cow::Owned(format!("ep.{k}")),
-                Cow::Owned(scalar_text(other)),
-            )),
-        }
+        push_typed(&mut p, "ep", k, v);
     }
     if e.items.len() > MAX_ITEMS {
         count_dropped("too_many_items");
