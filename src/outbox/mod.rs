@@ -12,6 +12,7 @@
 
 mod checkpoint;
 pub mod dispatcher;
+mod fresh;
 pub mod retry;
 pub mod sqlite;
 pub mod tools;

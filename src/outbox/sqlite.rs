@@ -46,17 +46,21 @@ pub const DB_FILE: &str = "outbox.sqlite3";
 const FULL_RETRY_AFTER_SECS: u64 = 5;
 /// At most one "outbox full" error log per this many milliseconds.
 const FULL_LOG_EVERY_MS: i64 = 10_000;
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 pub(crate) const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 // Version 2 keeps each event's payload once (`events`) and one small delivery row per tag
 // (`pending`): a hit firing two tags writes its ~1 KB payload once, and leases, retries and
-// acks touch only the small rows.
+// acks touch only the small rows. Version 3 adds `events.fresh`: the tags whose deliveries
+// were handed to dispatchers in memory without a delivery row (see `fresh`), and
+// `outbox_totals.fresh_floor`, below which no row has any.
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY,
     event_id TEXT NOT NULL,
-    payload BLOB NOT NULL
+    payload BLOB NOT NULL,
+    fresh TEXT,
+    enqueued_ms INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS pending (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -87,9 +91,26 @@ CREATE INDEX IF NOT EXISTS dead_by_tag ON dead_letters (tag, id);
 CREATE TABLE IF NOT EXISTS outbox_totals (
     id INTEGER PRIMARY KEY CHECK (id = 0),
     records INTEGER NOT NULL,
-    bytes INTEGER NOT NULL
+    bytes INTEGER NOT NULL,
+    fresh_floor INTEGER NOT NULL DEFAULT 0
 );
 ";
+
+/// Columns version 3 added to tables that older versions already have.
+const V3_COLUMNS: [(&str, &str, &str); 3] = [
+    ("events", "fresh", "TEXT"),
+    ("events", "enqueued_ms", "INTEGER NOT NULL DEFAULT 0"),
+    ("outbox_totals", "fresh_floor", "INTEGER NOT NULL DEFAULT 0"),
+];
+
+/// Fresh deliveries of a previous process (in memory, then gone) become delivery rows, due
+/// at once in their original order.
+const EXPAND_FRESH: &str = "
+INSERT INTO pending (tag, event_row, attempts, next_attempt_ms, first_enqueued_ms, lease_until_ms)
+    SELECT j.value, e.id, 0, e.enqueued_ms, e.enqueued_ms, 0
+    FROM events e, json_each(e.fresh) j
+    WHERE e.id >= ?1 AND e.fresh IS NOT NULL ORDER BY e.id, j.key";
+const CLEAR_FRESH: &str = "UPDATE events SET fresh = NULL WHERE id >= ?1 AND fresh IS NOT NULL";
 
 /// Version 1 stored the payload in every pending row: its table steps aside before
 /// [`SCHEMA`] creates version 2's, then [`MIGRATE_V1_COPY`] moves the rows over.
@@ -219,6 +240,8 @@ impl SqliteOutbox {
                 [],
             )
             .map_err(ctx)?;
+        let resumed = expand_fresh(&conn).map_err(ctx)?;
+        let cleared = cleared + resumed;
         if cleared > 0 {
             tracing::info!(
                 records = cleared,
@@ -226,6 +249,9 @@ impl SqliteOutbox {
             );
         }
         let (records, bytes) = load_totals(&conn).map_err(ctx)?;
+        let last_row: i64 = conn
+            .query_row("SELECT coalesce(max(id), 0) FROM events", [], |r| r.get(0))
+            .map_err(ctx)?;
 
         let reader = Connection::open_with_flags(
             &path,
@@ -250,7 +276,7 @@ impl SqliteOutbox {
             .map_err(|e| format!("outbox `{}`: {e}", path.display()))?;
         let handle = std::thread::Builder::new()
             .name("outbox-writer".into())
-            .spawn(move || writer::run(conn, rx, thread_shared, settings))
+            .spawn(move || writer::run(conn, rx, thread_shared, settings, last_row))
             .map_err(|e| format!("outbox: cannot start writer thread: {e}"))?;
 
         Ok(Arc::new(SqliteOutbox {
@@ -532,6 +558,9 @@ fn migrate(conn: &Connection, version: i64) -> rusqlite::Result<()> {
             conn.execute_batch(MIGRATE_V1_ASIDE)?;
         }
         conn.execute_batch(SCHEMA)?;
+        for (table, column, decl) in V3_COLUMNS {
+            add_column_if_missing(conn, table, column, decl)?;
+        }
         if from_v1 {
             conn.execute_batch(MIGRATE_V1_COPY)?;
             tracing::info!("outbox: migrated the store to schema version {SCHEMA_VERSION}");
@@ -540,6 +569,54 @@ fn migrate(conn: &Connection, version: i64) -> rusqlite::Result<()> {
     })();
     match result {
         Ok(()) => conn.execute_batch("COMMIT"),
+        Err(e) => {
+            let _ = conn.execute_batch("ROLLBACK");
+            Err(e)
+        }
+    }
+}
+
+fn add_column_if_missing(
+    conn: &Connection,
+    table: &str,
+    column: &str,
+    decl: &str,
+) -> rusqlite::Result<()> {
+    let present: i64 = conn.query_row(
+        "SELECT count(*) FROM pragma_table_info(?1) WHERE name = ?2",
+        [table, column],
+        |r| r.get(0),
+    )?;
+    if present == 0 {
+        conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {decl}"))?;
+    }
+    Ok(())
+}
+
+/// Turns the fresh deliveries a previous process left (it stopped before settling them)
+/// into delivery rows. Returns how many.
+fn expand_fresh(conn: &Connection) -> rusqlite::Result<usize> {
+    let floor: i64 = conn.query_row(
+        "SELECT coalesce((SELECT fresh_floor FROM outbox_totals WHERE id = 0), 0)",
+        [],
+        |r| r.get(0),
+    )?;
+    conn.execute_batch("BEGIN IMMEDIATE")?;
+    let result = (|| {
+        let n = conn.execute(EXPAND_FRESH, [floor])?;
+        conn.execute(CLEAR_FRESH, [floor])?;
+        if n > 0 {
+            // Deliveries settled while another tag of their event was still out are back
+            // (see `fresh`): the count the totals kept is short of them.
+            conn.execute(
+                "UPDATE outbox_totals SET records = (SELECT count(*) FROM pending) WHERE id = 0",
+                [],
+            )?;
+        }
+        Ok(n)
+    })();
+    match result {
+        Ok(n) => conn.execute_batch("COMMIT").map(|_| n),
         Err(e) => {
             let _ = conn.execute_batch("ROLLBACK");
             Err(e)
@@ -560,7 +637,8 @@ fn load_totals(conn: &Connection) -> rusqlite::Result<(u64, u64)> {
         Some(v) => v,
         None => {
             let v: (i64, i64) = conn.query_row(
-                "SELECT (SELECT count(*) FROM pending),
+                "SELECT (SELECT count(*) FROM pending)
+                          + (SELECT coalesce(sum(json_array_length(fresh)), 0) FROM events),
                         (SELECT coalesce(sum(length(payload)), 0) FROM events)",
                 [],
                 |r| Ok((r.get(0)?, r.get(1)?)),
@@ -579,9 +657,20 @@ fn load_totals(conn: &Connection) -> rusqlite::Result<(u64, u64)> {
 }
 
 pub(crate) fn backlog(conn: &Connection, now_ms: i64) -> rusqlite::Result<Vec<TagBacklog>> {
+    // Fresh deliveries are in a dispatcher's hands: leased. (One settled while another tag
+    // of its event is still in flight is counted until that one settles too.)
     let mut stmt = conn.prepare_cached(
-        "SELECT tag, count(*), sum(lease_until_ms > ?1), min(first_enqueued_ms)
-         FROM pending GROUP BY tag ORDER BY tag",
+        "SELECT tag, sum(n), sum(leased), min(oldest) FROM (
+             SELECT tag, count(*) AS n, sum(lease_until_ms > ?1) AS leased,
+                    min(first_enqueued_ms) AS oldest
+             FROM pending GROUP BY tag
+             UNION ALL
+             SELECT j.value, count(*), count(*), min(e.enqueued_ms)
+             FROM events e, json_each(e.fresh) j
+             WHERE e.id >= coalesce((SELECT fresh_floor FROM outbox_totals WHERE id = 0), 0)
+               AND e.fresh IS NOT NULL
+             GROUP BY j.value
+         ) GROUP BY tag ORDER BY tag",
     )?;
     let rows = stmt.query_map([now_ms], |r| {
         Ok(TagBacklog {

@@ -562,7 +562,8 @@ async fn retries_5xx_until_every_event_is_delivered() {
         d == expected
     })
     .await;
-    assert!(vendor.hits().iter().take(4).all(|h| h.1 == 503));
+    // Concurrent requests may log out of order: count, not position.
+    assert_eq!(vendor.hits().iter().filter(|h| h.1 == 503).count(), 4);
     assert!(
         vendor.hits().iter().all(|h| h.2.len() <= 7),
         "max_batch respected"
@@ -1148,10 +1149,21 @@ async fn subscribed_dispatchers_get_records_already_leased_and_parsed() {
         "the hit's own event, not a re-parsed copy"
     );
     let rows = pending_rows(outbox.db_path());
-    assert!(
-        rows[..3].iter().all(|r| r.4 > 0),
-        "handed-over rows are leased: {rows:?}"
+    let row_events: Vec<&str> = rows.iter().map(|r| r.1.as_str()).collect();
+    assert_eq!(
+        row_events,
+        vec!["e3", "e4"],
+        "handed-over deliveries get no delivery row"
     );
+    assert_eq!(
+        count(
+            outbox.db_path(),
+            "SELECT count(*) FROM events WHERE fresh = '[\"t\"]'"
+        ),
+        3,
+        "their events list the tag they are out for"
+    );
+    assert!(hot.iter().all(|r| r.id < 0 && r.lease_until_ms > now_ms()));
     let leased = outbox.lease("t", now_ms(), 10, 60_000).await.unwrap();
     let ids: Vec<&str> = leased.iter().map(|r| r.event_id.as_str()).collect();
     assert_eq!(
@@ -1525,5 +1537,308 @@ async fn a_delivery_whose_event_is_missing_is_still_dead_lettered() {
     let dead = tools::dead_letters(dir.path(), None, 10).unwrap();
     assert_eq!(dead.len(), 1, "recorded, not silently deleted");
     assert_eq!(outbox.pending_totals().0, 0);
+    outbox.close().await;
+}
+
+// ---------------------------------------------------------------- fresh deliveries
+
+fn two_tag_event(event_id: &str) -> NewEvent {
+    NewEvent {
+        tags: vec![Arc::from("ga4"), Arc::from("meta")],
+        ..record("ga4", event_id, now_ms())
+    }
+}
+
+fn fresh_column(path: &std::path::Path, event_id: &str) -> Option<String> {
+    let conn = rusqlite::Connection::open(path).unwrap();
+    conn.query_row(
+        "SELECT fresh FROM events WHERE event_id = ?1",
+        [event_id],
+        |r| r.get(0),
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn deliveries_handed_over_in_memory_cost_one_row_and_leave_nothing_once_settled() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = SqliteOutbox::open(&config(dir.path(), FsyncMode::Off))
+        .await
+        .unwrap();
+    let ga4 = outbox.subscribe_hot("ga4", 100, 60_000).unwrap();
+    let meta = outbox.subscribe_hot("meta", 100, 60_000).unwrap();
+    let ev = two_tag_event("e1");
+    let size = ev.payload.len() as u64;
+    outbox.enqueue(vec![ev]).await.unwrap();
+    let db = outbox.db_path().to_path_buf();
+    assert_eq!(count(&db, "SELECT count(*) FROM events"), 1);
+    assert_eq!(count(&db, "SELECT count(*) FROM pending"), 0);
+    assert_eq!(
+        fresh_column(&db, "e1").as_deref(),
+        Some(r#"["ga4","meta"]"#)
+    );
+    assert_eq!(outbox.pending_totals(), (2, size));
+    let backlog = outbox.backlog(now_ms()).await.unwrap();
+    assert_eq!(
+        backlog
+            .iter()
+            .map(|b| (b.tag.as_str(), b.pending, b.leased))
+            .collect::<Vec<_>>(),
+        vec![("ga4", 1, 1), ("meta", 1, 1)],
+        "gauges see deliveries out in memory as leased"
+    );
+
+    let (g, _) = ga4.take(10, now_ms());
+    let (m, _) = meta.take(10, now_ms());
+    outbox.ack(vec![g[0].id], now_ms()).await.unwrap();
+    assert_eq!(count(&db, "SELECT count(*) FROM events"), 1, "meta is out");
+    assert_eq!(outbox.pending_totals(), (1, size));
+    outbox.ack(vec![g[0].id], now_ms()).await.unwrap();
+    assert_eq!(
+        outbox.pending_totals(),
+        (1, size),
+        "a second ack counts once"
+    );
+    outbox.ack(vec![m[0].id], now_ms()).await.unwrap();
+    assert_eq!(count(&db, "SELECT count(*) FROM events"), 0);
+    assert_eq!(outbox.pending_totals(), (0, 0));
+    assert!(outbox.backlog(now_ms()).await.unwrap().is_empty());
+    outbox.close().await;
+}
+
+#[tokio::test]
+async fn a_failed_or_dead_fresh_delivery_gets_its_row_and_keeps_its_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = SqliteOutbox::open(&config(dir.path(), FsyncMode::Off))
+        .await
+        .unwrap();
+    let ga4 = outbox.subscribe_hot("ga4", 100, 60_000).unwrap();
+    let meta = outbox.subscribe_hot("meta", 100, 60_000).unwrap();
+    outbox.enqueue(vec![two_tag_event("e1")]).await.unwrap();
+    let db = outbox.db_path().to_path_buf();
+    let (g, _) = ga4.take(10, now_ms());
+    let (m, _) = meta.take(10, now_ms());
+    let now = now_ms();
+    outbox
+        .nack(
+            vec![Nack {
+                id: g[0].id,
+                next_attempt_ms: now,
+                error: "HTTP 503".into(),
+            }],
+            now,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        fresh_column(&db, "e1").as_deref(),
+        Some(r#"["meta"]"#),
+        "a restart must not make ga4 due twice"
+    );
+    let retry = outbox.lease("ga4", now_ms(), 10, 60_000).await.unwrap();
+    assert_eq!(retry.len(), 1);
+    assert_eq!(retry[0].attempts, 1);
+    assert_eq!(retry[0].last_error.as_deref(), Some("HTTP 503"));
+    assert_eq!(retry[0].payload, m[0].payload);
+
+    outbox
+        .dead_letter(
+            vec![DeadLetterRequest {
+                id: m[0].id,
+                reason: "rejected: bad pixel".into(),
+                attempted: true,
+            }],
+            now_ms(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(fresh_column(&db, "e1"), None);
+    let dead = tools::dead_letters(dir.path(), None, 10).unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].tag, "meta");
+    assert_eq!(dead[0].attempts, 1);
+    assert_eq!(dead[0].event_name.as_deref(), Some("purchase"));
+    assert_eq!(outbox.pending_totals().0, 1, "ga4's retry is left");
+
+    outbox.ack(vec![retry[0].id], now_ms()).await.unwrap();
+    assert_eq!(count(&db, "SELECT count(*) FROM events"), 0);
+    assert_eq!(outbox.pending_totals(), (0, 0));
+    outbox.close().await;
+}
+
+#[tokio::test]
+async fn an_event_stays_while_a_fresh_delivery_is_out_even_when_its_row_delivery_is_acked() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = SqliteOutbox::open(&config(dir.path(), FsyncMode::Off))
+        .await
+        .unwrap();
+    // ga4 takes from memory; meta has no queue, so it gets a delivery row.
+    let ga4 = outbox.subscribe_hot("ga4", 100, 60_000).unwrap();
+    outbox.enqueue(vec![two_tag_event("e1")]).await.unwrap();
+    let (g, _) = ga4.take(10, now_ms());
+    let m = outbox.lease("meta", now_ms(), 10, 60_000).await.unwrap();
+    assert_eq!((g.len(), m.len()), (1, 1));
+    outbox.ack(vec![m[0].id], now_ms()).await.unwrap();
+    let db = outbox.db_path().to_path_buf();
+    assert_eq!(count(&db, "SELECT count(*) FROM events"), 1, "ga4 is out");
+    // ga4 fails: its retry must still find the payload.
+    outbox
+        .nack(
+            vec![Nack {
+                id: g[0].id,
+                next_attempt_ms: now_ms(),
+                error: "timeout".into(),
+            }],
+            now_ms(),
+        )
+        .await
+        .unwrap();
+    let retry = outbox.lease("ga4", now_ms(), 10, 60_000).await.unwrap();
+    assert_eq!(retry.len(), 1);
+    let ev: Event = serde_json::from_slice(&retry[0].payload).unwrap();
+    assert_eq!(ev.event_id, "e1");
+    outbox.ack(vec![retry[0].id], now_ms()).await.unwrap();
+    assert_eq!(count(&db, "SELECT count(*) FROM events"), 0);
+    assert_eq!(outbox.pending_totals(), (0, 0));
+    outbox.close().await;
+}
+
+#[tokio::test]
+async fn a_clean_close_keeps_settled_tags_from_being_sent_again_and_a_crash_does_not() {
+    for crash in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().to_path_buf();
+        let outbox = SqliteOutbox::open(&config(&path, FsyncMode::Off))
+            .await
+            .unwrap();
+        let ga4 = outbox.subscribe_hot("ga4", 100, 60_000).unwrap();
+        let _meta = outbox.subscribe_hot("meta", 100, 60_000).unwrap();
+        outbox
+            .enqueue(vec![two_tag_event("e1"), two_tag_event("e2")])
+            .await
+            .unwrap();
+        let (g, _) = ga4.take(10, now_ms());
+        // ga4 delivered e1 only; meta delivered nothing.
+        outbox.ack(vec![g[0].id], now_ms()).await.unwrap();
+        if crash {
+            outbox.leak_as_if_crashed();
+        } else {
+            outbox.close().await;
+        }
+        let reopened = SqliteOutbox::open(&config(&path, FsyncMode::Off))
+            .await
+            .unwrap();
+        let ids = |recs: Vec<LeasedRecord>| -> Vec<String> {
+            recs.into_iter().map(|r| r.event_id).collect()
+        };
+        let ga4_again = ids(reopened.lease("ga4", now_ms(), 10, 60_000).await.unwrap());
+        let meta_again = ids(reopened.lease("meta", now_ms(), 10, 60_000).await.unwrap());
+        assert_eq!(meta_again, vec!["e1", "e2"], "crash: {crash}");
+        if crash {
+            // The settled ga4 delivery of e1 was never written: at-least-once.
+            assert_eq!(ga4_again, vec!["e1", "e2"]);
+        } else {
+            assert_eq!(ga4_again, vec!["e2"], "only what was unsettled");
+        }
+        assert_eq!(
+            reopened.pending_totals().0,
+            if crash { 4 } else { 3 },
+            "crash: {crash}"
+        );
+        reopened.close().await;
+    }
+}
+
+#[tokio::test]
+async fn a_fresh_delivery_whose_lease_ends_is_due_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = SqliteOutbox::open(&config(dir.path(), FsyncMode::Off))
+        .await
+        .unwrap();
+    let queue = outbox.subscribe_hot("t", 100, 200).unwrap();
+    outbox.enqueue(records("t", "e", 2)).await.unwrap();
+    // A dispatcher took them and hung.
+    let (held, _) = queue.take(10, now_ms());
+    assert_eq!(held.len(), 2);
+    assert!(outbox
+        .lease("t", now_ms(), 10, 60_000)
+        .await
+        .unwrap()
+        .is_empty());
+    // The writer looks for ended leases every 250 ms, with or without traffic.
+    let mut again = Vec::new();
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        again = outbox.lease("t", now_ms(), 10, 60_000).await.unwrap();
+        if !again.is_empty() {
+            break;
+        }
+    }
+    let ids: Vec<&str> = again.iter().map(|r| r.event_id.as_str()).collect();
+    assert_eq!(ids, vec!["e0", "e1"]);
+    assert!(again.iter().all(|r| r.id > 0 && r.attempts == 0));
+    // The hung dispatcher wakes up and acks: the new lease's rows stay.
+    outbox
+        .ack(held.iter().map(|r| r.id).collect(), now_ms())
+        .await
+        .unwrap();
+    assert_eq!(outbox.pending_totals().0, 2);
+    outbox
+        .ack(again.iter().map(|r| r.id).collect(), now_ms())
+        .await
+        .unwrap();
+    assert_eq!(outbox.pending_totals(), (0, 0));
+    assert_eq!(count(outbox.db_path(), "SELECT count(*) FROM events"), 0);
+    outbox.close().await;
+}
+
+#[tokio::test]
+async fn a_version_2_store_is_migrated_with_its_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join(sqlite::DB_FILE);
+    {
+        let conn = rusqlite::Connection::open(&db).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE events (id INTEGER PRIMARY KEY, event_id TEXT NOT NULL, payload BLOB NOT NULL);
+             CREATE TABLE pending (
+                id INTEGER PRIMARY KEY AUTOINCREMENT, tag TEXT NOT NULL, event_row INTEGER NOT NULL,
+                attempts INTEGER NOT NULL DEFAULT 0, next_attempt_ms INTEGER NOT NULL,
+                first_enqueued_ms INTEGER NOT NULL, last_error TEXT,
+                lease_until_ms INTEGER NOT NULL DEFAULT 0);
+             CREATE TABLE outbox_totals (id INTEGER PRIMARY KEY CHECK (id = 0),
+                records INTEGER NOT NULL, bytes INTEGER NOT NULL);
+             PRAGMA user_version = 2;",
+        )
+        .unwrap();
+        conn.execute(
+            "INSERT INTO events (id, event_id, payload) VALUES (7, 'a', ?1)",
+            [&payload("a", "purchase")[..]],
+        )
+        .unwrap();
+        conn.execute_batch(
+            "INSERT INTO pending (tag, event_row, attempts, next_attempt_ms, first_enqueued_ms, lease_until_ms)
+                 VALUES ('ga4', 7, 2, 1000, 1000, 99999999999999), ('meta', 7, 0, 1000, 1000, 0);
+             INSERT INTO outbox_totals VALUES (0, 2, 100);",
+        )
+        .unwrap();
+    }
+    let outbox = SqliteOutbox::open(&config(dir.path(), FsyncMode::Off))
+        .await
+        .unwrap();
+    assert_eq!(outbox.pending_totals(), (2, 100), "totals kept");
+    let ga4 = outbox.lease("ga4", now_ms(), 10, 60_000).await.unwrap();
+    let meta = outbox.lease("meta", now_ms(), 10, 60_000).await.unwrap();
+    assert_eq!(ga4[0].attempts, 2, "its lease cleared at open");
+    assert_eq!(meta[0].event_id, "a");
+    // New events are handed over fresh after the migrated rows.
+    let queue = outbox.subscribe_hot("ga4", 10, 60_000).unwrap();
+    outbox.enqueue(records("ga4", "n", 1)).await.unwrap();
+    let (n, _) = queue.take(10, now_ms());
+    assert_eq!(n.len(), 1);
+    outbox
+        .ack(vec![ga4[0].id, meta[0].id, n[0].id], now_ms())
+        .await
+        .unwrap();
+    assert_eq!(count(outbox.db_path(), "SELECT count(*) FROM events"), 0);
     outbox.close().await;
 }

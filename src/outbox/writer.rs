@@ -14,6 +14,7 @@ use rusqlite::types::Value;
 use rusqlite::{Connection, OptionalExtension};
 use tokio::sync::oneshot;
 
+use super::fresh::{self, FreshSet};
 use super::sqlite::Shared;
 use super::{EnqueueError, HotQueue, LeasedRecord, NewEvent, Settlement, StoreError};
 
@@ -92,11 +93,23 @@ pub(crate) struct Settings {
     pub commit_max_records: usize,
 }
 
-const INSERT_EVENT: &str = "INSERT INTO events (event_id, payload) VALUES (?1, ?2)";
-/// Records handed to a waiting dispatcher are written already leased (?5 > 0): nothing
-/// else may lease them while that dispatcher holds them in memory.
+/// `fresh` (?3) lists the tags handed to dispatchers in memory (see `fresh`); the others get
+/// a delivery row each.
+const INSERT_EVENT: &str =
+    "INSERT INTO events (event_id, payload, fresh, enqueued_ms) VALUES (?1, ?2, ?3, ?4)";
 const INSERT: &str = "INSERT INTO pending (tag, event_row, attempts, next_attempt_ms, first_enqueued_ms, lease_until_ms)
-     VALUES (?1, ?2, 0, ?3, ?4, ?5)";
+     VALUES (?1, ?2, 0, ?3, ?3, 0)";
+/// A fresh delivery that needs a row after all (failed, given back, lease ended).
+const MATERIALIZE: &str = "INSERT INTO pending (tag, event_row, attempts, next_attempt_ms, first_enqueued_ms, last_error, lease_until_ms)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0)";
+const SET_FRESH: &str = "UPDATE events SET fresh = ?2 WHERE id = ?1";
+const CLEAR_FRESH: &str = "UPDATE events SET fresh = NULL WHERE id IN rarray(?1)";
+/// Events whose fresh deliveries are all settled, unless a delivery row still needs them.
+const DROP_SETTLED: &str = "DELETE FROM events WHERE id IN rarray(?1)
+     AND NOT EXISTS (SELECT 1 FROM pending WHERE event_row = events.id)
+     RETURNING id, length(payload)";
+const BURY_FRESH: &str = "INSERT INTO dead_letters (tag, event_id, payload, attempts, next_attempt_ms, first_enqueued_ms, last_error, lease_until_ms, reason, dead_at_ms)
+     SELECT ?2, event_id, payload, ?3, ?4, ?4, NULL, 0, ?5, ?6 FROM events WHERE id = ?1";
 const LEASE: &str = "UPDATE pending SET lease_until_ms = ?1, next_attempt_ms = ?1
      WHERE id IN (SELECT id FROM pending
                   WHERE tag = ?2 AND next_attempt_ms <= ?3 AND lease_until_ms <= ?3
@@ -118,8 +131,21 @@ const BURY: &str = "INSERT INTO dead_letters (tag, event_id, payload, attempts, 
 const RELEASE: &str = "UPDATE pending SET lease_until_ms = 0, next_attempt_ms = first_enqueued_ms
      WHERE id = ?1 AND lease_until_ms = ?2";
 const TOTALS: &str =
-    "UPDATE outbox_totals SET records = max(records + ?1, 0), bytes = max(bytes + ?2, 0)
+    "UPDATE outbox_totals SET records = max(records + ?1, 0), bytes = max(bytes + ?2, 0), fresh_floor = ?3
      WHERE id = 0 RETURNING records, bytes";
+
+/// How often the writer looks for fresh deliveries whose lease ended.
+const SWEEP_EVERY: Duration = Duration::from_millis(250);
+
+/// The writer thread's own state besides the connection.
+pub(crate) struct State {
+    fresh: FreshSet,
+    /// `fresh_floor` as last committed.
+    floor: i64,
+    last_sweep: Instant,
+    /// Reused for each event's `fresh` column.
+    column: Vec<u8>,
+}
 
 /// Records of dispatcher work (leases, settlements) one commit takes while hits are waiting:
 /// about 0.3 ms of the writer's time.
@@ -172,7 +198,13 @@ fn sort(
 }
 
 /// The writer thread's body. Returns when closed or when every sender is gone.
-pub(crate) fn run(mut conn: Connection, rx: mpsc::Receiver<Op>, shared: Arc<Shared>, s: Settings) {
+pub(crate) fn run(
+    mut conn: Connection,
+    rx: mpsc::Receiver<Op>,
+    shared: Arc<Shared>,
+    s: Settings,
+    last_row: i64,
+) {
     // However the writer ends (closed, or a panic), the store stops reporting ready.
     struct NotOpenOnExit(Arc<Shared>);
     impl Drop for NotOpenOnExit {
@@ -188,12 +220,30 @@ pub(crate) fn run(mut conn: Connection, rx: mpsc::Receiver<Op>, shared: Arc<Shar
     // at a time: a hit never waits behind a thousand acks.
     let mut deferred: VecDeque<Op> = VecDeque::new();
     let mut close = None;
+    let mut state = State {
+        fresh: FreshSet::new(last_row),
+        floor: -1,
+        last_sweep: Instant::now(),
+        column: Vec::new(),
+    };
     loop {
         // Weight of the hits' records in this group.
         let mut weight = 0usize;
         if deferred.is_empty() {
-            let Ok(first) = rx.recv() else { break };
-            sort(first, &mut batch, &mut deferred, &mut close, &mut weight);
+            // With fresh deliveries out, wake up now and then to end expired leases.
+            let first = if state.fresh.is_empty() {
+                rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected)
+            } else {
+                rx.recv_timeout(SWEEP_EVERY)
+            };
+            match first {
+                Ok(op) => sort(op, &mut batch, &mut deferred, &mut close, &mut weight),
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    commit(&mut conn, &mut batch, &shared, &mut state);
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
         }
         let deadline = Instant::now() + s.commit_interval;
         while close.is_none() && weight < s.commit_max_records {
@@ -217,10 +267,15 @@ pub(crate) fn run(mut conn: Connection, rx: mpsc::Receiver<Op>, shared: Arc<Shar
         let budget = dispatch_budget(weight, close.is_some(), s.commit_max_records);
         admit(&mut deferred, budget, &mut batch);
         if !batch.is_empty() {
-            commit(&mut conn, &mut batch, &shared);
+            commit(&mut conn, &mut batch, &shared, &mut state);
             super::checkpoint::writer_step(&conn, &shared);
         }
         if close.is_some() && deferred.is_empty() {
+            // Settled tags of events still in flight leave their rows, so the next start
+            // resends only what was really unsettled.
+            if let Err(e) = rewrite_stale_columns(&conn, &mut state.fresh) {
+                tracing::warn!(error = %e, "outbox: could not record settled deliveries at close; they may be sent again after restart");
+            }
             // Tidy shutdown: fold the WAL back into the database so the next start is quick.
             if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())) {
                 tracing::warn!(error = %e, "outbox: checkpoint at close failed (harmless)");
@@ -259,6 +314,8 @@ struct HotHandoff {
     tag: Arc<str>,
     queue: Option<Arc<HotQueue>>,
     records: Vec<LeasedRecord>,
+    /// Places in the queue promised to this commit's records.
+    promised: usize,
     overflowed: bool,
 }
 
@@ -271,6 +328,7 @@ impl Delta {
                     tag: tag.clone(),
                     queue: shared.hot_queue(tag),
                     records: Vec::new(),
+                    promised: 0,
                     overflowed: false,
                 });
                 self.hot.len() - 1
@@ -280,23 +338,37 @@ impl Delta {
     }
 }
 
-fn commit(conn: &mut Connection, batch: &mut Vec<Op>, shared: &Shared) {
+fn commit(conn: &mut Connection, batch: &mut Vec<Op>, shared: &Shared, state: &mut State) {
     let mut delta = Delta::default();
+    let sweep = state.last_sweep.elapsed() >= SWEEP_EVERY;
+    // Nothing to write and no lease to end.
+    if batch.is_empty() && (!sweep || state.fresh.is_empty()) {
+        return;
+    }
     let result = (|| -> rusqlite::Result<Applied> {
         conn.execute_batch("BEGIN IMMEDIATE")?;
         let mut replies = Vec::with_capacity(batch.len());
         for op in batch.iter() {
-            replies.push(apply(conn, op, &mut delta, shared)?);
+            replies.push(apply(conn, op, &mut delta, shared, state)?);
         }
-        let totals = if delta.records != 0 || delta.bytes != 0 {
+        if sweep {
+            end_expired_leases(conn, &mut state.fresh, super::now_ms())?;
+        }
+        let floor = state.fresh.floor();
+        let totals = if delta.records != 0 || delta.bytes != 0 || floor != state.floor {
             let mut stmt = conn.prepare_cached(TOTALS)?;
-            Some(stmt.query_row([delta.records, delta.bytes], |r| Ok((r.get(0)?, r.get(1)?)))?)
+            Some(stmt.query_row([delta.records, delta.bytes, floor], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })?)
         } else {
             None
         };
         conn.execute_batch("COMMIT")?;
         Ok((replies, totals))
     })();
+    if sweep {
+        state.last_sweep = Instant::now();
+    }
 
     let reserved_records: u64 = batch
         .iter()
@@ -315,6 +387,8 @@ fn commit(conn: &mut Connection, batch: &mut Vec<Op>, shared: &Shared) {
 
     match result {
         Ok((replies, totals)) => {
+            state.fresh.commit();
+            state.floor = state.fresh.floor();
             if let Some((records, bytes)) = totals {
                 shared
                     .committed_records
@@ -324,7 +398,9 @@ fn commit(conn: &mut Connection, batch: &mut Vec<Op>, shared: &Shared) {
                     .store(u64::try_from(bytes).unwrap_or(0), Ordering::Release);
             }
             release(shared, reserved_records, reserved_bytes);
-            shared.commits.fetch_add(1, Ordering::Relaxed);
+            if !batch.is_empty() {
+                shared.commits.fetch_add(1, Ordering::Relaxed);
+            }
             if delta.committed_records > 0 {
                 metrics::histogram!("tagrelay_outbox_commit_records")
                     .record(delta.committed_records as f64);
@@ -350,6 +426,7 @@ fn commit(conn: &mut Connection, batch: &mut Vec<Op>, shared: &Shared) {
         }
         Err(e) => {
             let _ = conn.execute_batch("ROLLBACK");
+            state.fresh.rollback();
             release(shared, reserved_records, reserved_bytes);
             let msg = e.to_string();
             tracing::error!(error = %msg, ops = batch.len(), "outbox: commit failed");
@@ -405,6 +482,7 @@ fn apply(
     op: &Op,
     delta: &mut Delta,
     shared: &Shared,
+    state: &mut State,
 ) -> rusqlite::Result<Reply> {
     match op {
         Op::Enqueue {
@@ -420,35 +498,62 @@ fn apply(
                 if e.tags.is_empty() {
                     continue;
                 }
-                insert_event.execute(rusqlite::params![e.event_id, &e.payload[..]])?;
-                let row = conn.last_insert_rowid();
-                for tag in &e.tags {
+                // Which tags' dispatchers take this event from memory (fresh, no row).
+                let mut hot: u16 = 0;
+                let mut lease_until = 0i64;
+                for (k, tag) in e.tags.iter().enumerate().take(fresh::MAX_TAGS) {
                     let h = delta.handoff(tag, shared);
-                    let lease_until = match &h.queue {
-                        Some(q) if q.has_room(h.records.len(), 1) => {
-                            now.saturating_add(i64::try_from(q.lease_ms()).unwrap_or(i64::MAX))
+                    match &h.queue {
+                        Some(q) if q.has_room(h.promised, 1) => {
+                            h.promised += 1;
+                            hot |= 1 << k;
+                            lease_until =
+                                now.saturating_add(i64::try_from(q.lease_ms()).unwrap_or(i64::MAX));
                         }
-                        Some(_) => {
-                            h.overflowed = true;
-                            0
-                        }
-                        None => 0,
-                    };
-                    let next_attempt = if lease_until > 0 {
-                        lease_until
+                        Some(_) => h.overflowed = true,
+                        None => {}
+                    }
+                }
+                for tag in e.tags.iter().skip(fresh::MAX_TAGS) {
+                    delta.handoff(tag, shared).overflowed = true;
+                }
+                let column = if hot == 0 {
+                    None
+                } else {
+                    state.column.clear();
+                    let names: Vec<&str> = e
+                        .tags
+                        .iter()
+                        .enumerate()
+                        .filter(|(k, _)| hot & (1 << k) != 0)
+                        .map(|(_, t)| &**t)
+                        .collect();
+                    serde_json::to_writer(&mut state.column, &names)
+                        .map_err(|err| rusqlite::Error::ToSqlConversionFailure(err.into()))?;
+                    std::str::from_utf8(&state.column).ok()
+                };
+                insert_event.execute(rusqlite::params![
+                    e.event_id,
+                    &e.payload[..],
+                    column,
+                    e.enqueued_at_ms
+                ])?;
+                let row = conn.last_insert_rowid();
+                if fresh::id(row, 0).is_none() {
+                    // Ids cannot name fresh deliveries of this row (never for SQLite's own
+                    // row ids): every tag gets a delivery row.
+                    conn.execute("UPDATE events SET fresh = NULL WHERE id = ?1", [row])?;
+                    hot = 0;
+                }
+                for (k, tag) in e.tags.iter().enumerate() {
+                    let fresh_id = if k < fresh::MAX_TAGS && hot & (1 << k) != 0 {
+                        fresh::id(row, k)
                     } else {
-                        e.enqueued_at_ms
+                        None
                     };
-                    insert.execute(rusqlite::params![
-                        &**tag,
-                        row,
-                        next_attempt,
-                        e.enqueued_at_ms,
-                        lease_until
-                    ])?;
-                    if lease_until > 0 {
-                        h.records.push(LeasedRecord {
-                            id: conn.last_insert_rowid(),
+                    match fresh_id {
+                        Some(id) => delta.handoff(tag, shared).records.push(LeasedRecord {
+                            id,
                             tag: tag.clone(),
                             event_id: e.event_id.clone(),
                             payload: e.payload.clone(),
@@ -457,12 +562,27 @@ fn apply(
                             first_enqueued_ms: e.enqueued_at_ms,
                             last_error: None,
                             lease_until_ms: lease_until,
-                        });
+                        }),
+                        None => {
+                            insert.execute(rusqlite::params![&**tag, row, e.enqueued_at_ms])?;
+                        }
                     }
                     match delta.enqueued.iter_mut().find(|(t, _)| t == tag) {
                         Some((_, n)) => *n += 1,
                         None => delta.enqueued.push((tag.clone(), 1)),
                     }
+                }
+                if hot != 0 {
+                    state.fresh.insert(
+                        row,
+                        fresh::Entry {
+                            tags: e.tags.iter().take(fresh::MAX_TAGS).cloned().collect(),
+                            unsettled: hot,
+                            enqueued_ms: e.enqueued_at_ms,
+                            lease_until_ms: lease_until,
+                            column_stale: false,
+                        },
+                    );
                 }
             }
             delta.records += i64::try_from(*records).unwrap_or(i64::MAX);
@@ -520,49 +640,90 @@ fn apply(
             Ok(Reply::Leased(out))
         }
         Op::Settle { settlement, .. } => {
-            settle(conn, settlement, delta)?;
+            settle(conn, settlement, delta, &mut state.fresh)?;
             Ok(Reply::Settled)
         }
         Op::Release { leases, .. } => {
             let mut release = conn.prepare_cached(RELEASE)?;
-            for (id, until) in leases {
-                release.execute([id, until])?;
+            let mut after = FreshAfter::default();
+            for &(id, until) in leases {
+                if fresh::decode(id).is_some() {
+                    // Still fresh means still as handed out: due again at once.
+                    if let Some(t) = state.fresh.take(id) {
+                        materialize(conn, &t, 0, t.enqueued_ms, None)?;
+                        after.row_added(&t);
+                    }
+                } else {
+                    release.execute([id, until])?;
+                }
             }
+            after.apply(conn, delta, &mut state.fresh)?;
             Ok(Reply::Settled)
         }
         Op::Close { .. } => Ok(Reply::Settled),
     }
 }
 
-fn settle(conn: &Connection, s: &Settlement, delta: &mut Delta) -> rusqlite::Result<()> {
+fn settle(
+    conn: &Connection,
+    s: &Settlement,
+    delta: &mut Delta,
+    fresh_set: &mut FreshSet,
+) -> rusqlite::Result<()> {
+    let mut after = FreshAfter::default();
+    // Delivery rows that go (acked or dead).
+    let mut gone: Vec<Value> = Vec::with_capacity(s.ack.len());
     if !s.dead.is_empty() {
-        // Copied out before their delivery rows go.
+        // Copied out before their delivery rows or events go.
         let mut bury = conn.prepare_cached(BURY)?;
+        let mut bury_fresh = conn.prepare_cached(BURY_FRESH)?;
         for d in &s.dead {
-            bury.execute(rusqlite::params![
-                d.id,
-                i64::from(d.attempted),
-                d.reason,
-                s.now_ms
-            ])?;
+            if fresh::decode(d.id).is_none() {
+                bury.execute(rusqlite::params![
+                    d.id,
+                    i64::from(d.attempted),
+                    d.reason,
+                    s.now_ms
+                ])?;
+                gone.push(Value::Integer(d.id));
+            } else if let Some(t) = fresh_set.take(d.id) {
+                bury_fresh.execute(rusqlite::params![
+                    t.row,
+                    &*t.tag,
+                    i64::from(d.attempted),
+                    t.enqueued_ms,
+                    d.reason,
+                    s.now_ms
+                ])?;
+                delta.records -= 1;
+                after.settled(&t);
+            }
+            // A fresh id no longer fresh: its lease ended and it has a delivery row now,
+            // which is sent again (at-least-once, as for any lease that ends).
         }
     }
-    let gone: Vec<Value> = s
-        .ack
-        .iter()
-        .chain(s.dead.iter().map(|d| &d.id))
-        .map(|&id| Value::Integer(id))
-        .collect();
+    for &id in &s.ack {
+        if fresh::decode(id).is_none() {
+            gone.push(Value::Integer(id));
+        } else if let Some(t) = fresh_set.take(id) {
+            delta.records -= 1;
+            after.settled(&t);
+        }
+    }
     if !gone.is_empty() {
         let mut rows: Vec<Value> = Vec::with_capacity(gone.len());
         {
             let mut ack = conn.prepare_cached(ACK)?;
             let mut found = ack.query([Rc::new(gone)])?;
             while let Some(r) = found.next()? {
-                rows.push(Value::Integer(r.get(0)?));
+                delta.records -= 1;
+                let row: i64 = r.get(0)?;
+                // An event with fresh deliveries still out goes with the last of them.
+                if !fresh_set.contains(row) {
+                    rows.push(Value::Integer(row));
+                }
             }
         }
-        delta.records -= rows.len() as i64;
         let mut drop_events = conn.prepare_cached(DROP_EVENTS)?;
         let mut freed = drop_events.query([Rc::new(rows)])?;
         while let Some(r) = freed.next()? {
@@ -572,10 +733,165 @@ fn settle(conn: &Connection, s: &Settlement, delta: &mut Delta) -> rusqlite::Res
     if !s.nack.is_empty() {
         let mut nack = conn.prepare_cached(NACK)?;
         for n in &s.nack {
-            nack.execute(rusqlite::params![n.id, n.next_attempt_ms, n.error])?;
+            if fresh::decode(n.id).is_none() {
+                nack.execute(rusqlite::params![n.id, n.next_attempt_ms, n.error])?;
+            } else if let Some(t) = fresh_set.take(n.id) {
+                materialize(conn, &t, 1, n.next_attempt_ms, Some(&n.error))?;
+                after.row_added(&t);
+            }
         }
     }
+    after.apply(conn, delta, fresh_set)
+}
+
+/// Writes a delivery row for fresh delivery `t`.
+fn materialize(
+    conn: &Connection,
+    t: &fresh::Taken,
+    attempts: i64,
+    next_attempt_ms: i64,
+    last_error: Option<&str>,
+) -> rusqlite::Result<()> {
+    conn.prepare_cached(MATERIALIZE)?
+        .execute(rusqlite::params![
+            &*t.tag,
+            t.row,
+            attempts,
+            next_attempt_ms,
+            t.enqueued_ms,
+            last_error
+        ])?;
     Ok(())
+}
+
+/// What settling fresh deliveries leaves to do to their event rows, done once per row.
+#[derive(Default)]
+struct FreshAfter {
+    /// Every fresh delivery settled: the event goes unless a delivery row needs it.
+    settled: Vec<i64>,
+    /// Some fresh deliveries remain but the column must lose those that got rows (a
+    /// restart must not make them due a second time).
+    rewrite: Vec<i64>,
+    /// No fresh delivery remains and some got rows: the column is cleared.
+    clear: Vec<i64>,
+}
+
+impl FreshAfter {
+    fn settled(&mut self, t: &fresh::Taken) {
+        if t.last {
+            self.settled.push(t.row);
+        }
+    }
+
+    fn row_added(&mut self, t: &fresh::Taken) {
+        if t.last {
+            self.clear.push(t.row);
+        } else {
+            self.rewrite.push(t.row);
+        }
+    }
+
+    fn apply(
+        mut self,
+        conn: &Connection,
+        delta: &mut Delta,
+        fresh_set: &mut FreshSet,
+    ) -> rusqlite::Result<()> {
+        if !self.settled.is_empty() {
+            let rows: Vec<Value> = self.settled.iter().map(|&r| Value::Integer(r)).collect();
+            let mut dropped = Vec::with_capacity(self.settled.len());
+            let mut drop = conn.prepare_cached(DROP_SETTLED)?;
+            let mut freed = drop.query([Rc::new(rows)])?;
+            while let Some(r) = freed.next()? {
+                dropped.push(r.get::<_, i64>(0)?);
+                delta.bytes -= r.get::<_, i64>(1)?;
+            }
+            dropped.sort_unstable();
+            // Kept for their delivery rows: their column must not outlive the process.
+            self.clear.extend(
+                self.settled
+                    .iter()
+                    .filter(|r| dropped.binary_search(r).is_err()),
+            );
+        }
+        self.rewrite.sort_unstable();
+        self.rewrite.dedup();
+        if !self.rewrite.is_empty() {
+            let mut set = conn.prepare_cached(SET_FRESH)?;
+            for &row in &self.rewrite {
+                // Gone from the set: a later settlement in this batch took its last tag.
+                if fresh_set.contains(row) {
+                    set.execute(rusqlite::params![row, fresh_set.rewrite(row)])?;
+                } else if !self.clear.contains(&row) {
+                    self.clear.push(row);
+                }
+            }
+        }
+        if !self.clear.is_empty() {
+            let rows: Vec<Value> = self.clear.iter().map(|&r| Value::Integer(r)).collect();
+            conn.prepare_cached(CLEAR_FRESH)?.execute([Rc::new(rows)])?;
+        }
+        Ok(())
+    }
+}
+
+/// Fresh deliveries whose lease ended get delivery rows, due at once, like any lease that
+/// ends: their dispatcher may have died or hung.
+fn end_expired_leases(
+    conn: &Connection,
+    fresh_set: &mut FreshSet,
+    now_ms: i64,
+) -> rusqlite::Result<()> {
+    let expired = fresh_set.expire(now_ms);
+    if expired.is_empty() {
+        return Ok(());
+    }
+    let mut rows = Vec::with_capacity(expired.len());
+    for (row, entry) in &expired {
+        for tag in entry.remaining() {
+            let t = fresh::Taken {
+                row: *row,
+                tag: tag.clone(),
+                enqueued_ms: entry.enqueued_ms,
+                last: false,
+            };
+            materialize(conn, &t, 0, entry.lease_until_ms, None)?;
+        }
+        rows.push(Value::Integer(*row));
+    }
+    tracing::warn!(
+        events = expired.len(),
+        "outbox: in-memory leases ended before their deliveries were settled; they are due again"
+    );
+    conn.prepare_cached(CLEAR_FRESH)?.execute([Rc::new(rows)])?;
+    Ok(())
+}
+
+/// At a clean close: rows whose column still lists settled tags are rewritten.
+fn rewrite_stale_columns(conn: &Connection, fresh_set: &mut FreshSet) -> rusqlite::Result<()> {
+    let stale = fresh_set.stale_columns();
+    if stale.is_empty() {
+        return Ok(());
+    }
+    conn.execute_batch("BEGIN IMMEDIATE")?;
+    let result = (|| {
+        let mut set = conn.prepare_cached(SET_FRESH)?;
+        for (row, column) in &stale {
+            set.execute(rusqlite::params![row, column])?;
+        }
+        Ok(())
+    })();
+    match result {
+        Ok(()) => {
+            fresh_set.commit();
+            conn.execute_batch("COMMIT")
+        }
+        Err(e) => {
+            let _ = conn.execute_batch("ROLLBACK");
+            fresh_set.rollback();
+            Err(e)
+        }
+    }
 }
 
 #[cfg(test)]
