@@ -1,23 +1,28 @@
-//! Deliveries the writer handed straight to a dispatcher's queue at commit time ("fresh"):
-//! they get no delivery row. The event row lists their tags (`events.fresh`, a JSON array),
-//! which is all a restart needs to make them due again; while the process runs, this set is
-//! the truth about which of them are still unsettled.
+//! First deliveries without delivery rows.
 //!
-//! Why: with both tags keeping up, an event costs one row insert and one row delete, instead
-//! of a payload row plus a delivery row per tag (each with two index entries) inserted,
-//! leased and deleted. A delivery row is written only when a fresh delivery needs one: it
-//! failed (nack), died, was given back, or its lease ran out.
+//! An event row lists the tags it still owes a first delivery to (`events.fresh`, a JSON
+//! array written once with the row). Each tag reads its first deliveries from the events
+//! table in row order, like a consumer reading a log: a delivery is either handed to the
+//! tag's dispatcher straight from the commit (the tag is caught up and its queue has room),
+//! or left in the store and handed out later by a lease that scans rows from where the tag
+//! lags. Only a delivery that fails (nack), dies, is given back or outlives its lease gets a
+//! row in `pending`, which keeps its attempts and error.
 //!
-//! Settling one tag of an event while another is still in flight does not rewrite the row
-//! (that would cost the page write this saves). If the process then crashes, the settled tag
-//! is sent again with the other: at-least-once, as for any in-flight lease. A clean close
-//! rewrites those rows first, so a restart resends only what was really unsettled.
+//! Why: an event then costs one row insert and one row delete, where a delivery row per tag
+//! (each with two index entries) inserted, leased and deleted cost several times the CPU
+//! and the page writes, and that was the writer's main load.
+//!
+//! What survives a restart is each tag's committed position (`cursors`): every row below it
+//! has had that tag's delivery settled or turned into a delivery row. A restart hands out
+//! again from there, so deliveries settled beyond it are sent again: at-least-once, as for
+//! any in-flight lease. A clean close first gives every unsettled delivery a row, so the
+//! positions are exact.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 
-/// An event's tags that can be fresh: a fresh id carries the tag's position in 4 bits.
-/// Further tags of the same event get delivery rows.
+/// An event's tags that can be delivered without rows: a fresh id carries the tag's
+/// position in 4 bits. Further tags of the same event get delivery rows.
 pub(crate) const MAX_TAGS: usize = 16;
 
 /// The record id a dispatcher sees for tag position `k` of event `row`. Delivery rows have
@@ -42,61 +47,57 @@ pub(crate) fn decode(id: i64) -> Option<(i64, usize)> {
     (row >= 1).then_some((row, k))
 }
 
+/// The tags a `fresh` column lists (none if it is not a JSON array of strings).
+pub(crate) fn parse_column(column: Option<&str>) -> Vec<Arc<str>> {
+    column
+        .and_then(|c| serde_json::from_str::<Vec<&str>>(c).ok())
+        .map(|tags| tags.into_iter().map(Arc::from).collect())
+        .unwrap_or_default()
+}
+
+/// An event with deliveries out (handed to dispatchers, not settled yet).
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Entry {
-    /// The event's tags by position (fresh or not; `unsettled` says which are fresh).
+    /// The tags its `fresh` column lists, by position.
     pub tags: Arc<[Arc<str>]>,
-    /// Bit `k`: the delivery of `tags[k]` is fresh and not settled yet.
-    pub unsettled: u16,
+    /// Bit `k`: the delivery of `tags[k]` is out.
+    pub out: u16,
     pub enqueued_ms: i64,
-    pub lease_until_ms: i64,
-    /// Some tags were settled without rewriting the row's `fresh` column.
-    pub column_stale: bool,
 }
 
-impl Entry {
-    pub fn remaining(&self) -> impl Iterator<Item = &Arc<str>> {
-        self.tags
-            .iter()
-            .enumerate()
-            .filter(|(k, _)| self.unsettled & (1 << k) != 0)
-            .map(|(_, t)| t)
-    }
-
-    /// The `fresh` column for what is still unsettled (`None`: nothing).
-    pub fn column(&self) -> Option<String> {
-        column(self.remaining().map(|t| &**t))
-    }
-}
-
-/// The `fresh` column listing `tags` (`None` if there are none).
-pub(crate) fn column<'a>(tags: impl Iterator<Item = &'a str>) -> Option<String> {
-    let tags: Vec<&str> = tags.collect();
-    if tags.is_empty() {
-        return None;
-    }
-    serde_json::to_string(&tags).ok()
-}
-
-/// One fresh delivery taken out of the set by a settlement.
+/// One delivery taken out of the set by a settlement.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Taken {
     pub row: i64,
     pub tag: Arc<str>,
     pub enqueued_ms: i64,
-    /// It was the event's last unsettled fresh delivery (the entry is gone).
-    pub last: bool,
+    /// Nothing of this event is out any more and every tag it lists has been handed it:
+    /// the event row can go (unless a delivery row still needs it).
+    pub done: bool,
 }
 
-/// The unsettled fresh deliveries, by event row, with an undo log so that a commit that
-/// rolls back leaves the set as it was.
+/// Where one tag stands in the events table.
+#[derive(Debug, Default)]
+pub(crate) struct Cursor {
+    /// `Some(row)`: this tag's deliveries from `row` on wait in the store and a lease scans
+    /// from there. `None`: caught up, new commits hand deliveries straight to its queue.
+    pub lag_from: Option<i64>,
+    /// Handed out, in order: `(row, position, lease end)`. Settled ones leave from the
+    /// front lazily.
+    handed: VecDeque<(i64, usize, i64)>,
+    /// Deliveries waiting in the store and out in memory (for gauges).
+    pub waiting: u64,
+    pub out: u64,
+    /// The committed position as last written (`None`: never).
+    pub persisted: Option<i64>,
+}
+
+/// The writer's view of first deliveries: what is out, and where each tag stands.
 #[derive(Debug, Default)]
 pub(crate) struct FreshSet {
     entries: BTreeMap<i64, Entry>,
-    /// Entries as they were before the current commit first touched them (`None`: absent).
-    undo: Vec<(i64, Option<Entry>)>,
-    touched: std::collections::HashSet<i64>,
-    /// Highest row ever inserted (the floor when nothing is fresh).
+    cursors: HashMap<Arc<str>, Cursor>,
+    /// Highest row inserted so far.
     last_row: i64,
 }
 
@@ -108,6 +109,15 @@ impl FreshSet {
         }
     }
 
+    /// A tag that lags from `row` with `waiting` deliveries in the store (at open).
+    pub fn resume(&mut self, tag: Arc<str>, row: i64, waiting: u64) {
+        let c = self.cursors.entry(tag).or_default();
+        c.lag_from = Some(row);
+        c.waiting = waiting;
+        c.persisted = Some(row);
+    }
+
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
@@ -116,114 +126,229 @@ impl FreshSet {
         self.entries.contains_key(&row)
     }
 
+    /// The lease end of delivery `k` of `row` if it is out.
     #[cfg(test)]
-    pub fn get(&self, row: i64) -> Option<&Entry> {
-        self.entries.get(&row)
-    }
-
-    fn save(&mut self, row: i64) {
-        if self.touched.insert(row) {
-            self.undo.push((row, self.entries.get(&row).cloned()));
-        }
-    }
-
-    pub fn insert(&mut self, row: i64, entry: Entry) {
-        self.save(row);
-        self.last_row = self.last_row.max(row);
-        if entry.unsettled != 0 {
-            self.entries.insert(row, entry);
-        }
-    }
-
-    /// Settles fresh delivery `id`. `None` if it is not (or no longer) fresh: settled
-    /// already, or its lease ran out and it became a delivery row.
-    pub fn take(&mut self, id: i64) -> Option<Taken> {
-        let (row, k) = decode(id)?;
-        let entry = self.entries.get(&row)?;
-        if entry.unsettled & (1 << k) == 0 {
+    pub fn out_lease(&self, row: i64, k: usize) -> Option<i64> {
+        let e = self.entries.get(&row)?;
+        if e.out & (1 << k) == 0 {
             return None;
         }
-        self.save(row);
-        let entry = self.entries.get_mut(&row)?;
-        entry.unsettled &= !(1 << k);
-        let taken = Taken {
-            row,
-            tag: entry.tags.get(k)?.clone(),
-            enqueued_ms: entry.enqueued_ms,
-            last: entry.unsettled == 0,
-        };
-        if taken.last {
-            self.entries.remove(&row);
-        } else {
-            entry.column_stale = true;
+        let c = self.cursors.get(e.tags.get(k)?)?;
+        c.handed
+            .iter()
+            .find(|&&(r, kk, _)| r == row && kk == k)
+            .map(|&(_, _, until)| until)
+    }
+
+    pub fn cursor(&mut self, tag: &Arc<str>) -> &mut Cursor {
+        if !self.cursors.contains_key(tag) {
+            self.cursors.insert(tag.clone(), Cursor::default());
         }
-        Some(taken)
+        self.cursors.get_mut(tag).expect("just inserted")
     }
 
-    /// Marks `row`'s column as rewritten; returns the value to write.
-    pub fn rewrite(&mut self, row: i64) -> Option<String> {
-        self.save(row);
+    pub fn lags(&self, tag: &str) -> Option<i64> {
+        self.cursors.get(tag).and_then(|c| c.lag_from)
+    }
+
+    /// Whether `tag` has been handed `row` (or was never going to be).
+    fn passed(&self, tag: &str, row: i64) -> bool {
+        self.cursors
+            .get(tag)
+            .and_then(|c| c.lag_from)
+            .is_none_or(|lag| lag > row)
+    }
+
+    /// Whether every tag in `tags` has been handed `row`.
+    pub fn all_passed(&self, tags: &[Arc<str>], row: i64) -> bool {
+        tags.iter().all(|t| self.passed(t, row))
+    }
+
+    /// The lowest id the next event row may take.
+    pub fn next_row(&self) -> i64 {
+        self.last_row.saturating_add(1)
+    }
+
+    /// Row `row` was inserted.
+    pub fn inserted(&mut self, row: i64) {
+        self.last_row = self.last_row.max(row);
+    }
+
+    /// The delivery of `tags[k]` for `row` is left in the store.
+    pub fn leave(&mut self, tag: &Arc<str>, row: i64) {
+        let c = self.cursor(tag);
+        c.lag_from.get_or_insert(row);
+        c.waiting += 1;
+    }
+
+    /// Hands the delivery of `tags[k]` of `row` out until `lease_until_ms`. `from_store`:
+    /// it was waiting there (a lease scan) rather than coming from the commit.
+    pub fn hand(
+        &mut self,
+        row: i64,
+        tags: &Arc<[Arc<str>]>,
+        k: usize,
+        enqueued_ms: i64,
+        lease_until_ms: i64,
+        from_store: bool,
+    ) -> bool {
+        let Some(tag) = tags.get(k) else {
+            return false;
+        };
+        if k >= MAX_TAGS {
+            return false;
+        }
+        let entry = self.entries.entry(row).or_insert_with(|| Entry {
+            tags: tags.clone(),
+            out: 0,
+            enqueued_ms,
+        });
+        if entry.out & (1 << k) != 0 {
+            return false;
+        }
+        entry.out |= 1 << k;
+        let c = self.cursor(tag);
+        c.handed.push_back((row, k, lease_until_ms));
+        c.out += 1;
+        if from_store {
+            c.waiting = c.waiting.saturating_sub(1);
+        }
+        true
+    }
+
+    /// Settles the delivery named by fresh id `id`. `None` if it is not out (settled
+    /// already, or its lease ended and it got a delivery row).
+    pub fn take(&mut self, id: i64) -> Option<Taken> {
+        let (row, k) = decode(id)?;
         let entry = self.entries.get_mut(&row)?;
-        entry.column_stale = false;
-        entry.column()
+        if entry.out & (1 << k) == 0 {
+            return None;
+        }
+        entry.out &= !(1 << k);
+        let tag = entry.tags.get(k)?.clone();
+        let enqueued_ms = entry.enqueued_ms;
+        let tags = entry.tags.clone();
+        let nothing_out = entry.out == 0;
+        if nothing_out {
+            self.entries.remove(&row);
+        }
+        if let Some(c) = self.cursors.get_mut(&tag) {
+            c.out = c.out.saturating_sub(1);
+        }
+        Some(Taken {
+            row,
+            tag,
+            enqueued_ms,
+            done: nothing_out && self.all_passed(&tags, row),
+        })
     }
 
-    /// Removes and returns the entries whose lease ended by `now_ms`. Rows are in
-    /// commit order and every fresh delivery gets the same lease, so the expired ones are at
-    /// the front.
-    pub fn expire(&mut self, now_ms: i64) -> Vec<(i64, Entry)> {
-        let mut out = Vec::new();
-        while let Some((&row, entry)) = self.entries.first_key_value() {
-            if entry.lease_until_ms > now_ms {
+    /// `tag`'s deliveries out whose lease ended by `now_ms`, taken out of the set (they
+    /// need rows), with their lease's end. A tag hands out in order with the same lease, so
+    /// the ended ones are at the front.
+    pub fn expire(&mut self, tag: &str, now_ms: i64) -> Vec<(Taken, i64)> {
+        let mut ended = Vec::new();
+        loop {
+            self.trim(tag);
+            let Some(c) = self.cursors.get_mut(tag) else {
+                break;
+            };
+            let Some(&(row, k, until)) = c.handed.front() else {
+                break;
+            };
+            if until > now_ms {
                 break;
             }
-            self.save(row);
-            if let Some(e) = self.entries.remove(&row) {
-                out.push((row, e));
+            c.handed.pop_front();
+            if let Some(taken) = id(row, k).and_then(|id| self.take(id)) {
+                ended.push((taken, until));
+            }
+        }
+        ended
+    }
+
+    /// Drops settled deliveries from the front of `tag`'s hand-out order.
+    fn trim(&mut self, tag: &str) {
+        let Some(c) = self.cursors.get_mut(tag) else {
+            return;
+        };
+        while let Some(&(row, k, _)) = c.handed.front() {
+            let out = self
+                .entries
+                .get(&row)
+                .is_some_and(|e| e.out & (1 << k) != 0);
+            if out {
+                break;
+            }
+            c.handed.pop_front();
+        }
+    }
+
+    /// Everything still out (a clean close gives each a delivery row).
+    pub fn take_all(&mut self) -> Vec<Taken> {
+        let ids: Vec<i64> = self
+            .entries
+            .iter()
+            .flat_map(|(&row, e)| {
+                (0..MAX_TAGS)
+                    .filter(|k| e.out & (1 << k) != 0)
+                    .filter_map(move |k| id(row, k))
+            })
+            .collect();
+        ids.into_iter().filter_map(|id| self.take(id)).collect()
+    }
+
+    /// Each tag's committed position that changed since it was last written: every row
+    /// below it has had that tag's delivery settled or given a delivery row.
+    pub fn positions_to_write(&mut self) -> Vec<(Arc<str>, i64)> {
+        let tags: Vec<Arc<str>> = self.cursors.keys().cloned().collect();
+        let mut out = Vec::new();
+        for tag in tags {
+            self.trim(&tag);
+            let next = self.last_row.saturating_add(1);
+            let Some(c) = self.cursors.get(&tag) else {
+                continue;
+            };
+            let pos = c
+                .handed
+                .front()
+                .map(|&(row, _, _)| row)
+                .or(c.lag_from)
+                .unwrap_or(next);
+            if c.persisted != Some(pos) {
+                out.push((tag, pos));
             }
         }
         out
     }
 
-    /// Rows whose column lists tags settled since (a clean close rewrites them).
-    pub fn stale_columns(&mut self) -> Vec<(i64, Option<String>)> {
-        let rows: Vec<i64> = self
-            .entries
-            .iter()
-            .filter(|(_, e)| e.column_stale)
-            .map(|(&r, _)| r)
-            .collect();
-        rows.into_iter().map(|r| (r, self.rewrite(r))).collect()
-    }
-
-    /// No row below this one has an unsettled fresh delivery: where the scan at the next
-    /// open may start.
-    pub fn floor(&self) -> i64 {
-        self.entries
-            .first_key_value()
-            .map(|(&r, _)| r)
-            .unwrap_or(self.last_row.saturating_add(1))
-    }
-
-    /// The current commit went through.
-    pub fn commit(&mut self) {
-        self.undo.clear();
-        self.touched.clear();
-    }
-
-    /// The current commit rolled back: every entry it touched is restored.
-    pub fn rollback(&mut self) {
-        for (row, before) in self.undo.drain(..).rev() {
-            match before {
-                Some(e) => {
-                    self.entries.insert(row, e);
-                }
-                None => {
-                    self.entries.remove(&row);
-                }
+    pub fn written(&mut self, positions: &[(Arc<str>, i64)]) {
+        for (tag, pos) in positions {
+            if let Some(c) = self.cursors.get_mut(tag) {
+                c.persisted = Some(*pos);
             }
         }
-        self.touched.clear();
+    }
+
+    /// After a commit failed: nothing handed out by this process counts any more, and every
+    /// tag resumes from its written position, as after a restart (rare: the disk failed).
+    pub fn reset(&mut self) {
+        self.entries.clear();
+        for c in self.cursors.values_mut() {
+            c.handed.clear();
+            c.waiting += c.out;
+            c.out = 0;
+            c.lag_from = c.persisted;
+        }
+    }
+
+    /// Per tag: deliveries waiting in the store and out in memory.
+    pub fn gauges(&self) -> Vec<(Arc<str>, u64, u64)> {
+        self.cursors
+            .iter()
+            .filter(|(_, c)| c.waiting > 0 || c.out > 0)
+            .map(|(t, c)| (t.clone(), c.waiting, c.out))
+            .collect()
     }
 }
 
@@ -231,14 +356,12 @@ impl FreshSet {
 mod tests {
     use super::*;
 
-    fn entry(tags: &[&str], unsettled: u16, lease_until_ms: i64) -> Entry {
-        Entry {
-            tags: tags.iter().map(|t| Arc::from(*t)).collect(),
-            unsettled,
-            enqueued_ms: 1_000,
-            lease_until_ms,
-            column_stale: false,
-        }
+    fn tags(names: &[&str]) -> Arc<[Arc<str>]> {
+        names.iter().map(|t| Arc::from(*t)).collect()
+    }
+
+    fn t(name: &str) -> Arc<str> {
+        Arc::from(name)
     }
 
     #[test]
@@ -259,72 +382,120 @@ mod tests {
     }
 
     #[test]
-    fn the_last_settled_tag_removes_the_entry() {
-        let mut set = FreshSet::new(0);
-        set.insert(5, entry(&["ga4", "meta"], 0b11, 9_000));
-        let ga4 = set.take(id(5, 0).unwrap()).unwrap();
-        assert_eq!((&*ga4.tag, ga4.last), ("ga4", false));
-        assert!(set.get(5).unwrap().column_stale);
-        assert_eq!(set.get(5).unwrap().column().as_deref(), Some(r#"["meta"]"#));
-        assert_eq!(set.take(id(5, 0).unwrap()), None, "settled twice");
-        let meta = set.take(id(5, 1).unwrap()).unwrap();
-        assert!(meta.last);
-        assert!(set.is_empty());
-        assert_eq!(set.floor(), 6);
-    }
-
-    #[test]
-    fn tags_that_were_not_fresh_cannot_be_taken() {
-        let mut set = FreshSet::new(0);
-        // Only "meta" went fresh; "ga4" got a delivery row.
-        set.insert(3, entry(&["ga4", "meta"], 0b10, 9_000));
-        assert_eq!(set.take(id(3, 0).unwrap()), None);
-        assert_eq!(set.get(3).unwrap().column().as_deref(), Some(r#"["meta"]"#));
-    }
-
-    #[test]
-    fn expiry_takes_the_front_in_row_order() {
-        let mut set = FreshSet::new(0);
-        set.insert(1, entry(&["t"], 1, 100));
-        set.insert(2, entry(&["t"], 1, 200));
-        set.insert(3, entry(&["t"], 1, 300));
-        assert_eq!(set.floor(), 1);
-        let gone: Vec<i64> = set.expire(200).into_iter().map(|(r, _)| r).collect();
-        assert_eq!(gone, vec![1, 2]);
-        assert_eq!(set.floor(), 3);
+    fn columns_parse_to_their_tags() {
         assert_eq!(
-            set.take(id(1, 0).unwrap()),
-            None,
-            "expired: no longer fresh"
+            parse_column(Some(r#"["ga4","meta"]"#)),
+            vec![t("ga4"), t("meta")]
         );
+        assert!(parse_column(None).is_empty());
+        assert!(parse_column(Some("not json")).is_empty());
     }
 
     #[test]
-    fn a_rolled_back_commit_leaves_the_set_as_it_was() {
+    fn an_event_is_done_when_nothing_is_out_and_every_tag_was_handed_it() {
         let mut set = FreshSet::new(0);
-        set.insert(1, entry(&["a", "b"], 0b11, 100));
-        set.commit();
-        set.take(id(1, 0).unwrap()).unwrap();
-        set.insert(2, entry(&["a"], 1, 100));
-        set.take(id(1, 1).unwrap()).unwrap();
-        set.expire(1_000);
-        set.rollback();
-        assert_eq!(set.get(1), Some(&entry(&["a", "b"], 0b11, 100)));
-        assert!(!set.contains(2));
-        // Undo is per commit: after a commit, a rollback undoes nothing older.
-        set.take(id(1, 0).unwrap()).unwrap();
-        set.commit();
-        set.rollback();
-        assert_eq!(set.get(1).unwrap().unsettled, 0b10);
+        let both = tags(&["ga4", "meta"]);
+        set.inserted(5);
+        assert!(set.hand(5, &both, 0, 1_000, 9_000, false));
+        // meta's queue was full: it lags from row 5.
+        set.leave(&t("meta"), 5);
+        let ga4 = set.take(id(5, 0).unwrap()).unwrap();
+        assert_eq!((&*ga4.tag, ga4.done), ("ga4", false), "meta has not had it");
+        assert!(!set.contains(5));
+        assert_eq!(set.take(id(5, 0).unwrap()), None, "settled twice");
+        // meta's lease scan hands it out later and it is settled: now the event can go.
+        assert!(set.hand(5, &both, 1, 1_000, 9_000, true));
+        set.cursor(&t("meta")).lag_from = None;
+        let meta = set.take(id(5, 1).unwrap()).unwrap();
+        assert!(meta.done);
     }
 
     #[test]
-    fn a_clean_close_rewrites_only_stale_columns() {
+    fn positions_follow_the_oldest_delivery_out_or_where_a_tag_lags() {
         let mut set = FreshSet::new(0);
-        set.insert(1, entry(&["a", "b"], 0b11, 100));
-        set.insert(2, entry(&["a", "b"], 0b11, 100));
-        set.take(id(2, 1).unwrap()).unwrap();
-        assert_eq!(set.stale_columns(), vec![(2, Some(r#"["a"]"#.to_string()))]);
-        assert!(set.stale_columns().is_empty());
+        let one = tags(&["t"]);
+        for row in 1..=3 {
+            set.inserted(row);
+            set.hand(row, &one, 0, 1_000, 9_000, false);
+        }
+        assert_eq!(set.positions_to_write(), vec![(t("t"), 1)]);
+        set.written(&[(t("t"), 1)]);
+        assert!(
+            set.positions_to_write().is_empty(),
+            "unchanged: not written again"
+        );
+        // Settled out of order: the position waits for row 1.
+        set.take(id(2, 0).unwrap()).unwrap();
+        assert!(set.positions_to_write().is_empty());
+        set.take(id(1, 0).unwrap()).unwrap();
+        assert_eq!(set.positions_to_write(), vec![(t("t"), 3)]);
+        set.take(id(3, 0).unwrap()).unwrap();
+        assert_eq!(
+            set.positions_to_write(),
+            vec![(t("t"), 4)],
+            "caught up: past the last row"
+        );
+        set.inserted(4);
+        set.leave(&t("t"), 4);
+        assert_eq!(set.positions_to_write(), vec![(t("t"), 4)]);
+        assert_eq!(set.gauges(), vec![(t("t"), 1, 0)]);
+    }
+
+    #[test]
+    fn ended_leases_are_taken_in_hand_out_order() {
+        let mut set = FreshSet::new(0);
+        let one = tags(&["t"]);
+        set.hand(1, &one, 0, 1_000, 100, false);
+        set.hand(2, &one, 0, 1_000, 200, false);
+        set.hand(3, &one, 0, 1_000, 300, false);
+        set.take(id(1, 0).unwrap()).unwrap();
+        let ended: Vec<(i64, i64)> = set
+            .expire("t", 200)
+            .into_iter()
+            .map(|(t, until)| (t.row, until))
+            .collect();
+        assert_eq!(ended, vec![(2, 200)]);
+        assert!(set.expire("other", 1_000).is_empty());
+        assert_eq!(set.take(id(2, 0).unwrap()), None, "no longer out");
+        assert!(set.contains(3));
+    }
+
+    #[test]
+    fn a_reset_forgets_what_is_out_and_resumes_from_written_positions() {
+        let mut set = FreshSet::new(0);
+        let one = tags(&["t"]);
+        set.hand(1, &one, 0, 1_000, 100, false);
+        let pos = set.positions_to_write();
+        set.written(&pos);
+        set.hand(2, &one, 0, 1_000, 100, false);
+        set.reset();
+        assert!(set.is_empty());
+        assert_eq!(set.lags("t"), Some(1));
+        assert_eq!(set.gauges(), vec![(t("t"), 2, 0)]);
+        // A tag never written had nothing committed: it stays caught up.
+        let mut fresh = FreshSet::new(0);
+        fresh.hand(1, &one, 0, 1_000, 100, false);
+        fresh.reset();
+        assert_eq!(fresh.lags("t"), None);
+    }
+
+    #[test]
+    fn a_clean_close_takes_everything_out() {
+        let mut set = FreshSet::new(0);
+        let both = tags(&["a", "b"]);
+        set.hand(1, &both, 0, 1_000, 100, false);
+        set.hand(1, &both, 1, 1_000, 100, false);
+        set.hand(2, &both, 1, 1_000, 100, false);
+        let mut taken: Vec<(i64, String)> = set
+            .take_all()
+            .into_iter()
+            .map(|t| (t.row, t.tag.to_string()))
+            .collect();
+        taken.sort();
+        assert_eq!(
+            taken,
+            vec![(1, "a".into()), (1, "b".into()), (2, "b".into())]
+        );
+        assert!(set.is_empty());
     }
 }

@@ -32,6 +32,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension};
 use tokio::sync::{oneshot, Notify};
 
 use super::checkpoint::Checkpointer;
+use super::fresh::FreshSet;
 use super::writer::{self, Op};
 use super::{
     DeliveryStore, EnqueueError, HotQueue, LeasedRecord, NewEvent, Outbox, Settlement, StoreError,
@@ -51,9 +52,9 @@ pub(crate) const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 // Version 2 keeps each event's payload once (`events`) and one small delivery row per tag
 // (`pending`): a hit firing two tags writes its ~1 KB payload once, and leases, retries and
-// acks touch only the small rows. Version 3 adds `events.fresh`: the tags whose deliveries
-// were handed to dispatchers in memory without a delivery row (see `fresh`), and
-// `outbox_totals.fresh_floor`, below which no row has any.
+// acks touch only the small rows. Version 3 adds `events.fresh`, the tags an event owes a
+// first delivery to, read by each tag in row order from its position in `cursors`; delivery
+// rows are left for retries (see `fresh`).
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY,
@@ -91,26 +92,26 @@ CREATE INDEX IF NOT EXISTS dead_by_tag ON dead_letters (tag, id);
 CREATE TABLE IF NOT EXISTS outbox_totals (
     id INTEGER PRIMARY KEY CHECK (id = 0),
     records INTEGER NOT NULL,
-    bytes INTEGER NOT NULL,
-    fresh_floor INTEGER NOT NULL DEFAULT 0
+    bytes INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS cursors (
+    tag TEXT PRIMARY KEY,
+    committed_row INTEGER NOT NULL
 );
 ";
 
 /// Columns version 3 added to tables that older versions already have.
-const V3_COLUMNS: [(&str, &str, &str); 3] = [
+const V3_COLUMNS: [(&str, &str, &str); 2] = [
     ("events", "fresh", "TEXT"),
     ("events", "enqueued_ms", "INTEGER NOT NULL DEFAULT 0"),
-    ("outbox_totals", "fresh_floor", "INTEGER NOT NULL DEFAULT 0"),
 ];
 
-/// Fresh deliveries of a previous process (in memory, then gone) become delivery rows, due
-/// at once in their original order.
-const EXPAND_FRESH: &str = "
-INSERT INTO pending (tag, event_row, attempts, next_attempt_ms, first_enqueued_ms, lease_until_ms)
-    SELECT j.value, e.id, 0, e.enqueued_ms, e.enqueued_ms, 0
-    FROM events e, json_each(e.fresh) j
-    WHERE e.id >= ?1 AND e.fresh IS NOT NULL ORDER BY e.id, j.key";
-const CLEAR_FRESH: &str = "UPDATE events SET fresh = NULL WHERE id >= ?1 AND fresh IS NOT NULL";
+/// Per tag: first deliveries waiting from its position on, and the oldest one's time.
+const WAITING: &str = "
+SELECT c.tag, count(e.id), min(e.enqueued_ms)
+FROM cursors c JOIN events e ON e.id >= c.committed_row AND e.fresh IS NOT NULL
+JOIN json_each(e.fresh) j ON j.value = c.tag
+GROUP BY c.tag";
 
 /// Version 1 stored the payload in every pending row: its table steps aside before
 /// [`SCHEMA`] creates version 2's, then [`MIGRATE_V1_COPY`] moves the rows over.
@@ -146,6 +147,9 @@ pub(crate) struct Shared {
     pub hot: RwLock<HashMap<Arc<str>, Arc<HotQueue>>>,
     /// Frames in the WAL at the checkpointer's last step (see `checkpoint`).
     pub wal_frames: AtomicI64,
+    /// Per tag: first deliveries waiting in the store and out in memory, as of the last
+    /// commit (see `fresh`).
+    pub fresh_gauges: Mutex<Vec<(Arc<str>, u64, u64)>>,
 }
 
 impl Shared {
@@ -159,6 +163,12 @@ impl Shared {
             Ok(mut map) => map.entry(Arc::from(tag)).or_default().clone(),
             // A poisoned map only loses wake-ups; dispatchers still poll.
             Err(_) => Arc::new(Notify::new()),
+        }
+    }
+
+    pub fn set_fresh_gauges(&self, gauges: Vec<(Arc<str>, u64, u64)>) {
+        if let Ok(mut g) = self.fresh_gauges.lock() {
+            *g = gauges;
         }
     }
 
@@ -240,8 +250,7 @@ impl SqliteOutbox {
                 [],
             )
             .map_err(ctx)?;
-        let resumed = expand_fresh(&conn).map_err(ctx)?;
-        let cleared = cleared + resumed;
+        let fresh = resume_fresh(&conn).map_err(ctx)?;
         if cleared > 0 {
             tracing::info!(
                 records = cleared,
@@ -249,9 +258,6 @@ impl SqliteOutbox {
             );
         }
         let (records, bytes) = load_totals(&conn).map_err(ctx)?;
-        let last_row: i64 = conn
-            .query_row("SELECT coalesce(max(id), 0) FROM events", [], |r| r.get(0))
-            .map_err(ctx)?;
 
         let reader = Connection::open_with_flags(
             &path,
@@ -276,7 +282,7 @@ impl SqliteOutbox {
             .map_err(|e| format!("outbox `{}`: {e}", path.display()))?;
         let handle = std::thread::Builder::new()
             .name("outbox-writer".into())
-            .spawn(move || writer::run(conn, rx, thread_shared, settings, last_row))
+            .spawn(move || writer::run(conn, rx, thread_shared, settings, fresh))
             .map_err(|e| format!("outbox: cannot start writer thread: {e}"))?;
 
         Ok(Arc::new(SqliteOutbox {
@@ -356,6 +362,16 @@ impl SqliteOutbox {
         }
         // Nothing writes any more: the directory is free for the next server.
         let _ = self.lock.unlock();
+    }
+
+    /// Every delivery, sorted, as `(tag, event id, attempts, next attempt, lease end)`.
+    #[cfg(test)]
+    pub(crate) async fn snapshot(&self) -> Vec<writer::DeliveryState> {
+        let (done, wait) = oneshot::channel();
+        if !self.send(Op::Snapshot { done }) {
+            return Vec::new();
+        }
+        wait.await.unwrap_or_default()
     }
 
     /// Tests simulate a crash by leaking the store; a real crash also releases the lock.
@@ -495,11 +511,17 @@ impl DeliveryStore for SqliteOutbox {
 
     async fn backlog(&self, now_ms: i64) -> Result<Vec<TagBacklog>, StoreError> {
         let reader = self.reader.clone();
+        let live = self
+            .shared
+            .fresh_gauges
+            .lock()
+            .map(|g| g.clone())
+            .unwrap_or_default();
         tokio::task::spawn_blocking(move || {
             let conn = reader
                 .lock()
                 .map_err(|_| StoreError::Io("reader connection poisoned".into()))?;
-            backlog(&conn, now_ms).map_err(|e| StoreError::Io(e.to_string()))
+            backlog(&conn, now_ms, Some(&live)).map_err(|e| StoreError::Io(e.to_string()))
         })
         .await
         .map_err(|e| StoreError::Io(format!("backlog task failed: {e}")))?
@@ -593,35 +615,42 @@ fn add_column_if_missing(
     Ok(())
 }
 
-/// Turns the fresh deliveries a previous process left (it stopped before settling them)
-/// into delivery rows. Returns how many.
-fn expand_fresh(conn: &Connection) -> rusqlite::Result<usize> {
-    let floor: i64 = conn.query_row(
-        "SELECT coalesce((SELECT fresh_floor FROM outbox_totals WHERE id = 0), 0)",
+/// Where each tag stands, from the positions the previous process committed. The record
+/// count is recomputed: deliveries it settled beyond a position are due again.
+fn resume_fresh(conn: &Connection) -> rusqlite::Result<FreshSet> {
+    // Positions may point past the newest rows (deleted once settled): new rows go after.
+    let last_row: i64 = conn.query_row(
+        "SELECT max((SELECT coalesce(max(id), 0) FROM events),
+                    (SELECT coalesce(max(committed_row), 1) - 1 FROM cursors))",
         [],
         |r| r.get(0),
     )?;
-    conn.execute_batch("BEGIN IMMEDIATE")?;
-    let result = (|| {
-        let n = conn.execute(EXPAND_FRESH, [floor])?;
-        conn.execute(CLEAR_FRESH, [floor])?;
-        if n > 0 {
-            // Deliveries settled while another tag of their event was still out are back
-            // (see `fresh`): the count the totals kept is short of them.
-            conn.execute(
-                "UPDATE outbox_totals SET records = (SELECT count(*) FROM pending) WHERE id = 0",
-                [],
-            )?;
-        }
-        Ok(n)
-    })();
-    match result {
-        Ok(n) => conn.execute_batch("COMMIT").map(|_| n),
-        Err(e) => {
-            let _ = conn.execute_batch("ROLLBACK");
-            Err(e)
-        }
+    let mut fresh = FreshSet::new(last_row);
+    let mut waiting_total = 0u64;
+    let positions: Vec<(String, i64)> = conn
+        .prepare("SELECT tag, committed_row FROM cursors")?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    let waiting: HashMap<String, i64> = conn
+        .prepare(WAITING)?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    for (tag, pos) in positions {
+        let n = u64::try_from(waiting.get(&tag).copied().unwrap_or(0)).unwrap_or(0);
+        waiting_total += n;
+        fresh.resume(Arc::from(tag.as_str()), pos, n);
     }
+    if waiting_total > 0 {
+        tracing::info!(
+            records = waiting_total,
+            "outbox: resuming first deliveries the previous process had not settled"
+        );
+    }
+    conn.execute(
+        "UPDATE outbox_totals SET records = (SELECT count(*) FROM pending) + ?1 WHERE id = 0",
+        [i64::try_from(waiting_total).unwrap_or(i64::MAX)],
+    )?;
+    Ok(fresh)
 }
 
 /// Reads the pending totals row, computing it (one scan) if this database has none yet.
@@ -637,8 +666,7 @@ fn load_totals(conn: &Connection) -> rusqlite::Result<(u64, u64)> {
         Some(v) => v,
         None => {
             let v: (i64, i64) = conn.query_row(
-                "SELECT (SELECT count(*) FROM pending)
-                          + (SELECT coalesce(sum(json_array_length(fresh)), 0) FROM events),
+                "SELECT (SELECT count(*) FROM pending),
                         (SELECT coalesce(sum(length(payload)), 0) FROM events)",
                 [],
                 |r| Ok((r.get(0)?, r.get(1)?)),
@@ -656,29 +684,66 @@ fn load_totals(conn: &Connection) -> rusqlite::Result<(u64, u64)> {
     ))
 }
 
-pub(crate) fn backlog(conn: &Connection, now_ms: i64) -> rusqlite::Result<Vec<TagBacklog>> {
-    // Fresh deliveries are in a dispatcher's hands: leased. (One settled while another tag
-    // of its event is still in flight is counted until that one settles too.)
+/// Pending work per tag. `live`: the running writer's gauges of first deliveries (waiting
+/// and out); without them (the CLI, on the files) the waiting ones are counted from each
+/// tag's committed position.
+pub(crate) fn backlog(
+    conn: &Connection,
+    now_ms: i64,
+    live: Option<&[(Arc<str>, u64, u64)]>,
+) -> rusqlite::Result<Vec<TagBacklog>> {
     let mut stmt = conn.prepare_cached(
-        "SELECT tag, sum(n), sum(leased), min(oldest) FROM (
-             SELECT tag, count(*) AS n, sum(lease_until_ms > ?1) AS leased,
-                    min(first_enqueued_ms) AS oldest
-             FROM pending GROUP BY tag
-             UNION ALL
-             SELECT j.value, count(*), count(*), min(e.enqueued_ms)
-             FROM events e, json_each(e.fresh) j
-             WHERE e.id >= coalesce((SELECT fresh_floor FROM outbox_totals WHERE id = 0), 0)
-               AND e.fresh IS NOT NULL
-             GROUP BY j.value
-         ) GROUP BY tag ORDER BY tag",
+        "SELECT tag, count(*), sum(lease_until_ms > ?1), min(first_enqueued_ms)
+         FROM pending GROUP BY tag ORDER BY tag",
     )?;
-    let rows = stmt.query_map([now_ms], |r| {
-        Ok(TagBacklog {
-            tag: r.get(0)?,
-            pending: u64::try_from(r.get::<_, i64>(1)?).unwrap_or(0),
-            leased: u64::try_from(r.get::<_, Option<i64>>(2)?.unwrap_or(0)).unwrap_or(0),
-            oldest_enqueued_ms: r.get(3)?,
-        })
-    })?;
-    rows.collect()
+    let mut by_tag: std::collections::BTreeMap<String, TagBacklog> = stmt
+        .query_map([now_ms], |r| {
+            Ok(TagBacklog {
+                tag: r.get(0)?,
+                pending: u64::try_from(r.get::<_, i64>(1)?).unwrap_or(0),
+                leased: u64::try_from(r.get::<_, Option<i64>>(2)?.unwrap_or(0)).unwrap_or(0),
+                oldest_enqueued_ms: r.get(3)?,
+            })
+        })?
+        .map(|b| b.map(|b| (b.tag.clone(), b)))
+        .collect::<rusqlite::Result<_>>()?;
+    let mut add = |tag: &str, waiting: u64, out: u64, oldest: Option<i64>| {
+        if waiting + out == 0 {
+            return;
+        }
+        let b = by_tag.entry(tag.to_string()).or_insert_with(|| TagBacklog {
+            tag: tag.to_string(),
+            pending: 0,
+            leased: 0,
+            oldest_enqueued_ms: None,
+        });
+        b.pending += waiting + out;
+        b.leased += out;
+        b.oldest_enqueued_ms = match (b.oldest_enqueued_ms, oldest) {
+            (Some(a), Some(o)) => Some(a.min(o)),
+            (a, o) => a.or(o),
+        };
+    };
+    match live {
+        Some(gauges) => {
+            for (tag, waiting, out) in gauges {
+                add(tag, *waiting, *out, None);
+            }
+        }
+        None => {
+            let mut waiting = conn.prepare_cached(WAITING)?;
+            let rows = waiting.query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, Option<i64>>(2)?,
+                ))
+            })?;
+            for row in rows {
+                let (tag, n, oldest) = row?;
+                add(&tag, u64::try_from(n).unwrap_or(0), 0, oldest);
+            }
+        }
+    }
+    Ok(by_tag.into_values().collect())
 }

@@ -135,7 +135,7 @@ pub fn stats(dir: &Path) -> Result<Stats, ToolError> {
     let (conn, path) = open(dir)?;
     let err = sql_err(&path);
     let now = now_ms();
-    let pending = super::sqlite::backlog(&conn, now).map_err(&err)?;
+    let pending = super::sqlite::backlog(&conn, now, None).map_err(&err)?;
     let mut dead: Vec<(String, u64)> = {
         let mut stmt = conn
             .prepare("SELECT tag, count(*) FROM dead_letters GROUP BY tag")

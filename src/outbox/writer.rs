@@ -45,7 +45,16 @@ pub(crate) enum Op {
     Close {
         done: oneshot::Sender<()>,
     },
+    /// Every delivery as the store sees it (tests compare it with a model).
+    #[cfg(test)]
+    Snapshot {
+        done: oneshot::Sender<Vec<DeliveryState>>,
+    },
 }
+
+/// `(tag, event id, attempts, next attempt, lease end)` of one delivery.
+#[cfg(test)]
+pub(crate) type DeliveryState = (String, String, i64, i64, i64);
 
 impl std::fmt::Debug for Op {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -61,6 +70,8 @@ impl std::fmt::Debug for Op {
             ),
             Op::Release { leases, .. } => write!(f, "Release({})", leases.len()),
             Op::Close { .. } => write!(f, "Close"),
+            #[cfg(test)]
+            Op::Snapshot { .. } => write!(f, "Snapshot"),
         }
     }
 }
@@ -76,6 +87,8 @@ impl Op {
             }
             Op::Release { leases, .. } => leases.len(),
             Op::Close { .. } => 0,
+            #[cfg(test)]
+            Op::Snapshot { .. } => 0,
         }
     }
 }
@@ -93,23 +106,29 @@ pub(crate) struct Settings {
     pub commit_max_records: usize,
 }
 
-/// `fresh` (?3) lists the tags handed to dispatchers in memory (see `fresh`); the others get
-/// a delivery row each.
-const INSERT_EVENT: &str =
-    "INSERT INTO events (event_id, payload, fresh, enqueued_ms) VALUES (?1, ?2, ?3, ?4)";
+/// `fresh` (?3) lists the tags this event owes a first delivery to (see `fresh`); an event
+/// with more than `fresh::MAX_TAGS` tags gets delivery rows for the rest.
+/// Row ids only grow (?5: one past the highest this store ever used), even when the newest
+/// rows were deleted: a tag's position past a deleted row must not skip a new one.
+const INSERT_EVENT: &str = "INSERT INTO events (id, event_id, payload, fresh, enqueued_ms)
+     VALUES (max(?5, (SELECT coalesce(max(id), 0) + 1 FROM events)), ?1, ?2, ?3, ?4)";
 const INSERT: &str = "INSERT INTO pending (tag, event_row, attempts, next_attempt_ms, first_enqueued_ms, lease_until_ms)
      VALUES (?1, ?2, 0, ?3, ?3, 0)";
-/// A fresh delivery that needs a row after all (failed, given back, lease ended).
+/// A first delivery that needs a row after all (failed, given back, lease ended).
 const MATERIALIZE: &str = "INSERT INTO pending (tag, event_row, attempts, next_attempt_ms, first_enqueued_ms, last_error, lease_until_ms)
      VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0)";
-const SET_FRESH: &str = "UPDATE events SET fresh = ?2 WHERE id = ?1";
-const CLEAR_FRESH: &str = "UPDATE events SET fresh = NULL WHERE id IN rarray(?1)";
-/// Events whose fresh deliveries are all settled, unless a delivery row still needs them.
+/// The rows a lagging tag reads its first deliveries from, in order.
+const SCAN: &str =
+    "SELECT id, event_id, payload, fresh, enqueued_ms FROM events WHERE id >= ?1 ORDER BY id LIMIT ?2";
+const COLUMN: &str = "SELECT fresh FROM events WHERE id = ?1";
+/// Events every tag is done with, unless a delivery row still needs them.
 const DROP_SETTLED: &str = "DELETE FROM events WHERE id IN rarray(?1)
      AND NOT EXISTS (SELECT 1 FROM pending WHERE event_row = events.id)
-     RETURNING id, length(payload)";
+     RETURNING length(payload)";
 const BURY_FRESH: &str = "INSERT INTO dead_letters (tag, event_id, payload, attempts, next_attempt_ms, first_enqueued_ms, last_error, lease_until_ms, reason, dead_at_ms)
      SELECT ?2, event_id, payload, ?3, ?4, ?4, NULL, 0, ?5, ?6 FROM events WHERE id = ?1";
+const POSITION: &str = "INSERT INTO cursors (tag, committed_row) VALUES (?1, ?2)
+     ON CONFLICT (tag) DO UPDATE SET committed_row = excluded.committed_row";
 const LEASE: &str = "UPDATE pending SET lease_until_ms = ?1, next_attempt_ms = ?1
      WHERE id IN (SELECT id FROM pending
                   WHERE tag = ?2 AND next_attempt_ms <= ?3 AND lease_until_ms <= ?3
@@ -118,10 +137,6 @@ const LEASE: &str = "UPDATE pending SET lease_until_ms = ?1, next_attempt_ms = ?
 const EVENT: &str = "SELECT event_id, payload FROM events WHERE id = ?1";
 /// Whole slices at once (`rarray` binds a list): one statement per slice, not per record.
 const ACK: &str = "DELETE FROM pending WHERE id IN rarray(?1) RETURNING event_row";
-/// Events go with their last delivery.
-const DROP_EVENTS: &str = "DELETE FROM events WHERE id IN rarray(?1)
-     AND NOT EXISTS (SELECT 1 FROM pending WHERE event_row = events.id)
-     RETURNING length(payload)";
 const NACK: &str = "UPDATE pending SET attempts = attempts + 1, next_attempt_ms = ?2, last_error = ?3, lease_until_ms = 0
      WHERE id = ?1";
 const BURY: &str = "INSERT INTO dead_letters (tag, event_id, payload, attempts, next_attempt_ms, first_enqueued_ms, last_error, lease_until_ms, reason, dead_at_ms)
@@ -131,18 +146,12 @@ const BURY: &str = "INSERT INTO dead_letters (tag, event_id, payload, attempts, 
 const RELEASE: &str = "UPDATE pending SET lease_until_ms = 0, next_attempt_ms = first_enqueued_ms
      WHERE id = ?1 AND lease_until_ms = ?2";
 const TOTALS: &str =
-    "UPDATE outbox_totals SET records = max(records + ?1, 0), bytes = max(bytes + ?2, 0), fresh_floor = ?3
+    "UPDATE outbox_totals SET records = max(records + ?1, 0), bytes = max(bytes + ?2, 0)
      WHERE id = 0 RETURNING records, bytes";
-
-/// How often the writer looks for fresh deliveries whose lease ended.
-const SWEEP_EVERY: Duration = Duration::from_millis(250);
 
 /// The writer thread's own state besides the connection.
 pub(crate) struct State {
     fresh: FreshSet,
-    /// `fresh_floor` as last committed.
-    floor: i64,
-    last_sweep: Instant,
     /// Reused for each event's `fresh` column.
     column: Vec<u8>,
 }
@@ -203,7 +212,7 @@ pub(crate) fn run(
     rx: mpsc::Receiver<Op>,
     shared: Arc<Shared>,
     s: Settings,
-    last_row: i64,
+    fresh: FreshSet,
 ) {
     // However the writer ends (closed, or a panic), the store stops reporting ready.
     struct NotOpenOnExit(Arc<Shared>);
@@ -221,29 +230,15 @@ pub(crate) fn run(
     let mut deferred: VecDeque<Op> = VecDeque::new();
     let mut close = None;
     let mut state = State {
-        fresh: FreshSet::new(last_row),
-        floor: -1,
-        last_sweep: Instant::now(),
+        fresh,
         column: Vec::new(),
     };
     loop {
         // Weight of the hits' records in this group.
         let mut weight = 0usize;
         if deferred.is_empty() {
-            // With fresh deliveries out, wake up now and then to end expired leases.
-            let first = if state.fresh.is_empty() {
-                rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected)
-            } else {
-                rx.recv_timeout(SWEEP_EVERY)
-            };
-            match first {
-                Ok(op) => sort(op, &mut batch, &mut deferred, &mut close, &mut weight),
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    commit(&mut conn, &mut batch, &shared, &mut state);
-                    continue;
-                }
-                Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            }
+            let Ok(first) = rx.recv() else { break };
+            sort(first, &mut batch, &mut deferred, &mut close, &mut weight);
         }
         let deadline = Instant::now() + s.commit_interval;
         while close.is_none() && weight < s.commit_max_records {
@@ -271,10 +266,10 @@ pub(crate) fn run(
             super::checkpoint::writer_step(&conn, &shared);
         }
         if close.is_some() && deferred.is_empty() {
-            // Settled tags of events still in flight leave their rows, so the next start
-            // resends only what was really unsettled.
-            if let Err(e) = rewrite_stale_columns(&conn, &mut state.fresh) {
-                tracing::warn!(error = %e, "outbox: could not record settled deliveries at close; they may be sent again after restart");
+            // Deliveries still out get rows, so the next start resumes each tag exactly
+            // where it stands.
+            if let Err(e) = give_rows_to_all_out(&conn, &mut state.fresh) {
+                tracing::warn!(error = %e, "outbox: could not record deliveries in flight at close; they are sent again after restart");
             }
             // Tidy shutdown: fold the WAL back into the database so the next start is quick.
             if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())) {
@@ -293,6 +288,8 @@ pub(crate) fn run(
 type Applied = (Vec<Reply>, Option<(i64, i64)>);
 
 enum Reply {
+    #[cfg(test)]
+    Snapshot(Vec<DeliveryState>),
     Enqueued,
     Leased(Vec<LeasedRecord>),
     Settled,
@@ -340,35 +337,23 @@ impl Delta {
 
 fn commit(conn: &mut Connection, batch: &mut Vec<Op>, shared: &Shared, state: &mut State) {
     let mut delta = Delta::default();
-    let sweep = state.last_sweep.elapsed() >= SWEEP_EVERY;
-    // Nothing to write and no lease to end.
-    if batch.is_empty() && (!sweep || state.fresh.is_empty()) {
-        return;
-    }
+    let mut positions = Vec::new();
     let result = (|| -> rusqlite::Result<Applied> {
         conn.execute_batch("BEGIN IMMEDIATE")?;
         let mut replies = Vec::with_capacity(batch.len());
         for op in batch.iter() {
             replies.push(apply(conn, op, &mut delta, shared, state)?);
         }
-        if sweep {
-            end_expired_leases(conn, &mut state.fresh, super::now_ms())?;
-        }
-        let floor = state.fresh.floor();
-        let totals = if delta.records != 0 || delta.bytes != 0 || floor != state.floor {
+        positions = write_positions(conn, &mut state.fresh)?;
+        let totals = if delta.records != 0 || delta.bytes != 0 {
             let mut stmt = conn.prepare_cached(TOTALS)?;
-            Some(stmt.query_row([delta.records, delta.bytes, floor], |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })?)
+            Some(stmt.query_row([delta.records, delta.bytes], |r| Ok((r.get(0)?, r.get(1)?)))?)
         } else {
             None
         };
         conn.execute_batch("COMMIT")?;
         Ok((replies, totals))
     })();
-    if sweep {
-        state.last_sweep = Instant::now();
-    }
 
     let reserved_records: u64 = batch
         .iter()
@@ -387,8 +372,8 @@ fn commit(conn: &mut Connection, batch: &mut Vec<Op>, shared: &Shared, state: &m
 
     match result {
         Ok((replies, totals)) => {
-            state.fresh.commit();
-            state.floor = state.fresh.floor();
+            state.fresh.written(&positions);
+            shared.set_fresh_gauges(state.fresh.gauges());
             if let Some((records, bytes)) = totals {
                 shared
                     .committed_records
@@ -398,9 +383,7 @@ fn commit(conn: &mut Connection, batch: &mut Vec<Op>, shared: &Shared, state: &m
                     .store(u64::try_from(bytes).unwrap_or(0), Ordering::Release);
             }
             release(shared, reserved_records, reserved_bytes);
-            if !batch.is_empty() {
-                shared.commits.fetch_add(1, Ordering::Relaxed);
-            }
+            shared.commits.fetch_add(1, Ordering::Relaxed);
             if delta.committed_records > 0 {
                 metrics::histogram!("tagrelay_outbox_commit_records")
                     .record(delta.committed_records as f64);
@@ -426,7 +409,7 @@ fn commit(conn: &mut Connection, batch: &mut Vec<Op>, shared: &Shared, state: &m
         }
         Err(e) => {
             let _ = conn.execute_batch("ROLLBACK");
-            state.fresh.rollback();
+            state.fresh.reset();
             release(shared, reserved_records, reserved_bytes);
             let msg = e.to_string();
             tracing::error!(error = %msg, ops = batch.len(), "outbox: commit failed");
@@ -474,6 +457,12 @@ fn answer(op: Op, reply: Result<Reply, String>) {
         (Op::Close { done }, _) => {
             let _ = done.send(());
         }
+        #[cfg(test)]
+        (Op::Snapshot { done }, Ok(Reply::Snapshot(v))) => {
+            let _ = done.send(v);
+        }
+        #[cfg(test)]
+        (Op::Snapshot { .. }, _) => {}
     }
 }
 
@@ -498,91 +487,81 @@ fn apply(
                 if e.tags.is_empty() {
                     continue;
                 }
-                // Which tags' dispatchers take this event from memory (fresh, no row).
-                let mut hot: u16 = 0;
-                let mut lease_until = 0i64;
-                for (k, tag) in e.tags.iter().enumerate().take(fresh::MAX_TAGS) {
-                    let h = delta.handoff(tag, shared);
-                    match &h.queue {
-                        Some(q) if q.has_room(h.promised, 1) => {
-                            h.promised += 1;
-                            hot |= 1 << k;
-                            lease_until =
-                                now.saturating_add(i64::try_from(q.lease_ms()).unwrap_or(i64::MAX));
-                        }
-                        Some(_) => h.overflowed = true,
-                        None => {}
-                    }
-                }
-                for tag in e.tags.iter().skip(fresh::MAX_TAGS) {
-                    delta.handoff(tag, shared).overflowed = true;
-                }
-                let column = if hot == 0 {
-                    None
-                } else {
-                    state.column.clear();
-                    let names: Vec<&str> = e
-                        .tags
-                        .iter()
-                        .enumerate()
-                        .filter(|(k, _)| hot & (1 << k) != 0)
-                        .map(|(_, t)| &**t)
-                        .collect();
-                    serde_json::to_writer(&mut state.column, &names)
-                        .map_err(|err| rusqlite::Error::ToSqlConversionFailure(err.into()))?;
-                    std::str::from_utf8(&state.column).ok()
-                };
+                let listed = e.tags.len().min(fresh::MAX_TAGS);
+                state.column.clear();
+                let names: Vec<&str> = e.tags[..listed].iter().map(|t| &**t).collect();
+                serde_json::to_writer(&mut state.column, &names)
+                    .map_err(|err| rusqlite::Error::ToSqlConversionFailure(err.into()))?;
+                let column = std::str::from_utf8(&state.column).ok();
                 insert_event.execute(rusqlite::params![
                     e.event_id,
                     &e.payload[..],
                     column,
-                    e.enqueued_at_ms
+                    e.enqueued_at_ms,
+                    state.fresh.next_row()
                 ])?;
                 let row = conn.last_insert_rowid();
-                if fresh::id(row, 0).is_none() {
-                    // Ids cannot name fresh deliveries of this row (never for SQLite's own
+                let listed = if fresh::id(row, 0).is_some() {
+                    listed
+                } else {
+                    // Ids cannot name first deliveries of this row (never for SQLite's own
                     // row ids): every tag gets a delivery row.
                     conn.execute("UPDATE events SET fresh = NULL WHERE id = ?1", [row])?;
-                    hot = 0;
-                }
+                    0
+                };
+                state.fresh.inserted(row);
+                let tags: Arc<[Arc<str>]> = e.tags[..listed].iter().cloned().collect();
                 for (k, tag) in e.tags.iter().enumerate() {
-                    let fresh_id = if k < fresh::MAX_TAGS && hot & (1 << k) != 0 {
-                        fresh::id(row, k)
+                    let h = delta.handoff(tag, shared);
+                    if k >= listed {
+                        insert.execute(rusqlite::params![&**tag, row, e.enqueued_at_ms])?;
+                        h.overflowed = true;
                     } else {
-                        None
-                    };
-                    match fresh_id {
-                        Some(id) => delta.handoff(tag, shared).records.push(LeasedRecord {
-                            id,
-                            tag: tag.clone(),
-                            event_id: e.event_id.clone(),
-                            payload: e.payload.clone(),
-                            event: e.event.clone(),
-                            attempts: 0,
-                            first_enqueued_ms: e.enqueued_at_ms,
-                            last_error: None,
-                            lease_until_ms: lease_until,
-                        }),
-                        None => {
-                            insert.execute(rusqlite::params![&**tag, row, e.enqueued_at_ms])?;
+                        // Straight to the queue only for a tag that is caught up: one that
+                        // lags reads in row order from the store, this row included.
+                        let room = state.fresh.lags(tag).is_none()
+                            && h.queue.as_ref().is_some_and(|q| q.has_room(h.promised, 1));
+                        let lease_until = h.queue.as_ref().map_or(0, |q| {
+                            now.saturating_add(i64::try_from(q.lease_ms()).unwrap_or(i64::MAX))
+                        });
+                        let id = fresh::id(row, k);
+                        match id {
+                            Some(id)
+                                if room
+                                    && state.fresh.hand(
+                                        row,
+                                        &tags,
+                                        k,
+                                        e.enqueued_at_ms,
+                                        lease_until,
+                                        false,
+                                    ) =>
+                            {
+                                h.promised += 1;
+                                h.records.push(LeasedRecord {
+                                    id,
+                                    tag: tag.clone(),
+                                    event_id: e.event_id.clone(),
+                                    payload: e.payload.clone(),
+                                    event: e.event.clone(),
+                                    attempts: 0,
+                                    first_enqueued_ms: e.enqueued_at_ms,
+                                    last_error: None,
+                                    lease_until_ms: lease_until,
+                                });
+                            }
+                            _ => {
+                                if h.queue.is_some() {
+                                    h.overflowed = true;
+                                }
+                                state.fresh.leave(tag, row);
+                            }
                         }
                     }
                     match delta.enqueued.iter_mut().find(|(t, _)| t == tag) {
                         Some((_, n)) => *n += 1,
                         None => delta.enqueued.push((tag.clone(), 1)),
                     }
-                }
-                if hot != 0 {
-                    state.fresh.insert(
-                        row,
-                        fresh::Entry {
-                            tags: e.tags.iter().take(fresh::MAX_TAGS).cloned().collect(),
-                            unsettled: hot,
-                            enqueued_ms: e.enqueued_at_ms,
-                            lease_until_ms: lease_until,
-                            column_stale: false,
-                        },
-                    );
                 }
             }
             delta.records += i64::try_from(*records).unwrap_or(i64::MAX);
@@ -597,45 +576,13 @@ fn apply(
             lease_until_ms,
             ..
         } => {
-            let mut stmt = conn.prepare_cached(LEASE)?;
-            let limit = i64::try_from(*limit).unwrap_or(i64::MAX);
-            let rows = stmt.query_map(
-                rusqlite::params![lease_until_ms, &**tag, now_ms, limit],
-                |r| {
-                    Ok((
-                        r.get::<_, i64>(0)?,
-                        r.get::<_, i64>(1)?,
-                        u32::try_from(r.get::<_, i64>(2)?).unwrap_or(u32::MAX),
-                        r.get::<_, i64>(3)?,
-                        r.get::<_, Option<String>>(4)?,
-                    ))
-                },
-            )?;
-            let mut leased = rows.collect::<rusqlite::Result<Vec<_>>>()?;
-            // RETURNING yields rows in no promised order; dispatchers want oldest first.
-            leased.sort_unstable_by_key(|r| r.0);
-            let mut event = conn.prepare_cached(EVENT)?;
-            let mut out = Vec::with_capacity(leased.len());
-            for (id, row, attempts, first_enqueued_ms, last_error) in leased {
-                // A delivery without its event cannot be sent; an empty payload makes the
-                // dispatcher dead-letter it as invalid rather than failing every lease.
-                let (event_id, payload) = event
-                    .query_row([row], |r| {
-                        Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?))
-                    })
-                    .optional()?
-                    .unwrap_or_default();
-                out.push(LeasedRecord {
-                    id,
-                    tag: tag.clone(),
-                    event_id,
-                    payload: Bytes::from(payload),
-                    event: None,
-                    attempts,
-                    first_enqueued_ms,
-                    last_error,
-                    lease_until_ms: *lease_until_ms,
-                });
+            // Deliveries of this tag out in memory whose lease ended are due again, like
+            // delivery rows whose lease ended (this tag's dispatcher is the one to resend).
+            end_expired_leases(conn, tag, &mut state.fresh, *now_ms)?;
+            let mut out = lease_rows(conn, tag, *now_ms, *limit, *lease_until_ms)?;
+            if out.len() < *limit {
+                let want = *limit - out.len();
+                scan(conn, tag, want, *lease_until_ms, &mut state.fresh, &mut out)?;
             }
             Ok(Reply::Leased(out))
         }
@@ -645,22 +592,176 @@ fn apply(
         }
         Op::Release { leases, .. } => {
             let mut release = conn.prepare_cached(RELEASE)?;
-            let mut after = FreshAfter::default();
             for &(id, until) in leases {
                 if fresh::decode(id).is_some() {
-                    // Still fresh means still as handed out: due again at once.
+                    // Still out means still as handed out: due again at once.
                     if let Some(t) = state.fresh.take(id) {
                         materialize(conn, &t, 0, t.enqueued_ms, None)?;
-                        after.row_added(&t);
                     }
                 } else {
                     release.execute([id, until])?;
                 }
             }
-            after.apply(conn, delta, &mut state.fresh)?;
             Ok(Reply::Settled)
         }
         Op::Close { .. } => Ok(Reply::Settled),
+        #[cfg(test)]
+        Op::Snapshot { .. } => Ok(Reply::Snapshot(snapshot(conn, &state.fresh)?)),
+    }
+}
+
+#[cfg(test)]
+fn snapshot(conn: &Connection, fresh_set: &FreshSet) -> rusqlite::Result<Vec<DeliveryState>> {
+    let mut out: Vec<DeliveryState> = conn
+        .prepare(
+            "SELECT p.tag, e.event_id, p.attempts, p.next_attempt_ms, p.lease_until_ms
+             FROM pending p JOIN events e ON e.id = p.event_row",
+        )?
+        .query_map([], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    let rows: Vec<(i64, String, Option<String>, i64)> = conn
+        .prepare("SELECT id, event_id, fresh, enqueued_ms FROM events WHERE fresh IS NOT NULL")?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    for (row, event_id, column, enqueued_ms) in rows {
+        for (k, tag) in fresh::parse_column(column.as_deref()).iter().enumerate() {
+            if fresh_set.lags(tag).is_some_and(|lag| lag <= row) {
+                out.push((tag.to_string(), event_id.clone(), 0, enqueued_ms, 0));
+            } else if let Some(until) = fresh_set.out_lease(row, k) {
+                out.push((tag.to_string(), event_id.clone(), 0, until, until));
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Leases due delivery rows (retries, given back, or written as rows from the start).
+fn lease_rows(
+    conn: &Connection,
+    tag: &Arc<str>,
+    now_ms: i64,
+    limit: usize,
+    lease_until_ms: i64,
+) -> rusqlite::Result<Vec<LeasedRecord>> {
+    let mut stmt = conn.prepare_cached(LEASE)?;
+    let rows = stmt.query_map(
+        rusqlite::params![
+            lease_until_ms,
+            &**tag,
+            now_ms,
+            i64::try_from(limit).unwrap_or(i64::MAX)
+        ],
+        |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, i64>(1)?,
+                u32::try_from(r.get::<_, i64>(2)?).unwrap_or(u32::MAX),
+                r.get::<_, i64>(3)?,
+                r.get::<_, Option<String>>(4)?,
+            ))
+        },
+    )?;
+    let mut leased = rows.collect::<rusqlite::Result<Vec<_>>>()?;
+    // RETURNING yields rows in no promised order; dispatchers want oldest first.
+    leased.sort_unstable_by_key(|r| r.0);
+    let mut event = conn.prepare_cached(EVENT)?;
+    let mut out = Vec::with_capacity(leased.len());
+    for (id, row, attempts, first_enqueued_ms, last_error) in leased {
+        // A delivery without its event cannot be sent; an empty payload makes the
+        // dispatcher dead-letter it as invalid rather than failing every lease.
+        let (event_id, payload) = event
+            .query_row([row], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?))
+            })
+            .optional()?
+            .unwrap_or_default();
+        out.push(LeasedRecord {
+            id,
+            tag: tag.clone(),
+            event_id,
+            payload: Bytes::from(payload),
+            event: None,
+            attempts,
+            first_enqueued_ms,
+            last_error,
+            lease_until_ms,
+        });
+    }
+    Ok(out)
+}
+
+/// Rows read per step of a lagging tag's scan.
+const SCAN_CHUNK: usize = 256;
+
+/// Hands out up to `want` first deliveries of a lagging `tag`, reading rows from where it
+/// lags; a scan that reaches the last row leaves the tag caught up.
+fn scan(
+    conn: &Connection,
+    tag: &Arc<str>,
+    want: usize,
+    lease_until_ms: i64,
+    fresh_set: &mut FreshSet,
+    out: &mut Vec<LeasedRecord>,
+) -> rusqlite::Result<()> {
+    let Some(mut from) = fresh_set.lags(tag) else {
+        return Ok(());
+    };
+    let mut stmt = conn.prepare_cached(SCAN)?;
+    let mut got = 0usize;
+    loop {
+        let chunk = SCAN_CHUNK.max(want - got);
+        let rows = stmt
+            .query_map(
+                rusqlite::params![from, i64::try_from(chunk).unwrap_or(i64::MAX)],
+                |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, Vec<u8>>(2)?,
+                        r.get::<_, Option<String>>(3)?,
+                        r.get::<_, i64>(4)?,
+                    ))
+                },
+            )?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        let seen = rows.len();
+        for (row, event_id, payload, column, enqueued_ms) in rows {
+            from = row.saturating_add(1);
+            let tags: Arc<[Arc<str>]> = fresh::parse_column(column.as_deref()).into();
+            let Some(k) = tags.iter().position(|t| t == tag) else {
+                continue;
+            };
+            let Some(id) = fresh::id(row, k) else {
+                continue;
+            };
+            if !fresh_set.hand(row, &tags, k, enqueued_ms, lease_until_ms, true) {
+                continue;
+            }
+            out.push(LeasedRecord {
+                id,
+                tag: tag.clone(),
+                event_id,
+                payload: Bytes::from(payload),
+                event: None,
+                attempts: 0,
+                first_enqueued_ms: enqueued_ms,
+                last_error: None,
+                lease_until_ms,
+            });
+            got += 1;
+            if got == want {
+                fresh_set.cursor(tag).lag_from = Some(from);
+                return Ok(());
+            }
+        }
+        if seen < chunk {
+            // Past the last row: from now on commits hand this tag's deliveries over.
+            fresh_set.cursor(tag).lag_from = None;
+            return Ok(());
+        }
     }
 }
 
@@ -670,7 +771,8 @@ fn settle(
     delta: &mut Delta,
     fresh_set: &mut FreshSet,
 ) -> rusqlite::Result<()> {
-    let mut after = FreshAfter::default();
+    // Events every tag is done with (their last first delivery settled).
+    let mut done: Vec<Value> = Vec::new();
     // Delivery rows that go (acked or dead).
     let mut gone: Vec<Value> = Vec::with_capacity(s.ack.len());
     if !s.dead.is_empty() {
@@ -696,9 +798,11 @@ fn settle(
                     s.now_ms
                 ])?;
                 delta.records -= 1;
-                after.settled(&t);
+                if t.done {
+                    done.push(Value::Integer(t.row));
+                }
             }
-            // A fresh id no longer fresh: its lease ended and it has a delivery row now,
+            // A fresh id no longer out: its lease ended and it has a delivery row now,
             // which is sent again (at-least-once, as for any lease that ends).
         }
     }
@@ -707,27 +811,36 @@ fn settle(
             gone.push(Value::Integer(id));
         } else if let Some(t) = fresh_set.take(id) {
             delta.records -= 1;
-            after.settled(&t);
+            if t.done {
+                done.push(Value::Integer(t.row));
+            }
         }
     }
     if !gone.is_empty() {
-        let mut rows: Vec<Value> = Vec::with_capacity(gone.len());
+        let mut rows: Vec<i64> = Vec::with_capacity(gone.len());
         {
             let mut ack = conn.prepare_cached(ACK)?;
             let mut found = ack.query([Rc::new(gone)])?;
             while let Some(r) = found.next()? {
                 delta.records -= 1;
-                let row: i64 = r.get(0)?;
-                // An event with fresh deliveries still out goes with the last of them.
-                if !fresh_set.contains(row) {
-                    rows.push(Value::Integer(row));
-                }
+                rows.push(r.get(0)?);
             }
         }
-        let mut drop_events = conn.prepare_cached(DROP_EVENTS)?;
-        let mut freed = drop_events.query([Rc::new(rows)])?;
-        while let Some(r) = freed.next()? {
-            delta.bytes -= r.get::<_, i64>(0)?;
+        rows.sort_unstable();
+        rows.dedup();
+        // The event goes too if nothing else needs it: no delivery of it is out, and
+        // every tag it lists has been handed it.
+        let mut column = conn.prepare_cached(COLUMN)?;
+        for row in rows {
+            if fresh_set.contains(row) {
+                continue;
+            }
+            let listed: Option<Option<String>> =
+                column.query_row([row], |r| r.get(0)).optional()?;
+            let Some(listed) = listed else { continue };
+            if fresh_set.all_passed(&fresh::parse_column(listed.as_deref()), row) {
+                done.push(Value::Integer(row));
+            }
         }
     }
     if !s.nack.is_empty() {
@@ -737,14 +850,20 @@ fn settle(
                 nack.execute(rusqlite::params![n.id, n.next_attempt_ms, n.error])?;
             } else if let Some(t) = fresh_set.take(n.id) {
                 materialize(conn, &t, 1, n.next_attempt_ms, Some(&n.error))?;
-                after.row_added(&t);
             }
         }
     }
-    after.apply(conn, delta, fresh_set)
+    if !done.is_empty() {
+        let mut drop_events = conn.prepare_cached(DROP_SETTLED)?;
+        let mut freed = drop_events.query([Rc::new(done)])?;
+        while let Some(r) = freed.next()? {
+            delta.bytes -= r.get::<_, i64>(0)?;
+        }
+    }
+    Ok(())
 }
 
-/// Writes a delivery row for fresh delivery `t`.
+/// Writes a delivery row for first delivery `t`.
 fn materialize(
     conn: &Connection,
     t: &fresh::Taken,
@@ -764,131 +883,62 @@ fn materialize(
     Ok(())
 }
 
-/// What settling fresh deliveries leaves to do to their event rows, done once per row.
-#[derive(Default)]
-struct FreshAfter {
-    /// Every fresh delivery settled: the event goes unless a delivery row needs it.
-    settled: Vec<i64>,
-    /// Some fresh deliveries remain but the column must lose those that got rows (a
-    /// restart must not make them due a second time).
-    rewrite: Vec<i64>,
-    /// No fresh delivery remains and some got rows: the column is cleared.
-    clear: Vec<i64>,
-}
-
-impl FreshAfter {
-    fn settled(&mut self, t: &fresh::Taken) {
-        if t.last {
-            self.settled.push(t.row);
-        }
-    }
-
-    fn row_added(&mut self, t: &fresh::Taken) {
-        if t.last {
-            self.clear.push(t.row);
-        } else {
-            self.rewrite.push(t.row);
-        }
-    }
-
-    fn apply(
-        mut self,
-        conn: &Connection,
-        delta: &mut Delta,
-        fresh_set: &mut FreshSet,
-    ) -> rusqlite::Result<()> {
-        if !self.settled.is_empty() {
-            let rows: Vec<Value> = self.settled.iter().map(|&r| Value::Integer(r)).collect();
-            let mut dropped = Vec::with_capacity(self.settled.len());
-            let mut drop = conn.prepare_cached(DROP_SETTLED)?;
-            let mut freed = drop.query([Rc::new(rows)])?;
-            while let Some(r) = freed.next()? {
-                dropped.push(r.get::<_, i64>(0)?);
-                delta.bytes -= r.get::<_, i64>(1)?;
-            }
-            dropped.sort_unstable();
-            // Kept for their delivery rows: their column must not outlive the process.
-            self.clear.extend(
-                self.settled
-                    .iter()
-                    .filter(|r| dropped.binary_search(r).is_err()),
-            );
-        }
-        self.rewrite.sort_unstable();
-        self.rewrite.dedup();
-        if !self.rewrite.is_empty() {
-            let mut set = conn.prepare_cached(SET_FRESH)?;
-            for &row in &self.rewrite {
-                // Gone from the set: a later settlement in this batch took its last tag.
-                if fresh_set.contains(row) {
-                    set.execute(rusqlite::params![row, fresh_set.rewrite(row)])?;
-                } else if !self.clear.contains(&row) {
-                    self.clear.push(row);
-                }
-            }
-        }
-        if !self.clear.is_empty() {
-            let rows: Vec<Value> = self.clear.iter().map(|&r| Value::Integer(r)).collect();
-            conn.prepare_cached(CLEAR_FRESH)?.execute([Rc::new(rows)])?;
-        }
-        Ok(())
-    }
-}
-
-/// Fresh deliveries whose lease ended get delivery rows, due at once, like any lease that
-/// ends: their dispatcher may have died or hung.
+/// `tag`'s deliveries out in memory whose lease ended by `now_ms` get delivery rows, due
+/// from their lease's end, as a delivery row's lease that ends.
 fn end_expired_leases(
     conn: &Connection,
+    tag: &str,
     fresh_set: &mut FreshSet,
     now_ms: i64,
 ) -> rusqlite::Result<()> {
-    let expired = fresh_set.expire(now_ms);
+    let expired = fresh_set.expire(tag, now_ms);
     if expired.is_empty() {
         return Ok(());
     }
-    let mut rows = Vec::with_capacity(expired.len());
-    for (row, entry) in &expired {
-        for tag in entry.remaining() {
-            let t = fresh::Taken {
-                row: *row,
-                tag: tag.clone(),
-                enqueued_ms: entry.enqueued_ms,
-                last: false,
-            };
-            materialize(conn, &t, 0, entry.lease_until_ms, None)?;
-        }
-        rows.push(Value::Integer(*row));
+    for (t, lease_until_ms) in &expired {
+        materialize(conn, t, 0, *lease_until_ms, None)?;
     }
     tracing::warn!(
-        events = expired.len(),
-        "outbox: in-memory leases ended before their deliveries were settled; they are due again"
+        tag,
+        deliveries = expired.len(),
+        "outbox: leases of deliveries handed out in memory ended before they were settled; they are due again"
     );
-    conn.prepare_cached(CLEAR_FRESH)?.execute([Rc::new(rows)])?;
     Ok(())
 }
 
-/// At a clean close: rows whose column still lists settled tags are rewritten.
-fn rewrite_stale_columns(conn: &Connection, fresh_set: &mut FreshSet) -> rusqlite::Result<()> {
-    let stale = fresh_set.stale_columns();
-    if stale.is_empty() {
-        return Ok(());
+/// Writes each tag's position where it changed.
+fn write_positions(
+    conn: &Connection,
+    fresh_set: &mut FreshSet,
+) -> rusqlite::Result<Vec<(Arc<str>, i64)>> {
+    let positions = fresh_set.positions_to_write();
+    if !positions.is_empty() {
+        let mut stmt = conn.prepare_cached(POSITION)?;
+        for (tag, pos) in &positions {
+            stmt.execute(rusqlite::params![&**tag, pos])?;
+        }
     }
+    Ok(positions)
+}
+
+/// At a clean close: every delivery still out gets a row, and the positions are written.
+fn give_rows_to_all_out(conn: &Connection, fresh_set: &mut FreshSet) -> rusqlite::Result<()> {
     conn.execute_batch("BEGIN IMMEDIATE")?;
     let result = (|| {
-        let mut set = conn.prepare_cached(SET_FRESH)?;
-        for (row, column) in &stale {
-            set.execute(rusqlite::params![row, column])?;
+        for t in fresh_set.take_all() {
+            materialize(conn, &t, 0, t.enqueued_ms, None)?;
         }
-        Ok(())
+        write_positions(conn, fresh_set)
     })();
     match result {
-        Ok(()) => {
-            fresh_set.commit();
-            conn.execute_batch("COMMIT")
+        Ok(positions) => {
+            conn.execute_batch("COMMIT")?;
+            fresh_set.written(&positions);
+            Ok(())
         }
         Err(e) => {
             let _ = conn.execute_batch("ROLLBACK");
-            fresh_set.rollback();
+            fresh_set.reset();
             Err(e)
         }
     }
