@@ -1113,7 +1113,7 @@ fn config_deserializes_with_defaults() {
     assert_eq!(c.endpoint, "https://graph.facebook.com");
     assert!(c.forward_unmapped);
     assert!(!c.purchase_event_id_from_transaction);
-    assert_eq!(c.batch_max, 1000);
+    assert_eq!(c.batch_max, 250);
     assert_eq!(c.timeout_ms, 1500);
     let t = tag(&c);
     assert_eq!(t.kind(), "meta_capi");
