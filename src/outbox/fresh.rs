@@ -298,9 +298,11 @@ impl FreshSet {
         ids.into_iter().filter_map(|id| self.take(id)).collect()
     }
 
-    /// Each tag's committed position that changed since it was last written: every row
-    /// below it has had that tag's delivery settled or given a delivery row.
-    pub fn positions_to_write(&mut self) -> Vec<(Arc<str>, i64)> {
+    /// Each tag's committed position that changed since it was last written (`all`), or
+    /// only those never written: every row below it has had that tag's delivery settled or
+    /// given a delivery row. A new tag's must go with its first rows: a tag without one
+    /// resumes caught up.
+    pub fn positions_to_write(&mut self, all: bool) -> Vec<(Arc<str>, i64)> {
         let tags: Vec<Arc<str>> = self.cursors.keys().cloned().collect();
         let mut out = Vec::new();
         for tag in tags {
@@ -315,7 +317,7 @@ impl FreshSet {
                 .map(|&(row, _, _)| row)
                 .or(c.lag_from)
                 .unwrap_or(next);
-            if c.persisted != Some(pos) {
+            if c.persisted != Some(pos) && (all || c.persisted.is_none()) {
                 out.push((tag, pos));
             }
         }
@@ -418,26 +420,34 @@ mod tests {
             set.inserted(row);
             set.hand(row, &one, 0, 1_000, 9_000, false);
         }
-        assert_eq!(set.positions_to_write(), vec![(t("t"), 1)]);
+        assert_eq!(
+            set.positions_to_write(false),
+            vec![(t("t"), 1)],
+            "a new tag's at once"
+        );
         set.written(&[(t("t"), 1)]);
         assert!(
-            set.positions_to_write().is_empty(),
+            set.positions_to_write(true).is_empty(),
             "unchanged: not written again"
         );
         // Settled out of order: the position waits for row 1.
         set.take(id(2, 0).unwrap()).unwrap();
-        assert!(set.positions_to_write().is_empty());
+        assert!(set.positions_to_write(true).is_empty());
         set.take(id(1, 0).unwrap()).unwrap();
-        assert_eq!(set.positions_to_write(), vec![(t("t"), 3)]);
+        assert!(
+            set.positions_to_write(false).is_empty(),
+            "the rest when asked"
+        );
+        assert_eq!(set.positions_to_write(true), vec![(t("t"), 3)]);
         set.take(id(3, 0).unwrap()).unwrap();
         assert_eq!(
-            set.positions_to_write(),
+            set.positions_to_write(true),
             vec![(t("t"), 4)],
             "caught up: past the last row"
         );
         set.inserted(4);
         set.leave(&t("t"), 4);
-        assert_eq!(set.positions_to_write(), vec![(t("t"), 4)]);
+        assert_eq!(set.positions_to_write(true), vec![(t("t"), 4)]);
         assert_eq!(set.gauges(), vec![(t("t"), 1, 0)]);
     }
 
@@ -465,7 +475,7 @@ mod tests {
         let mut set = FreshSet::new(0);
         let one = tags(&["t"]);
         set.hand(1, &one, 0, 1_000, 100, false);
-        let pos = set.positions_to_write();
+        let pos = set.positions_to_write(true);
         set.written(&pos);
         set.hand(2, &one, 0, 1_000, 100, false);
         set.reset();

@@ -111,6 +111,7 @@ const WAITING: &str = "
 SELECT c.tag, count(e.id), min(e.enqueued_ms)
 FROM cursors c JOIN events e ON e.id >= c.committed_row AND e.fresh IS NOT NULL
 JOIN json_each(e.fresh) j ON j.value = c.tag
+WHERE NOT EXISTS (SELECT 1 FROM pending p WHERE p.event_row = e.id AND p.tag = c.tag)
 GROUP BY c.tag";
 
 /// Version 1 stored the payload in every pending row: its table steps aside before

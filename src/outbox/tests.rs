@@ -1961,3 +1961,40 @@ async fn a_version_2_store_is_migrated_with_its_records() {
     assert_eq!(count(outbox.db_path(), "SELECT count(*) FROM events"), 0);
     outbox.close().await;
 }
+
+#[tokio::test]
+async fn after_a_crash_a_delivery_that_got_a_row_is_not_read_again_from_its_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    let outbox = SqliteOutbox::open(&config(&path, FsyncMode::Off))
+        .await
+        .unwrap();
+    outbox.enqueue(records("t", "e", 2)).await.unwrap();
+    let first = outbox.lease("t", now_ms(), 10, 60_000).await.unwrap();
+    outbox
+        .settle(Settlement {
+            ack: vec![first[1].id],
+            nack: vec![Nack {
+                id: first[0].id,
+                next_attempt_ms: 0,
+                error: "HTTP 503".into(),
+            }],
+            now_ms: now_ms(),
+            ..Settlement::default()
+        })
+        .await
+        .unwrap();
+    // Crash before the tag's position moved past e0 (positions are written every 250 ms).
+    outbox.leak_as_if_crashed();
+    let reopened = SqliteOutbox::open(&config(&path, FsyncMode::Off))
+        .await
+        .unwrap();
+    let again = reopened.lease("t", now_ms(), 10, 60_000).await.unwrap();
+    let got: Vec<(&str, u32)> = again
+        .iter()
+        .map(|r| (r.event_id.as_str(), r.attempts))
+        .collect();
+    assert_eq!(got, vec![("e0", 1)], "its retry, once; e1 was delivered");
+    assert_eq!(reopened.pending_totals().0, 1);
+    reopened.close().await;
+}
