@@ -707,8 +707,9 @@ fn lease_rows(
     Ok(out)
 }
 
-/// Rows read per step of a lagging tag's scan.
-const SCAN_CHUNK: usize = 256;
+/// Rows read past what is still wanted per step of a scan, for rows that do not list the
+/// tag (each row read carries its payload, so reading far ahead is costly).
+const SCAN_SLACK: usize = 8;
 
 /// Hands out up to `want` first deliveries of a lagging `tag`, reading rows from where it
 /// lags; a scan that reaches the last row leaves the tag caught up.
@@ -726,7 +727,7 @@ fn scan(
     let mut stmt = conn.prepare_cached(SCAN)?;
     let mut got = 0usize;
     loop {
-        let chunk = SCAN_CHUNK.max(want - got);
+        let chunk = want - got + SCAN_SLACK;
         let rows = stmt
             .query_map(
                 rusqlite::params![from, i64::try_from(chunk).unwrap_or(i64::MAX), &**tag],
