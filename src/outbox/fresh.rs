@@ -47,12 +47,15 @@ pub(crate) fn decode(id: i64) -> Option<(i64, usize)> {
     (row >= 1).then_some((row, k))
 }
 
-/// The tags a `fresh` column lists (none if it is not a JSON array of strings).
-pub(crate) fn parse_column(column: Option<&str>) -> Vec<Arc<str>> {
-    column
-        .and_then(|c| serde_json::from_str::<Vec<&str>>(c).ok())
-        .map(|tags| tags.into_iter().map(Arc::from).collect())
-        .unwrap_or_default()
+/// The tags a `fresh` column lists (`Some(empty)` for none); `None` if it cannot be read,
+/// which the caller must treat as "may still owe deliveries" (never written so by us).
+pub(crate) fn parse_column(column: Option<&str>) -> Option<Vec<Arc<str>>> {
+    match column {
+        None => Some(Vec::new()),
+        Some(c) => serde_json::from_str::<Vec<String>>(c)
+            .ok()
+            .map(|tags| tags.into_iter().map(Arc::from).collect()),
+    }
 }
 
 /// An event with deliveries out (handed to dispatchers, not settled yet).
@@ -88,9 +91,15 @@ pub(crate) struct Cursor {
     /// Deliveries waiting in the store and out in memory (for gauges).
     pub waiting: u64,
     pub out: u64,
+    /// When the oldest waiting delivery was enqueued (at most: the scan keeps it as the
+    /// time of the last row it handed out).
+    pub oldest_waiting_ms: Option<i64>,
     /// The committed position as last written (`None`: never).
     pub persisted: Option<i64>,
 }
+
+/// `(tag, waiting, out, oldest enqueued_ms)` of one tag's first deliveries.
+pub(crate) type Gauge = (Arc<str>, u64, u64, Option<i64>);
 
 /// The writer's view of first deliveries: what is out, and where each tag stands.
 #[derive(Debug, Default)]
@@ -99,6 +108,7 @@ pub(crate) struct FreshSet {
     cursors: HashMap<Arc<str>, Cursor>,
     /// Highest row inserted so far.
     last_row: i64,
+    recount: bool,
 }
 
 impl FreshSet {
@@ -109,11 +119,13 @@ impl FreshSet {
         }
     }
 
-    /// A tag that lags from `row` with `waiting` deliveries in the store (at open).
-    pub fn resume(&mut self, tag: Arc<str>, row: i64, waiting: u64) {
+    /// A tag whose position is `row`, with `waiting` deliveries in the store from there,
+    /// the oldest enqueued at `oldest_ms` (at open, and after a reset).
+    pub fn resume(&mut self, tag: Arc<str>, row: i64, waiting: u64, oldest_ms: Option<i64>) {
         let c = self.cursors.entry(tag).or_default();
         c.lag_from = Some(row);
         c.waiting = waiting;
+        c.oldest_waiting_ms = oldest_ms;
         c.persisted = Some(row);
     }
 
@@ -159,9 +171,10 @@ impl FreshSet {
             .is_none_or(|lag| lag > row)
     }
 
-    /// Whether every tag in `tags` has been handed `row`.
-    pub fn all_passed(&self, tags: &[Arc<str>], row: i64) -> bool {
-        tags.iter().all(|t| self.passed(t, row))
+    /// Whether every tag in `tags` has been handed `row` (`None`: an unreadable column,
+    /// which never counts as passed).
+    pub fn all_passed(&self, tags: Option<&[Arc<str>]>, row: i64) -> bool {
+        tags.is_some_and(|tags| tags.iter().all(|t| self.passed(t, row)))
     }
 
     /// The lowest id the next event row may take.
@@ -174,10 +187,13 @@ impl FreshSet {
         self.last_row = self.last_row.max(row);
     }
 
-    /// The delivery of `tags[k]` for `row` is left in the store.
-    pub fn leave(&mut self, tag: &Arc<str>, row: i64) {
+    /// The delivery to `tag` of `row` (enqueued at `enqueued_ms`) is left in the store.
+    pub fn leave(&mut self, tag: &Arc<str>, row: i64, enqueued_ms: i64) {
         let c = self.cursor(tag);
-        c.lag_from.get_or_insert(row);
+        if c.lag_from.is_none() {
+            c.lag_from = Some(row);
+            c.oldest_waiting_ms = Some(enqueued_ms);
+        }
         c.waiting += 1;
     }
 
@@ -212,6 +228,7 @@ impl FreshSet {
         c.out += 1;
         if from_store {
             c.waiting = c.waiting.saturating_sub(1);
+            c.oldest_waiting_ms = Some(enqueued_ms);
         }
         true
     }
@@ -239,7 +256,7 @@ impl FreshSet {
             row,
             tag,
             enqueued_ms,
-            done: nothing_out && self.all_passed(&tags, row),
+            done: nothing_out && self.all_passed(Some(&tags), row),
         })
     }
 
@@ -342,14 +359,40 @@ impl FreshSet {
             c.out = 0;
             c.lag_from = c.persisted;
         }
+        self.recount = true;
     }
 
-    /// Per tag: deliveries waiting in the store and out in memory.
-    pub fn gauges(&self) -> Vec<(Arc<str>, u64, u64)> {
+    /// `tag`'s waiting deliveries as counted in the store.
+    pub fn set_waiting(&mut self, tag: &Arc<str>, waiting: u64, oldest_ms: Option<i64>) {
+        let c = self.cursor(tag);
+        c.waiting = waiting;
+        c.oldest_waiting_ms = oldest_ms;
+    }
+
+    /// Whether the record count and gauges must be recomputed from the store (after a
+    /// reset: deliveries settled past a written position are owed again). Clears the flag.
+    pub fn take_recount(&mut self) -> bool {
+        std::mem::take(&mut self.recount)
+    }
+
+    /// Per tag: deliveries waiting in the store and out in memory, and when the oldest of
+    /// them was enqueued.
+    pub fn gauges(&self) -> Vec<Gauge> {
         self.cursors
             .iter()
             .filter(|(_, c)| c.waiting > 0 || c.out > 0)
-            .map(|(t, c)| (t.clone(), c.waiting, c.out))
+            .map(|(t, c)| {
+                let oldest_out = c
+                    .handed
+                    .iter()
+                    .find_map(|&(row, _, _)| self.entries.get(&row).map(|e| e.enqueued_ms));
+                let oldest_waiting = c.oldest_waiting_ms.filter(|_| c.waiting > 0);
+                let oldest = match (oldest_out, oldest_waiting) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+                (t.clone(), c.waiting, c.out, oldest)
+            })
             .collect()
     }
 }
@@ -387,10 +430,11 @@ mod tests {
     fn columns_parse_to_their_tags() {
         assert_eq!(
             parse_column(Some(r#"["ga4","meta"]"#)),
-            vec![t("ga4"), t("meta")]
+            Some(vec![t("ga4"), t("meta")])
         );
-        assert!(parse_column(None).is_empty());
-        assert!(parse_column(Some("not json")).is_empty());
+        assert_eq!(parse_column(Some(r#"["a\"b"]"#)), Some(vec![t("a\"b")]));
+        assert_eq!(parse_column(None), Some(Vec::new()));
+        assert_eq!(parse_column(Some("not json")), None, "unreadable");
     }
 
     #[test]
@@ -400,7 +444,7 @@ mod tests {
         set.inserted(5);
         assert!(set.hand(5, &both, 0, 1_000, 9_000, false));
         // meta's queue was full: it lags from row 5.
-        set.leave(&t("meta"), 5);
+        set.leave(&t("meta"), 5, 1_000);
         let ga4 = set.take(id(5, 0).unwrap()).unwrap();
         assert_eq!((&*ga4.tag, ga4.done), ("ga4", false), "meta has not had it");
         assert!(!set.contains(5));
@@ -446,9 +490,9 @@ mod tests {
             "caught up: past the last row"
         );
         set.inserted(4);
-        set.leave(&t("t"), 4);
+        set.leave(&t("t"), 4, 2_000);
         assert_eq!(set.positions_to_write(true), vec![(t("t"), 4)]);
-        assert_eq!(set.gauges(), vec![(t("t"), 1, 0)]);
+        assert_eq!(set.gauges(), vec![(t("t"), 1, 0, Some(2_000))]);
     }
 
     #[test]
@@ -481,7 +525,7 @@ mod tests {
         set.reset();
         assert!(set.is_empty());
         assert_eq!(set.lags("t"), Some(1));
-        assert_eq!(set.gauges(), vec![(t("t"), 2, 0)]);
+        assert_eq!(set.gauges(), vec![(t("t"), 2, 0, None)]);
         // A tag never written had nothing committed: it stays caught up.
         let mut fresh = FreshSet::new(0);
         fresh.hand(1, &one, 0, 1_000, 100, false);

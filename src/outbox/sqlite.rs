@@ -32,7 +32,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension};
 use tokio::sync::{oneshot, Notify};
 
 use super::checkpoint::Checkpointer;
-use super::fresh::FreshSet;
+use super::fresh::{FreshSet, Gauge};
 use super::writer::{self, Op};
 use super::{
     DeliveryStore, EnqueueError, HotQueue, LeasedRecord, NewEvent, Outbox, Settlement, StoreError,
@@ -114,6 +114,28 @@ JOIN json_each(e.fresh) j ON j.value = c.tag
 WHERE NOT EXISTS (SELECT 1 FROM pending p WHERE p.event_row = e.id AND p.tag = c.tag)
 GROUP BY c.tag";
 
+/// `(tag, deliveries waiting from its written position, oldest enqueued_ms)`; nothing for a
+/// store an older tagrelay wrote (the CLI reads stores without migrating them).
+pub(crate) fn waiting(conn: &Connection) -> rusqlite::Result<Vec<(String, u64, Option<i64>)>> {
+    let has_cursors: i64 = conn.query_row(
+        "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'cursors'",
+        [],
+        |r| r.get(0),
+    )?;
+    if has_cursors == 0 {
+        return Ok(Vec::new());
+    }
+    let mut stmt = conn.prepare_cached(WAITING)?;
+    let rows = stmt.query_map([], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            u64::try_from(r.get::<_, i64>(1)?).unwrap_or(0),
+            r.get::<_, Option<i64>>(2)?,
+        ))
+    })?;
+    rows.collect()
+}
+
 /// Version 1 stored the payload in every pending row: its table steps aside before
 /// [`SCHEMA`] creates version 2's, then [`MIGRATE_V1_COPY`] moves the rows over.
 const MIGRATE_V1_ASIDE: &str = "
@@ -150,7 +172,7 @@ pub(crate) struct Shared {
     pub wal_frames: AtomicI64,
     /// Per tag: first deliveries waiting in the store and out in memory, as of the last
     /// commit (see `fresh`).
-    pub fresh_gauges: Mutex<Vec<(Arc<str>, u64, u64)>>,
+    pub fresh_gauges: Mutex<Vec<Gauge>>,
 }
 
 impl Shared {
@@ -167,7 +189,7 @@ impl Shared {
         }
     }
 
-    pub fn set_fresh_gauges(&self, gauges: Vec<(Arc<str>, u64, u64)>) {
+    pub fn set_fresh_gauges(&self, gauges: Vec<Gauge>) {
         if let Ok(mut g) = self.fresh_gauges.lock() {
             *g = gauges;
         }
@@ -632,14 +654,14 @@ fn resume_fresh(conn: &Connection) -> rusqlite::Result<FreshSet> {
         .prepare("SELECT tag, committed_row FROM cursors")?
         .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
         .collect::<rusqlite::Result<_>>()?;
-    let waiting: HashMap<String, i64> = conn
-        .prepare(WAITING)?
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
-        .collect::<rusqlite::Result<_>>()?;
+    let waiting: HashMap<String, (u64, Option<i64>)> = waiting(conn)?
+        .into_iter()
+        .map(|(tag, n, oldest)| (tag, (n, oldest)))
+        .collect();
     for (tag, pos) in positions {
-        let n = u64::try_from(waiting.get(&tag).copied().unwrap_or(0)).unwrap_or(0);
+        let (n, oldest) = waiting.get(&tag).copied().unwrap_or((0, None));
         waiting_total += n;
-        fresh.resume(Arc::from(tag.as_str()), pos, n);
+        fresh.resume(Arc::from(tag.as_str()), pos, n, oldest);
     }
     if waiting_total > 0 {
         tracing::info!(
@@ -691,7 +713,7 @@ fn load_totals(conn: &Connection) -> rusqlite::Result<(u64, u64)> {
 pub(crate) fn backlog(
     conn: &Connection,
     now_ms: i64,
-    live: Option<&[(Arc<str>, u64, u64)]>,
+    live: Option<&[Gauge]>,
 ) -> rusqlite::Result<Vec<TagBacklog>> {
     let mut stmt = conn.prepare_cached(
         "SELECT tag, count(*), sum(lease_until_ms > ?1), min(first_enqueued_ms)
@@ -727,22 +749,13 @@ pub(crate) fn backlog(
     };
     match live {
         Some(gauges) => {
-            for (tag, waiting, out) in gauges {
-                add(tag, *waiting, *out, None);
+            for (tag, waiting, out, oldest) in gauges {
+                add(tag, *waiting, *out, *oldest);
             }
         }
         None => {
-            let mut waiting = conn.prepare_cached(WAITING)?;
-            let rows = waiting.query_map([], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, i64>(1)?,
-                    r.get::<_, Option<i64>>(2)?,
-                ))
-            })?;
-            for row in rows {
-                let (tag, n, oldest) = row?;
-                add(&tag, u64::try_from(n).unwrap_or(0), 0, oldest);
+            for (tag, n, oldest) in waiting(conn)? {
+                add(&tag, n, 0, oldest);
             }
         }
     }

@@ -1884,7 +1884,7 @@ async fn a_fresh_delivery_whose_lease_ends_is_due_again() {
         .await
         .unwrap()
         .is_empty());
-    // The writer looks for ended leases every 250 ms, with or without traffic.
+    // The tag's next lease after the 200 ms lease ended finds them due again.
     let mut again = Vec::new();
     for _ in 0..40 {
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -1997,4 +1997,123 @@ async fn after_a_crash_a_delivery_that_got_a_row_is_not_read_again_from_its_even
     assert_eq!(got, vec![("e0", 1)], "its retry, once; e1 was delivered");
     assert_eq!(reopened.pending_totals().0, 1);
     reopened.close().await;
+}
+
+/// Makes every commit that writes positions or totals fail while `failctl.on_ = 1`.
+const FAIL_COMMITS: &str = "
+CREATE TABLE failctl (on_ INTEGER NOT NULL);
+INSERT INTO failctl VALUES (0);
+CREATE TRIGGER fail_cur_i BEFORE INSERT ON cursors WHEN (SELECT on_ FROM failctl) = 1
+  BEGIN SELECT RAISE(ABORT, 'injected'); END;
+CREATE TRIGGER fail_cur_u BEFORE UPDATE ON cursors WHEN (SELECT on_ FROM failctl) = 1
+  BEGIN SELECT RAISE(ABORT, 'injected'); END;
+CREATE TRIGGER fail_tot BEFORE UPDATE ON outbox_totals WHEN (SELECT on_ FROM failctl) = 1
+  BEGIN SELECT RAISE(ABORT, 'injected'); END;
+";
+
+fn exec(path: &std::path::Path, sql: &str) {
+    let conn = rusqlite::Connection::open(path).unwrap();
+    conn.busy_timeout(Duration::from_secs(10)).unwrap();
+    conn.execute_batch(sql).unwrap();
+}
+
+#[tokio::test]
+async fn after_a_failed_commit_tags_resume_from_their_positions_and_the_count_stays_true() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = SqliteOutbox::open(&config(dir.path(), FsyncMode::Off))
+        .await
+        .unwrap();
+    let db = outbox.db_path().to_path_buf();
+    exec(&db, FAIL_COMMITS);
+    let q = outbox.subscribe_hot("t", 100, 60_000).unwrap();
+    let two = |id: &str| NewEvent {
+        tags: vec![Arc::from("t"), Arc::from("u")],
+        ..record("t", id, now_ms())
+    };
+    outbox
+        .enqueue(vec![two("e1"), two("e2"), two("e3")])
+        .await
+        .unwrap();
+    let (held, _) = q.take(10, now_ms());
+    // t delivers e2 while e1 is out; u has had none, so the rows stay.
+    outbox.ack(vec![held[1].id], now_ms()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A commit after 250 ms writes t's position (still e1).
+    outbox.ack(vec![], now_ms()).await.unwrap();
+    outbox.nack(vec![], now_ms()).await.unwrap();
+    exec(&db, "UPDATE failctl SET on_ = 1");
+    assert!(outbox.enqueue(vec![two("x")]).await.is_err());
+    exec(&db, "UPDATE failctl SET on_ = 0");
+    // t resumes from e1: e2 is owed again (at-least-once) and counted again.
+    let got = outbox.lease("t", now_ms(), 10, 60_000).await.unwrap();
+    let ids: Vec<&str> = got.iter().map(|r| r.event_id.as_str()).collect();
+    assert_eq!(ids, vec!["e1", "e2", "e3"]);
+    assert_eq!(outbox.pending_totals().0, 6);
+    outbox
+        .ack(got.iter().map(|r| r.id).collect(), now_ms())
+        .await
+        .unwrap();
+    assert_eq!(outbox.pending_totals().0, 3, "u's three are left");
+    let u = outbox.lease("u", now_ms(), 10, 60_000).await.unwrap();
+    outbox
+        .ack(u.iter().map(|r| r.id).collect(), now_ms())
+        .await
+        .unwrap();
+    assert_eq!(outbox.pending_totals(), (0, 0));
+    assert_eq!(count(&db, "SELECT count(*) FROM events"), 0);
+    outbox.close().await;
+}
+
+#[tokio::test]
+async fn the_oldest_pending_gauge_sees_first_deliveries() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = SqliteOutbox::open(&config(dir.path(), FsyncMode::Off))
+        .await
+        .unwrap();
+    let hour_ago = now_ms() - 3_600_000;
+    outbox
+        .enqueue(vec![record("t", "old", hour_ago)])
+        .await
+        .unwrap();
+    let live = outbox.backlog(now_ms()).await.unwrap();
+    assert_eq!(live.len(), 1);
+    assert_eq!(
+        live[0].oldest_enqueued_ms,
+        Some(hour_ago),
+        "waiting in the store"
+    );
+    let leased = outbox.lease("t", now_ms(), 10, 60_000).await.unwrap();
+    assert_eq!(leased.len(), 1);
+    let out = outbox.backlog(now_ms()).await.unwrap();
+    assert_eq!(out[0].oldest_enqueued_ms, Some(hour_ago), "out in memory");
+    let stats = tools::stats(dir.path()).unwrap();
+    assert_eq!(stats.pending, 1);
+    outbox.close().await;
+}
+
+#[test]
+fn stats_read_a_store_written_by_an_older_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let conn = rusqlite::Connection::open(dir.path().join(sqlite::DB_FILE)).unwrap();
+    conn.execute_batch(
+        "CREATE TABLE events (id INTEGER PRIMARY KEY, event_id TEXT NOT NULL, payload BLOB NOT NULL);
+         CREATE TABLE pending (
+            id INTEGER PRIMARY KEY AUTOINCREMENT, tag TEXT NOT NULL, event_row INTEGER NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 0, next_attempt_ms INTEGER NOT NULL,
+            first_enqueued_ms INTEGER NOT NULL, last_error TEXT,
+            lease_until_ms INTEGER NOT NULL DEFAULT 0);
+         CREATE TABLE dead_letters (id INTEGER PRIMARY KEY AUTOINCREMENT, tag TEXT NOT NULL,
+            event_id TEXT NOT NULL, payload BLOB NOT NULL, attempts INTEGER NOT NULL,
+            next_attempt_ms INTEGER NOT NULL, first_enqueued_ms INTEGER NOT NULL, last_error TEXT,
+            lease_until_ms INTEGER NOT NULL DEFAULT 0, reason TEXT NOT NULL, dead_at_ms INTEGER NOT NULL);
+         CREATE TABLE outbox_totals (id INTEGER PRIMARY KEY CHECK (id = 0),
+            records INTEGER NOT NULL, bytes INTEGER NOT NULL);
+         INSERT INTO events VALUES (1, 'a', x'7b7d');
+         INSERT INTO pending (tag, event_row, next_attempt_ms, first_enqueued_ms) VALUES ('ga4', 1, 5, 5);
+         PRAGMA user_version = 2;",
+    )
+    .unwrap();
+    drop(conn);
+    let stats = tools::stats(dir.path()).unwrap();
+    assert_eq!(stats.pending, 1);
 }

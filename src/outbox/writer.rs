@@ -351,12 +351,16 @@ fn commit(conn: &mut Connection, batch: &mut Vec<Op>, shared: &Shared, state: &m
     let all_positions = state.positions_written.elapsed() >= POSITIONS_EVERY;
     let result = (|| -> rusqlite::Result<Applied> {
         conn.execute_batch("BEGIN IMMEDIATE")?;
+        let recounted = state.fresh.take_recount();
+        if recounted {
+            recount(conn, &mut state.fresh)?;
+        }
         let mut replies = Vec::with_capacity(batch.len());
         for op in batch.iter() {
             replies.push(apply(conn, op, &mut delta, shared, state)?);
         }
         positions = write_positions(conn, &mut state.fresh, all_positions)?;
-        let totals = if delta.records != 0 || delta.bytes != 0 {
+        let totals = if delta.records != 0 || delta.bytes != 0 || recounted {
             let mut stmt = conn.prepare_cached(TOTALS)?;
             Some(stmt.query_row([delta.records, delta.bytes], |r| Ok((r.get(0)?, r.get(1)?)))?)
         } else {
@@ -568,7 +572,7 @@ fn apply(
                                 if h.queue.is_some() {
                                     h.overflowed = true;
                                 }
-                                state.fresh.leave(tag, row);
+                                state.fresh.leave(tag, row, e.enqueued_at_ms);
                             }
                         }
                     }
@@ -640,7 +644,8 @@ fn snapshot(conn: &Connection, fresh_set: &FreshSet) -> rusqlite::Result<Vec<Del
         .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
         .collect::<rusqlite::Result<_>>()?;
     for (row, event_id, column, enqueued_ms) in rows {
-        for (k, tag) in fresh::parse_column(column.as_deref()).iter().enumerate() {
+        let tags = fresh::parse_column(column.as_deref()).unwrap_or_default();
+        for (k, tag) in tags.iter().enumerate() {
             if fresh_set.lags(tag).is_some_and(|lag| lag <= row) {
                 out.push((tag.to_string(), event_id.clone(), 0, enqueued_ms, 0));
             } else if let Some(until) = fresh_set.out_lease(row, k) {
@@ -710,6 +715,8 @@ fn lease_rows(
 /// Rows read past what is still wanted per step of a scan, for rows that do not list the
 /// tag (each row read carries its payload, so reading far ahead is costly).
 const SCAN_SLACK: usize = 8;
+/// Rows a lease may read past four times what it wants.
+const SCAN_MAX_SKIP: usize = 1_024;
 
 /// Hands out up to `want` first deliveries of a lagging `tag`, reading rows from where it
 /// lags; a scan that reaches the last row leaves the tag caught up.
@@ -726,7 +733,15 @@ fn scan(
     };
     let mut stmt = conn.prepare_cached(SCAN)?;
     let mut got = 0usize;
+    // A tag that fires rarely, far behind, must not hold the writer (and every hit) while
+    // it reads a long stretch of other tags' rows: it goes on at its next lease.
+    let mut examined = 0usize;
+    let max_examined = want.saturating_mul(4).saturating_add(SCAN_MAX_SKIP);
     loop {
+        if examined >= max_examined {
+            fresh_set.cursor(tag).lag_from = Some(from);
+            return Ok(());
+        }
         let chunk = want - got + SCAN_SLACK;
         let rows = stmt
             .query_map(
@@ -745,7 +760,16 @@ fn scan(
         let seen = rows.len();
         for (row, event_id, payload, column, enqueued_ms) in rows {
             from = row.saturating_add(1);
-            let tags: Arc<[Arc<str>]> = fresh::parse_column(column.as_deref()).into();
+            examined += 1;
+            let Some(tags) = fresh::parse_column(column.as_deref()) else {
+                // Never written so by us: the event stays in the store for an operator.
+                tracing::error!(
+                    row,
+                    "outbox: an event row lists its tags unreadably; it is skipped"
+                );
+                continue;
+            };
+            let tags: Arc<[Arc<str>]> = tags.into();
             let Some(k) = tags.iter().position(|t| t == tag) else {
                 continue;
             };
@@ -853,7 +877,7 @@ fn settle(
             let listed: Option<Option<String>> =
                 column.query_row([row], |r| r.get(0)).optional()?;
             let Some(listed) = listed else { continue };
-            if fresh_set.all_passed(&fresh::parse_column(listed.as_deref()), row) {
+            if fresh_set.all_passed(fresh::parse_column(listed.as_deref()).as_deref(), row) {
                 done.push(Value::Integer(row));
             }
         }
@@ -918,6 +942,23 @@ fn end_expired_leases(
         deliveries = expired.len(),
         "outbox: leases of deliveries handed out in memory ended before they were settled; they are due again"
     );
+    Ok(())
+}
+
+/// After a reset every tag resumes from its written position, so deliveries it settled past
+/// it are owed again: the record count and the gauges are taken from the store.
+fn recount(conn: &Connection, fresh_set: &mut FreshSet) -> rusqlite::Result<()> {
+    let mut total: u64 = conn.query_row("SELECT count(*) FROM pending", [], |r| {
+        r.get::<_, i64>(0).map(|n| u64::try_from(n).unwrap_or(0))
+    })?;
+    for (tag, n, oldest) in super::sqlite::waiting(conn)? {
+        fresh_set.set_waiting(&Arc::from(tag.as_str()), n, oldest);
+        total += n;
+    }
+    conn.execute(
+        "UPDATE outbox_totals SET records = ?1 WHERE id = 0",
+        [i64::try_from(total).unwrap_or(i64::MAX)],
+    )?;
     Ok(())
 }
 
