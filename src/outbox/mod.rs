@@ -19,6 +19,8 @@ pub mod tools;
 mod writer;
 
 #[cfg(test)]
+mod stress_tests;
+#[cfg(test)]
 mod tests;
 
 use std::sync::Arc;
