@@ -610,6 +610,7 @@ fn migrate(conn: &Connection, version: i64) -> rusqlite::Result<()> {
             conn.execute_batch(MIGRATE_V1_COPY)?;
             tracing::info!("outbox: migrated the store to schema version {SCHEMA_VERSION}");
         }
+        migrate_interim_v3(conn)?;
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)
     })();
     match result {
@@ -619,6 +620,40 @@ fn migrate(conn: &Connection, version: i64) -> rusqlite::Result<()> {
             Err(e)
         }
     }
+}
+
+/// A development build between versions 2 and 3 (main at c5bff29, never released) kept the
+/// tags of deliveries out in memory in `events.fresh` above `outbox_totals.fresh_floor`, with
+/// no positions. Those deliveries become delivery rows, due at once, as that build did at
+/// start; every other `fresh` list it left is stale and is cleared.
+fn migrate_interim_v3(conn: &Connection) -> rusqlite::Result<()> {
+    let interim: i64 = conn.query_row(
+        "SELECT count(*) FROM pragma_table_info('outbox_totals') WHERE name = 'fresh_floor'",
+        [],
+        |r| r.get(0),
+    )?;
+    if interim == 0 {
+        return Ok(());
+    }
+    let n = conn.execute(
+        "INSERT INTO pending (tag, event_row, attempts, next_attempt_ms, first_enqueued_ms, lease_until_ms)
+         SELECT j.value, e.id, 0, e.enqueued_ms, e.enqueued_ms, 0
+         FROM events e, json_each(e.fresh) j
+         WHERE e.id >= (SELECT fresh_floor FROM outbox_totals WHERE id = 0)
+           AND e.fresh IS NOT NULL AND json_valid(e.fresh)
+         ORDER BY e.id, j.key",
+        [],
+    )?;
+    conn.execute_batch(
+        "UPDATE events SET fresh = NULL WHERE fresh IS NOT NULL;
+         UPDATE outbox_totals SET records = (SELECT count(*) FROM pending) WHERE id = 0;
+         ALTER TABLE outbox_totals DROP COLUMN fresh_floor;",
+    )?;
+    tracing::info!(
+        records = n,
+        "outbox: moved deliveries in flight in an interim-format store to delivery rows"
+    );
+    Ok(())
 }
 
 fn add_column_if_missing(

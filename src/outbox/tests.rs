@@ -2117,3 +2117,56 @@ fn stats_read_a_store_written_by_an_older_version() {
     let stats = tools::stats(dir.path()).unwrap();
     assert_eq!(stats.pending, 1);
 }
+
+#[tokio::test]
+async fn a_store_of_the_interim_third_schema_keeps_its_deliveries_in_flight() {
+    // Written by main at c5bff29: deliveries out in memory at a crash were listed in
+    // `events.fresh` above `outbox_totals.fresh_floor`; lists below it were stale.
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join(sqlite::DB_FILE);
+    {
+        let conn = rusqlite::Connection::open(&db).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE events (id INTEGER PRIMARY KEY, event_id TEXT NOT NULL,
+                payload BLOB NOT NULL, fresh TEXT, enqueued_ms INTEGER NOT NULL DEFAULT 0);
+             CREATE TABLE pending (
+                id INTEGER PRIMARY KEY AUTOINCREMENT, tag TEXT NOT NULL, event_row INTEGER NOT NULL,
+                attempts INTEGER NOT NULL DEFAULT 0, next_attempt_ms INTEGER NOT NULL,
+                first_enqueued_ms INTEGER NOT NULL, last_error TEXT,
+                lease_until_ms INTEGER NOT NULL DEFAULT 0);
+             CREATE TABLE outbox_totals (id INTEGER PRIMARY KEY CHECK (id = 0),
+                records INTEGER NOT NULL, bytes INTEGER NOT NULL,
+                fresh_floor INTEGER NOT NULL DEFAULT 0);
+             PRAGMA user_version = 3;",
+        )
+        .unwrap();
+        for (id, eid, fresh) in [(1, "old", r#"["ga4"]"#), (2, "a", r#"["ga4","meta"]"#)] {
+            conn.execute(
+                "INSERT INTO events (id, event_id, payload, fresh, enqueued_ms) VALUES (?1, ?2, ?3, ?4, 1000)",
+                rusqlite::params![id, eid, &payload(eid, "purchase")[..], fresh],
+            )
+            .unwrap();
+        }
+        conn.execute_batch(
+            "INSERT INTO pending (tag, event_row, next_attempt_ms, first_enqueued_ms) VALUES ('ga4', 1, 1000, 1000);
+             INSERT INTO outbox_totals VALUES (0, 3, 100, 2);",
+        )
+        .unwrap();
+    }
+    let outbox = SqliteOutbox::open(&config(dir.path(), FsyncMode::Off))
+        .await
+        .unwrap();
+    let ids =
+        |recs: Vec<LeasedRecord>| -> Vec<String> { recs.into_iter().map(|r| r.event_id).collect() };
+    assert_eq!(
+        ids(outbox.lease("ga4", now_ms(), 10, 60_000).await.unwrap()),
+        vec!["old", "a"],
+        "row 1's list was stale (below the floor): its delivery row only"
+    );
+    assert_eq!(
+        ids(outbox.lease("meta", now_ms(), 10, 60_000).await.unwrap()),
+        vec!["a"]
+    );
+    assert_eq!(outbox.pending_totals().0, 3);
+    outbox.close().await;
+}
