@@ -198,6 +198,10 @@ pub struct OutboxConfig {
     /// whenever both want it, and sending uses what is left (the outbox holds the
     /// difference).
     pub dispatch_nice: i32,
+    /// Dead letters older than this are deleted (0: kept until replayed or deleted by hand).
+    pub dead_letter_max_age_secs: u64,
+    /// At most this many dead letters are kept, the newest (0: no cap).
+    pub dead_letter_max_records: u64,
 }
 
 impl Default for OutboxConfig {
@@ -217,6 +221,8 @@ impl Default for OutboxConfig {
             dispatch_linger_ms: 50,
             dispatch_threads: 0,
             dispatch_nice: 10,
+            dead_letter_max_age_secs: 30 * 24 * 3600,
+            dead_letter_max_records: 100_000,
         }
     }
 }

@@ -43,6 +43,12 @@ use crate::config::{FsyncMode, OutboxConfig};
 /// The database file inside `[outbox] path`.
 pub const DB_FILE: &str = "outbox.sqlite3";
 
+/// How often dead letters past their retention are deleted.
+#[cfg(not(test))]
+const PURGE_EVERY: Duration = Duration::from_secs(60);
+#[cfg(test)]
+const PURGE_EVERY: Duration = Duration::ZERO;
+
 /// What hits are told to wait when the outbox is full.
 const FULL_RETRY_AFTER_SECS: u64 = 5;
 /// At most one "outbox full" error log per this many milliseconds.
@@ -299,6 +305,11 @@ impl SqliteOutbox {
         let settings = writer::Settings {
             commit_interval: Duration::from_millis(cfg.commit_interval_ms),
             commit_max_records: cfg.commit_max_records.max(1),
+            dead_letter_max_age: (cfg.dead_letter_max_age_secs > 0)
+                .then(|| Duration::from_secs(cfg.dead_letter_max_age_secs)),
+            dead_letter_max_records: (cfg.dead_letter_max_records > 0)
+                .then_some(cfg.dead_letter_max_records),
+            purge_every: PURGE_EVERY,
         };
         let thread_shared = shared.clone();
         let checkpointer = Checkpointer::start(&path, cfg.fsync, shared.clone())

@@ -884,6 +884,8 @@ mod model {
             let dir = tempfile::tempdir().unwrap();
             let mut cfg = config(dir.path(), FsyncMode::Off);
             cfg.commit_interval_ms = 0;
+            // The model's clock starts in 1970: age-based retention would take every dead letter.
+            cfg.dead_letter_max_age_secs = 0;
             let mut outbox = SqliteOutbox::open(&cfg).await.unwrap();
             // Model: (event, tag) → delivery, in insertion order (ids are monotonic).
             let mut model: BTreeMap<(u64, &str), (String, Rec)> = BTreeMap::new();
@@ -2168,5 +2170,54 @@ async fn a_store_of_the_interim_third_schema_keeps_its_deliveries_in_flight() {
         vec!["a"]
     );
     assert_eq!(outbox.pending_totals().0, 3);
+    outbox.close().await;
+}
+
+#[tokio::test]
+async fn dead_letters_past_their_retention_are_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = OutboxConfig {
+        dead_letter_max_records: 3,
+        dead_letter_max_age_secs: 3600,
+        ..config(dir.path(), FsyncMode::Off)
+    };
+    let outbox = SqliteOutbox::open(&cfg).await.unwrap();
+    let db = outbox.db_path().to_path_buf();
+    // One dead letter two hours old.
+    exec(
+        &db,
+        "INSERT INTO dead_letters (tag, event_id, payload, attempts, next_attempt_ms, first_enqueued_ms, reason, dead_at_ms)
+         VALUES ('t', 'ancient', x'7b7d', 1, 0, 0, 'rejected', 0)",
+    );
+    outbox.enqueue(records("t", "e", 5)).await.unwrap();
+    let leased = outbox.lease("t", now_ms(), 10, 60_000).await.unwrap();
+    outbox
+        .dead_letter(
+            leased
+                .iter()
+                .map(|r| DeadLetterRequest {
+                    id: r.id,
+                    reason: "rejected: HTTP 400".into(),
+                    attempted: true,
+                })
+                .collect(),
+            now_ms(),
+        )
+        .await
+        .unwrap();
+    // The next commit applies the retention (tests purge after every commit).
+    outbox.enqueue(records("t", "f", 1)).await.unwrap();
+    let kept: Vec<String> = tools::dead_letters(dir.path(), None, 100)
+        .unwrap()
+        .into_iter()
+        .map(|d| d.event_id)
+        .collect();
+    let mut kept = kept;
+    kept.sort();
+    assert_eq!(
+        kept,
+        vec!["e2", "e3", "e4"],
+        "too old, then the oldest beyond 3"
+    );
     outbox.close().await;
 }

@@ -104,7 +104,14 @@ const ARRIVAL_GAP: Duration = Duration::from_micros(200);
 pub(crate) struct Settings {
     pub commit_interval: Duration,
     pub commit_max_records: usize,
+    /// Dead-letter retention (`None`: unbounded), applied every `purge_every`.
+    pub dead_letter_max_age: Option<Duration>,
+    pub dead_letter_max_records: Option<u64>,
+    pub purge_every: Duration,
 }
+
+/// Dead letters deleted per purge step at most: a step never holds hits up for long.
+const PURGE_STEP: i64 = 5_000;
 
 /// `fresh` (?3) lists the tags this event owes a first delivery to (see `fresh`); an event
 /// with more than `fresh::MAX_TAGS` tags gets delivery rows for the rest.
@@ -155,6 +162,8 @@ const TOTALS: &str =
 /// The writer thread's own state besides the connection.
 pub(crate) struct State {
     fresh: FreshSet,
+    /// When dead letters were last purged (`None`: not yet).
+    purged: Option<Instant>,
     /// Reused for each event's `fresh` column.
     column: Vec<u8>,
     positions_written: Instant,
@@ -240,6 +249,7 @@ pub(crate) fn run(
     let mut close = None;
     let mut state = State {
         fresh,
+        purged: None,
         column: Vec::new(),
         positions_written: Instant::now(),
     };
@@ -274,6 +284,12 @@ pub(crate) fn run(
         if !batch.is_empty() {
             commit(&mut conn, &mut batch, &shared, &mut state);
             super::checkpoint::writer_step(&conn, &shared);
+            if state.purged.is_none_or(|t| t.elapsed() >= s.purge_every) {
+                state.purged = Some(Instant::now());
+                if let Err(e) = purge_dead_letters(&conn, &s) {
+                    tracing::warn!(error = %e, "outbox: could not delete expired dead letters; will retry");
+                }
+            }
         }
         if close.is_some() && deferred.is_empty() {
             // Deliveries still out get rows, so the next start resumes each tag exactly
@@ -942,6 +958,37 @@ fn end_expired_leases(
         deliveries = expired.len(),
         "outbox: leases of deliveries handed out in memory ended before they were settled; they are due again"
     );
+    Ok(())
+}
+
+/// Deletes dead letters past their retention (age, then count), at most `PURGE_STEP` of
+/// each per call.
+fn purge_dead_letters(conn: &Connection, s: &Settings) -> rusqlite::Result<()> {
+    let mut purged = 0usize;
+    if let Some(age) = s.dead_letter_max_age {
+        let before =
+            super::now_ms().saturating_sub(i64::try_from(age.as_millis()).unwrap_or(i64::MAX));
+        purged += conn.execute(
+            "DELETE FROM dead_letters WHERE id IN
+                 (SELECT id FROM dead_letters WHERE dead_at_ms < ?1 ORDER BY id LIMIT ?2)",
+            [before, PURGE_STEP],
+        )?;
+    }
+    if let Some(max) = s.dead_letter_max_records {
+        purged += conn.execute(
+            "DELETE FROM dead_letters WHERE id IN
+                 (SELECT id FROM dead_letters ORDER BY id
+                  LIMIT min(?2, max(0, (SELECT count(*) FROM dead_letters) - ?1)))",
+            [i64::try_from(max).unwrap_or(i64::MAX), PURGE_STEP],
+        )?;
+    }
+    if purged > 0 {
+        metrics::counter!("tagrelay_outbox_dead_letters_purged_total").increment(purged as u64);
+        tracing::info!(
+            dead_letters = purged,
+            "outbox: deleted dead letters past their retention (dead_letter_max_age_secs, dead_letter_max_records)"
+        );
+    }
     Ok(())
 }
 
