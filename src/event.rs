@@ -607,20 +607,6 @@ pub fn url_path(url: &str) -> Option<&str> {
     Some(path.split(['?', '#']).next().unwrap_or(path))
 }
 
-/// Value of a query parameter in a URL, percent-decoded (lossy; used for `fbclid` lookups).
-pub fn url_query_param(url: &str, name: &str) -> Option<String> {
-    let query = url.split_once('?')?.1;
-    let query = query.split('#').next().unwrap_or(query);
-    query.split('&').find_map(|pair| {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        (k == name).then(|| {
-            percent_encoding::percent_decode_str(v)
-                .decode_utf8_lossy()
-                .into_owned()
-        })
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -685,10 +671,6 @@ mod tests {
 
     #[test]
     fn url_helpers() {
-        assert_eq!(
-            url_query_param("https://a.b/?x=1&fbclid=AbC%2D1#f", "fbclid").as_deref(),
-            Some("AbC-1")
-        );
         assert_eq!(url_host("http://[::1]:8080/x"), Some("::1"));
         assert_eq!(url_host("https://u@h.example:1/"), Some("h.example"));
         assert_eq!(url_path("https://h/"), Some("/"));

@@ -16,5 +16,6 @@ pub mod tags;
 pub mod telemetry;
 #[cfg(test)]
 pub(crate) mod test_metrics;
+pub mod urlenc;
 
 pub use app::{app, AppState, Application};

@@ -334,11 +334,17 @@ pub fn truncate(s: &str, max: usize) -> (String, bool) {
     (cut.to_owned(), cut.len() < s.len())
 }
 
-/// Replaces the values of secret-bearing query parameters (`api_secret`, `access_token`).
+/// Replaces the values of secret-bearing query parameters (`api_secret`, `access_token`,
+/// `appsecret_proof`), whichever way their names are encoded (`api%5Fsecret` too).
 pub fn redact_query(q: &str) -> String {
     q.split('&')
         .map(|pair| match pair.split_once('=') {
-            Some((k, _)) if matches!(k, "api_secret" | "access_token" | "appsecret_proof") => {
+            Some((k, _))
+                if matches!(
+                    &*crate::urlenc::decode(k),
+                    "api_secret" | "access_token" | "appsecret_proof"
+                ) =>
+            {
                 format!("{k}=[redacted]")
             }
             _ => pair.to_owned(),
@@ -506,6 +512,11 @@ mod tests {
         assert_eq!(
             redact_query("measurement_id=G-1&api_secret=s3cr3t&x=1"),
             "measurement_id=G-1&api_secret=[redacted]&x=1"
+        );
+        // A sender may encode the name; the value must not reach the debug view either way.
+        assert_eq!(
+            redact_query("api%5Fsecret=s3cr3t&access%5ftoken=t&appsecret_proof=p"),
+            "api%5Fsecret=[redacted]&access%5ftoken=[redacted]&appsecret_proof=[redacted]"
         );
     }
 

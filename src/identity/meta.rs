@@ -62,7 +62,7 @@ pub fn fbc_click_id(fbc: &str) -> Option<&str> {
 /// that cannot sit in a cookie value or a dot that would shift the `_fbc` segments — real click
 /// ids are `[A-Za-z0-9_-]`.
 pub fn fbclid_from_url(url: &str) -> Option<String> {
-    let id = crate::event::url_query_param(url, "fbclid")?;
+    let id = crate::urlenc::param(url, "fbclid")?;
     let usable =
         !id.is_empty() && id.len() <= MAX_CLICK_ID_LEN && is_cookie_value(&id) && !id.contains('.');
     usable.then_some(id)

@@ -20,7 +20,6 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::clients::measurement_protocol::item::{self, Scalar};
-use crate::clients::measurement_protocol::query_pairs;
 use crate::clients::{Client, ClientError, ClientResponse, HitRequest, Parsed};
 use crate::event::{ConsentState, Event, Item};
 
@@ -130,7 +129,7 @@ impl Client for DataClient {
         let mut quiet = false;
         let mut events = if req.method == Method::GET {
             let mut ev = Event::default();
-            for (k, v) in query_pairs(req.query) {
+            for (k, v) in crate::urlenc::pairs(req.query) {
                 if k == "response" {
                     quiet = v == "none";
                     continue;
@@ -140,7 +139,7 @@ impl Client for DataClient {
             require_name(&ev, "")?;
             vec![ev]
         } else if req.method == Method::POST {
-            quiet = query_pairs(req.query).any(|(k, v)| k == "response" && v == "none");
+            quiet = crate::urlenc::pairs(req.query).any(|(k, v)| k == "response" && v == "none");
             parse_body(req)?
         } else {
             return Err(ClientError::MethodNotAllowed);

@@ -14,8 +14,6 @@ pub mod validate;
 #[cfg(test)]
 mod tests;
 
-use std::borrow::Cow;
-
 use http::{Method, StatusCode};
 use serde::Deserialize;
 use subtle::ConstantTimeEq;
@@ -102,7 +100,7 @@ impl Client for MeasurementProtocolClient {
         let mut measurement_id = None;
         let mut firebase_app_id = None;
         let mut api_secret = None;
-        for (k, v) in query_pairs(req.query) {
+        for (k, v) in crate::urlenc::pairs(req.query) {
             match k.as_ref() {
                 "measurement_id" => measurement_id = Some(v),
                 "firebase_app_id" => firebase_app_id = Some(v),
@@ -174,26 +172,5 @@ impl Client for MeasurementProtocolClient {
             // Server-to-server: the caller is the site's backend, not the visitor's browser.
             set_cookies: false,
         })
-    }
-}
-
-/// `application/x-www-form-urlencoded` pairs of a raw query string (`+` is a space).
-pub(crate) fn query_pairs(query: &str) -> impl Iterator<Item = (Cow<'_, str>, Cow<'_, str>)> {
-    query.split('&').filter(|p| !p.is_empty()).map(|pair| {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        (form_decode(k), form_decode(v))
-    })
-}
-
-pub(crate) fn form_decode(s: &str) -> Cow<'_, str> {
-    if s.contains('+') {
-        let spaced = s.replace('+', " ");
-        Cow::Owned(
-            percent_encoding::percent_decode_str(&spaced)
-                .decode_utf8_lossy()
-                .into_owned(),
-        )
-    } else {
-        percent_encoding::percent_decode_str(s).decode_utf8_lossy()
     }
 }

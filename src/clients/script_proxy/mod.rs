@@ -326,7 +326,7 @@ impl ScriptProxy {
         let mut len = 0;
         for seg in query.split('&') {
             let raw_name = seg.split('=').next().unwrap_or("");
-            let name = percent_encoding::percent_decode_str(raw_name).decode_utf8_lossy();
+            let name = crate::urlenc::decode(raw_name);
             if let Some(i) = self.allowed_query.iter().position(|a| *a == name) {
                 len += seg.len() + 1;
                 if len > MAX_QUERY_BYTES {

@@ -7,7 +7,8 @@ use serde::{Serialize, Serializer};
 use serde_json::Value;
 
 use super::normalize::{as_prehashed, normalize_and_hash, Hashed, Hex64, Key};
-use crate::event::{url_query_param, Event, Item};
+use crate::event::{Event, Item};
+use crate::urlenc;
 
 /// Meta refuses a request when any event in it is older than 7 days (§3.2).
 pub const MAX_AGE_MS: i64 = 7 * 24 * 3_600_000;
@@ -360,7 +361,7 @@ fn user_data<'a>(e: &'a Event, max_year: i32, scratch: &mut String) -> UserDataO
         if let Some(fbclid) = e
             .page_location
             .as_deref()
-            .and_then(|u| url_query_param(u, "fbclid"))
+            .and_then(|u| urlenc::param(u, "fbclid"))
             .filter(|c| !c.is_empty() && c.len() <= 500 && !c.contains(char::is_whitespace))
         {
             out.fbc = Some(Cow::Owned(format!("fb.1.{}.{fbclid}", e.timestamp_ms)));
