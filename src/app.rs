@@ -36,6 +36,7 @@ struct Inner {
     shutting_down: AtomicBool,
     /// Flips to true when shutdown starts; long-lived responses (SSE) end on it.
     stop: watch::Sender<bool>,
+    admin_logins: crate::admin::throttle::LoginThrottle,
 }
 
 impl AppState {
@@ -55,6 +56,7 @@ impl AppState {
                 source,
                 shutting_down: AtomicBool::new(false),
                 stop: watch::channel(false).0,
+                admin_logins: Default::default(),
             }),
         }
     }
@@ -66,6 +68,11 @@ impl AppState {
 
     pub fn pipeline_cell(&self) -> Arc<ArcSwap<Pipeline>> {
         self.inner.pipeline.clone()
+    }
+
+    /// Failed admin authentications per client address.
+    pub fn admin_logins(&self) -> &crate::admin::throttle::LoginThrottle {
+        &self.inner.admin_logins
     }
 
     pub fn traces(&self) -> &Arc<Traces> {

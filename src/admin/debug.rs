@@ -158,6 +158,12 @@ fn ct_eq(a: &str, b: &str) -> bool {
     a.len() == b.len() && bool::from(a.as_bytes().ct_eq(b.as_bytes()))
 }
 
+/// Whether a request tries a token (right or wrong). A session cookie is not a try: it is
+/// keyed by the token and cannot be guessed, and a browser keeps sending an expired one.
+fn presents_credentials(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::AUTHORIZATION)
+}
+
 fn authorized(headers: &HeaderMap, token: &str) -> bool {
     if let Some(bearer) = headers
         .get(header::AUTHORIZATION)
@@ -201,11 +207,48 @@ pub async fn require_token(State(state): State<AppState>, req: Request, next: Ne
         }
         return next.run(req).await;
     };
-    let path = req.uri().path();
-    if matches!(path, "/healthz" | "/readyz" | "/debug/login")
-        || authorized(req.headers(), token.expose())
+    let path = req.uri().path().to_owned();
+    if matches!(path.as_str(), "/healthz" | "/readyz")
+        || (path == "/debug/login" && req.method() != axum::http::Method::POST)
     {
         return next.run(req).await;
+    }
+    // Guessing the token is throttled per client address (see `throttle`).
+    let ip = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.ip());
+    let throttle = state.admin_logins();
+    let now = std::time::Instant::now();
+    let login = path == "/debug/login";
+    let presented = login || presents_credentials(req.headers());
+    if let (true, Some(ip)) = (presented, ip) {
+        if let Some(wait) = throttle.blocked(ip, now) {
+            tracing::warn!(%ip, "admin: too many failed authentications from this address; refusing for now");
+            return (
+                StatusCode::TOO_MANY_REQUESTS,
+                [(header::RETRY_AFTER, wait.as_secs().max(1).to_string())],
+                "admin: too many failed authentications from this address; try again later\n",
+            )
+                .into_response();
+        }
+    }
+    if login {
+        let resp = next.run(req).await;
+        if let Some(ip) = ip {
+            if resp.status() == StatusCode::UNAUTHORIZED {
+                throttle.failed(ip, now);
+            } else if resp.status().is_redirection() {
+                throttle.succeeded(ip);
+            }
+        }
+        return resp;
+    }
+    if authorized(req.headers(), token.expose()) {
+        return next.run(req).await;
+    }
+    if let (true, Some(ip)) = (presented, ip) {
+        throttle.failed(ip, now);
     }
     let wants_html = req
         .headers()

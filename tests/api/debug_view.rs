@@ -286,6 +286,61 @@ async fn with_a_token_the_admin_surface_needs_it() {
     app.stop().await;
 }
 
+#[tokio::test]
+async fn guessing_the_admin_token_is_throttled_per_address() {
+    let (meta, hook) = (FakeVendor::start().await, FakeVendor::start().await);
+    let app = spawn_app(&config(&meta, &hook, "token = \"adm-token-1\"")).await;
+    let http = &app.http;
+    // Ten wrong guesses in a minute, by header and by the login form.
+    for i in 0..10 {
+        let r = if i % 2 == 0 {
+            http.get(app.admin_url("/metrics"))
+                .header("authorization", format!("Bearer guess-{i}"))
+                .send()
+                .await
+                .unwrap()
+        } else {
+            http.post(app.admin_url("/debug/login"))
+                .form(&[("token", format!("guess-{i}"))])
+                .send()
+                .await
+                .unwrap()
+        };
+        assert_eq!(r.status(), 401, "guess {i}");
+    }
+    // Now even the right token waits, and says how long.
+    for r in [
+        http.post(app.admin_url("/debug/login"))
+            .form(&[("token", "adm-token-1")])
+            .send()
+            .await
+            .unwrap(),
+        http.get(app.admin_url("/metrics"))
+            .header("authorization", "Bearer adm-token-1")
+            .send()
+            .await
+            .unwrap(),
+    ] {
+        assert_eq!(r.status(), 429);
+        let wait: u64 = r.headers()["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((1..=60).contains(&wait), "{wait}");
+    }
+    // Probes and the login page itself stay open.
+    let r = http.get(app.admin_url("/readyz")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let r = http
+        .get(app.admin_url("/debug/login"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    app.stop().await;
+}
+
 #[test]
 fn a_public_admin_listener_without_a_token_is_refused() {
     let err = tagrelay::config::load_str(
