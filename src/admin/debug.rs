@@ -220,34 +220,44 @@ pub async fn require_token(State(state): State<AppState>, req: Request, next: Ne
         .map(|c| c.0.ip());
     let throttle = state.admin_logins();
     let now = std::time::Instant::now();
-    let login = path == "/debug/login";
-    let presented = login || presents_credentials(req.headers());
-    if let (true, Some(ip)) = (presented, ip) {
-        if let Some(wait) = throttle.blocked(ip, now) {
-            tracing::warn!(%ip, "admin: too many failed authentications from this address; refusing for now");
-            return (
-                StatusCode::TOO_MANY_REQUESTS,
-                [(header::RETRY_AFTER, wait.as_secs().max(1).to_string())],
-                "admin: too many failed authentications from this address; try again later\n",
-            )
-                .into_response();
-        }
-    }
-    if login {
-        let resp = next.run(req).await;
+    let refuse = |wait: std::time::Duration, ip: std::net::IpAddr| {
+        tracing::warn!(%ip, "admin: too many failed authentications from this address; refusing for now");
+        (
+            StatusCode::TOO_MANY_REQUESTS,
+            [(
+                header::RETRY_AFTER,
+                super::throttle::retry_after_secs(wait).to_string(),
+            )],
+            "admin: too many failed authentications from this address; try again later\n",
+        )
+            .into_response()
+    };
+    if path == "/debug/login" {
+        // Counted before the form is read: guesses sent in parallel each take a place.
         if let Some(ip) = ip {
-            if resp.status() == StatusCode::UNAUTHORIZED {
-                throttle.failed(ip, now);
-            } else if resp.status().is_redirection() {
-                throttle.succeeded(ip);
+            if let Err(wait) = throttle.attempt(ip, now) {
+                return refuse(wait, ip);
             }
+        }
+        let resp = next.run(req).await;
+        if let (Some(ip), true) = (ip, resp.status().is_redirection()) {
+            throttle.succeeded(ip);
         }
         return resp;
     }
+    let tried = presents_credentials(req.headers());
+    if let (true, Some(ip)) = (tried, ip) {
+        if let Some(wait) = throttle.blocked(ip, now) {
+            return refuse(wait, ip);
+        }
+    }
     if authorized(req.headers(), token.expose()) {
+        if let (true, Some(ip)) = (tried, ip) {
+            throttle.succeeded(ip);
+        }
         return next.run(req).await;
     }
-    if let (true, Some(ip)) = (presented, ip) {
+    if let (true, Some(ip)) = (tried, ip) {
         throttle.failed(ip, now);
     }
     let wants_html = req
