@@ -109,6 +109,10 @@ pub(crate) struct FreshSet {
     /// Highest row inserted so far.
     last_row: i64,
     recount: bool,
+    /// `(tag, row)` whose delivery got a row before this tag was rewound to its written
+    /// position (a crash, a failed commit): its scan must not hand them out again, even once
+    /// that row is settled and gone. Left behind as the tag passes them.
+    skips: std::collections::HashSet<(Arc<str>, i64)>,
 }
 
 impl FreshSet {
@@ -360,6 +364,23 @@ impl FreshSet {
             c.lag_from = c.persisted;
         }
         self.recount = true;
+    }
+
+    /// Whether `tag`'s scan must pass over `row` (see `skips`); forgets it.
+    pub fn skip(&mut self, tag: &Arc<str>, row: i64) -> bool {
+        !self.skips.is_empty() && self.skips.remove(&(tag.clone(), row))
+    }
+
+    pub fn set_skips(&mut self, skips: impl IntoIterator<Item = (Arc<str>, i64)>) {
+        self.skips = skips.into_iter().collect();
+    }
+
+    /// Every tag's waiting count and oldest time to zero (before a recount).
+    pub fn clear_waiting(&mut self) {
+        for c in self.cursors.values_mut() {
+            c.waiting = 0;
+            c.oldest_waiting_ms = None;
+        }
     }
 
     /// `tag`'s waiting deliveries as counted in the store.

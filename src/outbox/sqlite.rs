@@ -95,6 +95,7 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     dead_at_ms INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS dead_by_tag ON dead_letters (tag, id);
+CREATE INDEX IF NOT EXISTS dead_by_time ON dead_letters (dead_at_ms);
 CREATE TABLE IF NOT EXISTS outbox_totals (
     id INTEGER PRIMARY KEY CHECK (id = 0),
     records INTEGER NOT NULL,
@@ -117,8 +118,22 @@ const WAITING: &str = "
 SELECT c.tag, count(e.id), min(e.enqueued_ms)
 FROM cursors c JOIN events e ON e.id >= c.committed_row AND e.fresh IS NOT NULL
 JOIN json_each(e.fresh) j ON j.value = c.tag
-WHERE NOT EXISTS (SELECT 1 FROM pending p WHERE p.event_row = e.id AND p.tag = c.tag)
+WHERE json_valid(e.fresh)
+  AND NOT EXISTS (SELECT 1 FROM pending p WHERE p.event_row = e.id AND p.tag = c.tag)
 GROUP BY c.tag";
+
+/// `(tag, row)` of delivery rows at or past their tag's written position: a tag resuming
+/// from there must not hand those deliveries out again from the event row.
+pub(crate) fn rows_with_delivery_rows(conn: &Connection) -> rusqlite::Result<Vec<(Arc<str>, i64)>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT p.tag, p.event_row FROM pending p JOIN cursors c ON c.tag = p.tag
+         WHERE p.event_row >= c.committed_row",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        Ok((Arc::from(r.get::<_, String>(0)?.as_str()), r.get(1)?))
+    })?;
+    rows.collect()
+}
 
 /// `(tag, deliveries waiting from its written position, oldest enqueued_ms)`; nothing for a
 /// store an older tagrelay wrote (the CLI reads stores without migrating them).
@@ -709,6 +724,7 @@ fn resume_fresh(conn: &Connection) -> rusqlite::Result<FreshSet> {
         waiting_total += n;
         fresh.resume(Arc::from(tag.as_str()), pos, n, oldest);
     }
+    fresh.set_skips(rows_with_delivery_rows(conn)?);
     if waiting_total > 0 {
         tracing::info!(
             records = waiting_total,

@@ -2221,3 +2221,176 @@ async fn dead_letters_past_their_retention_are_deleted() {
     );
     outbox.close().await;
 }
+
+#[tokio::test]
+async fn after_a_crash_a_retried_delivery_is_not_read_again_once_its_row_is_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    let outbox = SqliteOutbox::open(&config(&path, FsyncMode::Off))
+        .await
+        .unwrap();
+    outbox.enqueue(records("t", "e", 2)).await.unwrap();
+    let first = outbox.lease("t", now_ms(), 1, 60_000).await.unwrap();
+    outbox
+        .nack(
+            vec![Nack {
+                id: first[0].id,
+                next_attempt_ms: 0,
+                error: "HTTP 503".into(),
+            }],
+            now_ms(),
+        )
+        .await
+        .unwrap();
+    outbox.leak_as_if_crashed();
+    let reopened = SqliteOutbox::open(&config(&path, FsyncMode::Off))
+        .await
+        .unwrap();
+    // The retry goes first and is delivered: its row is gone before the scan reaches e0.
+    let retry = reopened.lease("t", now_ms(), 1, 60_000).await.unwrap();
+    assert_eq!((retry[0].event_id.as_str(), retry[0].attempts), ("e0", 1));
+    reopened.ack(vec![retry[0].id], now_ms()).await.unwrap();
+    let rest: Vec<String> = reopened
+        .lease("t", now_ms(), 10, 60_000)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.event_id)
+        .collect();
+    assert_eq!(rest, vec!["e1"], "e0 is not read again from its event row");
+    reopened.close().await;
+}
+
+#[tokio::test]
+async fn an_unreadable_tag_list_does_not_stop_the_store_from_opening() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    let outbox = SqliteOutbox::open(&config(&path, FsyncMode::Off))
+        .await
+        .unwrap();
+    outbox.enqueue(records("t", "e", 2)).await.unwrap();
+    let db = outbox.db_path().to_path_buf();
+    outbox.close().await;
+    exec(
+        &db,
+        "UPDATE events SET fresh = '[\"t\"' WHERE event_id = 'e0'",
+    );
+    let reopened = SqliteOutbox::open(&config(&path, FsyncMode::Off))
+        .await
+        .unwrap();
+    assert!(tools::stats(&path).is_ok());
+    let got: Vec<String> = reopened
+        .lease("t", now_ms(), 10, 60_000)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.event_id)
+        .collect();
+    assert_eq!(got, vec!["e1"], "the damaged row stays for an operator");
+    reopened.close().await;
+}
+
+#[tokio::test]
+async fn after_a_failed_commit_the_gauges_are_recounted_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = SqliteOutbox::open(&config(dir.path(), FsyncMode::Off))
+        .await
+        .unwrap();
+    let db = outbox.db_path().to_path_buf();
+    exec(&db, FAIL_COMMITS);
+    outbox.enqueue(records("t", "e", 1)).await.unwrap();
+    let got = outbox.lease("t", now_ms(), 10, 60_000).await.unwrap();
+    outbox.ack(vec![got[0].id], now_ms()).await.unwrap();
+    // A commit that leaves a delivery waiting fails: nothing of it is in the store.
+    exec(&db, "UPDATE failctl SET on_ = 1");
+    assert!(outbox.enqueue(records("t", "x", 1)).await.is_err());
+    exec(&db, "UPDATE failctl SET on_ = 0");
+    assert!(outbox
+        .lease("t", now_ms(), 10, 60_000)
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(outbox.backlog(now_ms()).await.unwrap().is_empty());
+    assert_eq!(outbox.pending_totals(), (0, 0));
+    outbox.close().await;
+}
+
+#[tokio::test]
+async fn a_tag_far_behind_other_tags_rows_is_told_to_lease_again_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = SqliteOutbox::open(&config(dir.path(), FsyncMode::Off))
+        .await
+        .unwrap();
+    let queue = outbox.subscribe_hot("rare", 10, 60_000).unwrap();
+    // "rare" lags from its first event, behind 3,000 rows of another tag.
+    outbox
+        .enqueue(vec![NewEvent {
+            tags: vec![Arc::from("rare"), Arc::from("busy")],
+            ..record("rare", "first", now_ms())
+        }])
+        .await
+        .unwrap();
+    let (handed, _) = queue.take(10, now_ms());
+    assert_eq!(handed.len(), 1);
+    // Fill its queue so the next events leave it behind.
+    let fill: Vec<NewEvent> = (0..10)
+        .map(|i| record("rare", &format!("f{i}"), now_ms()))
+        .collect();
+    outbox.enqueue(fill).await.unwrap();
+    outbox.enqueue(records("rare", "late", 1)).await.unwrap();
+    assert!(queue.take_overflowed());
+    outbox.enqueue(records("busy", "b", 3_000)).await.unwrap();
+    outbox.enqueue(records("rare", "end", 1)).await.unwrap();
+    let _ = queue.take(100, now_ms());
+    let first = outbox.lease("rare", now_ms(), 1, 60_000).await.unwrap();
+    assert_eq!(first[0].event_id, "late0");
+    // The next lease reads a bounded stretch of "busy" rows, finds nothing, and says so.
+    let capped = outbox.lease("rare", now_ms(), 1, 60_000).await.unwrap();
+    assert!(capped.is_empty());
+    assert!(queue.take_overflowed(), "lease again at once");
+    let mut last = Vec::new();
+    for _ in 0..5 {
+        last = outbox.lease("rare", now_ms(), 1, 60_000).await.unwrap();
+        if !last.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(last[0].event_id, "end0");
+    outbox.close().await;
+}
+
+#[tokio::test]
+async fn dead_letters_over_the_limit_are_deleted_in_steps_until_none_is_left_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = OutboxConfig {
+        dead_letter_max_records: 10,
+        ..config(dir.path(), FsyncMode::Off)
+    };
+    let outbox = SqliteOutbox::open(&cfg).await.unwrap();
+    let db = outbox.db_path().to_path_buf();
+    exec(
+        &db,
+        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 12000)
+         INSERT INTO dead_letters (tag, event_id, payload, attempts, next_attempt_ms, first_enqueued_ms, reason, dead_at_ms)
+         SELECT 't', 'd' || i, x'7b7d', 1, 0, 0, 'rejected', strftime('%s', 'now') * 1000 FROM n",
+    );
+    // A purge follows a commit and deletes at most 5,000 per rule: three commits are needed.
+    for i in 0..3 {
+        outbox
+            .enqueue(records("t", &format!("k{i}-"), 1))
+            .await
+            .unwrap();
+    }
+    wait_until(
+        "dead letters down to the limit",
+        Duration::from_secs(5),
+        || count(&db, "SELECT count(*) FROM dead_letters") == 10,
+    )
+    .await;
+    assert_eq!(
+        count(&db, "SELECT min(event_id = 'd11991') FROM dead_letters WHERE id = (SELECT min(id) FROM dead_letters)"),
+        1,
+        "the newest are kept"
+    );
+    outbox.close().await;
+}

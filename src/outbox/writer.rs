@@ -285,9 +285,14 @@ pub(crate) fn run(
             commit(&mut conn, &mut batch, &shared, &mut state);
             super::checkpoint::writer_step(&conn, &shared);
             if state.purged.is_none_or(|t| t.elapsed() >= s.purge_every) {
-                state.purged = Some(Instant::now());
-                if let Err(e) = purge_dead_letters(&conn, &s) {
-                    tracing::warn!(error = %e, "outbox: could not delete expired dead letters; will retry");
+                match purge_dead_letters(&conn, &s) {
+                    // A full step: more to delete, at the next commit.
+                    Ok(true) => state.purged = None,
+                    Ok(false) => state.purged = Some(Instant::now()),
+                    Err(e) => {
+                        state.purged = Some(Instant::now());
+                        tracing::warn!(error = %e, "outbox: could not delete expired dead letters; will retry");
+                    }
                 }
             }
         }
@@ -616,7 +621,37 @@ fn apply(
             let mut out = lease_rows(conn, tag, *now_ms, *limit, *lease_until_ms)?;
             if out.len() < *limit {
                 let want = *limit - out.len();
-                scan(conn, tag, want, *lease_until_ms, &mut state.fresh, &mut out)?;
+                let mut passed_over = Vec::new();
+                let capped = scan(
+                    conn,
+                    tag,
+                    want,
+                    *lease_until_ms,
+                    &mut state.fresh,
+                    &mut out,
+                    &mut passed_over,
+                )?;
+                if capped {
+                    // Tell the dispatcher to lease again at once rather than at its next poll.
+                    if let Some(q) = shared.hot_queue(tag) {
+                        q.mark_overflowed();
+                    }
+                }
+                // A row passed over may have waited only for this tag to pass it.
+                let done: Vec<Value> = passed_over
+                    .into_iter()
+                    .filter(|(row, tags)| {
+                        !state.fresh.contains(*row) && state.fresh.all_passed(Some(tags), *row)
+                    })
+                    .map(|(row, _)| Value::Integer(row))
+                    .collect();
+                if !done.is_empty() {
+                    let mut drop_events = conn.prepare_cached(DROP_SETTLED)?;
+                    let mut freed = drop_events.query([Rc::new(done)])?;
+                    while let Some(r) = freed.next()? {
+                        delta.bytes -= r.get::<_, i64>(0)?;
+                    }
+                }
             }
             Ok(Reply::Leased(out))
         }
@@ -735,7 +770,8 @@ const SCAN_SLACK: usize = 8;
 const SCAN_MAX_SKIP: usize = 1_024;
 
 /// Hands out up to `want` first deliveries of a lagging `tag`, reading rows from where it
-/// lags; a scan that reaches the last row leaves the tag caught up.
+/// lags; a scan that reaches the last row leaves the tag caught up. Returns whether it
+/// stopped at its read limit with the tag still behind (more may be due at once).
 fn scan(
     conn: &Connection,
     tag: &Arc<str>,
@@ -743,9 +779,10 @@ fn scan(
     lease_until_ms: i64,
     fresh_set: &mut FreshSet,
     out: &mut Vec<LeasedRecord>,
-) -> rusqlite::Result<()> {
+    passed_over: &mut Vec<(i64, Arc<[Arc<str>]>)>,
+) -> rusqlite::Result<bool> {
     let Some(mut from) = fresh_set.lags(tag) else {
-        return Ok(());
+        return Ok(false);
     };
     let mut stmt = conn.prepare_cached(SCAN)?;
     let mut got = 0usize;
@@ -756,7 +793,7 @@ fn scan(
     loop {
         if examined >= max_examined {
             fresh_set.cursor(tag).lag_from = Some(from);
-            return Ok(());
+            return Ok(true);
         }
         let chunk = want - got + SCAN_SLACK;
         let rows = stmt
@@ -789,6 +826,11 @@ fn scan(
             let Some(k) = tags.iter().position(|t| t == tag) else {
                 continue;
             };
+            // Its delivery got a row before a crash or a failed commit rewound this tag.
+            if fresh_set.skip(tag, row) {
+                passed_over.push((row, tags));
+                continue;
+            }
             let Some(id) = fresh::id(row, k) else {
                 continue;
             };
@@ -809,13 +851,13 @@ fn scan(
             got += 1;
             if got == want {
                 fresh_set.cursor(tag).lag_from = Some(from);
-                return Ok(());
+                return Ok(false);
             }
         }
         if seen < chunk {
             // Past the last row: from now on commits hand this tag's deliveries over.
             fresh_set.cursor(tag).lag_from = None;
-            return Ok(());
+            return Ok(false);
         }
     }
 }
@@ -962,25 +1004,30 @@ fn end_expired_leases(
 }
 
 /// Deletes dead letters past their retention (age, then count), at most `PURGE_STEP` of
-/// each per call.
-fn purge_dead_letters(conn: &Connection, s: &Settings) -> rusqlite::Result<()> {
+/// each per call. Returns whether a rule filled its step (there may be more).
+fn purge_dead_letters(conn: &Connection, s: &Settings) -> rusqlite::Result<bool> {
     let mut purged = 0usize;
+    let mut full = false;
     if let Some(age) = s.dead_letter_max_age {
         let before =
             super::now_ms().saturating_sub(i64::try_from(age.as_millis()).unwrap_or(i64::MAX));
-        purged += conn.execute(
+        let n = conn.execute(
             "DELETE FROM dead_letters WHERE id IN
-                 (SELECT id FROM dead_letters WHERE dead_at_ms < ?1 ORDER BY id LIMIT ?2)",
+                 (SELECT id FROM dead_letters WHERE dead_at_ms < ?1 ORDER BY dead_at_ms LIMIT ?2)",
             [before, PURGE_STEP],
         )?;
+        full |= n as i64 >= PURGE_STEP;
+        purged += n;
     }
     if let Some(max) = s.dead_letter_max_records {
-        purged += conn.execute(
+        let n = conn.execute(
             "DELETE FROM dead_letters WHERE id IN
                  (SELECT id FROM dead_letters ORDER BY id
                   LIMIT min(?2, max(0, (SELECT count(*) FROM dead_letters) - ?1)))",
             [i64::try_from(max).unwrap_or(i64::MAX), PURGE_STEP],
         )?;
+        full |= n as i64 >= PURGE_STEP;
+        purged += n;
     }
     if purged > 0 {
         metrics::counter!("tagrelay_outbox_dead_letters_purged_total").increment(purged as u64);
@@ -989,7 +1036,7 @@ fn purge_dead_letters(conn: &Connection, s: &Settings) -> rusqlite::Result<()> {
             "outbox: deleted dead letters past their retention (dead_letter_max_age_secs, dead_letter_max_records)"
         );
     }
-    Ok(())
+    Ok(full)
 }
 
 /// After a reset every tag resumes from its written position, so deliveries it settled past
@@ -998,6 +1045,8 @@ fn recount(conn: &Connection, fresh_set: &mut FreshSet) -> rusqlite::Result<()> 
     let mut total: u64 = conn.query_row("SELECT count(*) FROM pending", [], |r| {
         r.get::<_, i64>(0).map(|n| u64::try_from(n).unwrap_or(0))
     })?;
+    fresh_set.clear_waiting();
+    fresh_set.set_skips(super::sqlite::rows_with_delivery_rows(conn)?);
     for (tag, n, oldest) in super::sqlite::waiting(conn)? {
         fresh_set.set_waiting(&Arc::from(tag.as_str()), n, oldest);
         total += n;
