@@ -2,7 +2,6 @@
 //! `*.example.test` mapped to 127.0.0.1 so pages and tagrelay get real first-party hostnames.
 
 use std::net::SocketAddr;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -13,19 +12,43 @@ use fantoccini::{Client, ClientBuilder};
 
 pub struct Browser {
     pub client: Client,
-    driver: Child,
+    _driver: Driver,
     _profile: tempfile::TempDir,
 }
 
-impl Drop for Browser {
+/// ChromeDriver and, when dropped, every process it started: killing ChromeDriver alone
+/// would leave Chromium running after the tests. (It stays in the test run's process group,
+/// so Ctrl-C still reaches it.)
+struct Driver(Child);
+
+impl Drop for Driver {
     fn drop(&mut self) {
-        // ChromeDriver leads its own process group, Chromium's processes included: killing
-        // only ChromeDriver would leave the browser running after the tests.
-        let _ = Command::new("kill")
-            .args(["-KILL", "--", &format!("-{}", self.driver.id())])
-            .status();
-        let _ = self.driver.kill();
-        let _ = self.driver.wait();
+        let mut pids = Vec::new();
+        descendants(self.0.id(), &mut pids);
+        for pid in pids {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .stderr(Stdio::null())
+                .status();
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Every process below `pid`, from Linux's `/proc/<pid>/task/<tid>/children`.
+fn descendants(pid: u32, out: &mut Vec<u32>) {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return;
+    };
+    for task in tasks.flatten() {
+        let Ok(children) = std::fs::read_to_string(task.path().join("children")) else {
+            continue;
+        };
+        for child in children.split_whitespace().filter_map(|c| c.parse().ok()) {
+            out.push(child);
+            descendants(child, out);
+        }
     }
 }
 
@@ -54,11 +77,11 @@ impl Browser {
         );
         let port = free_port();
         let driver = Command::new(chromedriver)
-            .process_group(0)
             .arg(format!("--port={port}"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
+            .map(Driver)
             .expect("start chromedriver");
         let profile = tempfile::tempdir().expect("profile dir");
         let caps = serde_json::json!({
@@ -87,7 +110,7 @@ impl Browser {
                 Ok(client) => {
                     return Browser {
                         client,
-                        driver,
+                        _driver: driver,
                         _profile: profile,
                     }
                 }
