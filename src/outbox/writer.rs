@@ -124,12 +124,10 @@ const INSERT: &str = "INSERT INTO pending (tag, event_row, attempts, next_attemp
 /// A first delivery that needs a row after all (failed, given back, lease ended).
 const MATERIALIZE: &str = "INSERT INTO pending (tag, event_row, attempts, next_attempt_ms, first_enqueued_ms, last_error, lease_until_ms)
      VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0)";
-/// The rows a lagging tag (?3) reads its first deliveries from, in order. A row whose
-/// delivery to it already has a delivery row is skipped: after a crash a tag resumes from
-/// its committed position, and what it had given rows since must not go twice.
+/// The rows a lagging tag reads its first deliveries from, in order. (Deliveries that got a
+/// row before a crash or failed commit rewound the tag are passed over by `FreshSet::skip`.)
 const SCAN: &str = "SELECT id, event_id, payload, fresh, enqueued_ms FROM events
-     WHERE id >= ?1 AND NOT EXISTS (SELECT 1 FROM pending WHERE event_row = events.id AND tag = ?3)
-     ORDER BY id LIMIT ?2";
+     WHERE id >= ?1 ORDER BY id LIMIT ?2";
 const COLUMN: &str = "SELECT fresh FROM events WHERE id = ?1";
 /// Events every tag is done with, unless a delivery row still needs them.
 const DROP_SETTLED: &str = "DELETE FROM events WHERE id IN rarray(?1)
@@ -528,8 +526,7 @@ fn apply(
                 }
                 let listed = e.tags.len().min(fresh::MAX_TAGS);
                 state.column.clear();
-                let names: Vec<&str> = e.tags[..listed].iter().map(|t| &**t).collect();
-                serde_json::to_writer(&mut state.column, &names)
+                serde_json::to_writer(&mut state.column, &e.tags[..listed])
                     .map_err(|err| rusqlite::Error::ToSqlConversionFailure(err.into()))?;
                 let column = std::str::from_utf8(&state.column).ok();
                 insert_event.execute(rusqlite::params![
@@ -549,7 +546,8 @@ fn apply(
                     0
                 };
                 state.fresh.inserted(row);
-                let tags: Arc<[Arc<str>]> = e.tags[..listed].iter().cloned().collect();
+                // The event's tag list for `FreshSet`, built only if a delivery is handed over.
+                let mut tags: Option<Arc<[Arc<str>]>> = None;
                 for (k, tag) in e.tags.iter().enumerate() {
                     let h = delta.handoff(tag, shared);
                     if k >= listed {
@@ -569,7 +567,7 @@ fn apply(
                                 if room
                                     && state.fresh.hand(
                                         row,
-                                        &tags,
+                                        tags.get_or_insert_with(|| e.tags[..listed].into()),
                                         k,
                                         e.enqueued_at_ms,
                                         lease_until,
@@ -798,7 +796,7 @@ fn scan(
         let chunk = want - got + SCAN_SLACK;
         let rows = stmt
             .query_map(
-                rusqlite::params![from, i64::try_from(chunk).unwrap_or(i64::MAX), &**tag],
+                rusqlite::params![from, i64::try_from(chunk).unwrap_or(i64::MAX)],
                 |r| {
                     Ok((
                         r.get::<_, i64>(0)?,
