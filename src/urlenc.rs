@@ -19,13 +19,19 @@ pub fn decode(s: &str) -> Cow<'_, str> {
     }
 }
 
+/// The raw `(name, value)` segments of a query string: empty segments are skipped and a
+/// segment without `=` has an empty value.
+fn raw_pairs(query: &str) -> impl Iterator<Item = (&str, &str)> {
+    query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|pair| pair.split_once('=').unwrap_or((pair, "")))
+}
+
 /// The decoded pairs of a raw query string (no leading `?`); empty segments are skipped and
 /// a segment without `=` has an empty value.
 pub fn pairs(query: &str) -> impl Iterator<Item = (Cow<'_, str>, Cow<'_, str>)> {
-    query.split('&').filter(|p| !p.is_empty()).map(|pair| {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        (decode(k), decode(v))
-    })
+    raw_pairs(query).map(|(k, v)| (decode(k), decode(v)))
 }
 
 /// The first value of parameter `name` in the query of URL `url` (the fragment is not part
@@ -33,7 +39,8 @@ pub fn pairs(query: &str) -> impl Iterator<Item = (Cow<'_, str>, Cow<'_, str>)> 
 pub fn param(url: &str, name: &str) -> Option<String> {
     let url = url.split('#').next().unwrap_or(url);
     let query = url.split_once('?')?.1;
-    pairs(query).find_map(|(k, v)| (k == name).then(|| v.into_owned()))
+    // Runs on every hit (fbclid): only the matching value is decoded.
+    raw_pairs(query).find_map(|(k, v)| (decode(k) == name).then(|| decode(v).into_owned()))
 }
 
 #[cfg(test)]
