@@ -70,6 +70,17 @@ pub fn truncate_chars(s: &str, max: usize) -> &str {
     }
 }
 
+/// [`truncate_chars`] with `…` appended when something was cut: for values quoted in
+/// human-facing reasons.
+pub fn ellipsize(s: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    let cut = truncate_chars(s, max);
+    if cut.len() < s.len() {
+        std::borrow::Cow::Owned(format!("{cut}…"))
+    } else {
+        std::borrow::Cow::Borrowed(s)
+    }
+}
+
 /// A vendor encoder. Pure: no I/O, no clock except what is passed in.
 pub trait Tag: Send + Sync + std::fmt::Debug {
     /// The tag's type name (`ga4`, `meta_capi`, `http`).

@@ -266,11 +266,7 @@ impl Condition {
 
 /// Field values in reasons are cut so one huge URL cannot flood the debug view.
 fn short(s: &str) -> Cow<'_, str> {
-    const MAX: usize = 80;
-    match s.char_indices().nth(MAX) {
-        Some((cut, _)) => Cow::Owned(format!("{}…", &s[..cut])),
-        None => Cow::Borrowed(s),
-    }
+    super::ellipsize(s, 80)
 }
 
 #[derive(Debug, Clone)]

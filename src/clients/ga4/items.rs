@@ -3,9 +3,9 @@
 
 use crate::event::Item;
 
-/// Most custom parameters kept per item. GA4 documents 27 (one page says 10); the cap also
-/// bounds the key/value matching work on hostile input.
-pub const MAX_CUSTOM_ITEM_PARAMS: usize = 27;
+/// Most custom parameters kept per item (GA4's limit); the cap also bounds the key/value
+/// matching work on hostile input.
+pub const MAX_CUSTOM_ITEM_PARAMS: usize = crate::ga4_limits::MAX_ITEM_CUSTOM_PARAMS;
 
 /// Parses one already percent-decoded `prN` value. Never fails: a malformed or unknown token is
 /// dropped and the rest of the item is kept, because one bad field should not cost the item.

@@ -25,7 +25,7 @@ pub use decode::{decode_component, parse_query_pairs, QueryPair};
 pub use items::{parse_item, MAX_CUSTOM_ITEM_PARAMS};
 
 /// gtag and ga4mp never send more; GA4 drops the rest.
-pub const MAX_ITEMS_PER_EVENT: usize = 200;
+pub const MAX_ITEMS_PER_EVENT: usize = crate::ga4_limits::MAX_ITEMS;
 /// Far above what gtag batches; bounds the work one request can cause.
 /// gtag batches a handful of events per request; 100 leaves room without letting one request
 /// fan out into thousands of outbox records.

@@ -1234,11 +1234,7 @@ fn show(v: &Json) -> String {
 }
 
 fn show_str(s: &str) -> Cow<'_, str> {
-    const MAX: usize = 60;
-    match s.char_indices().nth(MAX) {
-        Some((cut, _)) => Cow::Owned(format!("{}…", s.get(..cut).unwrap_or(s))),
-        None => Cow::Borrowed(s),
-    }
+    crate::tags::ellipsize(s, 60)
 }
 
 /// Lets callers render an `Outcome` as the debug endpoint's body.

@@ -128,7 +128,7 @@ pub async fn fetch(
     })))
 }
 
-/// A strong ETag from the bytes we serve (differs per encoding, as it must).
+/// Why a request to the upstream failed, in words for the `502` and the log.
 fn describe(e: &reqwest::Error, spec: FetchSpec) -> String {
     if e.is_timeout() {
         format!(

@@ -530,7 +530,7 @@ fn check_upstream(url: &reqwest::Url, hosts: &[String], problems: &mut Vec<Strin
     problems.len() == before
 }
 
-/// `If-None-Match` against our ETag, with the weak comparison the header calls for.
+/// An error answer that no cache may keep.
 fn reason(status: StatusCode, text: &str) -> Response {
     (
         status,
