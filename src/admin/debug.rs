@@ -232,33 +232,27 @@ pub async fn require_token(State(state): State<AppState>, req: Request, next: Ne
         )
             .into_response()
     };
-    if path == "/debug/login" {
-        // Counted before the form is read: guesses sent in parallel each take a place.
-        if let Some(ip) = ip {
-            if let Err(wait) = throttle.attempt(ip, now) {
-                return refuse(wait, ip);
-            }
+    let login = path == "/debug/login";
+    let tried = login || presents_credentials(req.headers());
+    if let (true, Some(ip)) = (tried, ip) {
+        // Counted before it is checked (a login form before it is even read), so guesses
+        // sent in parallel each take a place; a success clears the count.
+        if let Err(wait) = throttle.attempt(ip, now) {
+            return refuse(wait, ip);
         }
+    }
+    if login {
         let resp = next.run(req).await;
-        if let (Some(ip), true) = (ip, resp.status().is_redirection()) {
+        if let (Some(ip), Some(LoggedIn)) = (ip, resp.extensions().get::<LoggedIn>()) {
             throttle.succeeded(ip);
         }
         return resp;
-    }
-    let tried = presents_credentials(req.headers());
-    if let (true, Some(ip)) = (tried, ip) {
-        if let Some(wait) = throttle.blocked(ip, now) {
-            return refuse(wait, ip);
-        }
     }
     if authorized(req.headers(), token.expose()) {
         if let (true, Some(ip)) = (tried, ip) {
             throttle.succeeded(ip);
         }
         return next.run(req).await;
-    }
-    if let (true, Some(ip)) = (tried, ip) {
-        throttle.failed(ip, now);
     }
     let wants_html = req
         .headers()
@@ -326,15 +320,21 @@ pub async fn login(
         session_value(token.expose(), unix_now()),
         if secure { "; Secure" } else { "" }
     );
-    (
+    let mut resp = (
         StatusCode::SEE_OTHER,
         [
             (header::SET_COOKIE, cookie),
             (header::LOCATION, "/debug".to_owned()),
         ],
     )
-        .into_response()
+        .into_response();
+    resp.extensions_mut().insert(LoggedIn);
+    resp
 }
+
+/// Marks the answer to a login with the right token (the throttle clears its count).
+#[derive(Debug, Clone, Copy)]
+struct LoggedIn;
 
 #[cfg(test)]
 mod tests {

@@ -16,9 +16,19 @@ pub const WINDOW: Duration = Duration::from_secs(60);
 /// Addresses tracked at once; when full, expired ones go first, then any.
 const MAX_TRACKED: usize = 4096;
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct LoginThrottle {
     failures: Mutex<HashMap<IpAddr, (u32, Instant)>>,
+    max_tracked: usize,
+}
+
+impl Default for LoginThrottle {
+    fn default() -> Self {
+        LoginThrottle {
+            failures: Mutex::default(),
+            max_tracked: MAX_TRACKED,
+        }
+    }
 }
 
 /// The address failures are counted under: IPv4 as is, IPv6 by its /64.
@@ -38,42 +48,22 @@ pub fn retry_after_secs(wait: Duration) -> u64 {
 }
 
 impl LoginThrottle {
-    /// How long `ip` must wait before its next attempt counts (`None`: it may try now).
-    pub fn blocked(&self, ip: IpAddr, now: Instant) -> Option<Duration> {
-        let map = self.failures.lock().ok()?;
-        Self::left(&map, key(ip), now)
-    }
-
-    fn left(map: &HashMap<IpAddr, (u32, Instant)>, k: IpAddr, now: Instant) -> Option<Duration> {
-        let &(count, since) = map.get(&k)?;
-        let left = WINDOW.checked_sub(now.saturating_duration_since(since))?;
-        (count >= MAX_FAILURES && !left.is_zero()).then_some(left)
-    }
-
-    /// Counts an attempt that has not been checked yet (a login form on its way), unless
-    /// `ip` is blocked: then how long it must wait. Check and count are one step.
+    /// Counts an attempt before it is checked, unless `ip` is blocked: then how long it
+    /// must wait. Check and count are one step.
     pub fn attempt(&self, ip: IpAddr, now: Instant) -> Result<(), Duration> {
         let Ok(mut map) = self.failures.lock() else {
             return Ok(());
         };
         let k = key(ip);
-        if let Some(left) = Self::left(&map, k, now) {
-            return Err(left);
+        if let Some(&(count, since)) = map.get(&k) {
+            let left = WINDOW.saturating_sub(now.saturating_duration_since(since));
+            if count >= MAX_FAILURES && !left.is_zero() {
+                return Err(left);
+            }
         }
-        Self::count(&mut map, k, now);
-        Ok(())
-    }
-
-    pub fn failed(&self, ip: IpAddr, now: Instant) {
-        if let Ok(mut map) = self.failures.lock() {
-            Self::count(&mut map, key(ip), now);
-        }
-    }
-
-    fn count(map: &mut HashMap<IpAddr, (u32, Instant)>, k: IpAddr, now: Instant) {
-        if map.len() >= MAX_TRACKED && !map.contains_key(&k) {
+        if map.len() >= self.max_tracked && !map.contains_key(&k) {
             map.retain(|_, (_, since)| now.saturating_duration_since(*since) < WINDOW);
-            if map.len() >= MAX_TRACKED {
+            if map.len() >= self.max_tracked {
                 // Make room, sparing blocked addresses while any other can go.
                 let victim = map
                     .iter()
@@ -90,13 +80,13 @@ impl LoginThrottle {
             *entry = (0, now);
         }
         entry.0 = entry.0.saturating_add(1);
+        Ok(())
     }
 
+    /// The attempt was right: the address starts afresh.
     pub fn succeeded(&self, ip: IpAddr) {
         if let Ok(mut map) = self.failures.lock() {
-            if !map.is_empty() {
-                map.remove(&key(ip));
-            }
+            map.remove(&key(ip));
         }
     }
 }
@@ -105,43 +95,43 @@ impl LoginThrottle {
 mod tests {
     use super::*;
 
+    fn fail(t: &LoginThrottle, ip: IpAddr, now: Instant, times: u32) {
+        for _ in 0..times {
+            assert!(t.attempt(ip, now).is_ok());
+        }
+    }
+
     #[test]
     fn ten_failures_in_a_minute_block_the_address_for_the_rest_of_it() {
         let t = LoginThrottle::default();
         let ip: IpAddr = "192.0.2.1".parse().unwrap();
         let other: IpAddr = "192.0.2.2".parse().unwrap();
         let start = Instant::now();
-        for _ in 0..MAX_FAILURES - 1 {
-            t.failed(ip, start);
-        }
-        assert_eq!(t.blocked(ip, start), None, "nine is not yet ten");
-        t.failed(ip, start);
+        fail(&t, ip, start, MAX_FAILURES);
         let later = start + Duration::from_secs(20);
-        assert_eq!(t.blocked(ip, later), Some(Duration::from_secs(40)));
-        assert_eq!(t.blocked(other, later), None, "per address");
-        assert_eq!(t.blocked(ip, start + WINDOW), None, "the window ends");
-        t.failed(ip, start + WINDOW);
+        assert_eq!(t.attempt(ip, later), Err(Duration::from_secs(40)));
+        assert!(t.attempt(other, later).is_ok(), "per address");
+        // The window ends; the next one starts counting at one.
+        let next = start + WINDOW;
+        fail(&t, ip, next, MAX_FAILURES);
         assert_eq!(
-            t.blocked(ip, start + WINDOW),
-            None,
-            "a new window starts at one"
+            t.attempt(ip, next + Duration::from_secs(1)),
+            Err(Duration::from_secs(59))
         );
-        t.succeeded(ip);
-        assert_eq!(t.blocked(ip, start), None);
     }
 
     #[test]
-    fn attempts_are_counted_before_they_are_checked() {
+    fn the_eleventh_attempt_is_refused_before_any_is_answered_and_a_success_clears() {
         let t = LoginThrottle::default();
         let ip: IpAddr = "192.0.2.9".parse().unwrap();
         let now = Instant::now();
-        for _ in 0..MAX_FAILURES {
-            assert!(t.attempt(ip, now).is_ok());
-        }
-        // The eleventh is refused even though none of the ten has been answered yet.
+        fail(&t, ip, now, MAX_FAILURES);
         assert_eq!(t.attempt(ip, now), Err(WINDOW));
         t.succeeded(ip);
-        assert!(t.attempt(ip, now).is_ok(), "a success clears the count");
+        assert!(
+            t.attempt(ip, now).is_ok(),
+            "a success clears a blocked address"
+        );
     }
 
     #[test]
@@ -149,16 +139,16 @@ mod tests {
         let t = LoginThrottle::default();
         let now = Instant::now();
         for i in 0..MAX_FAILURES {
-            t.failed(format!("2001:db8:1:2::{i:x}").parse().unwrap(), now);
+            assert!(t
+                .attempt(format!("2001:db8:1:2::{i:x}").parse().unwrap(), now)
+                .is_ok());
         }
         assert!(t
-            .blocked("2001:db8:1:2:ffff::1".parse().unwrap(), now)
-            .is_some());
-        assert!(t.blocked("2001:db8:1:3::1".parse().unwrap(), now).is_none());
-        for _ in 0..MAX_FAILURES {
-            t.failed("::ffff:192.0.2.7".parse().unwrap(), now);
-        }
-        assert!(t.blocked("192.0.2.7".parse().unwrap(), now).is_some());
+            .attempt("2001:db8:1:2:ffff::1".parse().unwrap(), now)
+            .is_err());
+        assert!(t.attempt("2001:db8:1:3::1".parse().unwrap(), now).is_ok());
+        fail(&t, "::ffff:192.0.2.7".parse().unwrap(), now, MAX_FAILURES);
+        assert!(t.attempt("192.0.2.7".parse().unwrap(), now).is_err());
     }
 
     #[test]
@@ -168,17 +158,18 @@ mod tests {
     }
 
     #[test]
-    fn tracking_is_bounded_and_spares_blocked_addresses() {
-        let t = LoginThrottle::default();
+    fn a_full_table_makes_room_but_keeps_blocked_addresses() {
+        let t = LoginThrottle {
+            max_tracked: 3,
+            ..LoginThrottle::default()
+        };
         let now = Instant::now();
         let bad: IpAddr = "198.51.100.1".parse().unwrap();
-        for _ in 0..MAX_FAILURES {
-            t.failed(bad, now);
+        fail(&t, bad, now, MAX_FAILURES);
+        for i in 0..10u32 {
+            assert!(t.attempt(IpAddr::from(i.to_be_bytes()), now).is_ok());
         }
-        for i in 0..(MAX_TRACKED as u32 + 10) {
-            t.failed(IpAddr::from(i.to_be_bytes()), now);
-        }
-        assert!(t.failures.lock().unwrap().len() <= MAX_TRACKED);
-        assert!(t.blocked(bad, now).is_some());
+        assert!(t.failures.lock().unwrap().len() <= 3);
+        assert!(t.attempt(bad, now).is_err(), "still blocked");
     }
 }
