@@ -26,10 +26,12 @@ impl Drop for Driver {
         let mut pids = Vec::new();
         descendants(self.0.id(), &mut pids);
         for pid in pids {
-            let _ = Command::new("kill")
-                .args(["-KILL", &pid.to_string()])
-                .stderr(Stdio::null())
-                .status();
+            if let Some(pid) = i32::try_from(pid)
+                .ok()
+                .and_then(rustix::process::Pid::from_raw)
+            {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+            }
         }
         let _ = self.0.kill();
         let _ = self.0.wait();
