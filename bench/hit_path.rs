@@ -112,23 +112,14 @@ fn one_hit(
         .map(|c| c.header_value().len())
         .sum::<usize>();
     for tag in &p.tags {
-        let fired = parsed
+        // As the hit path does: the non-allocating trigger check, then one encoder call
+        // over the events that fired.
+        let fired: Vec<&Event> = parsed
             .events
             .iter()
-            .filter(|e| tag.trigger.evaluate(e).fired)
-            .count();
-        // The bench hits fire both tags for every event; a subset would need copies.
-        let encoded = if fired == parsed.events.len() {
-            tag.tag.encode(&parsed.events, NOW_MS)
-        } else {
-            let subset: Vec<Event> = parsed
-                .events
-                .iter()
-                .filter(|e| tag.trigger.evaluate(e).fired)
-                .cloned()
-                .collect();
-            tag.tag.encode(&subset, NOW_MS)
-        };
+            .filter(|e| tag.trigger.fires(e))
+            .collect();
+        let encoded = tag.tag.encode_batch(&fired, NOW_MS);
         produced += encoded
             .requests
             .iter()
