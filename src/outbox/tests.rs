@@ -341,6 +341,52 @@ async fn group_commit_takes_many_records_per_transaction() {
     outbox.close().await;
 }
 
+/// The writer stops gathering once a nap passes with nothing new: a lone hit (light
+/// traffic, or every caller already in the group) is committed after a nap, not after the
+/// whole `commit_interval`, while a stream of hits still shares commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_enqueue_does_not_wait_out_the_commit_interval() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = OutboxConfig {
+        commit_interval_ms: 10_000,
+        ..config(dir.path(), FsyncMode::Off)
+    };
+    let outbox = SqliteOutbox::open(&cfg).await.unwrap();
+    for i in 0..3 {
+        let started = std::time::Instant::now();
+        outbox
+            .enqueue(vec![record("ga4", &format!("lone-{i}"), now_ms())])
+            .await
+            .unwrap();
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "a lone enqueue took {:?}: the writer waited for the interval instead of stopping after a quiet nap",
+            started.elapsed()
+        );
+    }
+    // With hits arriving while it gathers, the same interval still groups them.
+    let joins: Vec<_> = (0..50)
+        .map(|t| {
+            let outbox = outbox.clone();
+            tokio::spawn(async move {
+                for i in 0..10 {
+                    outbox
+                        .enqueue(vec![record("ga4", &format!("s{t}-{i}"), now_ms())])
+                        .await
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    let before = outbox.commit_count();
+    for j in joins {
+        j.await.unwrap();
+    }
+    let commits = outbox.commit_count() - before;
+    assert!(commits * 10 <= 500, "{commits} commits for 500 records");
+    outbox.close().await;
+}
+
 #[tokio::test]
 async fn committed_records_survive_a_crash() {
     let dir = tempfile::tempdir().unwrap();
