@@ -343,7 +343,8 @@ async fn group_commit_takes_many_records_per_transaction() {
 
 /// The writer stops gathering once a nap passes with nothing new: a lone hit (light
 /// traffic, or every caller already in the group) is committed after a nap, not after the
-/// whole `commit_interval`, while a stream of hits still shares commits.
+/// whole `commit_interval`, while a stream of hits still shares commits. (The blocking
+/// writer before the naps kept the same rule; this guards it against regressions.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lone_enqueue_does_not_wait_out_the_commit_interval() {
     let dir = tempfile::tempdir().unwrap();
@@ -365,6 +366,7 @@ async fn a_lone_enqueue_does_not_wait_out_the_commit_interval() {
         );
     }
     // With hits arriving while it gathers, the same interval still groups them.
+    let before = outbox.commit_count();
     let joins: Vec<_> = (0..50)
         .map(|t| {
             let outbox = outbox.clone();
@@ -378,7 +380,6 @@ async fn a_lone_enqueue_does_not_wait_out_the_commit_interval() {
             })
         })
         .collect();
-    let before = outbox.commit_count();
     for j in joins {
         j.await.unwrap();
     }
