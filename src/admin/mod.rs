@@ -63,18 +63,52 @@ pub fn spawn_metrics_upkeep() {
 pub async fn record_http_metrics(req: Request, next: Next) -> Response {
     let started = Instant::now();
     let resp = next.run(req).await;
-    let route = resp
-        .extensions()
+    record_response(&resp, started);
+    resp
+}
+
+/// The route label a handler put on `resp` (`other` when none did).
+pub(crate) fn route_of(resp: &Response) -> &'static str {
+    resp.extensions()
         .get::<RouteLabel>()
         .map(|r| r.0)
-        .unwrap_or("other");
+        .unwrap_or("other")
+}
+
+/// `tagrelay_http_requests_total{route,status}` and `…_duration_seconds{route}` for one
+/// answered request.
+pub(crate) fn record_response(resp: &Response, started: Instant) {
+    let route = route_of(resp);
     tracing::Span::current().record("route", route);
-    let status = resp.status().as_u16().to_string();
-    metrics::counter!("tagrelay_http_requests_total", "route" => route, "status" => status)
+    metrics::counter!("tagrelay_http_requests_total", "route" => route, "status" => status_label(resp.status()))
         .increment(1);
     metrics::histogram!("tagrelay_http_request_duration_seconds", "route" => route)
         .record(started.elapsed().as_secs_f64());
-    resp
+}
+
+/// The statuses tagrelay answers as static labels, so counting a hit allocates nothing.
+fn status_label(status: StatusCode) -> metrics::SharedString {
+    let s = match status.as_u16() {
+        200 => "200",
+        204 => "204",
+        302 => "302",
+        303 => "303",
+        304 => "304",
+        400 => "400",
+        401 => "401",
+        403 => "403",
+        404 => "404",
+        405 => "405",
+        408 => "408",
+        413 => "413",
+        414 => "414",
+        429 => "429",
+        500 => "500",
+        502 => "502",
+        503 => "503",
+        other => return other.to_string().into(),
+    };
+    s.into()
 }
 
 pub fn router(state: AppState) -> Router {

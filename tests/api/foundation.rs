@@ -57,6 +57,59 @@ async fn metrics_are_exposed_in_prometheus_format() {
 }
 
 #[tokio::test]
+async fn every_answer_carries_a_request_id_and_a_callers_id_is_kept() {
+    let app = spawn_app("[[clients]]\ntype = \"ga4\"\n").await;
+    let hit = "/g/collect?v=2&en=page_view&tid=G-1&cid=1.2&dl=https%3A%2F%2Fshop.example.com%2F";
+    let mut seen = Vec::new();
+    for path in [hit, "/healthz", "/nothing-here"] {
+        let r = app.http.get(app.url(path)).send().await.unwrap();
+        let id = r
+            .headers()
+            .get("x-request-id")
+            .unwrap_or_else(|| panic!("no x-request-id on {path} ({})", r.status()))
+            .to_str()
+            .unwrap()
+            .to_owned();
+        assert!(
+            uuid::Uuid::parse_str(&id).is_ok(),
+            "{path}: {id:?} is not a UUID"
+        );
+        seen.push(id);
+    }
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen.len(), 3, "request ids repeat: {seen:?}");
+
+    let r = app
+        .http
+        .get(app.url(hit))
+        .header("x-request-id", "lb-7f3a")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    assert_eq!(r.headers()["x-request-id"], "lb-7f3a");
+
+    // The same layer counts hits by route and status. (The recorder is shared by every test
+    // in this binary, so only the series are checked, not their counts.)
+    let text = app
+        .http
+        .get(app.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.contains("tagrelay_http_requests_total{route=\"ga4\",status=\"204\"}")
+            && text.contains("tagrelay_http_requests_total{route=\"not_found\",status=\"404\"}"),
+        "{text}"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn oversized_body_is_413_with_a_reason() {
     let app = spawn_app("[[clients]]\ntype = \"ga4\"\n").await;
     let body = "x".repeat(70_000);
