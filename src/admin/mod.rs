@@ -67,18 +67,15 @@ pub async fn record_http_metrics(req: Request, next: Next) -> Response {
     resp
 }
 
-/// The route label a handler put on `resp` (`other` when none did).
-pub(crate) fn route_of(resp: &Response) -> &'static str {
-    resp.extensions()
-        .get::<RouteLabel>()
-        .map(|r| r.0)
-        .unwrap_or("other")
-}
-
 /// `tagrelay_http_requests_total{route,status}` and `…_duration_seconds{route}` for one
 /// answered request.
 pub(crate) fn record_response(resp: &Response, started: Instant) {
-    let route = route_of(resp);
+    // The label a handler put on the response (`other` when none did).
+    let route = resp
+        .extensions()
+        .get::<RouteLabel>()
+        .map(|r| r.0)
+        .unwrap_or("other");
     tracing::Span::current().record("route", route);
     metrics::counter!("tagrelay_http_requests_total", "route" => route, "status" => status_label(resp.status()))
         .increment(1);

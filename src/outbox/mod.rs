@@ -109,6 +109,32 @@ pub struct LeasedRecord {
     pub lease_until_ms: i64,
 }
 
+impl LeasedRecord {
+    /// A first delivery of an event, read from its row or handed over by the writer: no
+    /// attempts yet, no error, first seen when the event was enqueued.
+    pub(crate) fn first_delivery(
+        id: i64,
+        tag: Arc<str>,
+        event_id: String,
+        payload: Bytes,
+        event: Option<Arc<Event>>,
+        enqueued_ms: i64,
+        lease_until_ms: i64,
+    ) -> LeasedRecord {
+        LeasedRecord {
+            id,
+            tag,
+            event_id,
+            payload,
+            event,
+            attempts: 0,
+            first_enqueued_ms: enqueued_ms,
+            last_error: None,
+            lease_until_ms,
+        }
+    }
+}
+
 /// Try again later.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Nack {

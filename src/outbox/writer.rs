@@ -581,17 +581,15 @@ fn apply(
                                     ) =>
                             {
                                 h.promised += 1;
-                                h.records.push(LeasedRecord {
+                                h.records.push(LeasedRecord::first_delivery(
                                     id,
-                                    tag: tag.clone(),
-                                    event_id: e.event_id.clone(),
-                                    payload: e.payload.clone(),
-                                    event: e.event.clone(),
-                                    attempts: 0,
-                                    first_enqueued_ms: e.enqueued_at_ms,
-                                    last_error: None,
-                                    lease_until_ms: lease_until,
-                                });
+                                    tag.clone(),
+                                    e.event_id.clone(),
+                                    e.payload.clone(),
+                                    e.event.clone(),
+                                    e.enqueued_at_ms,
+                                    lease_until,
+                                ));
                             }
                             _ => {
                                 if h.queue.is_some() {
@@ -841,17 +839,15 @@ fn scan(
             if !fresh_set.hand(row, &tags, k, enqueued_ms, lease_until_ms, true) {
                 continue;
             }
-            out.push(LeasedRecord {
+            out.push(LeasedRecord::first_delivery(
                 id,
-                tag: tag.clone(),
+                tag.clone(),
                 event_id,
-                payload: Bytes::from(payload),
-                event: None,
-                attempts: 0,
-                first_enqueued_ms: enqueued_ms,
-                last_error: None,
+                Bytes::from(payload),
+                None,
+                enqueued_ms,
                 lease_until_ms,
-            });
+            ));
             got += 1;
             if got == want {
                 fresh_set.cursor(tag).lag_from = Some(from);
