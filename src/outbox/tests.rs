@@ -1481,6 +1481,12 @@ async fn deliveries_run_on_their_own_lower_priority_threads() {
         vendor.delivered().len() == 25
     })
     .await;
+    // The vendor counts a request when it arrives; the attempt is recorded after the answer.
+    wait_until("attempts recorded", Duration::from_secs(10), || {
+        let attempts = recorder.attempts.lock().unwrap();
+        attempts.iter().map(|a| a.1.len()).sum::<usize>() == 25
+    })
+    .await;
     let names = recorder.threads.lock().unwrap().clone();
     assert!(!names.is_empty());
     assert!(
