@@ -432,7 +432,19 @@ pub fn validate_field_path(path: &str) -> Result<(), String> {
     Err(format!("unknown field `{path}`{hint}"))
 }
 
+/// Room reserved for an event's stored JSON: a GA4 page_view with cookies comes to ~1.0–1.1
+/// KiB, so most payloads are written without growing the buffer. `serde_json::to_vec` starts at
+/// 128 bytes and doubles, which cost every event four allocations and the copies between them.
+const PAYLOAD_CAPACITY: usize = 1536;
+
 impl Event {
+    /// The event as the outbox stores it (JSON).
+    pub fn to_payload(&self) -> serde_json::Result<Vec<u8>> {
+        let mut buf = Vec::with_capacity(PAYLOAD_CAPACITY);
+        serde_json::to_writer(&mut buf, self)?;
+        Ok(buf)
+    }
+
     /// Reads a field by its GTM-SS path (`page_location`, `user_data.address.city`,
     /// `items.0.item_id`, `params.coupon`, `consent.ad_storage`). Missing → `None`.
     pub fn field(&self, path: &str) -> Option<FieldValue<'_>> {
@@ -628,6 +640,20 @@ mod tests {
         e.user_data.address.city = Some("Paris".into());
         e.consent.ad_storage = ConsentState::Granted;
         e
+    }
+
+    #[test]
+    fn the_stored_payload_is_the_events_json_and_reads_back_whole() {
+        let e = sample();
+        let stored = e.to_payload().unwrap();
+        assert_eq!(stored, serde_json::to_vec(&e).unwrap());
+        assert_eq!(serde_json::from_slice::<Event>(&stored).unwrap(), e);
+        // Bigger than the reserved room still comes out whole.
+        let mut big = sample();
+        big.page_title = Some("t".repeat(4 * PAYLOAD_CAPACITY));
+        let stored = big.to_payload().unwrap();
+        assert!(stored.len() > 4 * PAYLOAD_CAPACITY);
+        assert_eq!(serde_json::from_slice::<Event>(&stored).unwrap(), big);
     }
 
     #[test]

@@ -480,7 +480,7 @@ async fn handle_hit(
             }
         }
         if !fired_tags.is_empty() {
-            let payload = Bytes::from(serde_json::to_vec(&**e).map_err(|err| {
+            let payload = Bytes::from(e.to_payload().map_err(|err| {
                 tracing::error!(error = %err, "could not serialize an event; hit answered 500");
                 HitError::Store
             })?);
