@@ -1,167 +1,36 @@
-//! The per-hit pure path, without sockets or the outbox: parse a GA4 hit → first-party
-//! cookies → triggers of two tags → the event payload the outbox stores → encode for the GA4
-//! and Meta CAPI tags (which the dispatchers do later, off the hit path).
-//!
-//! The parts are built from a config exactly as the server builds them (`Pipeline::build`).
+//! The per-hit pure path, timed without sockets or the outbox (see `hit_common.rs`).
 //! Run with `cargo bench --bench hit_path`; `-- --quick` for a fast look.
 
 use std::hint::black_box;
-use std::net::{IpAddr, Ipv4Addr};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use http::{HeaderMap, HeaderValue, Method};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
-use tagrelay::clients::HitRequest;
-use tagrelay::config::load_str;
-use tagrelay::event::Event;
-use tagrelay::identity::IdentityInput;
-use tagrelay::pipeline::Pipeline;
+
+#[path = "hit_common.rs"]
+mod hit_common;
+use hit_common::{cases, encode_for_tags, headers, pipeline, take_hit};
 
 /// The allocator the server binary uses (see `src/main.rs`), so the figures match it.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-const CONFIG: &str = r#"
-[cookies]
-secure = true
-
-[[clients]]
-type = "ga4"
-
-[[tags]]
-name = "ga4"
-type = "ga4"
-endpoint = "http://127.0.0.1:9"
-
-[[tags]]
-name = "meta"
-type = "meta_capi"
-endpoint = "http://127.0.0.1:9"
-pixel_id = "1234567890"
-access_token = "EAAB-bench-token"
-app_secret = "bench-app-secret"
-[tags.trigger]
-consent = ["ad_storage"]
-"#;
-
-const UA: &str = "Mozilla/5.0 (Macintosh; Intel Mac OS X 14_5) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.5 Safari/605.1.15";
-const COOKIE: &str = "_ga=GA1.1.1234567890.1764912990; FPID=FPID2.2.1234567890.1764912990; _fbp=fb.1.1764912990000.1234567890; _ga_ABCDEF1234=GS2.1.s1764912991$o1$g1$t1764913010$j40$l0$h0";
-
-const PAGE_VIEW: &str = "v=2&tid=G-ABCDEF1234&gtm=45je5ca1v9876543210za200&_p=1764912991250&gcs=G111&gcd=13t3t3t3t5l1&npa=0&dma=0&cid=1234567890.1764912990&ul=en-us&sr=1920x1080&_s=1&sid=1764912991&sct=1&seg=1&dl=https%3A%2F%2Fshop.example.com%2Fp%2Ftrail-shoe%3Ffbclid%3DIwAR2xYz&dt=Trail%20Shoe&en=page_view&_et=12";
-
-const PURCHASE: &str = "v=2&tid=G-ABCDEF1234&gtm=45je5ca1v9876543210za200&_p=1764912991250&gcs=G111&gcd=13t3t3t3t5l1&npa=0&dma=0&cid=1234567890.1764912990&ul=en-us&sr=1920x1080&_s=7&sid=1764912991&sct=1&seg=1&dl=https%3A%2F%2Fshop.example.com%2Fcheckout%2Fthanks&dt=Thank%20you&uid=u_8842&en=purchase&_c=1&cu=EUR&ep.transaction_id=T-1024&epn.value=134&epn.tax=21.4&epn.shipping=4.9&ep.coupon=SUMMER&pr1=idSKU_123~nmTrail%20Shoe~brAcme~caShoes~c2Running~vablue~pr59~qt2~k0size~v042&pr2=idSKU_777~nmSocks~brAcme~caAccessories~pr16~qt1&_et=2311";
-
-const BATCH_QUERY: &str = "v=2&tid=G-ABCDEF1234&gtm=45je5ca1v9876543210za200&_p=1764912991250&gcs=G111&cid=1234567890.1764912990&ul=en-us&sr=1920x1080&_s=4&sid=1764912991&sct=1&seg=1&dl=https%3A%2F%2Fshop.example.com%2Fp%2Ftrail-shoe&dt=Trail%20Shoe";
-const BATCH_BODY: &str = "en=view_item&cu=EUR&epn.value=59&pr1=idSKU_123~nmTrail%20Shoe~brAcme~caShoes~pr59~qt1&_et=4210\r\nen=add_to_cart&cu=EUR&epn.value=59&pr1=idSKU_123~nmTrail%20Shoe~brAcme~caShoes~pr59~qt1&_et=812\r\nen=begin_checkout&cu=EUR&epn.value=75&ep.coupon=SUMMER&_et=2306";
-
-const NOW_MS: i64 = 1_764_912_991_300;
-
-fn pipeline() -> Pipeline {
-    let cfg = load_str(CONFIG, "bench", false).expect("bench config is valid");
-    Pipeline::build(&cfg).expect("bench pipeline builds")
-}
-
-fn headers(with_cookie: bool) -> HeaderMap {
-    let mut h = HeaderMap::new();
-    h.insert("host", HeaderValue::from_static("sgtm.shop.example.com"));
-    h.insert("user-agent", HeaderValue::from_static(UA));
-    h.insert(
-        "content-type",
-        HeaderValue::from_static("text/plain;charset=UTF-8"),
-    );
-    if with_cookie {
-        h.insert("cookie", HeaderValue::from_static(COOKIE));
-    }
-    h
-}
-
-/// What the server does for one hit minus I/O; returns the bytes produced so nothing is
-/// optimized away.
-fn one_hit(
-    p: &Pipeline,
-    rng: &mut StdRng,
-    method: &Method,
-    query: &str,
-    body: &[u8],
-    headers: &HeaderMap,
-) -> usize {
-    let hit = HitRequest {
-        method,
-        path: "/g/collect",
-        query,
-        headers,
-        body,
-        client_ip: IpAddr::V4(Ipv4Addr::new(203, 0, 113, 77)),
-        now_ms: NOW_MS,
-    };
-    let client = p.clients.first().expect("one client");
-    let mut parsed = client.parse(&hit).expect("valid hit");
-    for (i, e) in parsed.events.iter_mut().enumerate() {
-        e.event_id = format!("0192b7c4-5e3f-7a00-8000-{i:012}");
-    }
-    let input = IdentityInput {
-        host: "sgtm.shop.example.com",
-        cookie_header: hit.header("cookie"),
-        referer: None,
-        now_ms: NOW_MS,
-    };
-    let cookies = p.cookies.apply(&input, &mut parsed.events, rng);
-    let mut produced = cookies
-        .iter()
-        .map(|c| c.header_value().len())
-        .sum::<usize>();
-    for tag in &p.tags {
-        // As the hit path does: the non-allocating trigger check, then one encoder call
-        // over the events that fired.
-        let fired: Vec<&Event> = parsed
-            .events
-            .iter()
-            .filter(|e| tag.trigger.fires(e))
-            .collect();
-        let encoded = tag.tag.encode_batch(&fired, NOW_MS);
-        produced += encoded
-            .requests
-            .iter()
-            .map(|(r, _)| r.body.len() + r.url.len())
-            .sum::<usize>();
-    }
-    for e in &parsed.events {
-        produced += serde_json::to_vec(e).map(|v| v.len()).unwrap_or(0);
-    }
-    produced
-}
-
 fn bench(c: &mut Criterion) {
     let p = pipeline();
     let mut rng = StdRng::seed_from_u64(7);
-    let get = Method::GET;
-    let post = Method::POST;
     let (with_cookie, without) = (headers(true), headers(false));
 
     let mut g = c.benchmark_group("hit_path");
     g.throughput(Throughput::Elements(1));
-    g.bench_function("page_view_get_new_visitor", |b| {
-        b.iter(|| black_box(one_hit(&p, &mut rng, &get, PAGE_VIEW, b"", &without)))
-    });
-    g.bench_function("page_view_get_with_cookies", |b| {
-        b.iter(|| black_box(one_hit(&p, &mut rng, &get, PAGE_VIEW, b"", &with_cookie)))
-    });
-    g.bench_function("purchase_2_items_with_cookies", |b| {
-        b.iter(|| black_box(one_hit(&p, &mut rng, &post, PURCHASE, b"", &with_cookie)))
-    });
-    g.bench_function("batched_post_3_events_with_cookies", |b| {
-        b.iter(|| {
-            black_box(one_hit(
-                &p,
-                &mut rng,
-                &post,
-                BATCH_QUERY,
-                BATCH_BODY.as_bytes(),
-                &with_cookie,
-            ))
-        })
-    });
+    for case in cases() {
+        let h = if case.cookies { &with_cookie } else { &without };
+        g.bench_function(case.name, |b| {
+            b.iter(|| {
+                let (events, produced) = take_hit(&p, &mut rng, &case, h);
+                black_box(produced + encode_for_tags(&p, &events))
+            })
+        });
+    }
     g.finish();
 }
 
