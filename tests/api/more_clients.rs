@@ -97,6 +97,87 @@ fn sha256_hex(s: &str) -> String {
 }
 
 #[tokio::test]
+async fn a_backends_purchase_reaches_meta_as_system_generated_beside_the_website_tag() {
+    let (web, backend) = (FakeVendor::start().await, FakeVendor::start().await);
+    let app = spawn_app(&format!(
+        r#"
+[[clients]]
+type = "ga4"
+
+[[clients]]
+type = "measurement_protocol"
+api_secrets = ["mp-secret-1"]
+
+[[tags]]
+name = "meta_web"
+type = "meta_capi"
+endpoint = "{}"
+pixel_id = "4455"
+access_token = "token-web"
+[tags.trigger]
+exceptions = [{{ field = "source", equals = "measurement_protocol" }}]
+
+[[tags]]
+name = "meta_backend"
+type = "meta_capi"
+endpoint = "{}"
+pixel_id = "4455"
+access_token = "token-backend"
+action_source = "system_generated"
+[tags.trigger]
+conditions = [{{ field = "source", equals = "measurement_protocol" }}]
+"#,
+        web.url(),
+        backend.url()
+    ))
+    .await;
+    let r = app
+        .http
+        .get(app.url(
+            "/g/collect?v=2&tid=G-SNIPPET1&cid=111.222&en=page_view&dl=https%3A%2F%2Fshop.example.com%2F",
+        ))
+        .header("user-agent", "Mozilla/5.0 (X11; Linux x86_64)")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    // No page, no browser: only what the shop's backend knows.
+    let r = app
+        .http
+        .post(app.url("/mp/collect?measurement_id=G-SNIPPET1&api_secret=mp-secret-1"))
+        .json(&serde_json::json!({
+            "client_id": "111.222",
+            "user_id": "crm-42",
+            "events": [{
+                "name": "purchase",
+                "params": { "transaction_id": "T-BACK-1", "value": 12.0, "currency": "EUR" }
+            }]
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+
+    let got = backend.wait_for(10, |r| !r.is_empty()).await;
+    let ev = &got[0].json()["data"][0];
+    assert_eq!(ev["event_name"], "Purchase");
+    assert_eq!(ev["action_source"], "system_generated");
+    assert!(ev.get("event_source_url").is_none(), "{ev}");
+    assert_eq!(ev["user_data"]["external_id"][0], sha256_hex("crm-42"));
+    assert_eq!(ev["custom_data"]["order_id"], "T-BACK-1");
+    let got = web.wait_for(10, |r| !r.is_empty()).await;
+    let ev = &got[0].json()["data"][0];
+    assert_eq!(ev["event_name"], "PageView");
+    assert_eq!(ev["action_source"], "website");
+    assert_eq!(ev["event_source_url"], "https://shop.example.com/");
+    // Each tag saw only its own source.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(backend.received().len(), 1);
+    assert_eq!(web.received().len(), 1);
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn measurement_protocol_events_reach_ga4_and_meta_through_the_same_tags() {
     let (ga4, meta) = (FakeVendor::start().await, FakeVendor::start().await);
     let app = spawn_app(&format!(

@@ -7,6 +7,7 @@ use serde::{Serialize, Serializer};
 use serde_json::Value;
 
 use super::normalize::{as_prehashed, normalize_and_hash, Hashed, Hex64, Key};
+use super::ActionSource;
 use crate::event::{Event, Item};
 use crate::urlenc;
 
@@ -58,6 +59,7 @@ pub struct Mapper {
     pub overrides: HashMap<String, String>,
     pub forward_unmapped: bool,
     pub purchase_event_id_from_transaction: bool,
+    pub action_source: ActionSource,
 }
 
 impl Mapper {
@@ -116,29 +118,33 @@ impl Mapper {
         }
 
         // Website events require event_source_url and client_user_agent (§3.2); without them Meta
-        // fails the request, so they are rejected here with the cause instead.
-        let Some(event_source_url) = e
+        // fails the request, so they are rejected here with the cause instead. Other sources
+        // send them when the event has them.
+        let website = self.action_source == ActionSource::Website;
+        let event_source_url = e
             .page_location
             .as_deref()
             .map(str::trim)
-            .filter(|u| is_http_url(u))
-        else {
+            .filter(|u| is_http_url(u));
+        if website && event_source_url.is_none() {
             return Err(NotSent::Rejected(
                 "page_location is missing or not an http(s) URL; Meta requires event_source_url \
-                 for website events"
+                 for website events (set action_source on the tag for events from elsewhere)"
                     .into(),
             ));
-        };
-        let Some(client_user_agent) = e
+        }
+        let client_user_agent = e
             .user_agent
             .as_deref()
             .map(str::trim)
-            .filter(|u| !u.is_empty())
-        else {
+            .filter(|u| !u.is_empty());
+        if website && client_user_agent.is_none() {
             return Err(NotSent::Rejected(
-                "user_agent is missing; Meta requires client_user_agent for website events".into(),
+                "user_agent is missing; Meta requires client_user_agent for website events \
+                 (set action_source on the tag for events from elsewhere)"
+                    .into(),
             ));
-        };
+        }
 
         let custom_data = custom_data(e);
         if event_name == "Purchase" {
@@ -157,13 +163,22 @@ impl Mapper {
         };
 
         let mut user_data = user_data(e, max_year, scratch);
-        user_data.client_user_agent = Some(client_user_agent);
+        user_data.client_user_agent = client_user_agent;
+        // A website event always has the browser's User-Agent; an event from elsewhere may have
+        // nothing Meta could match a person by, and Meta refuses the whole request for it.
+        if user_data.is_empty() {
+            return Err(NotSent::Rejected(
+                "no customer information to match (email, phone, name, address, user_id, IP, \
+                 User-Agent, fbp or fbc); Meta refuses such events"
+                    .into(),
+            ));
+        }
 
         Ok(ServerEvent {
             event_name,
             event_time: e.timestamp_ms.div_euclid(1000),
             event_id,
-            action_source: "website",
+            action_source: self.action_source.as_str(),
             event_source_url,
             referrer_url: e
                 .page_referrer
@@ -469,7 +484,8 @@ pub struct ServerEvent<'a> {
     #[serde(skip_serializing_if = "str::is_empty")]
     pub event_id: &'a str,
     pub action_source: &'static str,
-    pub event_source_url: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub event_source_url: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub referrer_url: Option<&'a str>,
     pub user_data: UserDataOut<'a>,
@@ -511,6 +527,29 @@ pub struct UserDataOut<'a> {
     pub fbc: Option<Cow<'a, str>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fbp: Option<&'a str>,
+}
+
+impl UserDataOut<'_> {
+    pub fn is_empty(&self) -> bool {
+        let hashed = [
+            &self.em,
+            &self.ph,
+            &self.first_name,
+            &self.ln,
+            &self.db,
+            &self.ge,
+            &self.ct,
+            &self.st,
+            &self.zp,
+            &self.country,
+            &self.external_id,
+        ];
+        hashed.iter().all(|v| v.is_empty())
+            && self.client_ip_address.is_none()
+            && self.client_user_agent.is_none()
+            && self.fbc.is_none()
+            && self.fbp.is_none()
+    }
 }
 
 #[derive(Debug, Default, Serialize)]

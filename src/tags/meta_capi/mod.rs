@@ -57,6 +57,39 @@ pub struct MetaCapiTagConfig {
     pub batch_max: usize,
     #[serde(default = "default_timeout_ms")]
     pub timeout_ms: u64,
+    /// Where the conversions happened, as Meta's `action_source`.
+    #[serde(default)]
+    pub action_source: ActionSource,
+}
+
+/// Meta's `action_source` values a tag can send. `app` and `business_messaging` are left out:
+/// Meta requires `app_data` / `messaging_channel` with them, which no client produces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ActionSource {
+    /// A browser on a website: `event_source_url` and `client_user_agent` are required.
+    #[default]
+    Website,
+    Email,
+    PhoneCall,
+    Chat,
+    PhysicalStore,
+    SystemGenerated,
+    Other,
+}
+
+impl ActionSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ActionSource::Website => "website",
+            ActionSource::Email => "email",
+            ActionSource::PhoneCall => "phone_call",
+            ActionSource::Chat => "chat",
+            ActionSource::PhysicalStore => "physical_store",
+            ActionSource::SystemGenerated => "system_generated",
+            ActionSource::Other => "other",
+        }
+    }
 }
 
 fn default_api_version() -> String {
@@ -273,6 +306,7 @@ impl MetaCapiTag {
                     .collect(),
                 forward_unmapped: cfg.forward_unmapped,
                 purchase_event_id_from_transaction: cfg.purchase_event_id_from_transaction,
+                action_source: cfg.action_source,
             },
             batch_max: cfg.batch_max,
             timeout: Duration::from_millis(cfg.timeout_ms),

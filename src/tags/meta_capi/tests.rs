@@ -31,6 +31,7 @@ fn cfg() -> MetaCapiTagConfig {
         purchase_event_id_from_transaction: false,
         batch_max: 1000,
         timeout_ms: 1500,
+        action_source: ActionSource::Website,
     }
 }
 
@@ -536,6 +537,101 @@ fn website_events_need_url_and_user_agent() {
     assert!(enc.rejected[0].1.contains("client_user_agent"));
     assert!(enc.rejected[1].1.contains("event_source_url"));
     assert!(enc.rejected[2].1.contains("no name"));
+}
+
+/// A purchase a shop's backend reports (Measurement Protocol or the data client): no page, no
+/// browser, a signed-in customer.
+fn backend_purchase() -> Event {
+    let mut e = purchase();
+    e.source = "measurement_protocol".into();
+    e.page_location = None;
+    e.page_referrer = None;
+    e.user_agent = None;
+    e.ip_override = None;
+    e.identity = Default::default();
+    e.user_data = Default::default();
+    e.user_id = Some("User123".into());
+    e
+}
+
+#[test]
+fn events_from_elsewhere_go_with_their_action_source_and_without_browser_fields() {
+    let mut c = cfg();
+    c.action_source = ActionSource::SystemGenerated;
+    let t = tag(&c);
+    let enc = t.encode(&[backend_purchase()], NOW);
+    assert!(enc.rejected.is_empty(), "{:?}", enc.rejected);
+    let body = body_json(single_request(&enc));
+    let ev = &body["data"][0];
+    assert_eq!(ev["action_source"], "system_generated");
+    assert_eq!(ev["event_name"], "Purchase");
+    assert!(ev.get("event_source_url").is_none(), "{ev}");
+    assert_eq!(ev["user_data"], json!({"external_id": [h("user123")]}));
+
+    // What the event does have is still sent.
+    let mut with_page = backend_purchase();
+    with_page.page_location = Some("https://shop.example.com/checkout/thanks".into());
+    with_page.user_agent = Some(UA.into());
+    let body = body_json(single_request(&t.encode(&[with_page], NOW)));
+    let ev = &body["data"][0];
+    assert_eq!(
+        ev["event_source_url"],
+        "https://shop.example.com/checkout/thanks"
+    );
+    assert_eq!(ev["user_data"]["client_user_agent"], UA);
+
+    // The default stays website, which refuses the same event with the way out in the reason.
+    let enc = tag(&cfg()).encode(&[backend_purchase()], NOW);
+    assert!(enc.requests.is_empty());
+    assert!(
+        enc.rejected[0].1.contains("action_source"),
+        "{:?}",
+        enc.rejected
+    );
+}
+
+#[test]
+fn an_event_with_nothing_to_match_a_person_by_is_rejected() {
+    let mut c = cfg();
+    c.action_source = ActionSource::PhysicalStore;
+    let t = tag(&c);
+    let mut anonymous = backend_purchase();
+    anonymous.user_id = None;
+    // Redacted IPs identify no one either.
+    anonymous.ip_override = Some("::".into());
+    let enc = t.encode(&[anonymous, backend_purchase()], NOW);
+    assert_eq!(enc.rejected.len(), 1, "{:?}", enc.rejected);
+    assert_eq!(enc.rejected[0].0, 0);
+    assert!(enc.rejected[0].1.contains("no customer information"));
+    let body = body_json(single_request(&enc));
+    assert_eq!(body["data"].as_array().unwrap().len(), 1);
+    assert_eq!(body["data"][0]["action_source"], "physical_store");
+}
+
+#[test]
+fn action_source_names_meta_uses() {
+    let parse = |name: &str| {
+        toml::from_str::<MetaCapiTagConfig>(&format!(
+            "name = \"m\"\npixel_id = \"1\"\naccess_token = \"t\"\naction_source = \"{name}\"\n"
+        ))
+        .map(|c| c.action_source)
+    };
+    for (name, want) in [
+        ("website", ActionSource::Website),
+        ("email", ActionSource::Email),
+        ("phone_call", ActionSource::PhoneCall),
+        ("chat", ActionSource::Chat),
+        ("physical_store", ActionSource::PhysicalStore),
+        ("system_generated", ActionSource::SystemGenerated),
+        ("other", ActionSource::Other),
+    ] {
+        assert_eq!(parse(name).expect(name), want);
+        assert_eq!(want.as_str(), name);
+    }
+    // Meta requires app_data / messaging_channel with these, which no client produces.
+    for name in ["app", "business_messaging", "Website"] {
+        assert!(parse(name).is_err(), "{name}");
+    }
 }
 
 #[test]
@@ -1115,6 +1211,7 @@ fn config_deserializes_with_defaults() {
     assert!(!c.purchase_event_id_from_transaction);
     assert_eq!(c.batch_max, 250);
     assert_eq!(c.timeout_ms, 1500);
+    assert_eq!(c.action_source, ActionSource::Website);
     let t = tag(&c);
     assert_eq!(t.kind(), "meta_capi");
 }
@@ -1127,6 +1224,7 @@ fn ga4_automatic_events_are_skipped_unless_mapped() {
             .collect(),
         forward_unmapped: true,
         purchase_event_id_from_transaction: false,
+        action_source: ActionSource::Website,
     };
     assert!(matches!(
         m.meta_name("session_start"),
