@@ -178,7 +178,7 @@ impl Mapper {
             event_name,
             event_time: e.timestamp_ms.div_euclid(1000),
             event_id,
-            action_source: self.action_source.as_str(),
+            action_source: self.action_source,
             event_source_url,
             referrer_url: e
                 .page_referrer
@@ -483,7 +483,7 @@ pub struct ServerEvent<'a> {
     pub event_time: i64,
     #[serde(skip_serializing_if = "str::is_empty")]
     pub event_id: &'a str,
-    pub action_source: &'static str,
+    pub action_source: ActionSource,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub event_source_url: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use ::http::{HeaderMap, Method, StatusCode};
 use bytes::Bytes;
 use hmac::{Hmac, Mac};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
 use crate::config::Secret;
@@ -64,7 +64,7 @@ pub struct MetaCapiTagConfig {
 
 /// Meta's `action_source` values a tag can send. `app` and `business_messaging` are left out:
 /// Meta requires `app_data` / `messaging_channel` with them, which no client produces.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum ActionSource {
     /// A browser on a website: `event_source_url` and `client_user_agent` are required.
@@ -76,20 +76,6 @@ pub enum ActionSource {
     PhysicalStore,
     SystemGenerated,
     Other,
-}
-
-impl ActionSource {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ActionSource::Website => "website",
-            ActionSource::Email => "email",
-            ActionSource::PhoneCall => "phone_call",
-            ActionSource::Chat => "chat",
-            ActionSource::PhysicalStore => "physical_store",
-            ActionSource::SystemGenerated => "system_generated",
-            ActionSource::Other => "other",
-        }
-    }
 }
 
 fn default_api_version() -> String {

@@ -626,7 +626,11 @@ fn action_source_names_meta_uses() {
         ("other", ActionSource::Other),
     ] {
         assert_eq!(parse(name).expect(name), want);
-        assert_eq!(want.as_str(), name);
+        assert_eq!(
+            serde_json::to_value(want).unwrap(),
+            name,
+            "sent as configured"
+        );
     }
     // Meta requires app_data / messaging_channel with these, which no client produces.
     for name in ["app", "business_messaging", "Website"] {
