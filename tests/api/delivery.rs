@@ -199,21 +199,11 @@ async fn a_500_is_retried_and_a_400_is_dead_lettered_then_replayed() {
     assert_eq!(vendor.received().len(), 1, "a 400 is never retried");
 
     let config = app.config_path();
-    let out = std::process::Command::new(BIN)
-        .args(["outbox", "dead-letters", "--json", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(list[0]["event_id"], "dead-1", "{list}");
+    let list = crate::helpers::dead_letters(&config);
+    assert_eq!(list[0]["event_id"], "dead-1", "{list:?}");
     assert!(
         list[0]["reason"].as_str().unwrap().contains("400"),
-        "{list}"
+        "{list:?}"
     );
 
     // Fix the vendor, replay, and the event arrives.
@@ -408,14 +398,7 @@ fn five_events(ids: [&str; 5]) -> String {
 }
 
 fn dead_letter_ids(config: &std::path::Path) -> HashSet<String> {
-    let out = std::process::Command::new(BIN)
-        .args(["outbox", "dead-letters", "--json", "--config"])
-        .arg(config)
-        .output()
-        .unwrap();
-    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    list.as_array()
-        .unwrap()
+    crate::helpers::dead_letters(config)
         .iter()
         .map(|d| d["event_id"].as_str().unwrap().to_owned())
         .collect()

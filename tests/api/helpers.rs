@@ -35,6 +35,24 @@ impl TestApp {
         format!("http://{}{}", self.admin, path)
     }
 
+    /// The dead letters once there are at least `n` (waits up to 10 s), as
+    /// `tagrelay outbox dead-letters --json` lists them.
+    pub async fn wait_for_dead_letters(&self, n: usize) -> Vec<serde_json::Value> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let list = dead_letters(&self.config_path());
+            if list.len() >= n {
+                return list;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{} dead letters after 10 s, waited for {n}: {list:?}",
+                list.len()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Stops the app gracefully and waits for it.
     pub async fn stop(mut self) {
         if let Some(tx) = self.stop.take() {
@@ -43,6 +61,24 @@ impl TestApp {
         if let Some(done) = self.done.take() {
             done.await.expect("app task").expect("app run");
         }
+    }
+}
+
+/// `tagrelay outbox dead-letters --json` against a config file.
+pub fn dead_letters(config: &std::path::Path) -> Vec<serde_json::Value> {
+    let out = std::process::Command::new(crate::process::BIN)
+        .args(["outbox", "dead-letters", "--json", "--config"])
+        .arg(config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    match serde_json::from_slice(&out.stdout).unwrap() {
+        serde_json::Value::Array(list) => list,
+        other => panic!("not a list: {other}"),
     }
 }
 

@@ -178,6 +178,92 @@ conditions = [{{ field = "source", equals = "measurement_protocol" }}]
 }
 
 #[tokio::test]
+async fn one_meta_tag_takes_the_site_and_a_backend_that_names_its_action_source() {
+    let meta = FakeVendor::start().await;
+    let app = spawn_app(&format!(
+        r#"
+[[clients]]
+type = "ga4"
+
+[[clients]]
+type = "measurement_protocol"
+api_secrets = ["mp-secret-1"]
+
+[[tags]]
+name = "meta"
+type = "meta_capi"
+endpoint = "{}"
+pixel_id = "4455"
+access_token = "token-web"
+"#,
+        meta.url()
+    ))
+    .await;
+    let r = app
+        .http
+        .get(app.url(
+            "/g/collect?v=2&tid=G-SNIPPET1&cid=111.222&en=page_view&dl=https%3A%2F%2Fshop.example.com%2F",
+        ))
+        .header("user-agent", "Mozilla/5.0 (X11; Linux x86_64)")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    // A till sale the shop's backend reports, and one it mislabels.
+    let r = app
+        .http
+        .post(app.url("/mp/collect?measurement_id=G-SNIPPET1&api_secret=mp-secret-1"))
+        .json(&serde_json::json!({
+            "client_id": "111.222",
+            "user_id": "crm-42",
+            "events": [
+                { "name": "purchase", "params": {
+                    "transaction_id": "T-TILL-1", "value": 12.0, "currency": "EUR",
+                    "action_source": "physical_store" } },
+                { "name": "purchase", "params": {
+                    "transaction_id": "T-TILL-2", "value": 13.0, "currency": "EUR",
+                    "action_source": "shop" } }
+            ]
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+
+    let got = meta
+        .wait_for(10, |r| {
+            r.iter()
+                .map(|r| r.json()["data"].as_array().map_or(0, Vec::len))
+                .sum::<usize>()
+                >= 2
+        })
+        .await;
+    let mut events: Vec<serde_json::Value> = got
+        .iter()
+        .flat_map(|r| r.json()["data"].as_array().cloned().unwrap_or_default())
+        .collect();
+    events.sort_by_key(|e| e["event_name"].as_str().unwrap_or("").to_owned());
+    assert_eq!(events.len(), 2, "{events:?}");
+    assert_eq!(events[0]["event_name"], "PageView");
+    assert_eq!(events[0]["action_source"], "website");
+    assert_eq!(events[1]["event_name"], "Purchase");
+    assert_eq!(events[1]["action_source"], "physical_store");
+    assert_eq!(events[1]["custom_data"]["order_id"], "T-TILL-1");
+    assert!(events[1].get("event_source_url").is_none(), "{}", events[1]);
+    // The mislabelled sale is a dead letter that says why, not a failed batch.
+    let dead = app.wait_for_dead_letters(1).await;
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert!(
+        dead[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("unknown variant `shop`"),
+        "{dead:?}"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn measurement_protocol_events_reach_ga4_and_meta_through_the_same_tags() {
     let (ga4, meta) = (FakeVendor::start().await, FakeVendor::start().await);
     let app = spawn_app(&format!(

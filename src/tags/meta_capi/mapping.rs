@@ -117,10 +117,11 @@ impl Mapper {
             )));
         }
 
+        let action_source = event_action_source(e)?.unwrap_or(self.action_source);
         // Website events require event_source_url and client_user_agent (§3.2); without them Meta
         // fails the request, so they are rejected here with the cause instead. Other sources
         // send them when the event has them.
-        let website = self.action_source == ActionSource::Website;
+        let website = action_source == ActionSource::Website;
         let event_source_url = e
             .page_location
             .as_deref()
@@ -129,7 +130,8 @@ impl Mapper {
         if website && event_source_url.is_none() {
             return Err(NotSent::Rejected(
                 "page_location is missing or not an http(s) URL; Meta requires event_source_url \
-                 for website events (set action_source on the tag for events from elsewhere)"
+                 for website events (set action_source on the tag, or as an event parameter, \
+                 for events from elsewhere)"
                     .into(),
             ));
         }
@@ -141,7 +143,8 @@ impl Mapper {
         if website && client_user_agent.is_none() {
             return Err(NotSent::Rejected(
                 "user_agent is missing; Meta requires client_user_agent for website events \
-                 (set action_source on the tag for events from elsewhere)"
+                 (set action_source on the tag, or as an event parameter, for events from \
+                 elsewhere)"
                     .into(),
             ));
         }
@@ -178,7 +181,7 @@ impl Mapper {
             event_name,
             event_time: e.timestamp_ms.div_euclid(1000),
             event_id,
-            action_source: self.action_source,
+            action_source,
             event_source_url,
             referrer_url: e
                 .page_referrer
@@ -190,6 +193,34 @@ impl Mapper {
         })
     }
 }
+
+/// The event's own `action_source` parameter, which wins over the tag's: one tag can then
+/// serve a site and a backend that says where each of its events happened. A value Meta
+/// would refuse fails the event here with the cause rather than the whole batch at Meta.
+fn event_action_source(e: &Event) -> Result<Option<ActionSource>, NotSent> {
+    use serde::de::value::{Error, StrDeserializer};
+    use serde::de::IntoDeserializer;
+    use serde::Deserialize;
+    let raw = match e.params.get(ACTION_SOURCE_PARAM) {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::String(s)) if s.trim().is_empty() => return Ok(None),
+        Some(Value::String(s)) => s.trim(),
+        Some(other) => {
+            return Err(NotSent::Rejected(format!(
+                "event parameter `{ACTION_SOURCE_PARAM}` must be a string, not {other}"
+            )))
+        }
+    };
+    // Cut so a long value is not quoted whole in the reason; no accepted name is that long.
+    let de: StrDeserializer<'_, Error> = crate::tags::truncate_chars(raw, 64).into_deserializer();
+    // serde's message names the value and lists the accepted ones.
+    ActionSource::deserialize(de)
+        .map(Some)
+        .map_err(|err| NotSent::Rejected(format!("event parameter `{ACTION_SOURCE_PARAM}`: {err}")))
+}
+
+/// The event parameter that overrides a tag's `action_source`.
+pub const ACTION_SOURCE_PARAM: &str = "action_source";
 
 /// Meta requires `value` and `currency` on Purchase and fails the request without them.
 ///

@@ -591,6 +591,76 @@ fn events_from_elsewhere_go_with_their_action_source_and_without_browser_fields(
 }
 
 #[test]
+fn an_events_own_action_source_parameter_wins_over_the_tags() {
+    // One website tag: the site's page view goes as website, the backend's purchase says
+    // where it happened and goes without browser fields, in the same batch.
+    let t = tag(&cfg());
+    let mut store = backend_purchase();
+    store
+        .params
+        .insert("action_source".into(), json!(" physical_store "));
+    let enc = t.encode(&[web_event("page_view", "pv-1"), store], NOW);
+    assert!(enc.rejected.is_empty(), "{:?}", enc.rejected);
+    let body = body_json(single_request(&enc));
+    assert_eq!(body["data"][0]["action_source"], "website");
+    assert_eq!(body["data"][1]["action_source"], "physical_store");
+    assert!(body["data"][1].get("event_source_url").is_none());
+    // Not passed on as custom data.
+    assert!(!body["data"][1]["custom_data"]
+        .to_string()
+        .contains("action_source"));
+
+    // And the other way round: `website` on an event of a system_generated tag brings back
+    // the website requirements, with the cause.
+    let mut c = cfg();
+    c.action_source = ActionSource::SystemGenerated;
+    let mut claims_web = backend_purchase();
+    claims_web
+        .params
+        .insert("action_source".into(), json!("website"));
+    let enc = tag(&c).encode(&[claims_web], NOW);
+    assert!(enc.requests.is_empty());
+    assert!(
+        enc.rejected[0].1.contains("event_source_url"),
+        "{:?}",
+        enc.rejected
+    );
+
+    // Empty means unset.
+    let mut empty = backend_purchase();
+    empty.params.insert("action_source".into(), json!(""));
+    let body = body_json(single_request(&tag(&c).encode(&[empty], NOW)));
+    assert_eq!(body["data"][0]["action_source"], "system_generated");
+}
+
+#[test]
+fn an_action_source_parameter_meta_would_refuse_fails_only_its_event() {
+    let t = tag(&cfg());
+    let long = "x".repeat(5_000);
+    for (value, says) in [
+        (json!("app"), "unknown variant `app`"),
+        (json!("in_store"), "`physical_store`"),
+        (json!(4), "must be a string"),
+        (json!(long), "unknown variant"),
+    ] {
+        let mut e = web_event("page_view", "pv-2");
+        e.params.insert("action_source".into(), value.clone());
+        let enc = t.encode(&[e, web_event("page_view", "pv-3")], NOW);
+        assert_eq!(enc.rejected.len(), 1, "{value}: {:?}", enc.rejected);
+        assert_eq!(enc.rejected[0].0, 0);
+        let reason = &enc.rejected[0].1;
+        assert!(
+            reason.contains("action_source") && reason.contains(says),
+            "{reason}"
+        );
+        assert!(reason.len() < 400, "{} bytes: {reason}", reason.len());
+        // The good event still goes.
+        let body = body_json(single_request(&enc));
+        assert_eq!(body["data"].as_array().unwrap().len(), 1);
+    }
+}
+
+#[test]
 fn an_event_with_nothing_to_match_a_person_by_is_rejected() {
     let mut c = cfg();
     c.action_source = ActionSource::PhysicalStore;
