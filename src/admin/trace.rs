@@ -109,11 +109,23 @@ struct Update<'a> {
     outcome: &'a TagOutcome,
 }
 
+/// Traces are shared (`Arc`) so readers copy pointers, not traces, while they hold the lock that
+/// hits and deliveries take too; an update copies a trace only if a reader still holds it.
 struct Ring {
-    traces: VecDeque<(Trace, usize)>,
+    traces: VecDeque<(Arc<Trace>, usize)>,
+    /// Sequence number of `traces[0]`; a trace's number never changes, so the event index
+    /// finds it by subtraction instead of a scan of the ring.
+    first_seq: u64,
     bytes: usize,
-    /// event id → trace id, so delivery updates find their trace.
-    by_event: HashMap<String, String>,
+    /// event id → sequence number of its trace, so delivery updates find it.
+    by_event: HashMap<String, u64>,
+}
+
+impl Ring {
+    fn by_seq(&mut self, seq: u64) -> Option<&mut (Arc<Trace>, usize)> {
+        let i = usize::try_from(seq.checked_sub(self.first_seq)?).ok()?;
+        self.traces.get_mut(i)
+    }
 }
 
 pub struct Traces {
@@ -142,6 +154,7 @@ impl Traces {
         Arc::new(Traces {
             ring: Mutex::new(Ring {
                 traces: VecDeque::new(),
+                first_seq: 0,
                 bytes: 0,
                 by_event: HashMap::new(),
             }),
@@ -181,13 +194,14 @@ impl Traces {
         };
         let size = json.len();
         if let Ok(mut ring) = self.ring.lock() {
+            let seq = ring.first_seq + ring.traces.len() as u64;
             for t in &trace.tags {
                 if t.fired {
-                    ring.by_event.insert(t.event_id.clone(), trace.id.clone());
+                    ring.by_event.insert(t.event_id.clone(), seq);
                 }
             }
             ring.bytes += size;
-            ring.traces.push_back((trace, size));
+            ring.traces.push_back((Arc::new(trace), size));
             self.trim(&mut ring);
         }
         let _ = self.tx.send(StreamMsg::Trace(json));
@@ -217,17 +231,17 @@ impl Traces {
                 return;
             };
             let ring = &mut *guard;
-            let mut charged: Vec<String> = Vec::new();
+            let mut charged: Vec<u64> = Vec::new();
+            let mut added_bytes = 0;
             for event_id in event_ids {
                 let event_id = event_id.as_ref();
-                let Some(trace_id) = ring.by_event.get(event_id).cloned() else {
+                let Some(&seq) = ring.by_event.get(event_id) else {
                     continue;
                 };
-                let Some((trace, size)) =
-                    ring.traces.iter_mut().rev().find(|(t, _)| t.id == trace_id)
-                else {
+                let Some((trace, size)) = ring.by_seq(seq) else {
                     continue;
                 };
+                let trace = Arc::make_mut(trace);
                 let Some(tt) = trace
                     .tags
                     .iter_mut()
@@ -241,18 +255,18 @@ impl Traces {
                         tt.attempts.remove(0);
                     }
                     tt.attempts.push(a.clone());
-                    let added = if charged.contains(&trace_id) {
+                    let added = if charged.contains(&seq) {
                         64
                     } else {
-                        charged.push(trace_id.clone());
+                        charged.push(seq);
                         attempt_size
                     };
                     *size += added;
-                    ring.bytes += added;
+                    added_bytes += added;
                 }
                 tt.outcome = outcome.clone();
                 let update = Update {
-                    trace_id: &trace_id,
+                    trace_id: &trace.id,
                     tag,
                     event_id,
                     attempt: attempt.as_deref(),
@@ -262,6 +276,7 @@ impl Traces {
                     msgs.push(m);
                 }
             }
+            ring.bytes += added_bytes;
             self.trim(ring);
         }
         for m in msgs {
@@ -275,9 +290,11 @@ impl Traces {
             let Some((old, old_size)) = ring.traces.pop_front() else {
                 break;
             };
+            let old_seq = ring.first_seq;
+            ring.first_seq += 1;
             ring.bytes -= old_size;
             for t in &old.tags {
-                if ring.by_event.get(&t.event_id) == Some(&old.id) {
+                if ring.by_event.get(&t.event_id) == Some(&old_seq) {
                     ring.by_event.remove(&t.event_id);
                 }
             }
@@ -286,7 +303,7 @@ impl Traces {
     }
 
     /// Recent traces, newest first, filtered.
-    pub fn recent(&self, limit: usize, event: Option<&str>, tag: Option<&str>) -> Vec<Trace> {
+    pub fn recent(&self, limit: usize, event: Option<&str>, tag: Option<&str>) -> Vec<Arc<Trace>> {
         let Ok(ring) = self.ring.lock() else {
             return Vec::new();
         };
@@ -301,7 +318,7 @@ impl Traces {
             .collect()
     }
 
-    pub fn get(&self, id: &str) -> Option<Trace> {
+    pub fn get(&self, id: &str) -> Option<Arc<Trace>> {
         let ring = self.ring.lock().ok()?;
         ring.traces
             .iter()
@@ -505,6 +522,40 @@ mod tests {
         }
         drop(_guard);
         assert!(!t.wants(false));
+    }
+
+    #[test]
+    fn updates_find_their_trace_after_older_ones_are_evicted() {
+        let t = Traces::new(3, 1 << 20, TraceSampling::All);
+        for i in 1..=5 {
+            t.record(trace(i, ""));
+        }
+        let delivered = || TagOutcome::new("delivered", "HTTP 204");
+        // Evicted: nothing to patch, nothing sent.
+        let (_guard, mut rx) = t.watch();
+        t.update("ga4", "e1", None, delivered());
+        assert!(rx.try_recv().is_err());
+        t.update("ga4", "e4", None, delivered());
+        let state = |id: &str| t.get(id).unwrap().tags[0].outcome.state;
+        assert_eq!(state("4"), "delivered");
+        assert_eq!(state("3"), "queued");
+        assert_eq!(state("5"), "queued");
+
+        // A reader keeps the trace as it was; the ring gets the update.
+        let held = t.get("5").unwrap();
+        t.update("ga4", "e5", None, delivered());
+        assert_eq!(held.tags[0].outcome.state, "queued");
+        assert_eq!(state("5"), "delivered");
+
+        // More evictions later, the index still points at the right traces.
+        for i in 6..=7 {
+            t.record(trace(i, ""));
+        }
+        t.update("ga4", "e6", None, delivered());
+        assert_eq!(state("6"), "delivered");
+        assert_eq!(state("7"), "queued");
+        assert!(t.get("4").is_none());
+        assert_eq!(t.ring.lock().unwrap().by_event.len(), 3);
     }
 
     #[test]
