@@ -12,6 +12,7 @@ use serde::Serialize;
 use tokio::sync::broadcast;
 
 use crate::config::TraceSampling;
+use crate::event::Event;
 use crate::identity::CookieDecision;
 
 /// Longest request body / vendor response kept in a trace.
@@ -38,7 +39,7 @@ pub struct Trace {
     pub error: Option<String>,
     pub debug_marker: Option<String>,
     pub latency_us: u64,
-    pub events: Vec<serde_json::Value>,
+    pub events: Vec<Arc<Event>>,
     pub cookies: Vec<CookieDecision>,
     pub tags: Vec<TagTrace>,
 }
@@ -311,7 +312,7 @@ impl Traces {
             .iter()
             .rev()
             .map(|(t, _)| t)
-            .filter(|t| event.is_none_or(|e| t.events.iter().any(|ev| ev["event_name"] == e)))
+            .filter(|t| event.is_none_or(|e| t.events.iter().any(|ev| ev.event_name == e)))
             .filter(|t| tag.is_none_or(|g| t.tags.iter().any(|tt| tt.tag == g)))
             .take(limit)
             .cloned()
@@ -472,7 +473,10 @@ mod tests {
             error: None,
             debug_marker: None,
             latency_us: 1,
-            events: vec![serde_json::json!({"event_name": "page_view"})],
+            events: vec![Arc::new(Event {
+                event_name: "page_view".into(),
+                ..Default::default()
+            })],
             cookies: vec![],
             tags: vec![TagTrace {
                 tag: "ga4".into(),

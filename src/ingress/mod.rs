@@ -266,7 +266,7 @@ struct HitContext<'a> {
 #[derive(Default)]
 struct TraceDraft {
     body: Bytes,
-    events: Vec<serde_json::Value>,
+    events: Vec<Arc<Event>>,
     cookies: Vec<CookieDecision>,
     tags: Vec<TagTrace>,
 }
@@ -494,10 +494,8 @@ async fn handle_hit(
         }
     }
     if let Some(t) = trace.as_mut() {
-        t.events = events
-            .iter()
-            .filter_map(|e| serde_json::to_value(e).ok())
-            .collect();
+        // The same events the outbox and dispatchers share: a trace costs no copy of them.
+        t.events = events.clone();
         t.cookies = cookies.clone();
     }
     if !queued.is_empty() {
