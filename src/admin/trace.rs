@@ -174,6 +174,7 @@ impl Traces {
             TraceSampling::None => false,
             TraceSampling::All => true,
             TraceSampling::Watching => marked || self.watchers.load(Ordering::Relaxed) > 0,
+            TraceSampling::Marked => marked,
         }
     }
 
@@ -526,6 +527,16 @@ mod tests {
         }
         drop(_guard);
         assert!(!t.wants(false));
+    }
+
+    #[test]
+    fn marked_sampling_ignores_open_pages() {
+        let t = Traces::new(10, 1 << 20, TraceSampling::Marked);
+        let (_guard, _rx) = t.watch();
+        assert!(!t.wants(false), "an open page does not trace every hit");
+        assert!(t.wants(true));
+        assert!(!Traces::new(10, 1 << 20, TraceSampling::None).wants(true));
+        assert!(Traces::new(10, 1 << 20, TraceSampling::All).wants(false));
     }
 
     #[test]

@@ -415,6 +415,39 @@ async fn the_live_page_lists_hits_with_their_tag_outcomes() {
 }
 
 #[tokio::test]
+async fn marked_sampling_traces_only_marked_hits_while_a_page_is_open() {
+    let (meta, hook) = (FakeVendor::start().await, FakeVendor::start().await);
+    let app = spawn_app(
+        &config(&meta, &hook, "trace_sampling = \"marked\"")
+            .replace("trace_sampling = \"all\"\n", ""),
+    )
+    .await;
+    let stream = app
+        .http
+        .get(app.admin_url("/debug/api/stream"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 200);
+    // Another visitor's hit, while the page is open: not traced.
+    let r = app
+        .http
+        .get(app.url("/g/collect?v=2&tid=G-DBG1&cid=77.88&en=page_view"))
+        .header("user-agent", "Mozilla/5.0 Chrome/136")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    hit(&app, "/g/collect?v=2&tid=G-DBG1&cid=55.66&en=page_view").await;
+    let list = traces(&app).await;
+    let list = list["traces"].as_array().unwrap();
+    assert_eq!(list.len(), 1, "{list:?}");
+    assert_eq!(list[0]["debug_marker"], "alice");
+    drop(stream);
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn an_open_live_stream_does_not_hold_up_shutdown() {
     let (meta, hook) = (FakeVendor::start().await, FakeVendor::start().await);
     let app = spawn_app(&config(&meta, &hook, "")).await;
