@@ -48,16 +48,33 @@ fn purchase(value: u32) -> String {
     format!("/g/collect?v=2&tid=G-DBG1&cid=55.66&en=purchase&cu=EUR&epn.value={value}&ep.transaction_id=T-{value}&dl=https%3A%2F%2Fshop.example.com%2Fthanks")
 }
 
+/// A hit from alice's browser, marked for the debug view.
 async fn hit(app: &TestApp, path: &str) {
+    hit_with_cookie(app, path, "_ga=GA1.1.55.66; tagrelay_debug=alice").await;
+}
+
+async fn hit_with_cookie(app: &TestApp, path: &str, cookie: &str) {
     let r = app
         .http
         .get(app.url(path))
         .header("user-agent", "Mozilla/5.0 Chrome/136")
-        .header("cookie", "_ga=GA1.1.55.66; tagrelay_debug=alice")
+        .header("cookie", cookie)
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 204);
+}
+
+/// Opens the live stream, as a debug page does; hits are watched while it is held.
+async fn open_stream(app: &TestApp) -> reqwest::Response {
+    let stream = app
+        .http
+        .get(app.admin_url("/debug/api/stream"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 200);
+    stream
 }
 
 async fn traces(app: &TestApp) -> serde_json::Value {
@@ -83,13 +100,7 @@ async fn a_hit_is_traced_through_every_tag_and_no_secret_is_shown() {
     let app = spawn_app(&config(&meta, &hook, "")).await;
 
     // Watch the live stream while the hit happens.
-    let mut stream = app
-        .http
-        .get(app.admin_url("/debug/api/stream"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(stream.status(), 200);
+    let mut stream = open_stream(&app).await;
     hit(&app, &purchase(42)).await;
     meta.wait_for(10, |r| !r.is_empty()).await;
 
@@ -422,22 +433,14 @@ async fn marked_sampling_traces_only_marked_hits_while_a_page_is_open() {
             .replace("trace_sampling = \"all\"\n", ""),
     )
     .await;
-    let stream = app
-        .http
-        .get(app.admin_url("/debug/api/stream"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(stream.status(), 200);
+    let stream = open_stream(&app).await;
     // Another visitor's hit, while the page is open: not traced.
-    let r = app
-        .http
-        .get(app.url("/g/collect?v=2&tid=G-DBG1&cid=77.88&en=page_view"))
-        .header("user-agent", "Mozilla/5.0 Chrome/136")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 204);
+    hit_with_cookie(
+        &app,
+        "/g/collect?v=2&tid=G-DBG1&cid=77.88&en=page_view",
+        "_ga=GA1.1.77.88",
+    )
+    .await;
     hit(&app, "/g/collect?v=2&tid=G-DBG1&cid=55.66&en=page_view").await;
     let list = traces(&app).await;
     let list = list["traces"].as_array().unwrap();
@@ -451,13 +454,7 @@ async fn marked_sampling_traces_only_marked_hits_while_a_page_is_open() {
 async fn an_open_live_stream_does_not_hold_up_shutdown() {
     let (meta, hook) = (FakeVendor::start().await, FakeVendor::start().await);
     let app = spawn_app(&config(&meta, &hook, "")).await;
-    let stream = app
-        .http
-        .get(app.admin_url("/debug/api/stream"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(stream.status(), 200);
+    let stream = open_stream(&app).await;
     let started = std::time::Instant::now();
     app.stop().await; // the test config's shutdown_timeout_ms is 3000
     assert!(

@@ -2,7 +2,7 @@
 //! events through the same tags.
 
 use crate::browser::{site, Browser};
-use crate::helpers::{spawn_app, spawn_app_server, FakeVendor};
+use crate::helpers::{spawn_app, spawn_app_server, FakeVendor, TestApp};
 
 fn tags(ga4: &FakeVendor, meta: &FakeVendor) -> String {
     format!(
@@ -96,18 +96,52 @@ fn sha256_hex(s: &str) -> String {
     hex::encode(Sha256::digest(s.as_bytes()))
 }
 
-#[tokio::test]
-async fn a_backends_purchase_reaches_meta_as_system_generated_beside_the_website_tag() {
-    let (web, backend) = (FakeVendor::start().await, FakeVendor::start().await);
-    let app = spawn_app(&format!(
-        r#"
+/// The shop's site sends GA4 hits; its backend, Measurement Protocol events.
+const SHOP_CLIENTS: &str = r#"
 [[clients]]
 type = "ga4"
 
 [[clients]]
 type = "measurement_protocol"
 api_secrets = ["mp-secret-1"]
+"#;
 
+/// A browser's page view on the shop's home page, through the GA4 client.
+async fn shop_page_view(app: &TestApp) {
+    let r = app
+        .http
+        .get(app.url(
+            "/g/collect?v=2&tid=G-SNIPPET1&cid=111.222&en=page_view&dl=https%3A%2F%2Fshop.example.com%2F",
+        ))
+        .header("user-agent", "Mozilla/5.0 (X11; Linux x86_64)")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+}
+
+/// Events the shop's backend reports through the Measurement Protocol client, for customer
+/// `crm-42`: no page, no browser.
+async fn backend_sends(app: &TestApp, events: serde_json::Value) {
+    let r = app
+        .http
+        .post(app.url("/mp/collect?measurement_id=G-SNIPPET1&api_secret=mp-secret-1"))
+        .json(&serde_json::json!({
+            "client_id": "111.222",
+            "user_id": "crm-42",
+            "events": events
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+}
+
+#[tokio::test]
+async fn a_backends_purchase_reaches_meta_as_system_generated_beside_the_website_tag() {
+    let (web, backend) = (FakeVendor::start().await, FakeVendor::start().await);
+    let app = spawn_app(&format!(
+        r#"{SHOP_CLIENTS}
 [[tags]]
 name = "meta_web"
 type = "meta_capi"
@@ -131,32 +165,16 @@ conditions = [{{ field = "source", equals = "measurement_protocol" }}]
         backend.url()
     ))
     .await;
-    let r = app
-        .http
-        .get(app.url(
-            "/g/collect?v=2&tid=G-SNIPPET1&cid=111.222&en=page_view&dl=https%3A%2F%2Fshop.example.com%2F",
-        ))
-        .header("user-agent", "Mozilla/5.0 (X11; Linux x86_64)")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 204);
+    shop_page_view(&app).await;
     // No page, no browser: only what the shop's backend knows.
-    let r = app
-        .http
-        .post(app.url("/mp/collect?measurement_id=G-SNIPPET1&api_secret=mp-secret-1"))
-        .json(&serde_json::json!({
-            "client_id": "111.222",
-            "user_id": "crm-42",
-            "events": [{
-                "name": "purchase",
-                "params": { "transaction_id": "T-BACK-1", "value": 12.0, "currency": "EUR" }
-            }]
-        }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 204);
+    backend_sends(
+        &app,
+        serde_json::json!([{
+            "name": "purchase",
+            "params": { "transaction_id": "T-BACK-1", "value": 12.0, "currency": "EUR" }
+        }]),
+    )
+    .await;
 
     let got = backend.wait_for(10, |r| !r.is_empty()).await;
     let ev = &got[0].json()["data"][0];
@@ -181,14 +199,7 @@ conditions = [{{ field = "source", equals = "measurement_protocol" }}]
 async fn one_meta_tag_takes_the_site_and_a_backend_that_names_its_action_source() {
     let meta = FakeVendor::start().await;
     let app = spawn_app(&format!(
-        r#"
-[[clients]]
-type = "ga4"
-
-[[clients]]
-type = "measurement_protocol"
-api_secrets = ["mp-secret-1"]
-
+        r#"{SHOP_CLIENTS}
 [[tags]]
 name = "meta"
 type = "meta_capi"
@@ -199,36 +210,20 @@ access_token = "token-web"
         meta.url()
     ))
     .await;
-    let r = app
-        .http
-        .get(app.url(
-            "/g/collect?v=2&tid=G-SNIPPET1&cid=111.222&en=page_view&dl=https%3A%2F%2Fshop.example.com%2F",
-        ))
-        .header("user-agent", "Mozilla/5.0 (X11; Linux x86_64)")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 204);
+    shop_page_view(&app).await;
     // A till sale the shop's backend reports, and one it mislabels.
-    let r = app
-        .http
-        .post(app.url("/mp/collect?measurement_id=G-SNIPPET1&api_secret=mp-secret-1"))
-        .json(&serde_json::json!({
-            "client_id": "111.222",
-            "user_id": "crm-42",
-            "events": [
-                { "name": "purchase", "params": {
-                    "transaction_id": "T-TILL-1", "value": 12.0, "currency": "EUR",
-                    "action_source": "physical_store" } },
-                { "name": "purchase", "params": {
-                    "transaction_id": "T-TILL-2", "value": 13.0, "currency": "EUR",
-                    "action_source": "shop" } }
-            ]
-        }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 204);
+    backend_sends(
+        &app,
+        serde_json::json!([
+            { "name": "purchase", "params": {
+                "transaction_id": "T-TILL-1", "value": 12.0, "currency": "EUR",
+                "action_source": "physical_store" } },
+            { "name": "purchase", "params": {
+                "transaction_id": "T-TILL-2", "value": 13.0, "currency": "EUR",
+                "action_source": "shop" } }
+        ]),
+    )
+    .await;
 
     let got = meta
         .wait_for(10, |r| {
