@@ -65,9 +65,11 @@ pub async fn trace(State(state): State<AppState>, Path(id): Path<String>) -> Res
 pub async fn stream(
     State(state): State<AppState>,
 ) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
-    let (guard, rx) = state.traces().watch();
+    let traces = state.traces().clone();
+    let (guard, rx) = traces.watch();
     struct S {
         rx: tokio::sync::broadcast::Receiver<StreamMsg>,
+        traces: std::sync::Arc<super::trace::Traces>,
         _guard: super::trace::WatchGuard,
         window: Instant,
         sent: u32,
@@ -75,6 +77,7 @@ pub async fn stream(
     }
     let init = S {
         rx,
+        traces,
         _guard: guard,
         window: Instant::now(),
         sent: 0,
@@ -94,13 +97,18 @@ pub async fn stream(
                 }
             }
             match s.rx.recv().await {
-                Ok(StreamMsg::Trace(json)) => {
+                Ok(StreamMsg::Trace(seq)) => {
                     if s.sent >= STREAM_TRACES_PER_SEC {
                         s.dropped += 1;
                         continue;
                     }
+                    // Serialized now, so a trace this stream drops costs nothing.
+                    let Some(json) = s.traces.stream_json(seq) else {
+                        s.dropped += 1;
+                        continue;
+                    };
                     s.sent += 1;
-                    return Some((Ok(SseEvent::default().event("trace").data(&*json)), s));
+                    return Some((Ok(SseEvent::default().event("trace").data(json)), s));
                 }
                 Ok(StreamMsg::Update(json)) => {
                     return Some((Ok(SseEvent::default().event("update").data(&*json)), s));

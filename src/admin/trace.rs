@@ -42,6 +42,42 @@ pub struct Trace {
     pub events: Vec<Arc<Event>>,
     pub cookies: Vec<CookieDecision>,
     pub tags: Vec<TagTrace>,
+    /// The events' size as JSON, known from the outbox payloads: the ring's byte budget is
+    /// kept without serializing traces on the hit path.
+    #[serde(skip)]
+    pub events_bytes: usize,
+}
+
+impl Trace {
+    /// About what the trace takes as JSON (and in memory); delivery attempts are charged as
+    /// they are added.
+    fn estimated_bytes(&self) -> usize {
+        let strings = [
+            &self.id,
+            &self.method,
+            &self.scheme,
+            &self.path,
+            &self.query,
+            &self.body,
+            &self.client_ip,
+            &self.host,
+        ];
+        256 + strings.iter().map(|s| s.len()).sum::<usize>()
+            + self.error.as_ref().map_or(0, String::len)
+            + self.debug_marker.as_ref().map_or(0, String::len)
+            + self
+                .headers
+                .iter()
+                .map(|(k, v)| k.len() + v.len() + 8)
+                .sum::<usize>()
+            + self.events_bytes
+            + self.cookies.len() * 192
+            + self
+                .tags
+                .iter()
+                .map(|t| t.tag.len() + t.event_id.len() + t.event_name.len() + t.reason.len() + 128)
+                .sum::<usize>()
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -97,7 +133,9 @@ pub struct RequestView {
 /// A message on the live stream.
 #[derive(Debug, Clone)]
 pub enum StreamMsg {
-    Trace(Arc<str>),
+    /// A new trace, by sequence number: a stream serializes only the traces it sends (it
+    /// drops what it cannot keep up with), read from the ring when it sends them.
+    Trace(u64),
     Update(Arc<str>),
 }
 
@@ -190,12 +228,11 @@ impl Traces {
     }
 
     pub fn record(&self, trace: Trace) {
-        let json: Arc<str> = match serde_json::to_string(&trace) {
-            Ok(j) => j.into(),
-            Err(_) => return,
-        };
-        let size = json.len();
-        if let Ok(mut ring) = self.ring.lock() {
+        let size = trace.estimated_bytes();
+        let seq = {
+            let Ok(mut ring) = self.ring.lock() else {
+                return;
+            };
             let seq = ring.first_seq + ring.traces.len() as u64;
             for t in &trace.tags {
                 if t.fired {
@@ -205,8 +242,19 @@ impl Traces {
             ring.bytes += size;
             ring.traces.push_back((Arc::new(trace), size));
             self.trim(&mut ring);
-        }
-        let _ = self.tx.send(StreamMsg::Trace(json));
+            seq
+        };
+        // Fails only when no stream listens.
+        let _ = self.tx.send(StreamMsg::Trace(seq));
+    }
+
+    /// A trace of the live stream as JSON, unless it has left the ring since.
+    pub fn stream_json(&self, seq: u64) -> Option<String> {
+        let trace = {
+            let mut ring = self.ring.lock().ok()?;
+            ring.by_seq(seq)?.0.clone()
+        };
+        serde_json::to_string(&*trace).ok()
     }
 
     /// Records a delivery attempt and/or a new outcome for (tag, event).
@@ -489,6 +537,7 @@ mod tests {
                 outcome: TagOutcome::new("queued", ""),
                 attempts: vec![],
             }],
+            events_bytes: 100,
         }
     }
 
@@ -527,6 +576,42 @@ mod tests {
         }
         drop(_guard);
         assert!(!t.wants(false));
+    }
+
+    #[test]
+    fn the_stream_reads_a_trace_from_the_ring_when_it_sends_it() {
+        let t = Traces::new(2, 1 << 20, TraceSampling::All);
+        let (_guard, mut rx) = t.watch();
+        t.record(trace(1, "a"));
+        let Ok(StreamMsg::Trace(seq)) = rx.try_recv() else {
+            panic!("no trace message");
+        };
+        t.update("ga4", "e1", None, TagOutcome::new("delivered", "HTTP 204"));
+        let json: serde_json::Value = serde_json::from_str(&t.stream_json(seq).unwrap()).unwrap();
+        assert_eq!(json["id"], "1");
+        assert_eq!(json["events"][0]["event_name"], "page_view");
+        // What happened since is in it: the page dedupes what the update messages repeat.
+        assert_eq!(json["tags"][0]["outcome"]["state"], "delivered");
+        // Gone from the ring before the stream got to it: nothing to send.
+        t.record(trace(2, "b"));
+        t.record(trace(3, "c"));
+        assert!(t.stream_json(seq).is_none());
+    }
+
+    #[test]
+    fn a_traces_estimated_size_is_near_its_json() {
+        let mut tr = trace(7, &"b".repeat(2_000));
+        tr.headers = (0..12)
+            .map(|i| (format!("header-{i}"), "v".repeat(40)))
+            .collect();
+        let event = tr.events[0].clone();
+        tr.events_bytes = serde_json::to_vec(&*event).unwrap().len();
+        let real = serde_json::to_vec(&tr).unwrap().len();
+        let est = tr.estimated_bytes();
+        assert!(
+            est > real / 2 && est < real * 2,
+            "estimated {est} bytes, JSON {real}"
+        );
     }
 
     #[test]

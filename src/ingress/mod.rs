@@ -267,6 +267,7 @@ struct HitContext<'a> {
 struct TraceDraft {
     body: Bytes,
     events: Vec<Arc<Event>>,
+    events_bytes: usize,
     cookies: Vec<CookieDecision>,
     tags: Vec<TagTrace>,
 }
@@ -326,6 +327,7 @@ impl TraceDraft {
             events: self.events,
             cookies: self.cookies,
             tags: self.tags,
+            events_bytes: self.events_bytes,
         }
     }
 }
@@ -479,11 +481,18 @@ async fn handle_hit(
                 fired_tags.push(tag.name.clone());
             }
         }
-        if !fired_tags.is_empty() {
+        if fired_tags.is_empty() {
+            if let Some(t) = trace.as_mut() {
+                t.events_bytes += e.to_payload().map_or(0, |p| p.len());
+            }
+        } else {
             let payload = Bytes::from(e.to_payload().map_err(|err| {
                 tracing::error!(error = %err, "could not serialize an event; hit answered 500");
                 HitError::Store
             })?);
+            if let Some(t) = trace.as_mut() {
+                t.events_bytes += payload.len();
+            }
             queued.push(NewEvent {
                 event_id: e.event_id.clone(),
                 payload,
