@@ -331,6 +331,83 @@ pub struct Item {
     pub custom: Vec<(String, String)>,
 }
 
+impl Item {
+    /// The text fields' GA4 names, in the order `text_fields` gives them.
+    pub const TEXT_FIELDS: [&'static str; 18] = [
+        "item_id",
+        "item_name",
+        "affiliation",
+        "coupon",
+        "item_brand",
+        "item_category",
+        "item_category2",
+        "item_category3",
+        "item_category4",
+        "item_category5",
+        "item_list_id",
+        "item_list_name",
+        "item_variant",
+        "location_id",
+        "creative_name",
+        "creative_slot",
+        "promotion_id",
+        "promotion_name",
+    ];
+    /// The number fields' GA4 names (`index` is a whole number).
+    pub const NUMBER_FIELDS: [&'static str; 4] = ["discount", "price", "quantity", "index"];
+
+    /// Every text field with its GA4 name: the one list the clients, the trigger's field paths
+    /// and the tags read items by.
+    pub fn text_fields(&self) -> [(&'static str, &Option<String>); 18] {
+        let f = Self::TEXT_FIELDS;
+        [
+            (f[0], &self.item_id),
+            (f[1], &self.item_name),
+            (f[2], &self.affiliation),
+            (f[3], &self.coupon),
+            (f[4], &self.item_brand),
+            (f[5], &self.item_category),
+            (f[6], &self.item_category2),
+            (f[7], &self.item_category3),
+            (f[8], &self.item_category4),
+            (f[9], &self.item_category5),
+            (f[10], &self.item_list_id),
+            (f[11], &self.item_list_name),
+            (f[12], &self.item_variant),
+            (f[13], &self.location_id),
+            (f[14], &self.creative_name),
+            (f[15], &self.creative_slot),
+            (f[16], &self.promotion_id),
+            (f[17], &self.promotion_name),
+        ]
+    }
+
+    /// The text field with this GA4 name.
+    pub fn text_field_mut(&mut self, name: &str) -> Option<&mut Option<String>> {
+        let i = Self::TEXT_FIELDS.iter().position(|f| *f == name)?;
+        Some(match i {
+            0 => &mut self.item_id,
+            1 => &mut self.item_name,
+            2 => &mut self.affiliation,
+            3 => &mut self.coupon,
+            4 => &mut self.item_brand,
+            5 => &mut self.item_category,
+            6 => &mut self.item_category2,
+            7 => &mut self.item_category3,
+            8 => &mut self.item_category4,
+            9 => &mut self.item_category5,
+            10 => &mut self.item_list_id,
+            11 => &mut self.item_list_name,
+            12 => &mut self.item_variant,
+            13 => &mut self.location_id,
+            14 => &mut self.creative_name,
+            15 => &mut self.creative_slot,
+            16 => &mut self.promotion_id,
+            _ => &mut self.promotion_name,
+        })
+    }
+}
+
 /// A value read out of an event by a field path, for triggers and the debug view.
 #[derive(Debug, Clone, PartialEq)]
 pub enum FieldValue<'a> {
@@ -572,29 +649,22 @@ fn json_field(v: &Value) -> FieldValue<'_> {
 
 fn item_field<'a>(item: &'a Item, key: &str) -> Option<FieldValue<'a>> {
     match key {
-        "item_id" => s(&item.item_id),
-        "item_name" => s(&item.item_name),
-        "item_brand" => s(&item.item_brand),
-        "item_category" => s(&item.item_category),
-        "item_category2" => s(&item.item_category2),
-        "item_category3" => s(&item.item_category3),
-        "item_category4" => s(&item.item_category4),
-        "item_category5" => s(&item.item_category5),
-        "item_variant" => s(&item.item_variant),
-        "item_list_name" => s(&item.item_list_name),
-        "item_list_id" => s(&item.item_list_id),
-        "affiliation" => s(&item.affiliation),
-        "coupon" => s(&item.coupon),
-        "location_id" => s(&item.location_id),
         "price" => item.price.map(FieldValue::Num),
         "quantity" => item.quantity.map(FieldValue::Num),
         "discount" => item.discount.map(FieldValue::Num),
         "index" => item.index.map(|i| FieldValue::Num(i.into())),
-        other => item
-            .custom
-            .iter()
-            .find(|(k, _)| k == other)
-            .map(|(_, v)| FieldValue::Str(v)),
+        _ => match item
+            .text_fields()
+            .into_iter()
+            .find(|(name, _)| *name == key)
+        {
+            Some((_, v)) => s(v),
+            None => item
+                .custom
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| FieldValue::Str(v)),
+        },
     }
 }
 
@@ -621,6 +691,37 @@ pub fn url_path(url: &str) -> Option<&str> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn the_item_table_names_each_text_field_once_as_serde_does() {
+        let mut item = Item::default();
+        for name in Item::TEXT_FIELDS {
+            *item.text_field_mut(name).unwrap() = Some(format!("v-{name}"));
+        }
+        // Each name reaches its own field: serde's names for them agree with the table.
+        let json = serde_json::to_value(&item).unwrap();
+        for name in Item::TEXT_FIELDS {
+            assert_eq!(json[name], format!("v-{name}"), "{name}");
+        }
+        for (name, v) in item.text_fields() {
+            assert_eq!(v.as_deref(), Some(format!("v-{name}").as_str()));
+        }
+        assert!(item.text_field_mut("price").is_none());
+        // Every text field is reachable from a trigger's field path.
+        let e = Event {
+            items: vec![item],
+            ..Default::default()
+        };
+        assert_eq!(
+            e.field("items.0.promotion_id"),
+            Some(FieldValue::Str("v-promotion_id"))
+        );
+        assert_eq!(
+            e.field("items.0.creative_slot"),
+            Some(FieldValue::Str("v-creative_slot"))
+        );
+    }
+
     use super::*;
 
     fn sample() -> Event {

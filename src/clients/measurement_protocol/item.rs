@@ -11,34 +11,9 @@ pub enum Scalar<'a> {
     Bool(bool),
 }
 
-/// Item keys with a typed field; every other key is a custom item parameter.
-pub const STANDARD_ITEM_KEYS: &[&str] = &[
-    "item_id",
-    "item_name",
-    "item_brand",
-    "item_category",
-    "item_category2",
-    "item_category3",
-    "item_category4",
-    "item_category5",
-    "item_variant",
-    "item_list_name",
-    "item_list_id",
-    "index",
-    "affiliation",
-    "coupon",
-    "discount",
-    "location_id",
-    "price",
-    "quantity",
-    "creative_name",
-    "creative_slot",
-    "promotion_id",
-    "promotion_name",
-];
-
+/// Whether the key has a typed field; every other key is a custom item parameter.
 pub fn is_standard_key(key: &str) -> bool {
-    STANDARD_ITEM_KEYS.contains(&key)
+    Item::TEXT_FIELDS.contains(&key) || Item::NUMBER_FIELDS.contains(&key)
 }
 
 /// Sets one item key. `Err` names the expected type ("a number", …).
@@ -50,51 +25,23 @@ pub fn set_item_field(item: &mut Item, key: &str, value: Scalar<'_>) -> Result<(
             Scalar::Bool(_) => Err("a string"),
         }
     };
-    let slot = match key {
-        "item_id" => &mut item.item_id,
-        "item_name" => &mut item.item_name,
-        "item_brand" => &mut item.item_brand,
-        "item_category" => &mut item.item_category,
-        "item_category2" => &mut item.item_category2,
-        "item_category3" => &mut item.item_category3,
-        "item_category4" => &mut item.item_category4,
-        "item_category5" => &mut item.item_category5,
-        "item_variant" => &mut item.item_variant,
-        "item_list_name" => &mut item.item_list_name,
-        "item_list_id" => &mut item.item_list_id,
-        "affiliation" => &mut item.affiliation,
-        "coupon" => &mut item.coupon,
-        "location_id" => &mut item.location_id,
-        "creative_name" => &mut item.creative_name,
-        "creative_slot" => &mut item.creative_slot,
-        "promotion_id" => &mut item.promotion_id,
-        "promotion_name" => &mut item.promotion_name,
-        "price" => {
-            item.price = Some(number(value).ok_or("a number")?);
-            return Ok(());
-        }
-        "quantity" => {
-            item.quantity = Some(number(value).ok_or("a number")?);
-            return Ok(());
-        }
-        "discount" => {
-            item.discount = Some(number(value).ok_or("a number")?);
-            return Ok(());
-        }
-        "index" => {
-            item.index = Some(index(value).ok_or("a non-negative integer")?);
-            return Ok(());
-        }
+    if let Some(slot) = item.text_field_mut(key) {
+        *slot = Some(text(value)?);
+        return Ok(());
+    }
+    match key {
+        "price" => item.price = Some(number(value).ok_or("a number")?),
+        "quantity" => item.quantity = Some(number(value).ok_or("a number")?),
+        "discount" => item.discount = Some(number(value).ok_or("a number")?),
+        "index" => item.index = Some(index(value).ok_or("a non-negative integer")?),
         custom => {
             let v = match value {
                 Scalar::Bool(b) => b.to_string(),
                 other => text(other)?,
             };
             item.custom.push((custom.to_owned(), v));
-            return Ok(());
         }
-    };
-    *slot = Some(text(value)?);
+    }
     Ok(())
 }
 

@@ -401,27 +401,7 @@ fn event_json(e: &Event, name: &str) -> Value {
 /// An MP item object; custom item parameters become item keys with string values.
 pub(super) fn item_json(item: &Item) -> Value {
     let mut o = Map::new();
-    let strs: [(&str, &Option<String>); 18] = [
-        ("item_id", &item.item_id),
-        ("item_name", &item.item_name),
-        ("affiliation", &item.affiliation),
-        ("coupon", &item.coupon),
-        ("item_brand", &item.item_brand),
-        ("item_category", &item.item_category),
-        ("item_category2", &item.item_category2),
-        ("item_category3", &item.item_category3),
-        ("item_category4", &item.item_category4),
-        ("item_category5", &item.item_category5),
-        ("item_list_id", &item.item_list_id),
-        ("item_list_name", &item.item_list_name),
-        ("item_variant", &item.item_variant),
-        ("location_id", &item.location_id),
-        ("creative_name", &item.creative_name),
-        ("creative_slot", &item.creative_slot),
-        ("promotion_id", &item.promotion_id),
-        ("promotion_name", &item.promotion_name),
-    ];
-    for (k, v) in strs {
+    for (k, v) in item.text_fields() {
         if let Some(v) = v {
             o.insert(k.into(), cut_value(v, MAX_PARAM_VALUE));
         }
