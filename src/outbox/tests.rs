@@ -444,6 +444,56 @@ async fn leases_hide_records_until_cleared_on_reopen() {
 }
 
 #[tokio::test]
+async fn only_commits_with_hits_in_them_are_fsynced() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), FsyncMode::Batch);
+    let outbox = SqliteOutbox::open(&cfg).await.unwrap();
+    let counts = |o: &SqliteOutbox| (o.commit_count(), o.synced_commit_count());
+    let (c0, s0) = counts(&outbox);
+    outbox.enqueue(records("t", "e", 4)).await.unwrap();
+    assert_eq!(
+        counts(&outbox),
+        (c0 + 1, s0 + 1),
+        "a hit's commit is synced"
+    );
+    let leased = outbox.lease("t", now_ms(), 4, 60_000).await.unwrap();
+    outbox
+        .settle(Settlement {
+            ack: leased.iter().take(3).map(|r| r.id).collect(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let (c1, s1) = counts(&outbox);
+    assert_eq!(s1, s0 + 1, "leases and acks alone are not synced");
+    assert!(c1 >= c0 + 3, "{c1} commits");
+    outbox.enqueue(records("t", "f", 1)).await.unwrap();
+    assert_eq!(counts(&outbox).1, s1 + 1);
+    outbox.close().await;
+
+    // What those commits wrote is there after a reopen: three acked, two left.
+    let reopened = SqliteOutbox::open(&cfg).await.unwrap();
+    let left: Vec<String> = reopened
+        .lease("t", now_ms(), 100, 60_000)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.event_id)
+        .collect();
+    assert_eq!(sorted(left), vec!["e3", "f0"]);
+    reopened.close().await;
+
+    // With fsync off, nothing is synced at commit.
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = SqliteOutbox::open(&config(dir.path(), FsyncMode::Off))
+        .await
+        .unwrap();
+    outbox.enqueue(records("t", "e", 1)).await.unwrap();
+    assert_eq!(outbox.synced_commit_count(), 0);
+    outbox.close().await;
+}
+
+#[tokio::test]
 async fn ack_nack_dead_letter_and_replay() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path(), FsyncMode::Off);

@@ -17,6 +17,7 @@ use tokio::sync::oneshot;
 use super::fresh::{self, FreshSet};
 use super::sqlite::Shared;
 use super::{EnqueueError, HotQueue, LeasedRecord, NewEvent, Settlement, StoreError};
+use crate::config::FsyncMode;
 
 pub(crate) enum Op {
     Enqueue {
@@ -112,6 +113,7 @@ pub(crate) struct Settings {
     pub dead_letter_max_age: Option<Duration>,
     pub dead_letter_max_records: Option<u64>,
     pub purge_every: Duration,
+    pub fsync: FsyncMode,
 }
 
 /// Dead letters deleted per purge step at most: a step never holds hits up for long.
@@ -164,6 +166,9 @@ const TOTALS: &str =
 /// The writer thread's own state besides the connection.
 pub(crate) struct State {
     fresh: FreshSet,
+    fsync: FsyncMode,
+    /// Whether the connection's `synchronous` is FULL now (`None`: as configured at open).
+    synced: Option<bool>,
     /// When dead letters were last purged (`None`: not yet).
     purged: Option<Instant>,
     /// Reused for each event's `fresh` column.
@@ -251,6 +256,8 @@ pub(crate) fn run(
     let mut close = None;
     let mut state = State {
         fresh,
+        fsync: s.fsync,
+        synced: None,
         purged: None,
         column: Vec::new(),
         positions_written: Instant::now(),
@@ -374,7 +381,13 @@ fn commit(conn: &mut Connection, batch: &mut Vec<Op>, shared: &Shared, state: &m
     let mut delta = Delta::default();
     let mut positions = Vec::new();
     let all_positions = state.positions_written.elapsed() >= POSITIONS_EVERY;
+    let sync = sync_commit(batch, state.fsync);
     let result = (|| -> rusqlite::Result<Applied> {
+        if state.fsync != FsyncMode::Off && state.synced != Some(sync) {
+            // Outside a transaction it only sets how the next commits end.
+            conn.pragma_update(None, "synchronous", if sync { "FULL" } else { "NORMAL" })?;
+            state.synced = Some(sync);
+        }
         conn.execute_batch("BEGIN IMMEDIATE")?;
         let recounted = state.fresh.take_recount();
         if recounted {
@@ -427,6 +440,9 @@ fn commit(conn: &mut Connection, batch: &mut Vec<Op>, shared: &Shared, state: &m
             }
             release(shared, reserved_records, reserved_bytes);
             shared.commits.fetch_add(1, Ordering::Relaxed);
+            if sync {
+                shared.synced_commits.fetch_add(1, Ordering::Relaxed);
+            }
             if delta.committed_records > 0 {
                 metrics::histogram!("tagrelay_outbox_commit_records")
                     .record(delta.committed_records as f64);
@@ -461,6 +477,15 @@ fn commit(conn: &mut Connection, batch: &mut Vec<Op>, shared: &Shared, state: &m
             }
         }
     }
+}
+
+/// Whether a commit must fsync the WAL before its ops are answered: only hits wait for their
+/// events to be durable. Leases, acks, nacks and dead letters lost to a power cut come back as
+/// deliveries sent again (as after a crash between a vendor's answer and its ack), and the next
+/// synced commit makes them durable too: fsync covers the whole WAL. With `fsync = "off"`
+/// nothing is synced at commit anyway.
+fn sync_commit(batch: &[Op], fsync: FsyncMode) -> bool {
+    fsync != FsyncMode::Off && batch.iter().any(|op| matches!(op, Op::Enqueue { .. }))
 }
 
 fn release(shared: &Shared, records: u64, bytes: u64) {
