@@ -556,7 +556,8 @@ async fn handle_hit(
         }
     };
     for c in &cookies {
-        if let Ok(v) = HeaderValue::from_str(&c.header_value()) {
+        // Takes the String's buffer (same validation as `from_str`, without copying it).
+        if let Ok(v) = HeaderValue::try_from(c.header_value()) {
             resp.headers_mut().append(header::SET_COOKIE, v);
         }
     }
