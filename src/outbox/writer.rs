@@ -443,6 +443,8 @@ fn commit(conn: &mut Connection, batch: &mut Vec<Op>, shared: &Shared, state: &m
             if sync {
                 shared.synced_commits.fetch_add(1, Ordering::Relaxed);
             }
+            metrics::counter!("tagrelay_outbox_commits_total", "synced" => if sync { "true" } else { "false" })
+                .increment(1);
             if delta.committed_records > 0 {
                 metrics::histogram!("tagrelay_outbox_commit_records")
                     .record(delta.committed_records as f64);

@@ -497,3 +497,33 @@ async fn a_redirect_is_a_configuration_error_not_a_delivery() {
     assert_eq!(vendor.received().len(), 1, "the redirect is not followed");
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_hits_commit_is_synced_and_its_acks_commit_is_not() {
+    let vendor = FakeVendor::start().await;
+    let app = spawn_app(&hook(&vendor)).await;
+    assert_eq!(send(&app, &hit_with_id("sync-1")).await.status(), 204);
+    vendor.wait_for(10, |r| !r.is_empty()).await;
+    // The ack is committed after the vendor's answer; the metrics say both kinds of commit.
+    // (The recorder is shared by every test in this binary: only the series are checked.)
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = app
+            .http
+            .get(app.admin_url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if text.contains("tagrelay_outbox_commits_total{synced=\"true\"}")
+            && text.contains("tagrelay_outbox_commits_total{synced=\"false\"}")
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    app.stop().await;
+}
