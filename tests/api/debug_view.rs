@@ -165,15 +165,7 @@ async fn a_hit_is_traced_through_every_tag_and_no_secret_is_shown() {
 
     let all = traces(&app).await.to_string();
     assert_no_secrets(&all, "the traces API");
-    let page = app
-        .http
-        .get(app.admin_url("/debug"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let page = app.admin_text("/debug").await;
     assert_no_secrets(&page, "the debug page");
     let mut streamed = String::new();
     while let Ok(Ok(Some(chunk))) =

@@ -508,15 +508,7 @@ async fn a_hits_commit_is_synced_and_its_acks_commit_is_not() {
     // (The recorder is shared by every test in this binary: only the series are checked.)
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let text = app
-            .http
-            .get(app.admin_url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = app.admin_text("/metrics").await;
         if text.contains("tagrelay_outbox_commits_total{synced=\"true\"}")
             && text.contains("tagrelay_outbox_commits_total{synced=\"false\"}")
         {

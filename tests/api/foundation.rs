@@ -92,15 +92,7 @@ async fn every_answer_carries_a_request_id_and_a_callers_id_is_kept() {
 
     // The same layer counts hits by route and status. (The recorder is shared by every test
     // in this binary, so only the series are checked, not their counts.)
-    let text = app
-        .http
-        .get(app.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = app.admin_text("/metrics").await;
     assert!(
         text.contains("tagrelay_http_requests_total{route=\"ga4\",status=\"204\"}")
             && text.contains("tagrelay_http_requests_total{route=\"not_found\",status=\"404\"}"),

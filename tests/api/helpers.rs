@@ -35,6 +35,18 @@ impl TestApp {
         format!("http://{}{}", self.admin, path)
     }
 
+    /// The body of a GET on the admin listener (`/metrics`, `/debug`, …).
+    pub async fn admin_text(&self, path: &str) -> String {
+        self.http
+            .get(self.admin_url(path))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     /// The dead letters once there are at least `n` (waits up to 10 s), as
     /// `tagrelay outbox dead-letters --json` lists them.
     pub async fn wait_for_dead_letters(&self, n: usize) -> Vec<serde_json::Value> {
