@@ -5,6 +5,7 @@
 //! `user_data.email_address`, `items.0.item_id`, …). GA4 session state is typed rather than
 //! buried in `x-ga-*` strings because tags and triggers read it on every event.
 
+use compact_str::CompactString;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -18,10 +19,10 @@ pub struct Event {
     /// When the event happened, in unix milliseconds (hit receipt unless the hit says otherwise).
     pub timestamp_ms: i64,
     /// Which configured client produced the event (`ga4`, `measurement_protocol`, `data`).
-    pub source: String,
+    pub source: CompactString,
 
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub client_id: Option<String>,
+    pub client_id: Option<CompactString>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub user_id: Option<String>,
     /// The visitor's IP as tagrelay resolved it (trusted-proxy rules applied).
@@ -36,11 +37,11 @@ pub struct Event {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub page_title: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub language: Option<String>,
+    pub language: Option<CompactString>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub screen_resolution: Option<String>,
+    pub screen_resolution: Option<CompactString>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub currency: Option<String>,
+    pub currency: Option<CompactString>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub value: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -77,10 +78,10 @@ pub struct Event {
 pub struct GaSession {
     /// `tid`, the measurement id `G-…`.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub measurement_id: Option<String>,
+    pub measurement_id: Option<CompactString>,
     /// `sid`: unix seconds of session start.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub session_id: Option<String>,
+    pub session_id: Option<CompactString>,
     /// `sct`
     #[serde(skip_serializing_if = "Option::is_none")]
     pub session_number: Option<u32>,
@@ -107,19 +108,19 @@ pub struct GaSession {
     pub debug_mode: bool,
     /// `v`
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub protocol_version: Option<String>,
+    pub protocol_version: Option<CompactString>,
     /// `gtm`
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub gtm_version: Option<String>,
+    pub gtm_version: Option<CompactString>,
     /// `_p`
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub page_id: Option<String>,
+    pub page_id: Option<CompactString>,
     /// `_s`
     #[serde(skip_serializing_if = "Option::is_none")]
     pub request_count: Option<u32>,
     /// The client id the browser's JavaScript sent (`cid`), kept when the server-managed id wins.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub js_client_id: Option<String>,
+    pub js_client_id: Option<CompactString>,
 }
 
 impl GaSession {
@@ -158,17 +159,17 @@ pub struct Consent {
     pub ad_personalization: ConsentState,
     /// `gcs`, e.g. `G111`
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub gcs: Option<String>,
+    pub gcs: Option<CompactString>,
     /// `gcd`, e.g. `13t3t3t3t5l1`
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub gcd: Option<String>,
+    pub gcd: Option<CompactString>,
     /// `npa` (or ga4mp's `_npa`)
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub npa: Option<String>,
+    pub npa: Option<CompactString>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub dma: Option<String>,
+    pub dma: Option<CompactString>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub dma_cps: Option<String>,
+    pub dma_cps: Option<CompactString>,
 }
 
 impl Consent {
@@ -207,7 +208,7 @@ pub struct Identity {
     pub fbc: Option<String>,
     /// The `_ga` cookie's client id, when present.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub ga_client_id: Option<String>,
+    pub ga_client_id: Option<CompactString>,
     /// Value of the debug marker cookie/header, so the debug view can filter to one browser.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub debug_marker: Option<String>,
@@ -283,49 +284,49 @@ impl Address {
 #[serde(default)]
 pub struct Item {
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub item_id: Option<String>,
+    pub item_id: Option<CompactString>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub item_name: Option<String>,
+    pub item_name: Option<CompactString>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub item_brand: Option<String>,
+    pub item_brand: Option<CompactString>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub item_category: Option<String>,
+    pub item_category: Option<CompactString>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub item_category2: Option<String>,
+    pub item_category2: Option<CompactString>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub item_category3: Option<String>,
+    pub item_category3: Option<CompactString>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub item_category4: Option<String>,
+    pub item_category4: Option<CompactString>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub item_category5: Option<String>,
+    pub item_category5: Option<CompactString>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub item_variant: Option<String>,
+    pub item_variant: Option<CompactString>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub item_list_name: Option<String>,
+    pub item_list_name: Option<CompactString>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub item_list_id: Option<String>,
+    pub item_list_id: Option<CompactString>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub index: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub affiliation: Option<String>,
+    pub affiliation: Option<CompactString>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub coupon: Option<String>,
+    pub coupon: Option<CompactString>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub discount: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub location_id: Option<String>,
+    pub location_id: Option<CompactString>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub price: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub quantity: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub creative_name: Option<String>,
+    pub creative_name: Option<CompactString>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub creative_slot: Option<String>,
+    pub creative_slot: Option<CompactString>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub promotion_id: Option<String>,
+    pub promotion_id: Option<CompactString>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub promotion_name: Option<String>,
+    pub promotion_name: Option<CompactString>,
     /// Custom item parameters (`k<i>`/`v<i>` pairs on the GA4 wire), in order.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub custom: Vec<(String, String)>,
@@ -358,7 +359,7 @@ impl Item {
 
     /// Every text field with its GA4 name: the one list the clients, the trigger's field paths
     /// and the tags read items by.
-    pub fn text_fields(&self) -> [(&'static str, &Option<String>); 18] {
+    pub fn text_fields(&self) -> [(&'static str, &Option<CompactString>); 18] {
         let f = Self::TEXT_FIELDS;
         [
             (f[0], &self.item_id),
@@ -383,7 +384,7 @@ impl Item {
     }
 
     /// The text field with this GA4 name.
-    pub fn text_field_mut(&mut self, name: &str) -> Option<&mut Option<String>> {
+    pub fn text_field_mut(&mut self, name: &str) -> Option<&mut Option<CompactString>> {
         let i = Self::TEXT_FIELDS.iter().position(|f| *f == name)?;
         Some(match i {
             0 => &mut self.item_id,
@@ -631,7 +632,7 @@ impl Event {
     }
 }
 
-fn s(o: &Option<String>) -> Option<FieldValue<'_>> {
+fn s<T: std::ops::Deref<Target = str>>(o: &Option<T>) -> Option<FieldValue<'_>> {
     o.as_deref().map(FieldValue::Str)
 }
 
@@ -696,7 +697,7 @@ mod tests {
     fn the_item_table_names_each_text_field_once_as_serde_does() {
         let mut item = Item::default();
         for name in Item::TEXT_FIELDS {
-            *item.text_field_mut(name).unwrap() = Some(format!("v-{name}"));
+            *item.text_field_mut(name).unwrap() = Some(format!("v-{name}").into());
         }
         // Each name reaches its own field: serde's names for them agree with the table.
         let json = serde_json::to_value(&item).unwrap();

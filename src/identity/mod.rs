@@ -299,10 +299,10 @@ impl CookiePolicy {
             if e.ga.js_client_id.is_none() {
                 e.ga.js_client_id = from_client;
             }
-            e.client_id = Some(client_id.clone());
+            e.client_id = Some(client_id.as_str().into());
             // Values a client set explicitly (e.g. from a JSON payload) win over cookies.
             if e.identity.ga_client_id.is_none() {
-                e.identity.ga_client_id = ga_cid.map(str::to_owned);
+                e.identity.ga_client_id = ga_cid.map(Into::into);
             }
             if e.identity.fbp.is_none() {
                 e.identity.fbp.clone_from(&fbp);

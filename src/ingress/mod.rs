@@ -422,7 +422,7 @@ async fn handle_hit(
             e.event_id = uuid::Uuid::now_v7().to_string();
         }
         if e.source.is_empty() {
-            e.source = client.kind().to_owned();
+            e.source = client.kind().into();
         }
         // A sender's clock far ahead would make vendors refuse the event later.
         if e.timestamp_ms == 0 || e.timestamp_ms > now_ms + 60_000 {

@@ -276,16 +276,16 @@ fn apply(ev: &mut Event, key: &str, v: &Value, at: &str) -> Result<(), ClientErr
     match key {
         "event_name" => ev.event_name = text()?,
         "event_id" => ev.event_id = text()?,
-        "client_id" => ev.client_id = Some(text()?),
+        "client_id" => ev.client_id = Some(text()?.into()),
         "user_id" => ev.user_id = Some(text()?),
         "page_location" => ev.page_location = Some(text()?),
         "page_referrer" => ev.page_referrer = Some(text()?),
         "page_title" => ev.page_title = Some(text()?),
-        "language" => ev.language = Some(text()?),
-        "screen_resolution" => ev.screen_resolution = Some(text()?),
+        "language" => ev.language = Some(text()?.into()),
+        "screen_resolution" => ev.screen_resolution = Some(text()?.into()),
         "transaction_id" => ev.transaction_id = Some(text()?),
         "user_agent" => ev.user_agent = Some(text()?),
-        "currency" => ev.currency = Some(text()?.trim().to_ascii_uppercase()),
+        "currency" => ev.currency = Some(text()?.trim().to_ascii_uppercase().into()),
         "ip_override" => {
             let ip = text()?;
             if ip.trim().parse::<IpAddr>().is_err() {
@@ -303,7 +303,7 @@ fn apply(ev: &mut Event, key: &str, v: &Value, at: &str) -> Result<(), ClientErr
         "ga_session_id" => {
             ev.ga.session_id = Some(
                 integer(v)
-                    .map(|n| n.to_string())
+                    .map(|n| n.to_string().into())
                     .ok_or_else(|| bad(at, key, "must be an integer"))?,
             )
         }

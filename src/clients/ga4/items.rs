@@ -111,7 +111,7 @@ fn set_standard(item: &mut Item, token: &str) {
     if value.is_empty() {
         return;
     }
-    let text = || Some(value.to_owned());
+    let text = || Some(value.into());
     match key {
         "id" => item.item_id = text(),
         "nm" => item.item_name = text(),

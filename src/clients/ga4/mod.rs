@@ -180,8 +180,8 @@ struct EventBuilder<'a> {
 
 /// Empty strings carry no information on the GA4 wire; a typed field set to `""` would make
 /// downstream code treat an absent value (e.g. `cid=`) as present.
-fn text(v: &str) -> Option<String> {
-    (!v.is_empty()).then(|| v.to_owned())
+fn text<T: for<'a> From<&'a str>>(v: &str) -> Option<T> {
+    (!v.is_empty()).then(|| T::from(v))
 }
 
 /// `0`/`1` flags; `true`/`false` too, since `ep.debug_mode` carries a JS boolean.
@@ -388,7 +388,7 @@ impl<'a> EventBuilder<'a> {
         }
         consent::decode_consent(&mut self.event.consent);
         let e = &mut self.event;
-        e.source = "ga4".to_owned();
+        e.source = "ga4".into();
         e.timestamp_ms = ctx.now_ms;
         e.user_agent = ctx.user_agent.map(str::to_owned);
         e.ip_override = Some(match self.uip {

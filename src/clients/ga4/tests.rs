@@ -110,8 +110,8 @@ fn obj(v: Value) -> Map<String, Value> {
     }
 }
 
-fn s(v: &str) -> Option<String> {
-    Some(v.to_owned())
+fn s<T: for<'a> From<&'a str>>(v: &str) -> Option<T> {
+    Some(T::from(v))
 }
 
 fn all_granted_consent() -> Consent {
@@ -384,7 +384,10 @@ fn item_count_is_capped_at_200_in_index_order() {
     let e = one(&query);
     assert_eq!(e.items.len(), MAX_ITEMS_PER_EVENT);
     for (n, item) in e.items.iter().enumerate() {
-        assert_eq!(item.item_id, Some(format!("SKU{}", n + 1)));
+        assert_eq!(
+            item.item_id.as_deref(),
+            Some(format!("SKU{}", n + 1).as_str())
+        );
     }
     assert!(e.passthrough.is_empty(), "{:?}", e.passthrough);
 }

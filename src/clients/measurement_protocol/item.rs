@@ -26,7 +26,7 @@ pub fn set_item_field(item: &mut Item, key: &str, value: Scalar<'_>) -> Result<(
         }
     };
     if let Some(slot) = item.text_field_mut(key) {
-        *slot = Some(text(value)?);
+        *slot = Some(text(value)?.into());
         return Ok(());
     }
     match key {

@@ -122,7 +122,7 @@ pub fn process(top: &[(String, Json)], cx: &Context<'_>) -> Outcome {
 
     let mut base = Event {
         ga: crate::event::GaSession {
-            measurement_id: cx.measurement_id.map(str::to_owned),
+            measurement_id: cx.measurement_id.map(Into::into),
             ..Default::default()
         },
         ..Default::default()
@@ -141,7 +141,7 @@ pub fn process(top: &[(String, Json)], cx: &Context<'_>) -> Outcome {
     }
     match get(&fields, "non_personalized_ads") {
         None | Some(Json::Null) => {}
-        Some(Json::Bool(b)) => base.consent.npa = Some(if *b { "1" } else { "0" }.to_owned()),
+        Some(Json::Bool(b)) => base.consent.npa = Some(if *b { "1" } else { "0" }.into()),
         Some(other) => c.flag(
             Scope::Field,
             Code::ValueInvalid,
@@ -311,7 +311,7 @@ impl Checker {
                         },
                     );
                 } else {
-                    base.client_id = Some(s.clone());
+                    base.client_id = Some(s.as_str().into());
                 }
             }
             None | Some(Json::Null) | Some(Json::Str(_)) => {
@@ -738,9 +738,9 @@ impl Checker {
             };
             match (k, v) {
                 (_, Json::Null) => {}
-                ("language", Json::Str(s)) => base.language = Some(s.clone()),
+                ("language", Json::Str(s)) => base.language = Some(s.as_str().into()),
                 ("screen_resolution", Json::Str(s)) if is_resolution(s) => {
-                    base.screen_resolution = Some(s.clone())
+                    base.screen_resolution = Some(s.as_str().into())
                 }
                 ("screen_resolution", other) => self.flag(
                     Scope::Field,
@@ -953,7 +953,7 @@ impl Checker {
             },
             "session_id" => match integer_text(v) {
                 Some(s) => {
-                    ev.ga.session_id = Some(s);
+                    ev.ga.session_id = Some(s.into());
                     true
                 }
                 None => false,
@@ -986,7 +986,7 @@ impl Checker {
             },
             "currency" => match v {
                 Json::Str(s) if s.len() == 3 && s.bytes().all(|b| b.is_ascii_alphabetic()) => {
-                    ev.currency = Some(s.to_ascii_uppercase());
+                    ev.currency = Some(s.to_ascii_uppercase().into());
                     true
                 }
                 _ => false,

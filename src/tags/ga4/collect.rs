@@ -15,6 +15,7 @@ use super::{count_dropped, encode_component, redacted_ip, Ga4Tag, MAX_EVENTS_PER
 use crate::event::{format_number, Event, Item};
 use crate::ga4_limits::{MAX_ITEMS, MAX_ITEM_CUSTOM_PARAMS};
 use crate::tags::{Encoded, OutboundRequest};
+use compact_str::CompactString;
 
 type Pair<'a> = (Cow<'a, str>, Cow<'a, str>);
 
@@ -333,7 +334,7 @@ pub(super) fn encode_item(item: &Item) -> String {
         s.push_str(key);
         push_item_value(s, v);
     };
-    let strs: [(&str, &Option<String>); 9] = [
+    let strs: [(&str, &Option<CompactString>); 9] = [
         ("id", &item.item_id),
         ("nm", &item.item_name),
         ("br", &item.item_brand),
@@ -360,7 +361,7 @@ pub(super) fn encode_item(item: &Item) -> String {
     if let Some(d) = item.discount {
         tok(&mut s, "ds", &format_number(d));
     }
-    let more: [(&str, &Option<String>); 3] = [
+    let more: [(&str, &Option<CompactString>); 3] = [
         ("af", &item.affiliation),
         ("li", &item.item_list_id),
         ("ln", &item.item_list_name),
@@ -373,7 +374,7 @@ pub(super) fn encode_item(item: &Item) -> String {
     if let Some(i) = item.index {
         tok(&mut s, "lp", &i.to_string());
     }
-    let promo: [(&str, &Option<String>); 5] = [
+    let promo: [(&str, &Option<CompactString>); 5] = [
         ("lo", &item.location_id),
         ("cn", &item.creative_name),
         ("cs", &item.creative_slot),

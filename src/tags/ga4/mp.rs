@@ -340,11 +340,23 @@ fn event_json(e: &Event, name: &str) -> Value {
         params.insert("debug_mode".into(), Value::Bool(true));
     }
     for (k, v, max) in [
-        ("page_location", &e.page_location, MAX_PAGE_LOCATION),
-        ("page_referrer", &e.page_referrer, MAX_PAGE_REFERRER),
-        ("page_title", &e.page_title, MAX_PAGE_TITLE),
-        ("currency", &e.currency, MAX_PARAM_VALUE),
-        ("transaction_id", &e.transaction_id, MAX_PARAM_VALUE),
+        (
+            "page_location",
+            e.page_location.as_deref(),
+            MAX_PAGE_LOCATION,
+        ),
+        (
+            "page_referrer",
+            e.page_referrer.as_deref(),
+            MAX_PAGE_REFERRER,
+        ),
+        ("page_title", e.page_title.as_deref(), MAX_PAGE_TITLE),
+        ("currency", e.currency.as_deref(), MAX_PARAM_VALUE),
+        (
+            "transaction_id",
+            e.transaction_id.as_deref(),
+            MAX_PARAM_VALUE,
+        ),
     ] {
         if let Some(v) = v {
             params.insert(k.into(), cut_value(v, max));

@@ -596,7 +596,7 @@ fn groups_by_visitor_page_and_caps_at_25() {
         for (ev, &i) in evs.iter().zip(ix) {
             let get = |k: &str| ev.iter().find(|(ek, _)| ek == k).map(|(_, v)| v.clone());
             assert_eq!(get("en").as_deref(), Some(events[i].event_name.as_str()));
-            assert_eq!(get("cid"), events[i].client_id);
+            assert_eq!(get("cid").as_deref(), events[i].client_id.as_deref());
         }
     }
     // batch_max narrows requests further.
@@ -662,8 +662,8 @@ fn long_single_event_moves_its_params_to_the_body() {
     let mut e = purchase();
     e.items = (0..150)
         .map(|n| Item {
-            item_id: Some(format!("SKU_{n:05}")),
-            item_name: Some(format!("A rather long product name number {n}")),
+            item_id: Some(format!("SKU_{n:05}").into()),
+            item_name: Some(format!("A rather long product name number {n}").into()),
             price: Some(10.0),
             ..Default::default()
         })
@@ -1026,9 +1026,9 @@ fn mp_splits_bodies_over_130kb() {
             let mut e = purchase();
             e.items = (0..200)
                 .map(|n| Item {
-                    item_id: Some(format!("SKU_{n:05}")),
-                    item_name: Some("x".repeat(90)),
-                    item_brand: Some("y".repeat(90)),
+                    item_id: Some(format!("SKU_{n:05}").into()),
+                    item_name: Some("x".repeat(90).into()),
+                    item_brand: Some("y".repeat(90).into()),
                     ..Default::default()
                 })
                 .collect();

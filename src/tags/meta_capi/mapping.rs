@@ -432,7 +432,7 @@ fn finite(v: Option<f64>) -> Option<f64> {
     v.filter(|n| n.is_finite())
 }
 
-fn non_empty(v: &Option<String>) -> Option<&str> {
+fn non_empty<T: std::ops::Deref<Target = str>>(v: &Option<T>) -> Option<&str> {
     v.as_deref().map(str::trim).filter(|s| !s.is_empty())
 }
 
