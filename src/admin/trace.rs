@@ -291,14 +291,16 @@ impl Traces {
                 let Some((trace, size)) = ring.by_seq(seq) else {
                     continue;
                 };
-                let trace = Arc::make_mut(trace);
-                let Some(tt) = trace
+                // Found before `make_mut`, which copies the trace while a reader holds it.
+                let Some(k) = trace
                     .tags
-                    .iter_mut()
-                    .find(|t| t.tag == tag && t.event_id == event_id)
+                    .iter()
+                    .position(|t| t.tag == tag && t.event_id == event_id)
                 else {
                     continue;
                 };
+                let trace = Arc::make_mut(trace);
+                let tt = &mut trace.tags[k];
                 if let Some(a) = &attempt {
                     // A retry storm must not grow a trace without bound: keep the latest few.
                     if tt.attempts.len() >= MAX_ATTEMPTS_KEPT {
