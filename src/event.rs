@@ -514,6 +514,8 @@ pub fn validate_field_path(path: &str) -> Result<(), String> {
 /// KiB, so most payloads are written without growing the buffer. `serde_json::to_vec` starts at
 /// 128 bytes and doubles, which cost every event four allocations and the copies between them.
 const PAYLOAD_CAPACITY: usize = 1536;
+/// About the size of a typical event's stored JSON, for estimates where none was written.
+pub const TYPICAL_PAYLOAD_BYTES: usize = 1_100;
 
 impl Event {
     /// The event as the outbox stores it (JSON).

@@ -483,7 +483,8 @@ async fn handle_hit(
         }
         if fired_tags.is_empty() {
             if let Some(t) = trace.as_mut() {
-                t.events_bytes += e.to_payload().map_or(0, |p| p.len());
+                // Not serialized just to be measured.
+                t.events_bytes += crate::event::TYPICAL_PAYLOAD_BYTES;
             }
         } else {
             let payload = Bytes::from(e.to_payload().map_err(|err| {

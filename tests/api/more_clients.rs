@@ -206,6 +206,7 @@ type = "meta_capi"
 endpoint = "{}"
 pixel_id = "4455"
 access_token = "token-web"
+action_source_from_event = true
 "#,
         meta.url()
     ))

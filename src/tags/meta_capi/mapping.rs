@@ -60,6 +60,7 @@ pub struct Mapper {
     pub forward_unmapped: bool,
     pub purchase_event_id_from_transaction: bool,
     pub action_source: ActionSource,
+    pub action_source_from_event: bool,
 }
 
 impl Mapper {
@@ -117,7 +118,12 @@ impl Mapper {
             )));
         }
 
-        let action_source = event_action_source(e)?.unwrap_or(self.action_source);
+        let from_event = if self.action_source_from_event {
+            event_action_source(e)?
+        } else {
+            None
+        };
+        let action_source = from_event.unwrap_or(self.action_source);
         // Website events require event_source_url and client_user_agent (§3.2); without them Meta
         // fails the request, so they are rejected here with the cause instead. Other sources
         // send them when the event has them.
@@ -130,8 +136,7 @@ impl Mapper {
         if website && event_source_url.is_none() {
             return Err(NotSent::Rejected(
                 "page_location is missing or not an http(s) URL; Meta requires event_source_url \
-                 for website events (set action_source on the tag, or as an event parameter, \
-                 for events from elsewhere)"
+                 for website events (set action_source on the tag for events from elsewhere)"
                     .into(),
             ));
         }
@@ -143,8 +148,7 @@ impl Mapper {
         if website && client_user_agent.is_none() {
             return Err(NotSent::Rejected(
                 "user_agent is missing; Meta requires client_user_agent for website events \
-                 (set action_source on the tag, or as an event parameter, for events from \
-                 elsewhere)"
+                 (set action_source on the tag for events from elsewhere)"
                     .into(),
             ));
         }
@@ -194,9 +198,10 @@ impl Mapper {
     }
 }
 
-/// The event's own `action_source` parameter, which wins over the tag's: one tag can then
-/// serve a site and a backend that says where each of its events happened. A value Meta
-/// would refuse fails the event here with the cause rather than the whole batch at Meta.
+/// The event's own `action_source` parameter, which wins over the tag's when the tag allows it
+/// (`action_source_from_event`): one tag can then serve a site and a backend that says where
+/// each of its events happened. A value Meta would refuse fails the event here with the cause
+/// rather than the whole batch at Meta.
 fn event_action_source(e: &Event) -> Result<Option<ActionSource>, NotSent> {
     use serde::de::value::{Error, StrDeserializer};
     use serde::de::IntoDeserializer;
@@ -205,10 +210,17 @@ fn event_action_source(e: &Event) -> Result<Option<ActionSource>, NotSent> {
         None | Some(Value::Null) => return Ok(None),
         Some(Value::String(s)) if s.trim().is_empty() => return Ok(None),
         Some(Value::String(s)) => s.trim(),
+        // Only the kind is named: the value may be any size.
         Some(other) => {
+            let kind = match other {
+                Value::Bool(_) => "a boolean",
+                Value::Number(_) => "a number",
+                Value::Array(_) => "an array",
+                _ => "an object",
+            };
             return Err(NotSent::Rejected(format!(
-                "event parameter `{ACTION_SOURCE_PARAM}` must be a string, not {other}"
-            )))
+                "event parameter `{ACTION_SOURCE_PARAM}` must be a string, not {kind}"
+            )));
         }
     };
     // Cut so a long value is not quoted whole in the reason; no accepted name is that long.

@@ -60,6 +60,10 @@ pub struct MetaCapiTagConfig {
     /// Where the conversions happened, as Meta's `action_source`.
     #[serde(default)]
     pub action_source: ActionSource,
+    /// Let an event's own `action_source` parameter override `action_source`. Off by default:
+    /// otherwise any browser could relabel a website tag's events with `ep.action_source`.
+    #[serde(default)]
+    pub action_source_from_event: bool,
 }
 
 /// Meta's `action_source` values a tag can send. `app` and `business_messaging` are left out:
@@ -293,6 +297,7 @@ impl MetaCapiTag {
                 forward_unmapped: cfg.forward_unmapped,
                 purchase_event_id_from_transaction: cfg.purchase_event_id_from_transaction,
                 action_source: cfg.action_source,
+                action_source_from_event: cfg.action_source_from_event,
             },
             batch_max: cfg.batch_max,
             timeout: Duration::from_millis(cfg.timeout_ms),

@@ -32,6 +32,7 @@ fn cfg() -> MetaCapiTagConfig {
         batch_max: 1000,
         timeout_ms: 1500,
         action_source: ActionSource::Website,
+        action_source_from_event: false,
     }
 }
 
@@ -590,11 +591,31 @@ fn events_from_elsewhere_go_with_their_action_source_and_without_browser_fields(
     );
 }
 
+/// A tag that lets events name their own action source.
+fn cfg_from_event() -> MetaCapiTagConfig {
+    MetaCapiTagConfig {
+        action_source_from_event: true,
+        ..cfg()
+    }
+}
+
+#[test]
+fn an_events_action_source_parameter_is_ignored_unless_the_tag_allows_it() {
+    // A browser could send `ep.action_source`: by default it changes nothing.
+    let mut e = web_event("page_view", "pv-1");
+    e.params
+        .insert("action_source".into(), json!("system_generated"));
+    let body = body_json(single_request(&tag(&cfg()).encode(&[e.clone()], NOW)));
+    assert_eq!(body["data"][0]["action_source"], "website");
+    e.params.insert("action_source".into(), json!("bogus"));
+    assert!(tag(&cfg()).encode(&[e], NOW).rejected.is_empty());
+}
+
 #[test]
 fn an_events_own_action_source_parameter_wins_over_the_tags() {
     // One website tag: the site's page view goes as website, the backend's purchase says
     // where it happened and goes without browser fields, in the same batch.
-    let t = tag(&cfg());
+    let t = tag(&cfg_from_event());
     let mut store = backend_purchase();
     store
         .params
@@ -612,7 +633,7 @@ fn an_events_own_action_source_parameter_wins_over_the_tags() {
 
     // And the other way round: `website` on an event of a system_generated tag brings back
     // the website requirements, with the cause.
-    let mut c = cfg();
+    let mut c = cfg_from_event();
     c.action_source = ActionSource::SystemGenerated;
     let mut claims_web = backend_purchase();
     claims_web
@@ -635,13 +656,15 @@ fn an_events_own_action_source_parameter_wins_over_the_tags() {
 
 #[test]
 fn an_action_source_parameter_meta_would_refuse_fails_only_its_event() {
-    let t = tag(&cfg());
+    let t = tag(&cfg_from_event());
     let long = "x".repeat(5_000);
+    let big = vec!["website"; 2_000];
     for (value, says) in [
         (json!("app"), "unknown variant `app`"),
         (json!("in_store"), "`physical_store`"),
-        (json!(4), "must be a string"),
+        (json!(4), "must be a string, not a number"),
         (json!(long), "unknown variant"),
+        (json!(big), "must be a string, not an array"),
     ] {
         let mut e = web_event("page_view", "pv-2");
         e.params.insert("action_source".into(), value.clone());
@@ -1299,6 +1322,7 @@ fn ga4_automatic_events_are_skipped_unless_mapped() {
         forward_unmapped: true,
         purchase_event_id_from_transaction: false,
         action_source: ActionSource::Website,
+        action_source_from_event: false,
     };
     assert!(matches!(
         m.meta_name("session_start"),
