@@ -332,81 +332,55 @@ pub struct Item {
     pub custom: Vec<(String, String)>,
 }
 
+/// Items' text fields, listed once: a field's GA4 name is its Rust name, which is also what
+/// serde writes. `Item::TEXT_FIELDS`, `text_fields` and `text_field_mut` come from this list.
+macro_rules! item_text_fields {
+    ($($field:ident),* $(,)?) => {
+        impl Item {
+            /// The text fields' GA4 names, in the order `text_fields` gives them.
+            pub const TEXT_FIELDS: [&'static str; 18] = [$(stringify!($field)),*];
+
+            /// Every text field with its GA4 name: the one list the clients, the trigger's
+            /// field paths and the tags read items by.
+            pub fn text_fields(&self) -> [(&'static str, &Option<CompactString>); 18] {
+                [$((stringify!($field), &self.$field)),*]
+            }
+
+            /// The text field with this GA4 name.
+            pub fn text_field_mut(&mut self, name: &str) -> Option<&mut Option<CompactString>> {
+                match name {
+                    $(stringify!($field) => Some(&mut self.$field),)*
+                    _ => None,
+                }
+            }
+        }
+    };
+}
+
+item_text_fields!(
+    item_id,
+    item_name,
+    affiliation,
+    coupon,
+    item_brand,
+    item_category,
+    item_category2,
+    item_category3,
+    item_category4,
+    item_category5,
+    item_list_id,
+    item_list_name,
+    item_variant,
+    location_id,
+    creative_name,
+    creative_slot,
+    promotion_id,
+    promotion_name,
+);
+
 impl Item {
-    /// The text fields' GA4 names, in the order `text_fields` gives them.
-    pub const TEXT_FIELDS: [&'static str; 18] = [
-        "item_id",
-        "item_name",
-        "affiliation",
-        "coupon",
-        "item_brand",
-        "item_category",
-        "item_category2",
-        "item_category3",
-        "item_category4",
-        "item_category5",
-        "item_list_id",
-        "item_list_name",
-        "item_variant",
-        "location_id",
-        "creative_name",
-        "creative_slot",
-        "promotion_id",
-        "promotion_name",
-    ];
     /// The number fields' GA4 names (`index` is a whole number).
     pub const NUMBER_FIELDS: [&'static str; 4] = ["discount", "price", "quantity", "index"];
-
-    /// Every text field with its GA4 name: the one list the clients, the trigger's field paths
-    /// and the tags read items by.
-    pub fn text_fields(&self) -> [(&'static str, &Option<CompactString>); 18] {
-        let f = Self::TEXT_FIELDS;
-        [
-            (f[0], &self.item_id),
-            (f[1], &self.item_name),
-            (f[2], &self.affiliation),
-            (f[3], &self.coupon),
-            (f[4], &self.item_brand),
-            (f[5], &self.item_category),
-            (f[6], &self.item_category2),
-            (f[7], &self.item_category3),
-            (f[8], &self.item_category4),
-            (f[9], &self.item_category5),
-            (f[10], &self.item_list_id),
-            (f[11], &self.item_list_name),
-            (f[12], &self.item_variant),
-            (f[13], &self.location_id),
-            (f[14], &self.creative_name),
-            (f[15], &self.creative_slot),
-            (f[16], &self.promotion_id),
-            (f[17], &self.promotion_name),
-        ]
-    }
-
-    /// The text field with this GA4 name.
-    pub fn text_field_mut(&mut self, name: &str) -> Option<&mut Option<CompactString>> {
-        let i = Self::TEXT_FIELDS.iter().position(|f| *f == name)?;
-        Some(match i {
-            0 => &mut self.item_id,
-            1 => &mut self.item_name,
-            2 => &mut self.affiliation,
-            3 => &mut self.coupon,
-            4 => &mut self.item_brand,
-            5 => &mut self.item_category,
-            6 => &mut self.item_category2,
-            7 => &mut self.item_category3,
-            8 => &mut self.item_category4,
-            9 => &mut self.item_category5,
-            10 => &mut self.item_list_id,
-            11 => &mut self.item_list_name,
-            12 => &mut self.item_variant,
-            13 => &mut self.location_id,
-            14 => &mut self.creative_name,
-            15 => &mut self.creative_slot,
-            16 => &mut self.promotion_id,
-            _ => &mut self.promotion_name,
-        })
-    }
 }
 
 /// A value read out of an event by a field path, for triggers and the debug view.
@@ -694,6 +668,26 @@ pub fn url_path(url: &str) -> Option<&str> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    fn sample() -> Event {
+        let mut e = Event {
+            event_name: "purchase".into(),
+            page_location: Some("https://shop.example.com/checkout/thanks?fbclid=AbC%2D1#x".into()),
+            value: Some(134.0),
+            ..Default::default()
+        };
+        e.items.push(Item {
+            item_id: Some("SKU_123".into()),
+            custom: vec![("size".into(), "42".into())],
+            ..Default::default()
+        });
+        e.params
+            .insert("coupon".into(), Value::String("SUMMER".into()));
+        e.user_data.address.city = Some("Paris".into());
+        e.consent.ad_storage = ConsentState::Granted;
+        e
+    }
 
     #[test]
     fn the_item_table_names_each_text_field_once_as_serde_does() {
@@ -723,27 +717,6 @@ mod tests {
             e.field("items.0.creative_slot"),
             Some(FieldValue::Str("v-creative_slot"))
         );
-    }
-
-    use super::*;
-
-    fn sample() -> Event {
-        let mut e = Event {
-            event_name: "purchase".into(),
-            page_location: Some("https://shop.example.com/checkout/thanks?fbclid=AbC%2D1#x".into()),
-            value: Some(134.0),
-            ..Default::default()
-        };
-        e.items.push(Item {
-            item_id: Some("SKU_123".into()),
-            custom: vec![("size".into(), "42".into())],
-            ..Default::default()
-        });
-        e.params
-            .insert("coupon".into(), Value::String("SUMMER".into()));
-        e.user_data.address.city = Some("Paris".into());
-        e.consent.ad_storage = ConsentState::Granted;
-        e
     }
 
     #[test]

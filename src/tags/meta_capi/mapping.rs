@@ -232,7 +232,7 @@ fn event_action_source(e: &Event) -> Result<Option<ActionSource>, NotSent> {
 }
 
 /// The event parameter that overrides a tag's `action_source`.
-pub const ACTION_SOURCE_PARAM: &str = "action_source";
+const ACTION_SOURCE_PARAM: &str = "action_source";
 
 /// Meta requires `value` and `currency` on Purchase and fails the request without them.
 ///
