@@ -15,6 +15,7 @@ pub mod dispatcher;
 mod fresh;
 pub mod retry;
 pub mod sqlite;
+mod syncer;
 pub mod tools;
 mod writer;
 

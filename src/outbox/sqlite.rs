@@ -2,29 +2,33 @@
 //!
 //! # Durability (`[outbox] fsync`)
 //!
-//! In WAL mode a commit appends the transaction's pages to the `-wal` file. What the
-//! `synchronous` pragma changes is whether that append is fsynced before the commit returns:
+//! In WAL mode a commit appends the transaction's pages to the `-wal` file. The writer's
+//! commits use `synchronous = NORMAL`: the append reaches the OS, not the disk. Durability
+//! comes from the syncer (see `syncer`), which fsyncs the WAL file on its own thread and only
+//! then answers the hits of the commits before that fsync:
 //!
-//! - `batch` (default) → `synchronous = FULL`. Every group commit fsyncs the WAL once, and
-//!   `enqueue` resolves only after that fsync. An answered hit survives a process crash *and*
-//!   a power cut / kernel panic. The fsync cost is shared by every record in the group
-//!   (up to `commit_max_records`), so it is paid per commit, never per event.
-//! - `always` → `synchronous = FULL` plus `fullfsync` (F_FULLFSYNC on macOS, where a plain
-//!   fsync does not flush the drive's cache; on Linux it is identical to `batch`). Still one
-//!   sync per group commit: a per-event fsync buys no extra safety because no enqueue is
-//!   answered before its group's sync anyway.
-//! - `off` → `synchronous = NORMAL`. Commits are written to the OS page cache but the WAL is
-//!   only fsynced at checkpoints. An answered hit survives a crash or `kill -9` of tagrelay
-//!   (the kernel still holds the pages), but a power cut or kernel panic can lose the last
-//!   commits since the previous checkpoint. The database itself never corrupts in any mode.
+//! - `batch` (default): `enqueue` resolves only after an fsync of the WAL that began after
+//!   its commit returned. An answered hit survives a process crash *and* a power cut / kernel
+//!   panic. While one fsync runs the writer commits the next group, and the next fsync
+//!   covers every commit made meanwhile: the cost is paid per fsync, never per event, and the
+//!   disk's flush time no longer stops the writer.
+//! - `always`: the same, and the writer never waits to gather a group. (With SQLite's own
+//!   sync this set `fullfsync`; Rust's `sync_data` already uses F_FULLFSYNC on macOS, where a
+//!   plain fsync does not flush the drive's cache. On Linux both are `fdatasync`.)
+//! - `off`: no syncer. Commits are written to the OS page cache and the WAL is only fsynced
+//!   at checkpoints. An answered hit survives a crash or `kill -9` of tagrelay (the kernel
+//!   still holds the pages), but a power cut or kernel panic can lose the last commits since
+//!   the previous checkpoint. The database itself never corrupts in any mode.
+//!
+//! Checkpoints still sync the WAL before copying it and the database after (the
+//! checkpointer's connection and `synchronous = NORMAL` both do), so a WAL is never rewound
+//! over frames that are not yet in a synced database.
 //!
 //! Dispatcher writes (leases, acks, nacks, dead letters) go through the same writer thread
 //! and share the same group commits, so delivery adds few commits of its own. A commit with
-//! no hit's events in it is not fsynced (`synchronous = NORMAL` for that transaction): losing
-//! it to a power cut only means deliveries sent again, which delivery already allows (a crash
-//! between a vendor's answer and the ack does the same), and the next hit's commit fsyncs the
-//! WAL with it. Those commits then neither spend the writer's time in fsync nor make the next
-//! hit wait behind their flush.
+//! no hit's events in it waits for no fsync: losing it to a power cut only means deliveries
+//! sent again, which delivery already allows (a crash between a vendor's answer and the ack
+//! does the same), and the next hit's fsync covers it (an fsync flushes the whole file).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -38,6 +42,7 @@ use tokio::sync::{oneshot, Notify};
 
 use super::checkpoint::Checkpointer;
 use super::fresh::{FreshSet, Gauge};
+use super::syncer::Syncer;
 use super::writer::{self, Op};
 use super::{
     DeliveryStore, EnqueueError, HotQueue, LeasedRecord, NewEvent, Outbox, Settlement, StoreError,
@@ -190,8 +195,11 @@ pub(crate) struct Shared {
     pub reserved_records: AtomicU64,
     pub reserved_bytes: AtomicU64,
     pub commits: AtomicU64,
-    /// Commits that fsynced the WAL (the others had no hit's events in them).
+    /// Commits whose hits waited for an fsync of the WAL (the others had no hit's events in
+    /// them).
     pub synced_commits: AtomicU64,
+    /// fsyncs of the WAL for hits (one covers every commit handed over while the previous ran).
+    pub fsyncs: AtomicU64,
     pub last_full_log_ms: AtomicI64,
     pub wakeups: RwLock<HashMap<Arc<str>, Arc<Notify>>>,
     /// Dispatchers that take freshly committed records straight from the writer.
@@ -337,9 +345,24 @@ impl SqliteOutbox {
         let thread_shared = shared.clone();
         let checkpointer = Checkpointer::start(&path, cfg.fsync, shared.clone())
             .map_err(|e| format!("outbox `{}`: {e}", path.display()))?;
+        // From here on the writer's commits only reach the OS; the syncer makes hits' commits
+        // durable before they are answered, without holding the writer up.
+        let syncer = match cfg.fsync {
+            FsyncMode::Off => None,
+            FsyncMode::Batch | FsyncMode::Always => {
+                conn.pragma_update(None, "synchronous", "NORMAL")
+                    .map_err(ctx)?;
+                let mut wal = path.clone().into_os_string();
+                wal.push("-wal");
+                Some(
+                    Syncer::start(Path::new(&wal), shared.clone())
+                        .map_err(|e| format!("outbox `{}`: {e}", path.display()))?,
+                )
+            }
+        };
         let handle = std::thread::Builder::new()
             .name("outbox-writer".into())
-            .spawn(move || writer::run(conn, rx, thread_shared, settings, fresh))
+            .spawn(move || writer::run(conn, rx, thread_shared, settings, fresh, syncer))
             .map_err(|e| format!("outbox: cannot start writer thread: {e}"))?;
 
         Ok(Arc::new(SqliteOutbox {
@@ -366,9 +389,14 @@ impl SqliteOutbox {
         self.shared.commits.load(Ordering::Relaxed)
     }
 
-    /// Of those, the commits that fsynced the WAL.
+    /// Of those, the commits whose hits waited for an fsync of the WAL.
     pub fn synced_commit_count(&self) -> u64 {
         self.shared.synced_commits.load(Ordering::Relaxed)
+    }
+
+    /// fsyncs of the WAL made for hits since open.
+    pub fn fsync_count(&self) -> u64 {
+        self.shared.fsyncs.load(Ordering::Acquire)
     }
 
     /// Pending records and payload bytes as the back-pressure check sees them.

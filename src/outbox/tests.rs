@@ -450,12 +450,16 @@ async fn only_commits_with_hits_in_them_are_fsynced() {
     let outbox = SqliteOutbox::open(&cfg).await.unwrap();
     let counts = |o: &SqliteOutbox| (o.commit_count(), o.synced_commit_count());
     let (c0, s0) = counts(&outbox);
+    let f0 = outbox.fsync_count();
     outbox.enqueue(records("t", "e", 4)).await.unwrap();
     assert_eq!(
         counts(&outbox),
         (c0 + 1, s0 + 1),
         "a hit's commit is synced"
     );
+    // Answered only after the syncer's fsync of the WAL returned (the writer's own commits
+    // do not sync).
+    assert_eq!(outbox.fsync_count(), f0 + 1);
     let leased = outbox.lease("t", now_ms(), 4, 60_000).await.unwrap();
     outbox
         .settle(Settlement {
@@ -467,8 +471,14 @@ async fn only_commits_with_hits_in_them_are_fsynced() {
     let (c1, s1) = counts(&outbox);
     assert_eq!(s1, s0 + 1, "leases and acks alone are not synced");
     assert!(c1 >= c0 + 3, "{c1} commits");
+    assert_eq!(
+        outbox.fsync_count(),
+        f0 + 1,
+        "leases and acks alone are not synced"
+    );
     outbox.enqueue(records("t", "f", 1)).await.unwrap();
     assert_eq!(counts(&outbox).1, s1 + 1);
+    assert_eq!(outbox.fsync_count(), f0 + 2);
     outbox.close().await;
 
     // What those commits wrote is there after a reopen: three acked, two left.
@@ -490,7 +500,35 @@ async fn only_commits_with_hits_in_them_are_fsynced() {
         .unwrap();
     outbox.enqueue(records("t", "e", 1)).await.unwrap();
     assert_eq!(outbox.synced_commit_count(), 0);
+    assert_eq!(outbox.fsync_count(), 0);
     outbox.close().await;
+}
+
+#[tokio::test]
+async fn concurrent_hits_share_fsyncs_and_all_survive_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), FsyncMode::Batch);
+    let outbox = SqliteOutbox::open(&cfg).await.unwrap();
+    let hits: Vec<_> = (0..200)
+        .map(|i| {
+            let o = outbox.clone();
+            tokio::spawn(async move { o.enqueue(records("t", &format!("h{i}-"), 1)).await })
+        })
+        .collect();
+    for h in hits {
+        h.await.unwrap().unwrap();
+    }
+    let fsyncs = outbox.fsync_count();
+    assert!(
+        (1..=outbox.synced_commit_count()).contains(&fsyncs),
+        "{fsyncs} fsyncs for {} commits with hits",
+        outbox.synced_commit_count()
+    );
+    outbox.close().await;
+    let reopened = SqliteOutbox::open(&cfg).await.unwrap();
+    let leased = reopened.lease("t", now_ms(), 1_000, 60_000).await.unwrap();
+    assert_eq!(leased.len(), 200);
+    reopened.close().await;
 }
 
 #[tokio::test]

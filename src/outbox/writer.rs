@@ -16,6 +16,7 @@ use tokio::sync::oneshot;
 
 use super::fresh::{self, FreshSet};
 use super::sqlite::Shared;
+use super::syncer::{Syncer, Waiter};
 use super::{EnqueueError, HotQueue, LeasedRecord, NewEvent, Settlement, StoreError};
 use crate::config::FsyncMode;
 
@@ -167,8 +168,8 @@ const TOTALS: &str =
 pub(crate) struct State {
     fresh: FreshSet,
     fsync: FsyncMode,
-    /// Whether the connection's `synchronous` is FULL now (`None`: as configured at open).
-    synced: Option<bool>,
+    /// Makes hits' commits durable and answers them (`None` with `fsync = "off"`).
+    syncer: Option<Syncer>,
     /// When dead letters were last purged (`None`: not yet).
     purged: Option<Instant>,
     /// Reused for each event's `fresh` column.
@@ -238,6 +239,7 @@ pub(crate) fn run(
     shared: Arc<Shared>,
     s: Settings,
     fresh: FreshSet,
+    syncer: Option<Syncer>,
 ) {
     // However the writer ends (closed, or a panic), the store stops reporting ready.
     struct NotOpenOnExit(Arc<Shared>);
@@ -257,7 +259,7 @@ pub(crate) fn run(
     let mut state = State {
         fresh,
         fsync: s.fsync,
-        synced: None,
+        syncer,
         purged: None,
         column: Vec::new(),
         positions_written: Instant::now(),
@@ -313,6 +315,8 @@ pub(crate) fn run(
             if let Err(e) = give_rows_to_all_out(&conn, &mut state.fresh) {
                 tracing::warn!(error = %e, "outbox: could not record deliveries in flight at close; they are sent again after restart");
             }
+            // Every hit handed to the syncer is answered before the close is.
+            drop(state.syncer.take());
             // Tidy shutdown: fold the WAL back into the database so the next start is quick.
             if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())) {
                 tracing::warn!(error = %e, "outbox: checkpoint at close failed (harmless)");
@@ -383,11 +387,6 @@ fn commit(conn: &mut Connection, batch: &mut Vec<Op>, shared: &Shared, state: &m
     let all_positions = state.positions_written.elapsed() >= POSITIONS_EVERY;
     let sync = sync_commit(batch, state.fsync);
     let result = (|| -> rusqlite::Result<Applied> {
-        if state.fsync != FsyncMode::Off && state.synced != Some(sync) {
-            // Outside a transaction it only sets how the next commits end.
-            conn.pragma_update(None, "synchronous", if sync { "FULL" } else { "NORMAL" })?;
-            state.synced = Some(sync);
-        }
         conn.execute_batch("BEGIN IMMEDIATE")?;
         let recounted = state.fresh.take_recount();
         if recounted {
@@ -464,8 +463,18 @@ fn commit(conn: &mut Connection, batch: &mut Vec<Op>, shared: &Shared, state: &m
                     .increment(*n);
                 shared.notify(tag);
             }
+            // Hits wait for the syncer's next fsync; the rest needs no sync (see `sync_commit`).
+            let mut waiting: Vec<Waiter> = Vec::new();
             for (op, reply) in batch.drain(..).zip(replies) {
-                answer(op, Ok(reply));
+                match (op, &state.syncer) {
+                    (Op::Enqueue { done, .. }, Some(_)) if sync => waiting.push(done),
+                    (op, _) => answer(op, Ok(reply)),
+                }
+            }
+            if let Some(syncer) = &state.syncer {
+                if !waiting.is_empty() {
+                    syncer.submit(waiting);
+                }
             }
         }
         Err(e) => {
@@ -481,8 +490,8 @@ fn commit(conn: &mut Connection, batch: &mut Vec<Op>, shared: &Shared, state: &m
     }
 }
 
-/// Whether a commit must fsync the WAL before its ops are answered: only hits wait for their
-/// events to be durable. Leases, acks, nacks and dead letters lost to a power cut come back as
+/// Whether a commit's hits must wait for an fsync of the WAL (by the syncer) before they are
+/// answered: only hits wait for their events to be durable. Leases, acks, nacks and dead letters lost to a power cut come back as
 /// deliveries sent again (as after a crash between a vendor's answer and its ack), and the next
 /// synced commit makes them durable too: fsync covers the whole WAL. With `fsync = "off"`
 /// nothing is synced at commit anyway.

@@ -1,0 +1,215 @@
+//! Makes hits' commits durable off the writer thread.
+//!
+//! The writer commits with `synchronous = NORMAL` (its frames reach the OS, not the disk) and
+//! hands the hits of each commit here; this thread fsyncs the WAL file and only then answers
+//! them. While one fsync runs, the writer goes on committing the hits that arrived meanwhile,
+//! and the next fsync covers all of those commits at once: the disk's flush time overlaps the
+//! next group's work instead of stopping the writer. A hit is answered only by an fsync that
+//! began after its commit had returned, so an answered hit survives a power cut exactly as
+//! with SQLite's own `synchronous = FULL` (fsync works on the file, whatever descriptor asks).
+
+use std::fs::File;
+use std::io;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Arc};
+use std::thread::JoinHandle;
+
+use tokio::sync::oneshot;
+
+use super::sqlite::Shared;
+use super::EnqueueError;
+
+/// Answers an `enqueue` once its commit is durable.
+pub(crate) type Waiter = oneshot::Sender<Result<(), EnqueueError>>;
+
+/// How this thread makes the WAL durable (tests put a controllable one in).
+pub(crate) type SyncFn = Box<dyn FnMut() -> io::Result<()> + Send>;
+
+/// The running syncer; dropping it answers every hit handed to it (after one last fsync) and
+/// joins the thread.
+#[derive(Debug)]
+pub(crate) struct Syncer {
+    tx: Option<mpsc::Sender<Vec<Waiter>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Syncer {
+    /// Syncs the WAL file `wal` with `fdatasync`. The directory is synced once first, so the
+    /// WAL's own directory entry survives a power cut too.
+    pub(crate) fn start(wal: &Path, shared: Arc<Shared>) -> Result<Syncer, String> {
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .open(wal)
+            .map_err(|e| format!("cannot open `{}` to fsync it: {e}", wal.display()))?;
+        if let Some(dir) = wal.parent() {
+            sync_dir(dir).map_err(|e| format!("cannot fsync `{}`: {e}", dir.display()))?;
+        }
+        Self::with(Box::new(move || file.sync_data()), shared)
+    }
+
+    pub(crate) fn with(mut sync: SyncFn, shared: Arc<Shared>) -> Result<Syncer, String> {
+        let (tx, rx) = mpsc::channel::<Vec<Waiter>>();
+        let thread = std::thread::Builder::new()
+            .name("outbox-sync".into())
+            .spawn(move || {
+                while let Ok(mut waiters) = rx.recv() {
+                    // Every commit handed over so far has returned: one fsync covers them all.
+                    while let Ok(more) = rx.try_recv() {
+                        waiters.extend(more);
+                    }
+                    let result = sync();
+                    shared.fsyncs.fetch_add(1, Ordering::Release);
+                    metrics::counter!("tagrelay_outbox_fsyncs_total").increment(1);
+                    match result {
+                        Ok(()) => {
+                            for w in waiters {
+                                let _ = w.send(Ok(()));
+                            }
+                        }
+                        Err(e) => {
+                            // Whether those pages reached the disk is unknown: the hits are
+                            // refused (clients may send them again) rather than acknowledged.
+                            let msg = format!("fsync of the outbox WAL failed: {e}");
+                            tracing::error!(error = %e, hits = waiters.len(), "outbox: fsync failed; the hits waiting on it are refused");
+                            for w in waiters {
+                                let _ = w.send(Err(EnqueueError::Io(msg.clone())));
+                            }
+                        }
+                    }
+                }
+            })
+            .map_err(|e| format!("cannot start the outbox sync thread: {e}"))?;
+        Ok(Syncer {
+            tx: Some(tx),
+            thread: Some(thread),
+        })
+    }
+
+    /// Hands over the hits of a commit that has returned.
+    pub(crate) fn submit(&self, waiters: Vec<Waiter>) {
+        let Some(tx) = &self.tx else { return };
+        if let Err(mpsc::SendError(waiters)) = tx.send(waiters) {
+            // The thread is gone (it never panics on its own): nothing will fsync these.
+            for w in waiters {
+                let _ = w.send(Err(EnqueueError::Io(
+                    "the outbox sync thread stopped".into(),
+                )));
+            }
+        }
+    }
+}
+
+impl Drop for Syncer {
+    fn drop(&mut self) {
+        drop(self.tx.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    // Opening a directory read-only and fsyncing it is how POSIX makes an entry durable.
+    File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    /// A sync function that blocks until the test lets it go, counting calls.
+    fn gated() -> (SyncFn, mpsc::Sender<io::Result<()>>, Arc<Mutex<usize>>) {
+        let (go, gate) = mpsc::channel::<io::Result<()>>();
+        let calls = Arc::new(Mutex::new(0));
+        let c = calls.clone();
+        let f: SyncFn = Box::new(move || {
+            *c.lock().unwrap() += 1;
+            gate.recv().unwrap_or(Ok(()))
+        });
+        (f, go, calls)
+    }
+
+    fn waiter() -> (Waiter, oneshot::Receiver<Result<(), EnqueueError>>) {
+        oneshot::channel()
+    }
+
+    fn wait_for(mut cond: impl FnMut() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !cond() {
+            assert!(std::time::Instant::now() < deadline, "timed out");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn hits_are_answered_only_after_an_fsync_that_began_after_their_commit() {
+        let shared = Arc::new(Shared::default());
+        let (f, go, calls) = gated();
+        let syncer = Syncer::with(f, shared.clone()).unwrap();
+
+        let (a, mut ra) = waiter();
+        syncer.submit(vec![a]);
+        wait_for(|| *calls.lock().unwrap() == 1);
+        // Handed over while the first fsync runs: that fsync may have begun before their
+        // commit returned, so they wait for the next one.
+        let (b, mut rb) = waiter();
+        let (c, mut rc) = waiter();
+        syncer.submit(vec![b]);
+        syncer.submit(vec![c]);
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(ra.try_recv().is_err(), "answered before its fsync returned");
+
+        go.send(Ok(())).unwrap();
+        wait_for(|| *calls.lock().unwrap() == 2);
+        assert!(matches!(ra.try_recv(), Ok(Ok(()))));
+        assert!(rb.try_recv().is_err() && rc.try_recv().is_err());
+
+        // One fsync covers both later commits.
+        go.send(Ok(())).unwrap();
+        drop(syncer);
+        assert!(matches!(rb.try_recv(), Ok(Ok(()))));
+        assert!(matches!(rc.try_recv(), Ok(Ok(()))));
+        assert_eq!(*calls.lock().unwrap(), 2);
+        assert_eq!(shared.fsyncs.load(Ordering::Acquire), 2);
+    }
+
+    #[test]
+    fn a_failed_fsync_refuses_its_hits_and_later_ones_still_succeed() {
+        let shared = Arc::new(Shared::default());
+        let (f, go, calls) = gated();
+        let syncer = Syncer::with(f, shared).unwrap();
+        let (a, ra) = waiter();
+        syncer.submit(vec![a]);
+        wait_for(|| *calls.lock().unwrap() == 1);
+        go.send(Err(io::Error::other("EIO"))).unwrap();
+        match ra.blocking_recv() {
+            Ok(Err(EnqueueError::Io(msg))) => assert!(msg.contains("fsync"), "{msg}"),
+            other => panic!("{other:?}"),
+        }
+        let (b, rb) = waiter();
+        syncer.submit(vec![b]);
+        go.send(Ok(())).unwrap();
+        assert!(matches!(rb.blocking_recv(), Ok(Ok(()))));
+    }
+
+    #[test]
+    fn dropping_the_syncer_answers_everything_handed_to_it() {
+        let shared = Arc::new(Shared::default());
+        let syncer = Syncer::with(Box::new(|| Ok(())), shared).unwrap();
+        let rxs: Vec<_> = (0..10)
+            .map(|_| {
+                let (w, r) = waiter();
+                syncer.submit(vec![w]);
+                r
+            })
+            .collect();
+        drop(syncer);
+        for mut r in rxs {
+            assert!(matches!(r.try_recv(), Ok(Ok(()))));
+        }
+    }
+}
