@@ -11,10 +11,11 @@
 //!   its commit returned. An answered hit survives a process crash *and* a power cut / kernel
 //!   panic. While one fsync runs the writer commits the next group, and the next fsync
 //!   covers every commit made meanwhile: the cost is paid per fsync, never per event, and the
-//!   disk's flush time no longer stops the writer.
-//! - `always`: the same, and the writer never waits to gather a group. (With SQLite's own
-//!   sync this set `fullfsync`; Rust's `sync_data` already uses F_FULLFSYNC on macOS, where a
-//!   plain fsync does not flush the drive's cache. On Linux both are `fdatasync`.)
+//!   writer does not wait for the disk's flush of hits' commits. After a failed fsync the
+//!   store refuses hits and reports not ready until restarted (see `syncer`).
+//! - `always`: the same on Linux. On macOS, where a plain fsync does not flush the drive's
+//!   cache, checkpoints also use F_FULLFSYNC (`checkpoint_fullfsync`); the syncer's
+//!   `sync_data` uses it in both modes (that is what Rust's `sync_data` does there).
 //! - `off`: no syncer. Commits are written to the OS page cache and the WAL is only fsynced
 //!   at checkpoints. An answered hit survives a crash or `kill -9` of tagrelay (the kernel
 //!   still holds the pages), but a power cut or kernel panic can lose the last commits since
@@ -23,6 +24,11 @@
 //! Checkpoints still sync the WAL before copying it and the database after (the
 //! checkpointer's connection and `synchronous = NORMAL` both do), so a WAL is never rewound
 //! over frames that are not yet in a synced database.
+//!
+//! Deliveries may start before the fsync that makes their hit durable has returned (the
+//! dispatchers get committed records at once). A power cut or a failed fsync can then leave a
+//! vendor with an event whose hit was never acknowledged, which its sender may send again:
+//! at least once, as everywhere else in delivery.
 //!
 //! Dispatcher writes (leases, acks, nacks, dead letters) go through the same writer thread
 //! and share the same group commits, so delivery adds few commits of its own. A commit with

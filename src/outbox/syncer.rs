@@ -4,9 +4,15 @@
 //! hands the hits of each commit here; this thread fsyncs the WAL file and only then answers
 //! them. While one fsync runs, the writer goes on committing the hits that arrived meanwhile,
 //! and the next fsync covers all of those commits at once: the disk's flush time overlaps the
-//! next group's work instead of stopping the writer. A hit is answered only by an fsync that
-//! began after its commit had returned, so an answered hit survives a power cut exactly as
-//! with SQLite's own `synchronous = FULL` (fsync works on the file, whatever descriptor asks).
+//! next group's work instead of waiting for it. A hit is answered only by an fsync that began
+//! after its commit had returned, so an answered hit survives a power cut as with SQLite's own
+//! `synchronous = FULL` (fsync works on the file, whatever descriptor asks).
+//!
+//! One difference: with FULL a failed sync fails the commit, while here the commit has already
+//! happened. Later commits' frames chain onto frames that may never reach the disk (and Linux
+//! reports a failed write-back once, then calls the pages clean), so after a failed fsync no
+//! hit can be acknowledged safely: the store stops taking hits and reports not ready until
+//! tagrelay is restarted.
 
 use std::fs::File;
 use std::io;
@@ -35,17 +41,13 @@ pub(crate) struct Syncer {
 }
 
 impl Syncer {
-    /// Syncs the WAL file `wal` with `fdatasync`. The directory is synced once first, so the
-    /// WAL's own directory entry survives a power cut too.
+    /// Syncs the WAL file `wal` with `fdatasync` (F_FULLFSYNC on Apple platforms, as Rust's
+    /// `sync_data` does there). The file's directory entry is already durable: the store was
+    /// opened with `synchronous = FULL`, and SQLite's first sync of a new WAL syncs its
+    /// directory too.
     pub(crate) fn start(wal: &Path, shared: Arc<Shared>) -> Result<Syncer, String> {
-        let file = File::options()
-            .read(true)
-            .write(true)
-            .open(wal)
+        let file = File::open(wal)
             .map_err(|e| format!("cannot open `{}` to fsync it: {e}", wal.display()))?;
-        if let Some(dir) = wal.parent() {
-            sync_dir(dir).map_err(|e| format!("cannot fsync `{}`: {e}", dir.display()))?;
-        }
         Self::with(Box::new(move || file.sync_data()), shared)
     }
 
@@ -54,29 +56,28 @@ impl Syncer {
         let thread = std::thread::Builder::new()
             .name("outbox-sync".into())
             .spawn(move || {
+                // Set by a failed fsync: nothing is acknowledged after it.
+                let mut failed: Option<String> = None;
                 while let Ok(mut waiters) = rx.recv() {
                     // Every commit handed over so far has returned: one fsync covers them all.
                     while let Ok(more) = rx.try_recv() {
                         waiters.extend(more);
                     }
-                    let result = sync();
-                    shared.fsyncs.fetch_add(1, Ordering::Release);
-                    metrics::counter!("tagrelay_outbox_fsyncs_total").increment(1);
-                    match result {
-                        Ok(()) => {
-                            for w in waiters {
-                                let _ = w.send(Ok(()));
-                            }
+                    if failed.is_none() {
+                        let result = sync();
+                        shared.fsyncs.fetch_add(1, Ordering::Release);
+                        metrics::counter!("tagrelay_outbox_fsyncs_total").increment(1);
+                        if let Err(e) = result {
+                            shared.open.store(false, Ordering::Release);
+                            tracing::error!(error = %e, hits = waiters.len(), "outbox: fsync of the WAL failed; hits are refused and the server reports not ready until it is restarted");
+                            failed = Some(format!("fsync of the outbox WAL failed: {e}"));
                         }
-                        Err(e) => {
-                            // Whether those pages reached the disk is unknown: the hits are
-                            // refused (clients may send them again) rather than acknowledged.
-                            let msg = format!("fsync of the outbox WAL failed: {e}");
-                            tracing::error!(error = %e, hits = waiters.len(), "outbox: fsync failed; the hits waiting on it are refused");
-                            for w in waiters {
-                                let _ = w.send(Err(EnqueueError::Io(msg.clone())));
-                            }
-                        }
+                    }
+                    for w in waiters {
+                        let _ = w.send(match &failed {
+                            None => Ok(()),
+                            Some(msg) => Err(EnqueueError::Io(msg.clone())),
+                        });
                     }
                 }
             })
@@ -108,11 +109,6 @@ impl Drop for Syncer {
             let _ = t.join();
         }
     }
-}
-
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    // Opening a directory read-only and fsyncing it is how POSIX makes an entry durable.
-    File::open(dir)?.sync_all()
 }
 
 #[cfg(test)]
@@ -178,10 +174,11 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_fsync_refuses_its_hits_and_later_ones_still_succeed() {
+    fn after_a_failed_fsync_no_hit_is_acknowledged_and_the_store_reports_not_ready() {
         let shared = Arc::new(Shared::default());
+        shared.open.store(true, Ordering::Release);
         let (f, go, calls) = gated();
-        let syncer = Syncer::with(f, shared).unwrap();
+        let syncer = Syncer::with(f, shared.clone()).unwrap();
         let (a, ra) = waiter();
         syncer.submit(vec![a]);
         wait_for(|| *calls.lock().unwrap() == 1);
@@ -190,10 +187,12 @@ mod tests {
             Ok(Err(EnqueueError::Io(msg))) => assert!(msg.contains("fsync"), "{msg}"),
             other => panic!("{other:?}"),
         }
+        assert!(!shared.open.load(Ordering::Acquire), "still reports ready");
+        // A later commit's frames may chain onto the lost ones: refused without another try.
         let (b, rb) = waiter();
         syncer.submit(vec![b]);
-        go.send(Ok(())).unwrap();
-        assert!(matches!(rb.blocking_recv(), Ok(Ok(()))));
+        assert!(matches!(rb.blocking_recv(), Ok(Err(EnqueueError::Io(_)))));
+        assert_eq!(*calls.lock().unwrap(), 1);
     }
 
     #[test]
