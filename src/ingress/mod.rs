@@ -51,6 +51,9 @@ pub enum HitError {
     Closed,
     #[error("could not store events")]
     Store,
+    /// Logged once where it happened, not per hit.
+    #[error("event storage failed; this server must be restarted")]
+    StoreFailed,
 }
 
 impl IntoResponse for HitError {
@@ -61,7 +64,9 @@ impl IntoResponse for HitError {
             HitError::Body(_) => StatusCode::BAD_REQUEST,
             HitError::NotClaimed(..) => StatusCode::NOT_FOUND,
             HitError::Origin(_) => StatusCode::FORBIDDEN,
-            HitError::Full(_) | HitError::Closed => StatusCode::SERVICE_UNAVAILABLE,
+            HitError::Full(_) | HitError::Closed | HitError::StoreFailed => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             HitError::Store => StatusCode::INTERNAL_SERVER_ERROR,
         };
         let text = self.to_string();
@@ -389,6 +394,7 @@ impl HitError {
             HitError::Full(_) => "outbox_full",
             HitError::Closed => "shutting_down",
             HitError::Store => "store",
+            HitError::StoreFailed => "store_failed",
         }
     }
 }
@@ -512,6 +518,7 @@ async fn handle_hit(
         let stored = ctx.state.outbox().enqueue(queued).await.map_err(|e| match e {
             EnqueueError::Full { retry_after_secs } => HitError::Full(retry_after_secs),
             EnqueueError::Closed => HitError::Closed,
+            EnqueueError::Failed(_) => HitError::StoreFailed,
             EnqueueError::Io(msg) => {
                 tracing::error!(error = %msg, "could not store events; hit answered 500 so the sender retries");
                 HitError::Store

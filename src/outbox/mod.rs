@@ -73,6 +73,9 @@ pub enum EnqueueError {
     Closed,
     #[error("outbox write failed: {0}")]
     Io(String),
+    /// The store stopped taking hits after a failure it cannot recover from while running.
+    #[error("outbox stopped: {0}")]
+    Failed(String),
 }
 
 /// A store operation other than enqueue failed.

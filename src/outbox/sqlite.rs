@@ -206,6 +206,8 @@ pub(crate) struct Shared {
     pub synced_commits: AtomicU64,
     /// fsyncs of the WAL for hits (one covers every commit handed over while the previous ran).
     pub fsyncs: AtomicU64,
+    /// Why the store stopped taking hits while the process runs on (a failed fsync).
+    pub failed: std::sync::OnceLock<String>,
     pub last_full_log_ms: AtomicI64,
     pub wakeups: RwLock<HashMap<Arc<str>, Arc<Notify>>>,
     /// Dispatchers that take freshly committed records straight from the writer.
@@ -255,7 +257,7 @@ impl Shared {
 #[derive(Debug)]
 pub struct SqliteOutbox {
     tx: mpsc::Sender<Op>,
-    shared: Arc<Shared>,
+    pub(crate) shared: Arc<Shared>,
     reader: Arc<Mutex<Connection>>,
     writer_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     checkpointer: Mutex<Option<Checkpointer>>,
@@ -493,6 +495,9 @@ impl Outbox for SqliteOutbox {
             return Ok(());
         }
         if !self.is_open() {
+            if let Some(msg) = self.shared.failed.get() {
+                return Err(EnqueueError::Failed(msg.clone()));
+            }
             return Err(EnqueueError::Closed);
         }
         let bytes: u64 = events

@@ -68,9 +68,13 @@ impl Syncer {
                         shared.fsyncs.fetch_add(1, Ordering::Release);
                         metrics::counter!("tagrelay_outbox_fsyncs_total").increment(1);
                         if let Err(e) = result {
+                            let msg = format!(
+                                "fsync of the outbox WAL failed ({e}); restart tagrelay"
+                            );
+                            let _ = shared.failed.set(msg.clone());
                             shared.open.store(false, Ordering::Release);
                             tracing::error!(error = %e, hits = waiters.len(), "outbox: fsync of the WAL failed; hits are refused and the server reports not ready until it is restarted");
-                            failed = Some(format!("fsync of the outbox WAL failed: {e}"));
+                            failed = Some(msg);
                         }
                     }
                     for w in waiters {
@@ -188,6 +192,7 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(!shared.open.load(Ordering::Acquire), "still reports ready");
+        assert!(shared.failed.get().is_some_and(|m| m.contains("restart")));
         // A later commit's frames may chain onto the lost ones: refused without another try.
         let (b, rb) = waiter();
         syncer.submit(vec![b]);

@@ -504,6 +504,26 @@ async fn only_commits_with_hits_in_them_are_fsynced() {
 }
 
 #[tokio::test]
+async fn after_a_failed_fsync_hits_are_refused_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = SqliteOutbox::open(&config(dir.path(), FsyncMode::Batch))
+        .await
+        .unwrap();
+    outbox.enqueue(records("t", "e", 1)).await.unwrap();
+    // What the syncer does when an fsync fails (see `syncer`).
+    let _ = outbox
+        .shared
+        .failed
+        .set("fsync of the outbox WAL failed (EIO); restart tagrelay".into());
+    outbox.shared.open.store(false, Ordering::Release);
+    assert!(!outbox.is_open());
+    match outbox.enqueue(records("t", "f", 1)).await {
+        Err(EnqueueError::Failed(msg)) => assert!(msg.contains("fsync"), "{msg}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
 async fn ack_nack_dead_letter_and_replay() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path(), FsyncMode::Off);
