@@ -158,7 +158,23 @@ struct Ring {
     bytes: usize,
     /// event id → sequence number of its trace, so delivery updates find it.
     by_event: HashMap<String, u64>,
+    /// Events of traced hits that are stored but whose trace is not recorded yet (the hit
+    /// still waits for its fsync): deliveries can finish first, and their updates wait here
+    /// for `record`. Oldest first in `early_order`, bounded by [`MAX_EARLY`].
+    early: HashMap<String, Vec<EarlyUpdate>>,
+    early_order: VecDeque<String>,
 }
+
+/// A delivery update for an event whose trace is not recorded yet.
+struct EarlyUpdate {
+    tag: String,
+    attempt: Option<Arc<Attempt>>,
+    outcome: TagOutcome,
+}
+
+/// Events awaiting their trace at most: a hit whose trace is never recorded (its client went
+/// away, its enqueue failed) leaves an entry that only this bound removes.
+const MAX_EARLY: usize = 4_096;
 
 impl Ring {
     fn by_seq(&mut self, seq: u64) -> Option<&mut (Arc<Trace>, usize)> {
@@ -196,6 +212,8 @@ impl Traces {
                 first_seq: 0,
                 bytes: 0,
                 by_event: HashMap::new(),
+                early: HashMap::new(),
+                early_order: VecDeque::new(),
             }),
             capacity: capacity.max(1),
             max_bytes: max_bytes.max(1024),
@@ -227,21 +245,67 @@ impl Traces {
         )
     }
 
-    pub fn record(&self, trace: Trace) {
-        let size = trace.estimated_bytes();
-        let seq = {
-            let Ok(mut ring) = self.ring.lock() else {
-                return;
-            };
-            let seq = ring.first_seq + ring.traces.len() as u64;
-            for t in &trace.tags {
-                if t.fired {
-                    ring.by_event.insert(t.event_id.clone(), seq);
+    /// Called before a traced hit's events are stored: updates for them that come before the
+    /// trace is recorded are kept for it.
+    pub fn expect<'a>(&self, event_ids: impl IntoIterator<Item = &'a str>) {
+        let Ok(mut guard) = self.ring.lock() else {
+            return;
+        };
+        let ring = &mut *guard;
+        for id in event_ids {
+            if ring.early.contains_key(id) {
+                continue;
+            }
+            ring.early.insert(id.to_owned(), Vec::new());
+            ring.early_order.push_back(id.to_owned());
+            while ring.early_order.len() > MAX_EARLY {
+                if let Some(old) = ring.early_order.pop_front() {
+                    ring.early.remove(&old);
                 }
             }
+        }
+        self.indexed
+            .store(ring.by_event.len() + ring.early.len(), Ordering::Relaxed);
+    }
+
+    pub fn record(&self, mut trace: Trace) {
+        let seq = {
+            let Ok(mut guard) = self.ring.lock() else {
+                return;
+            };
+            let ring = &mut *guard;
+            let seq = ring.first_seq + ring.traces.len() as u64;
+            let mut early_bytes = 0;
+            for t in trace.tags.iter_mut() {
+                if !t.fired {
+                    continue;
+                }
+                ring.by_event.insert(t.event_id.clone(), seq);
+                let Some(updates) = ring.early.get_mut(&t.event_id) else {
+                    continue;
+                };
+                for u in updates.iter().filter(|u| u.tag == t.tag) {
+                    if let Some(a) = &u.attempt {
+                        if t.attempts.len() >= MAX_ATTEMPTS_KEPT {
+                            t.attempts.remove(0);
+                        }
+                        t.attempts.push(a.clone());
+                        early_bytes += attempt_bytes(a);
+                    }
+                    t.outcome = u.outcome.clone();
+                }
+            }
+            if !ring.early.is_empty() {
+                for t in trace.tags.iter().filter(|t| t.fired) {
+                    ring.early.remove(&t.event_id);
+                }
+                let early = &ring.early;
+                ring.early_order.retain(|id| early.contains_key(id));
+            }
+            let size = trace.estimated_bytes() + early_bytes;
             ring.bytes += size;
             ring.traces.push_back((Arc::new(trace), size));
-            self.trim(&mut ring);
+            self.trim(ring);
             seq
         };
         // Fails only when no stream listens.
@@ -272,9 +336,7 @@ impl Traces {
         attempt: Option<Arc<Attempt>>,
         outcome: &TagOutcome,
     ) {
-        let attempt_size = attempt.as_ref().map_or(0, |a| {
-            a.request.body.len() + a.request.url.len() + a.response_body.len() + 200
-        });
+        let attempt_size = attempt.as_deref().map_or(0, attempt_bytes);
         let mut msgs = Vec::new();
         {
             let Ok(mut guard) = self.ring.lock() else {
@@ -286,6 +348,17 @@ impl Traces {
             for event_id in event_ids {
                 let event_id = event_id.as_ref();
                 let Some(&seq) = ring.by_event.get(event_id) else {
+                    if let Some(updates) = ring.early.get_mut(event_id) {
+                        // Bounded like a trace's attempts (a retry storm before the record).
+                        if updates.len() >= MAX_ATTEMPTS_KEPT * 2 {
+                            updates.remove(0);
+                        }
+                        updates.push(EarlyUpdate {
+                            tag: tag.to_owned(),
+                            attempt: attempt.clone(),
+                            outcome: outcome.clone(),
+                        });
+                    }
                     continue;
                 };
                 let Some((trace, size)) = ring.by_seq(seq) else {
@@ -351,7 +424,8 @@ impl Traces {
                 }
             }
         }
-        self.indexed.store(ring.by_event.len(), Ordering::Relaxed);
+        self.indexed
+            .store(ring.by_event.len() + ring.early.len(), Ordering::Relaxed);
     }
 
     /// Recent traces, newest first, filtered.
@@ -437,6 +511,11 @@ pub fn shorten_cookie_header(v: &str) -> String {
         })
         .collect::<Vec<_>>()
         .join("; ")
+}
+
+/// What an attempt adds to a trace's share of the ring's byte budget.
+fn attempt_bytes(a: &Attempt) -> usize {
+    a.request.body.len() + a.request.url.len() + a.response_body.len() + 200
 }
 
 /// The debug view watches deliveries through the outbox's observer hook.
@@ -578,6 +657,59 @@ mod tests {
         }
         drop(_guard);
         assert!(!t.wants(false));
+    }
+
+    fn attempt(outcome: &str) -> Attempt {
+        Attempt {
+            time_ms: 1,
+            request: RequestView {
+                method: "POST".into(),
+                url: "http://vendor/g/collect".into(),
+                headers: vec![],
+                body: String::new(),
+            },
+            status: Some(204),
+            response_body: String::new(),
+            latency_ms: 1,
+            outcome: outcome.into(),
+        }
+    }
+
+    #[test]
+    fn deliveries_that_finish_before_the_trace_is_recorded_still_show_in_it() {
+        let t = Traces::new(10, 1 << 20, TraceSampling::All);
+        assert!(!crate::outbox::DeliveryObserver::enabled(&*t));
+        t.expect(["e1"]);
+        // The dispatcher asks before it builds the views it reports.
+        assert!(crate::outbox::DeliveryObserver::enabled(&*t));
+        t.update(
+            "ga4",
+            "e1",
+            Some(attempt("delivered")),
+            TagOutcome::new("delivered", "HTTP 204"),
+        );
+        // Another tag's update, and an event no hit expects: neither lands in this trace.
+        t.update("meta", "e1", None, TagOutcome::new("retrying", "HTTP 503"));
+        t.update("ga4", "e9", None, TagOutcome::new("delivered", "HTTP 204"));
+        t.record(trace(1, ""));
+        let tt = &t.get("1").unwrap().tags[0];
+        assert_eq!(tt.outcome.state, "delivered");
+        assert_eq!(tt.attempts.len(), 1);
+        // Taken: nothing waits for the event any more, and later updates patch the trace.
+        t.update("ga4", "e1", None, TagOutcome::new("dead", "x"));
+        assert_eq!(t.get("1").unwrap().tags[0].outcome.state, "dead");
+        assert!(t.ring.lock().unwrap().early.is_empty());
+    }
+
+    #[test]
+    fn events_whose_trace_never_comes_are_forgotten_past_a_bound() {
+        let t = Traces::new(10, 1 << 20, TraceSampling::All);
+        let ids: Vec<String> = (0..MAX_EARLY + 10).map(|i| format!("x{i}")).collect();
+        t.expect(ids.iter().map(String::as_str));
+        let ring = t.ring.lock().unwrap();
+        assert_eq!(ring.early.len(), MAX_EARLY);
+        assert_eq!(ring.early_order.len(), MAX_EARLY);
+        assert!(!ring.early.contains_key("x0"), "the oldest goes first");
     }
 
     #[test]

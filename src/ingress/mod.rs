@@ -515,6 +515,13 @@ async fn handle_hit(
         t.cookies = cookies.clone();
     }
     if !queued.is_empty() {
+        if trace.is_some() {
+            // Deliveries can finish before this hit's trace is recorded (it waits for the
+            // fsync, they need not): their updates are kept for it.
+            ctx.state
+                .traces()
+                .expect(queued.iter().map(|q| q.event_id.as_str()));
+        }
         let stored = ctx.state.outbox().enqueue(queued).await.map_err(|e| match e {
             EnqueueError::Full { retry_after_secs } => HitError::Full(retry_after_secs),
             EnqueueError::Closed => HitError::Closed,
