@@ -160,7 +160,8 @@ struct Ring {
     by_event: HashMap<String, u64>,
     /// Events of traced hits that are stored but whose trace is not recorded yet (the hit
     /// still waits for its fsync): deliveries can finish first, and their updates wait here
-    /// for `record`. Oldest first in `early_order`, bounded by [`MAX_EARLY`].
+    /// for `record`. Oldest first in `early_order` (which may also name events taken since),
+    /// bounded by [`MAX_EARLY`].
     early: HashMap<String, Vec<EarlyUpdate>>,
     early_order: VecDeque<String>,
 }
@@ -258,11 +259,17 @@ impl Traces {
             }
             ring.early.insert(id.to_owned(), Vec::new());
             ring.early_order.push_back(id.to_owned());
-            while ring.early_order.len() > MAX_EARLY {
-                if let Some(old) = ring.early_order.pop_front() {
-                    ring.early.remove(&old);
-                }
+            // The order may still name events `record` took since: they count for nothing.
+            while ring.early.len() > MAX_EARLY {
+                let Some(old) = ring.early_order.pop_front() else {
+                    break;
+                };
+                ring.early.remove(&old);
             }
+        }
+        if ring.early_order.len() > 2 * MAX_EARLY {
+            let early = &ring.early;
+            ring.early_order.retain(|id| early.contains_key(id));
         }
         self.indexed
             .store(ring.by_event.len() + ring.early.len(), Ordering::Relaxed);
@@ -299,8 +306,6 @@ impl Traces {
                 for t in trace.tags.iter().filter(|t| t.fired) {
                     ring.early.remove(&t.event_id);
                 }
-                let early = &ring.early;
-                ring.early_order.retain(|id| early.contains_key(id));
             }
             let size = trace.estimated_bytes() + early_bytes;
             ring.bytes += size;
@@ -699,6 +704,12 @@ mod tests {
         t.update("ga4", "e1", None, TagOutcome::new("dead", "x"));
         assert_eq!(t.get("1").unwrap().tags[0].outcome.state, "dead");
         assert!(t.ring.lock().unwrap().early.is_empty());
+        // Ids `record` took, still named in the order, do not count against the bound.
+        let ids: Vec<String> = (0..MAX_EARLY).map(|i| format!("y{i}")).collect();
+        t.expect(ids.iter().map(String::as_str));
+        let ring = t.ring.lock().unwrap();
+        assert_eq!(ring.early.len(), MAX_EARLY);
+        assert!(ring.early.contains_key("y0"));
     }
 
     #[test]
