@@ -206,6 +206,8 @@ pub(crate) struct Shared {
     pub synced_commits: AtomicU64,
     /// fsyncs of the WAL for hits (one covers every commit handed over while the previous ran).
     pub fsyncs: AtomicU64,
+    /// Whether the syncer is inside an fsync now (the writer gathers hits only meanwhile).
+    pub syncing: AtomicBool,
     /// Why the store stopped taking hits while the process runs on (a failed fsync).
     pub failed: std::sync::OnceLock<String>,
     pub last_full_log_ms: AtomicI64,

@@ -64,7 +64,9 @@ impl Syncer {
                         waiters.extend(more);
                     }
                     if failed.is_none() {
+                        shared.syncing.store(true, Ordering::Release);
                         let result = sync();
+                        shared.syncing.store(false, Ordering::Release);
                         shared.fsyncs.fetch_add(1, Ordering::Release);
                         metrics::counter!("tagrelay_outbox_fsyncs_total").increment(1);
                         if let Err(e) = result {

@@ -201,6 +201,17 @@ fn dispatch_budget(hit_records: usize, closing: bool, commit_max_records: usize)
     }
 }
 
+/// Whether the writer should nap once more for hits before committing its group. Only hits
+/// are worth waiting for, only while they keep arriving, and never past `commit_interval`
+/// (`left`). With a syncer (`syncing` is `Some`), only while it is inside an fsync: hits
+/// committed now would wait for that fsync to end anyway, while with no fsync in flight a
+/// commit now starts theirs at once. `bench/run`, four alternating pairs: p99 at 25 % of max
+/// 2.9–3.4 ms against 3.5–5.3 ms, max 30.6k–35.5k hits/s against 27.2k–32.5k, for 7.0 KiB
+/// written per hit against 5.6 KiB (smaller groups when the disk is quick).
+fn keep_gathering(arrived: bool, left: Duration, empty: bool, syncing: Option<bool>) -> bool {
+    arrived && !left.is_zero() && !empty && syncing != Some(false)
+}
+
 /// Moves deferred ops into the group, oldest first, up to `budget` records; at least one op
 /// always goes, so nothing starves.
 fn admit(deferred: &mut VecDeque<Op>, budget: usize, batch: &mut Vec<Op>) {
@@ -280,8 +291,11 @@ pub(crate) fn run(
                 Err(mpsc::TryRecvError::Disconnected) => break,
                 Err(mpsc::TryRecvError::Empty) => {
                     let left = deadline.saturating_duration_since(Instant::now());
-                    // Only hits are worth waiting for.
-                    if !arrived || left.is_zero() || batch.is_empty() {
+                    let syncing = state
+                        .syncer
+                        .as_ref()
+                        .map(|_| shared.syncing.load(Ordering::Acquire));
+                    if !keep_gathering(arrived, left, batch.is_empty(), syncing) {
                         break;
                     }
                     std::thread::sleep(left.min(ARRIVAL_GAP));
@@ -1171,6 +1185,26 @@ mod tests {
         assert_eq!(admitted(200, false), 3, "more hits, more acks keep pace");
         assert_eq!(admitted(0, false), 4, "no hit waiting: a few slices");
         assert_eq!(admitted(1, true), 32, "closing flushes everything");
+    }
+
+    #[test]
+    fn the_writer_gathers_hits_only_while_an_fsync_is_in_flight() {
+        let ms = Duration::from_millis(1);
+        // No syncer (`fsync = "off"`): while hits keep coming, up to the interval.
+        assert!(keep_gathering(true, ms, false, None));
+        assert!(
+            !keep_gathering(false, ms, false, None),
+            "none came during the nap"
+        );
+        assert!(
+            !keep_gathering(true, Duration::ZERO, false, None),
+            "interval over"
+        );
+        assert!(!keep_gathering(true, ms, true, None), "no hit to wait with");
+        // With a syncer: only while it is inside an fsync.
+        assert!(keep_gathering(true, ms, false, Some(true)));
+        assert!(!keep_gathering(true, ms, false, Some(false)));
+        assert!(!keep_gathering(true, Duration::ZERO, false, Some(true)));
     }
 
     #[test]
