@@ -160,10 +160,92 @@ struct Ring {
     by_event: HashMap<String, u64>,
     /// Events of traced hits that are stored but whose trace is not recorded yet (the hit
     /// still waits for its fsync): deliveries can finish first, and their updates wait here
-    /// for `record`. Oldest first in `early_order` (which may also name events taken since),
-    /// bounded by [`MAX_EARLY`].
-    early: HashMap<String, Vec<EarlyUpdate>>,
-    early_order: VecDeque<String>,
+    /// for `record`.
+    early: Early,
+}
+
+/// Updates waiting for their trace, bounded by event count ([`MAX_EARLY`]), per tag
+/// ([`MAX_ATTEMPTS_KEPT`]) and by the bytes of their attempts (a quarter of the ring's budget;
+/// past it only outcomes are kept): a hit whose trace never comes (its client went away, the
+/// request timed out) leaves an entry that only these bounds remove.
+#[derive(Default)]
+struct Early {
+    /// event id → (generation, updates).
+    events: HashMap<String, (u64, Vec<EarlyUpdate>)>,
+    /// Oldest first; an entry whose generation no longer matches was taken since.
+    order: VecDeque<(u64, String)>,
+    next_gen: u64,
+    bytes: usize,
+}
+
+impl Early {
+    fn len(&self) -> usize {
+        self.events.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.events.is_empty()
+    }
+
+    fn expect(&mut self, id: &str) {
+        if self.events.contains_key(id) {
+            return;
+        }
+        self.next_gen += 1;
+        self.events
+            .insert(id.to_owned(), (self.next_gen, Vec::new()));
+        self.order.push_back((self.next_gen, id.to_owned()));
+        while self.events.len() > MAX_EARLY {
+            let Some((generation, old)) = self.order.pop_front() else {
+                break;
+            };
+            if self.events.get(&old).is_some_and(|(g, _)| *g == generation) {
+                self.take(&old);
+            }
+        }
+        if self.order.len() > 2 * MAX_EARLY {
+            let events = &self.events;
+            self.order
+                .retain(|(generation, id)| events.get(id).is_some_and(|(g, _)| g == generation));
+        }
+    }
+
+    /// Keeps an update if the event is expected; `false` if it is not.
+    fn push(
+        &mut self,
+        id: &str,
+        tag: &str,
+        attempt: Option<&Arc<Attempt>>,
+        outcome: &TagOutcome,
+        max_bytes: usize,
+    ) -> bool {
+        let Some((_, updates)) = self.events.get_mut(id) else {
+            return false;
+        };
+        if updates.iter().filter(|u| u.tag == tag).count() >= MAX_ATTEMPTS_KEPT {
+            if let Some(i) = updates.iter().position(|u| u.tag == tag) {
+                let old = updates.remove(i);
+                self.bytes -= old.attempt.as_deref().map_or(0, attempt_bytes);
+            }
+        }
+        let attempt = attempt.filter(|a| self.bytes + attempt_bytes(a) <= max_bytes);
+        self.bytes += attempt.map_or(0, |a| attempt_bytes(a));
+        updates.push(EarlyUpdate {
+            tag: tag.to_owned(),
+            attempt: attempt.cloned(),
+            outcome: outcome.clone(),
+        });
+        true
+    }
+
+    fn take(&mut self, id: &str) -> Option<Vec<EarlyUpdate>> {
+        let (_, updates) = self.events.remove(id)?;
+        self.bytes -= updates
+            .iter()
+            .map(|u| u.attempt.as_deref().map_or(0, attempt_bytes))
+            .sum::<usize>();
+        Some(updates)
+    }
 }
 
 /// A delivery update for an event whose trace is not recorded yet.
@@ -173,8 +255,7 @@ struct EarlyUpdate {
     outcome: TagOutcome,
 }
 
-/// Events awaiting their trace at most: a hit whose trace is never recorded (its client went
-/// away, its enqueue failed) leaves an entry that only this bound removes.
+/// Events awaiting their trace at most (see `Early`).
 const MAX_EARLY: usize = 4_096;
 
 impl Ring {
@@ -213,8 +294,7 @@ impl Traces {
                 first_seq: 0,
                 bytes: 0,
                 by_event: HashMap::new(),
-                early: HashMap::new(),
-                early_order: VecDeque::new(),
+                early: Early::default(),
             }),
             capacity: capacity.max(1),
             max_bytes: max_bytes.max(1024),
@@ -254,22 +334,7 @@ impl Traces {
         };
         let ring = &mut *guard;
         for id in event_ids {
-            if ring.early.contains_key(id) {
-                continue;
-            }
-            ring.early.insert(id.to_owned(), Vec::new());
-            ring.early_order.push_back(id.to_owned());
-            // The order may still name events `record` took since: they count for nothing.
-            while ring.early.len() > MAX_EARLY {
-                let Some(old) = ring.early_order.pop_front() else {
-                    break;
-                };
-                ring.early.remove(&old);
-            }
-        }
-        if ring.early_order.len() > 2 * MAX_EARLY {
-            let early = &ring.early;
-            ring.early_order.retain(|id| early.contains_key(id));
+            ring.early.expect(id);
         }
         self.indexed
             .store(ring.by_event.len() + ring.early.len(), Ordering::Relaxed);
@@ -282,13 +347,22 @@ impl Traces {
             };
             let ring = &mut *guard;
             let seq = ring.first_seq + ring.traces.len() as u64;
+            // An event's updates serve all its tags: taken once per event.
+            let mut taken: Vec<(String, Vec<EarlyUpdate>)> = Vec::new();
+            if !ring.early.is_empty() {
+                for t in trace.tags.iter().filter(|t| t.fired) {
+                    if let Some(updates) = ring.early.take(&t.event_id) {
+                        taken.push((t.event_id.clone(), updates));
+                    }
+                }
+            }
             let mut early_bytes = 0;
             for t in trace.tags.iter_mut() {
                 if !t.fired {
                     continue;
                 }
                 ring.by_event.insert(t.event_id.clone(), seq);
-                let Some(updates) = ring.early.get_mut(&t.event_id) else {
+                let Some((_, updates)) = taken.iter().find(|(id, _)| *id == t.event_id) else {
                     continue;
                 };
                 for u in updates.iter().filter(|u| u.tag == t.tag) {
@@ -300,11 +374,6 @@ impl Traces {
                         early_bytes += attempt_bytes(a);
                     }
                     t.outcome = u.outcome.clone();
-                }
-            }
-            if !ring.early.is_empty() {
-                for t in trace.tags.iter().filter(|t| t.fired) {
-                    ring.early.remove(&t.event_id);
                 }
             }
             let size = trace.estimated_bytes() + early_bytes;
@@ -352,18 +421,15 @@ impl Traces {
             let mut added_bytes = 0;
             for event_id in event_ids {
                 let event_id = event_id.as_ref();
+                // First: a sender may reuse an event id (a retried hit), and an older trace of
+                // it may still be in the ring; the hit waiting for its trace is the newer.
+                if ring
+                    .early
+                    .push(event_id, tag, attempt.as_ref(), outcome, self.max_bytes / 4)
+                {
+                    continue;
+                }
                 let Some(&seq) = ring.by_event.get(event_id) else {
-                    if let Some(updates) = ring.early.get_mut(event_id) {
-                        // Bounded like a trace's attempts (a retry storm before the record).
-                        if updates.len() >= MAX_ATTEMPTS_KEPT * 2 {
-                            updates.remove(0);
-                        }
-                        updates.push(EarlyUpdate {
-                            tag: tag.to_owned(),
-                            attempt: attempt.clone(),
-                            outcome: outcome.clone(),
-                        });
-                    }
                     continue;
                 };
                 let Some((trace, size)) = ring.by_seq(seq) else {
@@ -709,7 +775,47 @@ mod tests {
         t.expect(ids.iter().map(String::as_str));
         let ring = t.ring.lock().unwrap();
         assert_eq!(ring.early.len(), MAX_EARLY);
-        assert!(ring.early.contains_key("y0"));
+        assert!(ring.early.events.contains_key("y0"));
+    }
+
+    #[test]
+    fn a_reused_event_id_updates_the_hit_that_waits_not_the_older_trace() {
+        let t = Traces::new(10, 1 << 20, TraceSampling::All);
+        t.record(trace(1, ""));
+        t.update("ga4", "e1", None, TagOutcome::new("retrying", "HTTP 503"));
+        // The sender sends the same event again; its trace is not recorded yet.
+        t.expect(["e1"]);
+        t.update("ga4", "e1", None, TagOutcome::new("delivered", "HTTP 204"));
+        assert_eq!(t.get("1").unwrap().tags[0].outcome.state, "retrying");
+        let mut again = trace(1, "");
+        again.id = "2".into();
+        t.record(again);
+        assert_eq!(t.get("2").unwrap().tags[0].outcome.state, "delivered");
+    }
+
+    #[test]
+    fn waiting_attempts_are_bounded_by_bytes_and_per_tag() {
+        // A quarter of 64 KiB: a few 8 KB attempts, then outcomes only.
+        let t = Traces::new(10, 64 * 1024, TraceSampling::All);
+        t.expect(["e1"]);
+        let mut big = attempt("retrying");
+        big.response_body = "x".repeat(8_000);
+        for _ in 0..(MAX_ATTEMPTS_KEPT + 5) {
+            t.update(
+                "ga4",
+                "e1",
+                Some(big.clone()),
+                TagOutcome::new("retrying", "HTTP 503"),
+            );
+        }
+        {
+            let ring = t.ring.lock().unwrap();
+            assert!(ring.early.bytes <= 16 * 1024, "{}", ring.early.bytes);
+            assert_eq!(ring.early.events["e1"].1.len(), MAX_ATTEMPTS_KEPT);
+        }
+        t.record(trace(1, ""));
+        assert_eq!(t.ring.lock().unwrap().early.bytes, 0);
+        assert_eq!(t.get("1").unwrap().tags[0].outcome.state, "retrying");
     }
 
     #[test]
@@ -719,8 +825,11 @@ mod tests {
         t.expect(ids.iter().map(String::as_str));
         let ring = t.ring.lock().unwrap();
         assert_eq!(ring.early.len(), MAX_EARLY);
-        assert_eq!(ring.early_order.len(), MAX_EARLY);
-        assert!(!ring.early.contains_key("x0"), "the oldest goes first");
+        assert_eq!(ring.early.order.len(), MAX_EARLY);
+        assert!(
+            !ring.early.events.contains_key("x0"),
+            "the oldest goes first"
+        );
     }
 
     #[test]

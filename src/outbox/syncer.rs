@@ -82,7 +82,8 @@ impl Syncer {
                     for w in waiters {
                         let _ = w.send(match &failed {
                             None => Ok(()),
-                            Some(msg) => Err(EnqueueError::Io(msg.clone())),
+                            // Refused like every later hit (503, logged once above).
+                            Some(msg) => Err(EnqueueError::Failed(msg.clone())),
                         });
                     }
                 }
@@ -190,7 +191,7 @@ mod tests {
         wait_for(|| *calls.lock().unwrap() == 1);
         go.send(Err(io::Error::other("EIO"))).unwrap();
         match ra.blocking_recv() {
-            Ok(Err(EnqueueError::Io(msg))) => assert!(msg.contains("fsync"), "{msg}"),
+            Ok(Err(EnqueueError::Failed(msg))) => assert!(msg.contains("fsync"), "{msg}"),
             other => panic!("{other:?}"),
         }
         assert!(!shared.open.load(Ordering::Acquire), "still reports ready");
@@ -198,7 +199,7 @@ mod tests {
         // A later commit's frames may chain onto the lost ones: refused without another try.
         let (b, rb) = waiter();
         syncer.submit(vec![b]);
-        assert!(matches!(rb.blocking_recv(), Ok(Err(EnqueueError::Io(_)))));
+        assert!(matches!(rb.blocking_recv(), Ok(Err(EnqueueError::Failed(_)))));
         assert_eq!(*calls.lock().unwrap(), 1);
     }
 
