@@ -199,7 +199,10 @@ mod tests {
         // A later commit's frames may chain onto the lost ones: refused without another try.
         let (b, rb) = waiter();
         syncer.submit(vec![b]);
-        assert!(matches!(rb.blocking_recv(), Ok(Err(EnqueueError::Failed(_)))));
+        assert!(matches!(
+            rb.blocking_recv(),
+            Ok(Err(EnqueueError::Failed(_)))
+        ));
         assert_eq!(*calls.lock().unwrap(), 1);
     }
 
