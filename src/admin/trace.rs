@@ -80,6 +80,16 @@ impl Trace {
     }
 }
 
+impl TagTrace {
+    /// A retry storm must not grow a trace without bound: the latest few attempts stay.
+    fn keep_attempt(&mut self, a: Arc<Attempt>) {
+        if self.attempts.len() >= MAX_ATTEMPTS_KEPT {
+            self.attempts.remove(0);
+        }
+        self.attempts.push(a);
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct TagTrace {
     pub tag: String,
@@ -259,6 +269,11 @@ struct EarlyUpdate {
 const MAX_EARLY: usize = 4_096;
 
 impl Ring {
+    /// Events whose delivery updates a trace takes, recorded or awaited.
+    fn indexed(&self) -> usize {
+        self.by_event.len() + self.early.len()
+    }
+
     fn by_seq(&mut self, seq: u64) -> Option<&mut (Arc<Trace>, usize)> {
         let i = usize::try_from(seq.checked_sub(self.first_seq)?).ok()?;
         self.traces.get_mut(i)
@@ -336,8 +351,7 @@ impl Traces {
         for id in event_ids {
             ring.early.expect(id);
         }
-        self.indexed
-            .store(ring.by_event.len() + ring.early.len(), Ordering::Relaxed);
+        self.indexed.store(ring.indexed(), Ordering::Relaxed);
     }
 
     pub fn record(&self, mut trace: Trace) {
@@ -365,12 +379,12 @@ impl Traces {
                 let Some((_, updates)) = taken.iter().find(|(id, _)| *id == t.event_id) else {
                     continue;
                 };
-                for u in updates.iter().filter(|u| u.tag == t.tag) {
+                for u in updates.iter() {
+                    if u.tag != t.tag {
+                        continue;
+                    }
                     if let Some(a) = &u.attempt {
-                        if t.attempts.len() >= MAX_ATTEMPTS_KEPT {
-                            t.attempts.remove(0);
-                        }
-                        t.attempts.push(a.clone());
+                        t.keep_attempt(a.clone());
                         early_bytes += attempt_bytes(a);
                     }
                     t.outcome = u.outcome.clone();
@@ -446,11 +460,7 @@ impl Traces {
                 let trace = Arc::make_mut(trace);
                 let tt = &mut trace.tags[k];
                 if let Some(a) = &attempt {
-                    // A retry storm must not grow a trace without bound: keep the latest few.
-                    if tt.attempts.len() >= MAX_ATTEMPTS_KEPT {
-                        tt.attempts.remove(0);
-                    }
-                    tt.attempts.push(a.clone());
+                    tt.keep_attempt(a.clone());
                     let added = if charged.contains(&seq) {
                         64
                     } else {
@@ -495,8 +505,7 @@ impl Traces {
                 }
             }
         }
-        self.indexed
-            .store(ring.by_event.len() + ring.early.len(), Ordering::Relaxed);
+        self.indexed.store(ring.indexed(), Ordering::Relaxed);
     }
 
     /// Recent traces, newest first, filtered.

@@ -208,7 +208,8 @@ pub(crate) struct Shared {
     pub fsyncs: AtomicU64,
     /// Whether the syncer is inside an fsync now (the writer gathers hits only meanwhile).
     pub syncing: AtomicBool,
-    /// Why the store stopped taking hits while the process runs on (a failed fsync).
+    /// Why the store stopped taking hits while the process runs on (a failed fsync); set
+    /// through [`Shared::stop_taking_hits`].
     pub failed: std::sync::OnceLock<String>,
     pub last_full_log_ms: AtomicI64,
     pub wakeups: RwLock<HashMap<Arc<str>, Arc<Notify>>>,
@@ -222,6 +223,14 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// After a failure that makes acknowledging hits unsafe: the store refuses hits with
+    /// `reason` and reports not ready until tagrelay is restarted.
+    pub fn stop_taking_hits(&self, reason: String) {
+        let _ = self.failed.set(reason);
+        // After `failed`: whoever sees the store closed finds the reason.
+        self.open.store(false, Ordering::Release);
+    }
+
     pub fn wakeup(&self, tag: &str) -> Arc<Notify> {
         if let Ok(map) = self.wakeups.read() {
             if let Some(n) = map.get(tag) {
@@ -350,7 +359,6 @@ impl SqliteOutbox {
             dead_letter_max_records: (cfg.dead_letter_max_records > 0)
                 .then_some(cfg.dead_letter_max_records),
             purge_every: PURGE_EVERY,
-            fsync: cfg.fsync,
         };
         let thread_shared = shared.clone();
         let checkpointer = Checkpointer::start(&path, cfg.fsync, shared.clone())

@@ -56,31 +56,27 @@ impl Syncer {
         let thread = std::thread::Builder::new()
             .name("outbox-sync".into())
             .spawn(move || {
-                // Set by a failed fsync: nothing is acknowledged after it.
-                let mut failed: Option<String> = None;
                 while let Ok(mut waiters) = rx.recv() {
                     // Every commit handed over so far has returned: one fsync covers them all.
                     while let Ok(more) = rx.try_recv() {
                         waiters.extend(more);
                     }
-                    if failed.is_none() {
+                    // After a failed fsync nothing is acknowledged (see the module docs).
+                    if shared.failed.get().is_none() {
                         shared.syncing.store(true, Ordering::Release);
                         let result = sync();
                         shared.syncing.store(false, Ordering::Release);
                         shared.fsyncs.fetch_add(1, Ordering::Release);
                         metrics::counter!("tagrelay_outbox_fsyncs_total").increment(1);
                         if let Err(e) = result {
-                            let msg = format!(
-                                "fsync of the outbox WAL failed ({e}); restart tagrelay"
-                            );
-                            let _ = shared.failed.set(msg.clone());
-                            shared.open.store(false, Ordering::Release);
                             tracing::error!(error = %e, hits = waiters.len(), "outbox: fsync of the WAL failed; hits are refused and the server reports not ready until it is restarted");
-                            failed = Some(msg);
+                            shared.stop_taking_hits(format!(
+                                "fsync of the outbox WAL failed ({e}); restart tagrelay"
+                            ));
                         }
                     }
                     for w in waiters {
-                        let _ = w.send(match &failed {
+                        let _ = w.send(match shared.failed.get() {
                             None => Ok(()),
                             // Refused like every later hit (503, logged once above).
                             Some(msg) => Err(EnqueueError::Failed(msg.clone())),

@@ -511,11 +511,9 @@ async fn after_a_failed_fsync_hits_are_refused_with_the_reason() {
         .unwrap();
     outbox.enqueue(records("t", "e", 1)).await.unwrap();
     // What the syncer does when an fsync fails (see `syncer`).
-    let _ = outbox
+    outbox
         .shared
-        .failed
-        .set("fsync of the outbox WAL failed (EIO); restart tagrelay".into());
-    outbox.shared.open.store(false, Ordering::Release);
+        .stop_taking_hits("fsync of the outbox WAL failed (EIO); restart tagrelay".into());
     assert!(!outbox.is_open());
     match outbox.enqueue(records("t", "f", 1)).await {
         Err(EnqueueError::Failed(msg)) => assert!(msg.contains("fsync"), "{msg}"),

@@ -18,7 +18,6 @@ use super::fresh::{self, FreshSet};
 use super::sqlite::Shared;
 use super::syncer::{Syncer, Waiter};
 use super::{EnqueueError, HotQueue, LeasedRecord, NewEvent, Settlement, StoreError};
-use crate::config::FsyncMode;
 
 pub(crate) enum Op {
     Enqueue {
@@ -114,7 +113,6 @@ pub(crate) struct Settings {
     pub dead_letter_max_age: Option<Duration>,
     pub dead_letter_max_records: Option<u64>,
     pub purge_every: Duration,
-    pub fsync: FsyncMode,
 }
 
 /// Dead letters deleted per purge step at most: a step never holds hits up for long.
@@ -167,7 +165,6 @@ const TOTALS: &str =
 /// The writer thread's own state besides the connection.
 pub(crate) struct State {
     fresh: FreshSet,
-    fsync: FsyncMode,
     /// Makes hits' commits durable and answers them (`None` with `fsync = "off"`).
     syncer: Option<Syncer>,
     /// When dead letters were last purged (`None`: not yet).
@@ -269,7 +266,6 @@ pub(crate) fn run(
     let mut close = None;
     let mut state = State {
         fresh,
-        fsync: s.fsync,
         syncer,
         purged: None,
         column: Vec::new(),
@@ -399,7 +395,7 @@ fn commit(conn: &mut Connection, batch: &mut Vec<Op>, shared: &Shared, state: &m
     let mut delta = Delta::default();
     let mut positions = Vec::new();
     let all_positions = state.positions_written.elapsed() >= POSITIONS_EVERY;
-    let sync = sync_commit(batch, state.fsync);
+    let sync = state.syncer.is_some() && has_hits(batch);
     let result = (|| -> rusqlite::Result<Applied> {
         conn.execute_batch("BEGIN IMMEDIATE")?;
         let recounted = state.fresh.take_recount();
@@ -477,18 +473,16 @@ fn commit(conn: &mut Connection, batch: &mut Vec<Op>, shared: &Shared, state: &m
                     .increment(*n);
                 shared.notify(tag);
             }
-            // Hits wait for the syncer's next fsync; the rest needs no sync (see `sync_commit`).
+            // Hits wait for the syncer's next fsync; the rest needs no sync (see `has_hits`).
             let mut waiting: Vec<Waiter> = Vec::new();
             for (op, reply) in batch.drain(..).zip(replies) {
-                match (op, &state.syncer) {
-                    (Op::Enqueue { done, .. }, Some(_)) if sync => waiting.push(done),
-                    (op, _) => answer(op, Ok(reply)),
+                match op {
+                    Op::Enqueue { done, .. } if sync => waiting.push(done),
+                    op => answer(op, Ok(reply)),
                 }
             }
-            if let Some(syncer) = &state.syncer {
-                if !waiting.is_empty() {
-                    syncer.submit(waiting);
-                }
+            if let (Some(syncer), false) = (&state.syncer, waiting.is_empty()) {
+                syncer.submit(waiting);
             }
         }
         Err(e) => {
@@ -504,13 +498,13 @@ fn commit(conn: &mut Connection, batch: &mut Vec<Op>, shared: &Shared, state: &m
     }
 }
 
-/// Whether a commit's hits must wait for an fsync of the WAL (by the syncer) before they are
-/// answered: only hits wait for their events to be durable. Leases, acks, nacks and dead letters lost to a power cut come back as
-/// deliveries sent again (as after a crash between a vendor's answer and its ack), and the next
-/// synced commit makes them durable too: fsync covers the whole WAL. With `fsync = "off"`
-/// nothing is synced at commit anyway.
-fn sync_commit(batch: &[Op], fsync: FsyncMode) -> bool {
-    fsync != FsyncMode::Off && batch.iter().any(|op| matches!(op, Op::Enqueue { .. }))
+/// Whether a commit carries hits, which wait for the syncer's fsync of the WAL before they are
+/// answered: only hits wait for their events to be durable. Leases, acks, nacks and dead
+/// letters lost to a power cut come back as deliveries sent again (as after a crash between a
+/// vendor's answer and its ack), and the next hit's fsync makes them durable too: fsync covers
+/// the whole WAL.
+fn has_hits(batch: &[Op]) -> bool {
+    batch.iter().any(|op| matches!(op, Op::Enqueue { .. }))
 }
 
 fn release(shared: &Shared, records: u64, bytes: u64) {
