@@ -64,8 +64,11 @@ impl Syncer {
                     // After a failed fsync nothing is acknowledged (see the module docs).
                     if shared.failed.get().is_none() {
                         shared.syncing.store(true, Ordering::Release);
+                        let started = std::time::Instant::now();
                         let result = sync();
                         shared.syncing.store(false, Ordering::Release);
+                        metrics::histogram!("tagrelay_outbox_fsync_duration_seconds")
+                            .record(started.elapsed().as_secs_f64());
                         shared.fsyncs.fetch_add(1, Ordering::Release);
                         metrics::counter!("tagrelay_outbox_fsyncs_total").increment(1);
                         if let Err(e) = result {

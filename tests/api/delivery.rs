@@ -514,6 +514,9 @@ async fn a_hits_commit_is_synced_and_its_acks_commit_is_not() {
             && text
                 .lines()
                 .any(|l| l.starts_with("tagrelay_outbox_fsyncs_total "))
+            && text
+                .lines()
+                .any(|l| l.starts_with("tagrelay_outbox_fsync_duration_seconds_count "))
         {
             break;
         }
