@@ -18,6 +18,12 @@ pub fn parse_cookie_header(header: &str) -> impl Iterator<Item = (&str, &str)> +
 
 /// First value of cookie `name` in a `Cookie` header.
 pub fn cookie_value<'a>(header: &'a str, name: &str) -> Option<&'a str> {
+    // Names are compared raw, so a header that does not contain `name` cannot hold it, and
+    // one substring search is much cheaper than splitting every cookie out: this runs on every
+    // hit for cookies most visitors lack (the debug cookie, for one).
+    if !header.contains(name) {
+        return None;
+    }
     parse_cookie_header(header).find_map(|(n, v)| (n == name).then_some(v))
 }
 

@@ -233,6 +233,11 @@ fn cookie_header_parsing_is_forgiving() {
     );
     assert_eq!(cookie_value(h, "a"), Some("1"), "first wins");
     assert_eq!(cookie_value(h, "missing"), None);
+    // The name inside another cookie's name or value is not that cookie.
+    let h = "x=tagrelay_debug; tagrelay_debug_old=1; tagrelay_debug=on";
+    assert_eq!(cookie_value(h, "tagrelay_debug"), Some("on"));
+    assert_eq!(cookie_value("x=tagrelay_debug", "tagrelay_debug"), None);
+    assert_eq!(cookie_value("tagrelay_debug_old=1", "tagrelay_debug"), None);
     assert_eq!(parse_cookie_header("").count(), 0);
     assert_eq!(parse_cookie_header(";;;  ;").count(), 0);
 }
