@@ -484,19 +484,36 @@ pub fn validate_field_path(path: &str) -> Result<(), String> {
     Err(format!("unknown field `{path}`{hint}"))
 }
 
-/// Room reserved for an event's stored JSON: a GA4 page_view with cookies comes to ~1.0–1.1
-/// KiB, so most payloads are written without growing the buffer. `serde_json::to_vec` starts at
-/// 128 bytes and doubles, which cost every event four allocations and the copies between them.
+/// Room reserved for an event's stored payload: a GA4 page_view with cookies comes to ~0.9
+/// KiB, so most payloads are written without growing the buffer.
 const PAYLOAD_CAPACITY: usize = 1536;
-/// About the size of a typical event's stored JSON, for estimates where none was written.
-pub const TYPICAL_PAYLOAD_BYTES: usize = 1_100;
+/// About the size of a typical event's stored payload, for estimates where none was written.
+pub const TYPICAL_PAYLOAD_BYTES: usize = 900;
+
+/// Reads a stored payload: MessagePack as written since the payload format changed, or JSON
+/// as stores from before hold (a JSON object starts with `{`, which no MessagePack map does).
+pub fn decode_payload<T: serde::de::DeserializeOwned>(payload: &[u8]) -> Result<T, String> {
+    if payload.first() == Some(&b'{') {
+        serde_json::from_slice(payload).map_err(|e| e.to_string())
+    } else {
+        rmp_serde::from_slice(payload).map_err(|e| e.to_string())
+    }
+}
 
 impl Event {
-    /// The event as the outbox stores it (JSON).
-    pub fn to_payload(&self) -> serde_json::Result<Vec<u8>> {
+    /// The event as the outbox stores it: MessagePack with field names (a map, so fields can
+    /// be added or retired like in JSON). Not JSON because escaping every string byte by
+    /// byte made serializing the event a fifth of a hit's instructions (callgrind);
+    /// MessagePack copies strings whole and is ~20 % smaller.
+    pub fn to_payload(&self) -> Result<Vec<u8>, rmp_serde::encode::Error> {
         let mut buf = Vec::with_capacity(PAYLOAD_CAPACITY);
-        serde_json::to_writer(&mut buf, self)?;
+        rmp_serde::encode::write_named(&mut buf, self)?;
         Ok(buf)
+    }
+
+    /// An event from its stored payload (either format, see [`decode_payload`]).
+    pub fn from_payload(payload: &[u8]) -> Result<Event, String> {
+        decode_payload(payload)
     }
 
     /// Reads a field by its GTM-SS path (`page_location`, `user_data.address.city`,
@@ -720,17 +737,52 @@ mod tests {
     }
 
     #[test]
-    fn the_stored_payload_is_the_events_json_and_reads_back_whole() {
-        let e = sample();
+    fn the_stored_payload_reads_back_whole_in_either_format() {
+        let mut e = sample();
+        // Every kind of parameter value survives the binary format as it did JSON.
+        let params = serde_json::json!({
+            "nested": {"a": [1, -2, 3.5, true, null, "x"]},
+            "big": u64::MAX,
+            "neg": i64::MIN,
+            "float": 0.1,
+            "whole_float": 2.0,
+            "empty": "",
+            "unicode": "Café \u{1F600} \"quoted\"\n",
+        });
+        if let serde_json::Value::Object(m) = params {
+            e.params.extend(m);
+        }
         let stored = e.to_payload().unwrap();
-        assert_eq!(stored, serde_json::to_vec(&e).unwrap());
-        assert_eq!(serde_json::from_slice::<Event>(&stored).unwrap(), e);
+        assert_ne!(
+            stored.first(),
+            Some(&b'{'),
+            "new payloads are never read as JSON"
+        );
+        assert_eq!(Event::from_payload(&stored).unwrap(), e);
+        // What stores from before hold (JSON) still reads.
+        let old = serde_json::to_vec(&e).unwrap();
+        assert_eq!(Event::from_payload(&old).unwrap(), e);
+        assert!(
+            stored.len() < old.len(),
+            "{} vs {}",
+            stored.len(),
+            old.len()
+        );
         // Bigger than the reserved room still comes out whole.
         let mut big = sample();
         big.page_title = Some("t".repeat(4 * PAYLOAD_CAPACITY));
         let stored = big.to_payload().unwrap();
         assert!(stored.len() > 4 * PAYLOAD_CAPACITY);
-        assert_eq!(serde_json::from_slice::<Event>(&stored).unwrap(), big);
+        assert_eq!(Event::from_payload(&stored).unwrap(), big);
+        // Damaged payloads are errors, not panics.
+        for bad in [
+            &b""[..],
+            b"{not json",
+            b"\x81\xa5",
+            &stored[..stored.len() / 2],
+        ] {
+            assert!(Event::from_payload(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -713,7 +713,7 @@ async fn deliver(
     for (i, rec) in batch.iter().enumerate() {
         let parsed = match &rec.event {
             Some(ev) => Ok(ev.clone()),
-            None => serde_json::from_slice::<Event>(&rec.payload).map(Arc::new),
+            None => Event::from_payload(&rec.payload).map(Arc::new),
         };
         match parsed {
             Ok(ev) => {

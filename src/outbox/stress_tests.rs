@@ -31,7 +31,7 @@ fn payload(event_id: &str) -> Bytes {
         source: "test".into(),
         ..Event::default()
     };
-    Bytes::from(serde_json::to_vec(&ev).unwrap())
+    Bytes::from(ev.to_payload().unwrap())
 }
 
 fn count(path: &std::path::Path, sql: &str) -> i64 {

@@ -209,7 +209,7 @@ pub fn dead_letters(
                 id: r.get(0)?,
                 tag: r.get(1)?,
                 event_id: r.get(2)?,
-                event_name: serde_json::from_slice::<EventName>(&payload)
+                event_name: crate::event::decode_payload::<EventName>(&payload)
                     .ok()
                     .and_then(|e| e.event_name),
                 attempts: u32::try_from(r.get::<_, i64>(4)?).unwrap_or(u32::MAX),
