@@ -1,5 +1,7 @@
 //! Reading the `Cookie` request header and rendering `Set-Cookie` values.
 
+use std::fmt::Write as _;
+
 use cookie::{Cookie, SameSite};
 
 use super::CookieDecision;
@@ -113,6 +115,9 @@ impl CookieDecision {
         if let Some(domain) = &self.domain {
             builder = builder.domain(domain.as_str());
         }
-        builder.build().to_string()
+        // Sized for a typical header so formatting never regrows the string.
+        let mut out = String::with_capacity(160);
+        let _ = write!(out, "{}", builder.build());
+        out
     }
 }

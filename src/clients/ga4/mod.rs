@@ -77,7 +77,8 @@ pub fn parse_hit(req: &HitRequest<'_>) -> Result<Vec<Event>, ClientError> {
         .map_err(|e| ClientError::BadRequest(format!("query string: {e}")))?;
     let ctx = HitContext {
         user_agent: req.header("user-agent"),
-        client_ip: req.client_ip,
+        // Formatted once per hit, not once per event.
+        client_ip: req.client_ip.to_string(),
         now_ms: req.now_ms,
     };
 
@@ -117,7 +118,7 @@ pub fn parse_hit(req: &HitRequest<'_>) -> Result<Vec<Event>, ClientError> {
 
 struct HitContext<'r> {
     user_agent: Option<&'r str>,
-    client_ip: IpAddr,
+    client_ip: String,
     now_ms: i64,
 }
 
@@ -393,7 +394,7 @@ impl<'a> EventBuilder<'a> {
         e.user_agent = ctx.user_agent.map(str::to_owned);
         e.ip_override = Some(match self.uip {
             Some(uip) => uip.to_owned(),
-            None => ctx.client_ip.to_string(),
+            None => ctx.client_ip.clone(),
         });
         Ok(self.event)
     }
