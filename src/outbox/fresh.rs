@@ -105,7 +105,9 @@ pub(crate) type Gauge = (Arc<str>, u64, u64, Option<i64>);
 #[derive(Debug, Default)]
 pub(crate) struct FreshSet {
     entries: BTreeMap<i64, Entry>,
-    cursors: HashMap<Arc<str>, Cursor>,
+    /// Keyed by tag names from the config, so a fast unkeyed hash is safe; SipHash here
+    /// was ~5 % of the writer's instructions (callgrind).
+    cursors: HashMap<Arc<str>, Cursor, foldhash::fast::RandomState>,
     /// Highest row inserted so far.
     last_row: i64,
     recount: bool,
