@@ -186,8 +186,7 @@ async fn track(
     };
     let elapsed = started.elapsed();
     if let Some(client) = ctx.client {
-        metrics::histogram!("tagrelay_hit_duration_seconds", "client" => client.kind())
-            .record(elapsed.as_secs_f64());
+        crate::admin::hot_metrics::hit_duration(client.kind()).record(elapsed.as_secs_f64());
     }
     if let Some(draft) = trace {
         state.traces().record(draft.finish(&ctx, &resp, elapsed));
@@ -538,8 +537,7 @@ async fn handle_hit(
         }
         stored?;
     }
-    metrics::counter!("tagrelay_events_total", "client" => client.kind())
-        .increment(events.len() as u64);
+    crate::admin::hot_metrics::events(client.kind()).increment(events.len() as u64);
 
     let mut resp = match parsed.response {
         ClientResponse::NoContent => StatusCode::NO_CONTENT.into_response(),

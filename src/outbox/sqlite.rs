@@ -541,8 +541,7 @@ impl Outbox for SqliteOutbox {
         }
         let started = std::time::Instant::now();
         let result = wait.await.unwrap_or(Err(EnqueueError::Closed));
-        metrics::histogram!("tagrelay_outbox_commit_wait_seconds")
-            .record(started.elapsed().as_secs_f64());
+        crate::admin::hot_metrics::commit_wait().record(started.elapsed().as_secs_f64());
         result
     }
 
