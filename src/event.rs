@@ -492,11 +492,15 @@ pub const TYPICAL_PAYLOAD_BYTES: usize = 900;
 
 /// Reads a stored payload: MessagePack as written since the payload format changed, or JSON
 /// as stores from before hold (a JSON object starts with `{`, which no MessagePack map does).
+/// Only a map is an event: rmp-serde would also read an array positionally, so a damaged
+/// payload such as an empty array would pass as an empty event instead of failing.
 pub fn decode_payload<T: serde::de::DeserializeOwned>(payload: &[u8]) -> Result<T, String> {
-    if payload.first() == Some(&b'{') {
-        serde_json::from_slice(payload).map_err(|e| e.to_string())
-    } else {
-        rmp_serde::from_slice(payload).map_err(|e| e.to_string())
+    match payload.first() {
+        Some(b'{') => serde_json::from_slice(payload).map_err(|e| e.to_string()),
+        Some(0x80..=0x8f | 0xde | 0xdf) => {
+            rmp_serde::from_slice(payload).map_err(|e| e.to_string())
+        }
+        _ => Err("neither a MessagePack map nor a JSON object".into()),
     }
 }
 
@@ -779,6 +783,9 @@ mod tests {
             &b""[..],
             b"{not json",
             b"\x81\xa5",
+            // An array would decode positionally, an empty one as a default event.
+            b"\x90",
+            b"\x93\xa1a\xa1b\x01",
             &stored[..stored.len() / 2],
         ] {
             assert!(Event::from_payload(bad).is_err(), "{bad:?}");

@@ -42,8 +42,8 @@ pub struct Trace {
     pub events: Vec<Arc<Event>>,
     pub cookies: Vec<CookieDecision>,
     pub tags: Vec<TagTrace>,
-    /// The events' size as JSON, known from the outbox payloads: the ring's byte budget is
-    /// kept without serializing traces on the hit path.
+    /// The events' stored size, known from the outbox payloads (MessagePack, ~15 % under
+    /// their JSON): the ring's byte budget is kept without serializing traces on the hit path.
     #[serde(skip)]
     pub events_bytes: usize,
 }
@@ -868,7 +868,8 @@ mod tests {
             .map(|i| (format!("header-{i}"), "v".repeat(40)))
             .collect();
         let event = tr.events[0].clone();
-        tr.events_bytes = serde_json::to_vec(&*event).unwrap().len();
+        // What the hit path records: the stored payload's size.
+        tr.events_bytes = event.to_payload().unwrap().len();
         let real = serde_json::to_vec(&tr).unwrap().len();
         let est = tr.estimated_bytes();
         assert!(

@@ -69,7 +69,11 @@ const PURGE_EVERY: Duration = Duration::ZERO;
 const FULL_RETRY_AFTER_SECS: u64 = 5;
 /// At most one "outbox full" error log per this many milliseconds.
 const FULL_LOG_EVERY_MS: i64 = 10_000;
-const SCHEMA_VERSION: i64 = 3;
+/// Version 4 writes payloads as MessagePack (see `Event::to_payload`); its tables are version
+/// 3's, and version 3's JSON payloads are still read. The bump is for the other direction: a
+/// tagrelay from before reads JSON only and would dead-letter every MessagePack event, so it
+/// refuses the store instead ("written by a newer tagrelay").
+const SCHEMA_VERSION: i64 = 4;
 pub(crate) const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 // Version 2 keeps each event's payload once (`events`) and one small delivery row per tag

@@ -2526,3 +2526,34 @@ async fn dead_letters_over_the_limit_are_deleted_in_steps_until_none_is_left_ove
     );
     outbox.close().await;
 }
+
+#[tokio::test]
+async fn stores_are_marked_so_that_a_tagrelay_reading_json_payloads_only_refuses_them() {
+    // Version 4 writes MessagePack payloads: a store it opened (even one of version 3, whose
+    // JSON payloads it still reads) must be refused by a version that reads JSON only.
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join(sqlite::DB_FILE);
+    {
+        let outbox = SqliteOutbox::open(&config(dir.path(), FsyncMode::Off))
+            .await
+            .unwrap();
+        outbox.close().await;
+    }
+    let version = |db: &std::path::Path| -> i64 {
+        rusqlite::Connection::open(db)
+            .unwrap()
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap()
+    };
+    assert_eq!(version(&db), 4);
+    // And this version refuses one written by a later one, naming why.
+    rusqlite::Connection::open(&db)
+        .unwrap()
+        .execute_batch("PRAGMA user_version = 5;")
+        .unwrap();
+    let err = SqliteOutbox::open(&config(dir.path(), FsyncMode::Off))
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    assert!(err.contains("written by a newer tagrelay"), "{err}");
+}
