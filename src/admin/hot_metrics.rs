@@ -8,8 +8,9 @@
 //!
 //! Handles are kept only once [`super::metrics_handle`] has installed the global recorder
 //! (before the first request is served); until then every call registers afresh, so nothing
-//! caches the no-op handles of a process without a recorder. A test's local recorder
-//! (`metrics::with_local_recorder`) does not see cached handles.
+//! caches the no-op handles of a process without a recorder. Unit tests never cache: they
+//! count metrics with a thread's local recorder (`test_metrics::recording`), which a cached
+//! handle would bypass, or capture for good.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -53,14 +54,14 @@ impl<K: Eq + Hash + Copy, T: Clone> Handles<K, T> {
 }
 
 fn installed() -> bool {
-    super::PROMETHEUS.get().is_some()
+    !cfg!(test) && super::PROMETHEUS.get().is_some()
 }
 
 static HIT_DURATION: Handles<&'static str, Histogram> = Handles::new();
 static EVENTS: Handles<&'static str, Counter> = Handles::new();
 static REQUESTS: Handles<(&'static str, u16), Counter> = Handles::new();
 static REQUEST_DURATION: Handles<&'static str, Histogram> = Handles::new();
-static COMMIT_WAIT: OnceLock<Histogram> = OnceLock::new();
+static COMMIT_WAIT: Handles<(), Histogram> = Handles::new();
 
 /// `tagrelay_hit_duration_seconds{client}`.
 pub(crate) fn hit_duration(client: &'static str) -> Histogram {
@@ -95,11 +96,9 @@ pub(crate) fn request_duration(route: &'static str) -> Histogram {
 
 /// `tagrelay_outbox_commit_wait_seconds`.
 pub(crate) fn commit_wait() -> Histogram {
-    let register = || metrics::histogram!("tagrelay_outbox_commit_wait_seconds");
-    if !installed() {
-        return register();
-    }
-    COMMIT_WAIT.get_or_init(register).clone()
+    COMMIT_WAIT.get((), || {
+        metrics::histogram!("tagrelay_outbox_commit_wait_seconds")
+    })
 }
 
 #[cfg(test)]

@@ -42,7 +42,7 @@ pub struct Trace {
     pub events: Vec<Arc<Event>>,
     pub cookies: Vec<CookieDecision>,
     pub tags: Vec<TagTrace>,
-    /// The events' stored size, known from the outbox payloads (MessagePack, ~15 % under
+    /// The events' stored size, known from the outbox payloads (MessagePack, ~14 % under
     /// their JSON): the ring's byte budget is kept without serializing traces on the hit path.
     #[serde(skip)]
     pub events_bytes: usize,

@@ -115,7 +115,7 @@ impl CookieDecision {
         if let Some(domain) = &self.domain {
             builder = builder.domain(domain.as_str());
         }
-        // Sized for a typical header so formatting never regrows the string.
+        // Room for a typical header, so formatting rarely regrows the string.
         let mut out = String::with_capacity(160);
         let _ = write!(out, "{}", builder.build());
         out
