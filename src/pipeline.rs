@@ -84,6 +84,10 @@ impl Pipeline {
             "commit_max_records: must be greater than 0",
         );
         need(
+            o.log_segment_bytes >= 1 << 20,
+            "log_segment_bytes: must be at least 1048576 (1 MiB)",
+        );
+        need(
             o.max_retry_age_secs >= 60,
             "max_retry_age_secs: must be at least 60 (shorter gives up on the first hiccup)",
         );

@@ -202,6 +202,8 @@ pub struct OutboxConfig {
     pub dead_letter_max_age_secs: u64,
     /// At most this many dead letters are kept, the newest (0: no cap).
     pub dead_letter_max_records: u64,
+    /// Size of each file of the outbox log (hits' events until they are delivered).
+    pub log_segment_bytes: u64,
 }
 
 impl Default for OutboxConfig {
@@ -223,6 +225,7 @@ impl Default for OutboxConfig {
             dispatch_nice: 10,
             dead_letter_max_age_secs: 30 * 24 * 3600,
             dead_letter_max_records: 100_000,
+            log_segment_bytes: 32 << 20,
         }
     }
 }

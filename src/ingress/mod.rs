@@ -54,6 +54,8 @@ pub enum HitError {
     /// Logged once where it happened, not per hit.
     #[error("event storage failed; this server must be restarted")]
     StoreFailed,
+    #[error("{0}")]
+    Unstorable(String),
 }
 
 impl IntoResponse for HitError {
@@ -61,7 +63,7 @@ impl IntoResponse for HitError {
         let status = match &self {
             HitError::Client(e) => e.status(),
             HitError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            HitError::Body(_) => StatusCode::BAD_REQUEST,
+            HitError::Body(_) | HitError::Unstorable(_) => StatusCode::BAD_REQUEST,
             HitError::NotClaimed(..) => StatusCode::NOT_FOUND,
             HitError::Origin(_) => StatusCode::FORBIDDEN,
             HitError::Full(_) | HitError::Closed | HitError::StoreFailed => {
@@ -394,6 +396,7 @@ impl HitError {
             HitError::Closed => "shutting_down",
             HitError::Store => "store",
             HitError::StoreFailed => "store_failed",
+            HitError::Unstorable(_) => "invalid",
         }
     }
 }
@@ -525,6 +528,7 @@ async fn handle_hit(
             EnqueueError::Full { retry_after_secs } => HitError::Full(retry_after_secs),
             EnqueueError::Closed => HitError::Closed,
             EnqueueError::Failed(_) => HitError::StoreFailed,
+            EnqueueError::Invalid(msg) => HitError::Unstorable(msg),
             EnqueueError::Io(msg) => {
                 tracing::error!(error = %msg, "could not store events; hit answered 500 so the sender retries");
                 HitError::Store

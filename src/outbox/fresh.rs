@@ -1,25 +1,29 @@
 //! First deliveries without delivery rows.
 //!
-//! An event row lists the tags it still owes a first delivery to (`events.fresh`, a JSON
-//! array written once with the row). Each tag reads its first deliveries from the events
-//! table in row order, like a consumer reading a log: a delivery is either handed to the
-//! tag's dispatcher straight from the commit (the tag is caught up and its queue has room),
-//! or left in the store and handed out later by a lease that scans rows from where the tag
-//! lags. Only a delivery that fails (nack), dies, is given back or outlives its lease gets a
-//! row in `pending`, which keeps its attempts and error.
+//! An event lists the tags it still owes a first delivery to (its frame in the outbox log,
+//! or `events.fresh` for a row in SQLite: a JSON array written once with it). Each tag reads
+//! its first deliveries in row order, like a consumer reading a log: a delivery is either
+//! handed to the tag's dispatcher straight from the commit (the tag is caught up and its
+//! queue has room), or left in the store and handed out later by a lease that reads from
+//! where the tag lags. Only a delivery that fails (nack), dies, is given back or outlives its
+//! lease gets a row in `pending`, which keeps its attempts and error (and its event a copy
+//! in `events`, see `log_state`).
 //!
-//! Why: an event then costs one row insert and one row delete, where a delivery row per tag
+//! Why: an event then costs one record appended to the log, where a delivery row per tag
 //! (each with two index entries) inserted, leased and deleted cost several times the CPU
-//! and the page writes, and that was the writer's main load.
+//! and the page writes, and an event row per event (inserted, then deleted) most of the
+//! rest.
 //!
-//! What survives a restart is each tag's committed position (`cursors`): every row below it
-//! has had that tag's delivery settled or turned into a delivery row. A restart hands out
-//! again from there, so deliveries settled beyond it are sent again: at-least-once, as for
-//! any in-flight lease. A clean close first gives every unsettled delivery a row, so the
-//! positions are exact.
+//! What survives a restart is each tag's committed position (`cursors`), written by every
+//! commit that moves it: every row below it has had that tag's delivery settled or turned
+//! into a delivery row. A restart hands out again from there, so deliveries settled beyond
+//! it are sent again: at-least-once, as for any in-flight lease. A clean close first gives
+//! every unsettled delivery a row, so the positions are exact.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
+
+use super::log::Pos;
 
 /// An event's tags that can be delivered without rows: a fresh id carries the tag's
 /// position in 4 bits. Further tags of the same event get delivery rows.
@@ -58,6 +62,18 @@ pub(crate) fn parse_column(column: Option<&str>) -> Option<Vec<Arc<str>>> {
     }
 }
 
+/// An event as a delivery of it is handed out.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Held {
+    pub row: i64,
+    pub enqueued_ms: i64,
+    /// Where its frame is in the outbox log (`None`: a row in SQLite, or not known yet; see
+    /// [`FreshSet::place`]).
+    pub at: Option<Pos>,
+    /// Its payload's size, for the byte count once it is done.
+    pub bytes: u32,
+}
+
 /// An event with deliveries out (handed to dispatchers, not settled yet).
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Entry {
@@ -66,6 +82,8 @@ pub(crate) struct Entry {
     /// Bit `k`: the delivery of `tags[k]` is out.
     pub out: u16,
     pub enqueued_ms: i64,
+    pub at: Option<Pos>,
+    pub bytes: u32,
 }
 
 /// One delivery taken out of the set by a settlement.
@@ -74,6 +92,8 @@ pub(crate) struct Taken {
     pub row: i64,
     pub tag: Arc<str>,
     pub enqueued_ms: i64,
+    pub at: Option<Pos>,
+    pub bytes: u32,
     /// Nothing of this event is out any more and every tag it lists has been handed it:
     /// the event row can go (unless a delivery row still needs it).
     pub done: bool,
@@ -96,6 +116,10 @@ pub(crate) struct Cursor {
     pub oldest_waiting_ms: Option<i64>,
     /// The committed position as last written (`None`: never).
     pub persisted: Option<i64>,
+    /// Some event this process wrote to the log lists this tag: its lag holds log segments.
+    /// A tag no event lists any more (removed from the config) reads only rows copied into
+    /// SQLite at open, and holds none.
+    reads_log: bool,
 }
 
 /// `(tag, waiting, out, oldest enqueued_ms)` of one tag's first deliveries.
@@ -196,6 +220,7 @@ impl FreshSet {
     /// The delivery to `tag` of `row` (enqueued at `enqueued_ms`) is left in the store.
     pub fn leave(&mut self, tag: &Arc<str>, row: i64, enqueued_ms: i64) {
         let c = self.cursor(tag);
+        c.reads_log = true;
         if c.lag_from.is_none() {
             c.lag_from = Some(row);
             c.oldest_waiting_ms = Some(enqueued_ms);
@@ -203,14 +228,13 @@ impl FreshSet {
         c.waiting += 1;
     }
 
-    /// Hands the delivery of `tags[k]` of `row` out until `lease_until_ms`. `from_store`:
-    /// it was waiting there (a lease scan) rather than coming from the commit.
+    /// Hands the delivery of `tags[k]` of event `ev` out until `lease_until_ms`.
+    /// `from_store`: it was waiting there (a lease scan) rather than coming from the commit.
     pub fn hand(
         &mut self,
-        row: i64,
+        ev: &Held,
         tags: &Arc<[Arc<str>]>,
         k: usize,
-        enqueued_ms: i64,
         lease_until_ms: i64,
         from_store: bool,
     ) -> bool {
@@ -220,23 +244,34 @@ impl FreshSet {
         if k >= MAX_TAGS {
             return false;
         }
+        let row = ev.row;
         let entry = self.entries.entry(row).or_insert_with(|| Entry {
             tags: tags.clone(),
             out: 0,
-            enqueued_ms,
+            enqueued_ms: ev.enqueued_ms,
+            at: ev.at,
+            bytes: ev.bytes,
         });
         if entry.out & (1 << k) != 0 {
             return false;
         }
         entry.out |= 1 << k;
         let c = self.cursor(tag);
+        c.reads_log |= !from_store;
         c.handed.push_back((row, k, lease_until_ms));
         c.out += 1;
         if from_store {
             c.waiting = c.waiting.saturating_sub(1);
-            c.oldest_waiting_ms = Some(enqueued_ms);
+            c.oldest_waiting_ms = Some(ev.enqueued_ms);
         }
         true
+    }
+
+    /// Where the frame of `row`, handed out before it was written, ended up in the log.
+    pub fn place(&mut self, row: i64, at: Pos) {
+        if let Some(e) = self.entries.get_mut(&row) {
+            e.at = Some(at);
+        }
     }
 
     /// Settles the delivery named by fresh id `id`. `None` if it is not out (settled
@@ -250,6 +285,7 @@ impl FreshSet {
         entry.out &= !(1 << k);
         let tag = entry.tags.get(k)?.clone();
         let enqueued_ms = entry.enqueued_ms;
+        let (at, bytes) = (entry.at, entry.bytes);
         let tags = entry.tags.clone();
         let nothing_out = entry.out == 0;
         if nothing_out {
@@ -262,6 +298,8 @@ impl FreshSet {
             row,
             tag,
             enqueued_ms,
+            at,
+            bytes,
             done: nothing_out && self.all_passed(Some(&tags), row),
         })
     }
@@ -321,11 +359,11 @@ impl FreshSet {
         ids.into_iter().filter_map(|id| self.take(id)).collect()
     }
 
-    /// Each tag's committed position that changed since it was last written (`all`), or
-    /// only those never written: every row below it has had that tag's delivery settled or
-    /// given a delivery row. A new tag's must go with its first rows: a tag without one
-    /// resumes caught up.
-    pub fn positions_to_write(&mut self, all: bool) -> Vec<(Arc<str>, i64)> {
+    /// Each tag's committed position that changed since it was last written: every row below
+    /// it has had that tag's delivery settled or given a delivery row. A new tag's goes with
+    /// its first rows (a tag that has none after a power cut resumes from the first row in
+    /// the log that lists it; see `sqlite::import_log`).
+    pub fn positions_to_write(&mut self) -> Vec<(Arc<str>, i64)> {
         let tags: Vec<Arc<str>> = self.cursors.keys().cloned().collect();
         let mut out = Vec::new();
         for tag in tags {
@@ -340,7 +378,7 @@ impl FreshSet {
                 .map(|&(row, _, _)| row)
                 .or(c.lag_from)
                 .unwrap_or(next);
-            if c.persisted != Some(pos) && (all || c.persisted.is_none()) {
+            if c.persisted != Some(pos) {
                 out.push((tag, pos));
             }
         }
@@ -366,6 +404,34 @@ impl FreshSet {
             c.lag_from = c.persisted;
         }
         self.recount = true;
+    }
+
+    /// The lowest row a tag still reads from the log (where the most lagging one lags, or
+    /// the next row).
+    pub fn lowest_lag(&self) -> i64 {
+        self.cursors
+            .values()
+            .filter(|c| c.reads_log)
+            .filter_map(|c| c.lag_from)
+            .fold(self.last_row.saturating_add(1), i64::min)
+    }
+
+    /// Rows below `row` with a delivery out, and where their frames are.
+    pub fn out_below(&self, row: i64) -> Vec<(i64, Option<Pos>)> {
+        self.entries.range(..row).map(|(&r, e)| (r, e.at)).collect()
+    }
+
+    /// `(tag, row it lags from)` of every lagging tag.
+    pub fn lagging(&self) -> Vec<(Arc<str>, i64)> {
+        self.cursors
+            .iter()
+            .filter_map(|(t, c)| c.lag_from.map(|l| (t.clone(), l)))
+            .collect()
+    }
+
+    /// Whether `tag`'s scan will pass over `row` (see `skips`).
+    pub fn is_skipped(&self, tag: &Arc<str>, row: i64) -> bool {
+        !self.skips.is_empty() && self.skips.contains(&(tag.clone(), row))
     }
 
     /// Whether `tag`'s scan must pass over `row` (see `skips`); forgets it.
@@ -432,6 +498,15 @@ mod tests {
         Arc::from(name)
     }
 
+    fn held(row: i64, enqueued_ms: i64) -> Held {
+        Held {
+            row,
+            enqueued_ms,
+            at: None,
+            bytes: 10,
+        }
+    }
+
     #[test]
     fn ids_round_trip_and_never_meet_delivery_rows() {
         for row in [1, 2, 17, 1 << 40] {
@@ -465,7 +540,7 @@ mod tests {
         let mut set = FreshSet::new(0);
         let both = tags(&["ga4", "meta"]);
         set.inserted(5);
-        assert!(set.hand(5, &both, 0, 1_000, 9_000, false));
+        assert!(set.hand(&held(5, 1_000), &both, 0, 9_000, false));
         // meta's queue was full: it lags from row 5.
         set.leave(&t("meta"), 5, 1_000);
         let ga4 = set.take(id(5, 0).unwrap()).unwrap();
@@ -473,7 +548,7 @@ mod tests {
         assert!(!set.contains(5));
         assert_eq!(set.take(id(5, 0).unwrap()), None, "settled twice");
         // meta's lease scan hands it out later and it is settled: now the event can go.
-        assert!(set.hand(5, &both, 1, 1_000, 9_000, true));
+        assert!(set.hand(&held(5, 1_000), &both, 1, 9_000, true));
         set.cursor(&t("meta")).lag_from = None;
         let meta = set.take(id(5, 1).unwrap()).unwrap();
         assert!(meta.done);
@@ -485,36 +560,32 @@ mod tests {
         let one = tags(&["t"]);
         for row in 1..=3 {
             set.inserted(row);
-            set.hand(row, &one, 0, 1_000, 9_000, false);
+            set.hand(&held(row, 1_000), &one, 0, 9_000, false);
         }
         assert_eq!(
-            set.positions_to_write(false),
+            set.positions_to_write(),
             vec![(t("t"), 1)],
             "a new tag's at once"
         );
         set.written(&[(t("t"), 1)]);
         assert!(
-            set.positions_to_write(true).is_empty(),
+            set.positions_to_write().is_empty(),
             "unchanged: not written again"
         );
         // Settled out of order: the position waits for row 1.
         set.take(id(2, 0).unwrap()).unwrap();
-        assert!(set.positions_to_write(true).is_empty());
+        assert!(set.positions_to_write().is_empty());
         set.take(id(1, 0).unwrap()).unwrap();
-        assert!(
-            set.positions_to_write(false).is_empty(),
-            "the rest when asked"
-        );
-        assert_eq!(set.positions_to_write(true), vec![(t("t"), 3)]);
+        assert_eq!(set.positions_to_write(), vec![(t("t"), 3)]);
         set.take(id(3, 0).unwrap()).unwrap();
         assert_eq!(
-            set.positions_to_write(true),
+            set.positions_to_write(),
             vec![(t("t"), 4)],
             "caught up: past the last row"
         );
         set.inserted(4);
         set.leave(&t("t"), 4, 2_000);
-        assert_eq!(set.positions_to_write(true), vec![(t("t"), 4)]);
+        assert_eq!(set.positions_to_write(), vec![(t("t"), 4)]);
         assert_eq!(set.gauges(), vec![(t("t"), 1, 0, Some(2_000))]);
     }
 
@@ -522,9 +593,9 @@ mod tests {
     fn ended_leases_are_taken_in_hand_out_order() {
         let mut set = FreshSet::new(0);
         let one = tags(&["t"]);
-        set.hand(1, &one, 0, 1_000, 100, false);
-        set.hand(2, &one, 0, 1_000, 200, false);
-        set.hand(3, &one, 0, 1_000, 300, false);
+        set.hand(&held(1, 1_000), &one, 0, 100, false);
+        set.hand(&held(2, 1_000), &one, 0, 200, false);
+        set.hand(&held(3, 1_000), &one, 0, 300, false);
         set.take(id(1, 0).unwrap()).unwrap();
         let ended: Vec<(i64, i64)> = set
             .expire("t", 200)
@@ -541,17 +612,17 @@ mod tests {
     fn a_reset_forgets_what_is_out_and_resumes_from_written_positions() {
         let mut set = FreshSet::new(0);
         let one = tags(&["t"]);
-        set.hand(1, &one, 0, 1_000, 100, false);
-        let pos = set.positions_to_write(true);
+        set.hand(&held(1, 1_000), &one, 0, 100, false);
+        let pos = set.positions_to_write();
         set.written(&pos);
-        set.hand(2, &one, 0, 1_000, 100, false);
+        set.hand(&held(2, 1_000), &one, 0, 100, false);
         set.reset();
         assert!(set.is_empty());
         assert_eq!(set.lags("t"), Some(1));
         assert_eq!(set.gauges(), vec![(t("t"), 2, 0, None)]);
         // A tag never written had nothing committed: it stays caught up.
         let mut fresh = FreshSet::new(0);
-        fresh.hand(1, &one, 0, 1_000, 100, false);
+        fresh.hand(&held(1, 1_000), &one, 0, 100, false);
         fresh.reset();
         assert_eq!(fresh.lags("t"), None);
     }
@@ -560,9 +631,9 @@ mod tests {
     fn a_clean_close_takes_everything_out() {
         let mut set = FreshSet::new(0);
         let both = tags(&["a", "b"]);
-        set.hand(1, &both, 0, 1_000, 100, false);
-        set.hand(1, &both, 1, 1_000, 100, false);
-        set.hand(2, &both, 1, 1_000, 100, false);
+        set.hand(&held(1, 1_000), &both, 0, 100, false);
+        set.hand(&held(1, 1_000), &both, 1, 100, false);
+        set.hand(&held(2, 1_000), &both, 1, 100, false);
         let mut taken: Vec<(i64, String)> = set
             .take_all()
             .into_iter()

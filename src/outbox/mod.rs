@@ -13,6 +13,8 @@
 mod checkpoint;
 pub mod dispatcher;
 mod fresh;
+mod log;
+mod log_state;
 pub mod retry;
 pub mod sqlite;
 mod syncer;
@@ -76,6 +78,9 @@ pub enum EnqueueError {
     /// The store stopped taking hits after a failure it cannot recover from while running.
     #[error("outbox stopped: {0}")]
     Failed(String),
+    /// These events cannot be stored as they are (the hit's fault, not the store's).
+    #[error("{0}")]
+    Invalid(String),
 }
 
 /// A store operation other than enqueue failed.

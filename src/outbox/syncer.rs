@@ -1,18 +1,17 @@
-//! Makes hits' commits durable off the writer thread.
+//! Makes hits durable off the writer thread.
 //!
-//! The writer commits with `synchronous = NORMAL` (its frames reach the OS, not the disk) and
-//! hands the hits of each commit here; this thread fsyncs the WAL file and only then answers
-//! them. While one fsync runs, the writer goes on committing the hits that arrived meanwhile,
-//! and the next fsync covers all of those commits at once: the disk's flush time overlaps the
-//! next group's work instead of waiting for it. A hit is answered only by an fsync that began
-//! after its commit had returned, so an answered hit survives a power cut as with SQLite's own
-//! `synchronous = FULL` (fsync works on the file, whatever descriptor asks).
+//! The writer writes each group of hits' events to the outbox log (and commits SQLite with
+//! `synchronous = NORMAL`): the bytes reach the OS, not the disk. It hands the hits of each
+//! group here; this thread fsyncs the log file (and the WAL, if a hit's event went to SQLite
+//! too) and only then answers them. While one fsync runs, the writer goes on with the hits
+//! that arrived meanwhile, and the next fsync covers all of those groups at once: the disk's
+//! flush time overlaps the next group's work instead of waiting for it. A hit is answered
+//! only by an fsync that began after its group was written, so an answered hit survives a
+//! power cut (fsync works on the file, whatever descriptor asks).
 //!
-//! One difference: with FULL a failed sync fails the commit, while here the commit has already
-//! happened. Later commits' frames chain onto frames that may never reach the disk (and Linux
-//! reports a failed write-back once, then calls the pages clean), so after a failed fsync no
-//! hit can be acknowledged safely: the store stops taking hits and reports not ready until
-//! tagrelay is restarted.
+//! After a failed fsync no hit can be acknowledged safely: later writes chain onto data that
+//! may never reach the disk (and Linux reports a failed write-back once, then calls the pages
+//! clean). The store stops taking hits and reports not ready until tagrelay is restarted.
 
 use std::fs::File;
 use std::io;
@@ -32,11 +31,19 @@ pub(crate) type Waiter = oneshot::Sender<Result<(), EnqueueError>>;
 /// How this thread makes the WAL durable (tests put a controllable one in).
 pub(crate) type SyncFn = Box<dyn FnMut() -> io::Result<()> + Send>;
 
+/// The hits of one commit and what holds their events: the outbox log's segment taking
+/// appends, and the WAL if the commit wrote some of them to SQLite (see `writer`).
+pub(crate) struct Job {
+    pub waiters: Vec<Waiter>,
+    pub log: Option<Arc<File>>,
+    pub wal: bool,
+}
+
 /// The running syncer; dropping it answers every hit handed to it (after one last fsync) and
 /// joins the thread.
 #[derive(Debug)]
 pub(crate) struct Syncer {
-    tx: Option<mpsc::Sender<Vec<Waiter>>>,
+    tx: Option<mpsc::Sender<Job>>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -52,29 +59,46 @@ impl Syncer {
     }
 
     pub(crate) fn with(mut sync: SyncFn, shared: Arc<Shared>) -> Result<Syncer, String> {
-        let (tx, rx) = mpsc::channel::<Vec<Waiter>>();
+        let (tx, rx) = mpsc::channel::<Job>();
         let thread = std::thread::Builder::new()
             .name("outbox-sync".into())
             .spawn(move || {
-                while let Ok(mut waiters) = rx.recv() {
+                while let Ok(first) = rx.recv() {
+                    let mut waiters = first.waiters;
+                    let mut wal = first.wal;
+                    let mut logs: Vec<Arc<File>> = first.log.into_iter().collect();
                     // Every commit handed over so far has returned: one fsync covers them all.
                     while let Ok(more) = rx.try_recv() {
-                        waiters.extend(more);
+                        waiters.extend(more.waiters);
+                        wal |= more.wal;
+                        if let Some(f) = more.log {
+                            // A rotation synced the segment before it (see `log`); a group
+                            // after one still syncs both, which costs nothing extra.
+                            if !logs.iter().any(|l| Arc::ptr_eq(l, &f)) {
+                                logs.push(f);
+                            }
+                        }
                     }
                     // After a failed fsync nothing is acknowledged (see the module docs).
                     if shared.failed.get().is_none() {
                         shared.syncing.store(true, Ordering::Release);
                         let started = std::time::Instant::now();
-                        let result = sync();
+                        let mut result = Ok(());
+                        for f in &logs {
+                            result = result.and_then(|()| f.sync_data());
+                        }
+                        if wal {
+                            result = result.and_then(|()| sync());
+                        }
                         shared.syncing.store(false, Ordering::Release);
                         metrics::histogram!("tagrelay_outbox_fsync_duration_seconds")
                             .record(started.elapsed().as_secs_f64());
                         shared.fsyncs.fetch_add(1, Ordering::Release);
                         metrics::counter!("tagrelay_outbox_fsyncs_total").increment(1);
                         if let Err(e) = result {
-                            tracing::error!(error = %e, hits = waiters.len(), "outbox: fsync of the WAL failed; hits are refused and the server reports not ready until it is restarted");
+                            tracing::error!(error = %e, hits = waiters.len(), "outbox: fsync of the outbox log or WAL failed; hits are refused and the server reports not ready until it is restarted");
                             shared.stop_taking_hits(format!(
-                                "fsync of the outbox WAL failed ({e}); restart tagrelay"
+                                "fsync of the outbox failed ({e}); restart tagrelay"
                             ));
                         }
                     }
@@ -94,12 +118,22 @@ impl Syncer {
         })
     }
 
-    /// Hands over the hits of a commit that has returned.
+    /// Hands over the hits of a commit that has returned, whose events are in the WAL.
+    #[cfg(test)]
     pub(crate) fn submit(&self, waiters: Vec<Waiter>) {
+        self.submit_job(Job {
+            waiters,
+            log: None,
+            wal: true,
+        });
+    }
+
+    /// Hands over the hits of a commit that has returned.
+    pub(crate) fn submit_job(&self, job: Job) {
         let Some(tx) = &self.tx else { return };
-        if let Err(mpsc::SendError(waiters)) = tx.send(waiters) {
+        if let Err(mpsc::SendError(job)) = tx.send(job) {
             // The thread is gone (it never panics on its own): nothing will fsync these.
-            for w in waiters {
+            for w in job.waiters {
                 let _ = w.send(Err(EnqueueError::Io(
                     "the outbox sync thread stopped".into(),
                 )));

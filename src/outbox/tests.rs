@@ -26,7 +26,28 @@ fn config(dir: &std::path::Path, fsync: FsyncMode) -> OutboxConfig {
     OutboxConfig {
         path: dir.to_string_lossy().into_owned(),
         fsync,
+        // Small segments: rotations and releases happen within a test.
+        log_segment_bytes: 1 << 20,
         ..OutboxConfig::default()
+    }
+}
+
+/// `(event id, tag list)` of every frame in the outbox log of the store in `dir`.
+fn logged(dir: &std::path::Path) -> Vec<(String, String)> {
+    let log = super::log::Log::open(&dir.join(super::sqlite::LOG_DIR), 1 << 20).unwrap();
+    let mut out = Vec::new();
+    let Some(mut pos) = log.start() else {
+        return out;
+    };
+    loop {
+        let (frames, next) = log.read(pos, 256).unwrap();
+        if frames.is_empty() {
+            return out;
+        }
+        for (_, f) in frames {
+            out.push((f.event_id, String::from_utf8(f.tags.to_vec()).unwrap()));
+        }
+        pos = next;
     }
 }
 
@@ -457,7 +478,7 @@ async fn only_commits_with_hits_in_them_are_fsynced() {
         (c0 + 1, s0 + 1),
         "a hit's commit is synced"
     );
-    // Answered only after the syncer's fsync of the WAL returned.
+    // Answered only after the syncer's fsync returned.
     assert_eq!(outbox.fsync_count(), f0 + 1);
     let leased = outbox.lease("t", now_ms(), 4, 60_000).await.unwrap();
     outbox
@@ -1238,10 +1259,7 @@ mod model {
                 // An event goes with its last delivery, and not before.
                 let events: std::collections::BTreeSet<u64> =
                     model.keys().map(|(s, _)| *s).collect();
-                prop_assert_eq!(
-                    count(outbox.db_path(), "SELECT count(*) FROM events"),
-                    events.len() as i64
-                );
+                prop_assert_eq!(outbox.held_events().await, events.len() as i64);
                 let stats = tools::stats(dir.path()).unwrap();
                 prop_assert_eq!(stats.dead_letters as usize, dead);
             }
@@ -1297,18 +1315,16 @@ async fn an_event_firing_two_tags_is_stored_once_and_goes_with_its_last_delivery
     let size = ev.payload.len() as u64;
     outbox.enqueue(vec![ev]).await.unwrap();
     let db = outbox.db_path().to_path_buf();
-    assert_eq!(count(&db, "SELECT count(*) FROM events"), 1);
+    assert_eq!(outbox.held_events().await, 1);
     assert_eq!(
         count(&db, "SELECT count(*) FROM pending"),
         0,
         "first deliveries are read from the event row"
     );
     assert_eq!(
-        count(
-            &db,
-            "SELECT count(*) FROM events WHERE fresh = '[\"ga4\",\"meta\"]'"
-        ),
-        1
+        logged(dir.path()),
+        vec![("shared".to_string(), r#"["ga4","meta"]"#.to_string())],
+        "held in the log, with the tags it owes first deliveries to"
     );
     assert_eq!(
         outbox.pending_totals(),
@@ -1324,11 +1340,7 @@ async fn an_event_firing_two_tags_is_stored_once_and_goes_with_its_last_delivery
     assert_eq!(meta[0].event_id, "shared");
 
     outbox.ack(vec![ga4[0].id], now).await.unwrap();
-    assert_eq!(
-        count(&db, "SELECT count(*) FROM events"),
-        1,
-        "meta still needs it"
-    );
+    assert_eq!(outbox.held_events().await, 1, "meta still needs it");
     assert_eq!(outbox.pending_totals(), (1, size));
     // Dead-lettering the last delivery keeps a copy of the payload in the dead letter.
     outbox
@@ -1342,7 +1354,7 @@ async fn an_event_firing_two_tags_is_stored_once_and_goes_with_its_last_delivery
         )
         .await
         .unwrap();
-    assert_eq!(count(&db, "SELECT count(*) FROM events"), 0);
+    assert_eq!(outbox.held_events().await, 0);
     assert_eq!(outbox.pending_totals(), (0, 0));
     let dead = tools::dead_letters(dir.path(), None, 10).unwrap();
     assert_eq!(dead.len(), 1);
@@ -1380,10 +1392,10 @@ async fn subscribed_dispatchers_get_records_already_leased_and_parsed() {
         "first deliveries get no delivery rows"
     );
     assert_eq!(
-        count(
-            outbox.db_path(),
-            "SELECT count(*) FROM events WHERE fresh = '[\"t\"]'"
-        ),
+        logged(dir.path())
+            .iter()
+            .filter(|(_, tags)| tags == r#"["t"]"#)
+            .count(),
         5,
         "each event lists the tag it owes a delivery to"
     );
@@ -1450,7 +1462,7 @@ async fn the_dispatcher_delivers_from_memory_and_from_the_store() {
         outbox.pending_totals() == (0, 0)
     })
     .await;
-    assert_eq!(count(outbox.db_path(), "SELECT count(*) FROM events"), 0);
+    assert_eq!(outbox.held_events().await, 0);
     d.shutdown(Duration::from_secs(1)).await;
     outbox.close().await;
 }
@@ -1506,10 +1518,8 @@ async fn a_version_1_store_is_migrated_with_its_records() {
     assert_eq!(n[0].event_id, "n0");
     assert!(n[0].id != ga4[0].id && n[0].id != meta[0].id);
     assert!(
-        count(
-            outbox.db_path(),
-            "SELECT min(id) FROM events WHERE event_id = 'n0'"
-        ) > 2
+        super::fresh::decode(n[0].id).unwrap().0 > 2,
+        "a row after both"
     );
     outbox.close().await;
 }
@@ -1585,10 +1595,23 @@ async fn the_wal_is_copied_back_off_the_writer_thread() {
         .unwrap();
     let db = outbox.db_path().to_path_buf();
     let schema_only = std::fs::metadata(&db).unwrap().len();
-    // 10,000 records: many times what the writer commits between two checkpoints.
+    // Events firing more tags than fresh ids name are written to SQLite as well as the log
+    // (each with a delivery row for the last tag). 10,000 of them: many times what the
+    // writer commits between two checkpoints.
+    let many_tags = |prefix: &str| -> Vec<NewEvent> {
+        records("t", prefix, 250)
+            .into_iter()
+            .map(|e| NewEvent {
+                tags: (0..=super::fresh::MAX_TAGS)
+                    .map(|k| Arc::from(format!("t{k}").as_str()))
+                    .collect(),
+                ..e
+            })
+            .collect()
+    };
     for chunk in 0..40 {
         outbox
-            .enqueue(records("t", &format!("c{chunk}-"), 250))
+            .enqueue(many_tags(&format!("c{chunk}-")))
             .await
             .unwrap();
     }
@@ -1799,16 +1822,6 @@ fn two_tag_event(event_id: &str) -> NewEvent {
     }
 }
 
-fn fresh_column(path: &std::path::Path, event_id: &str) -> Option<String> {
-    let conn = rusqlite::Connection::open(path).unwrap();
-    conn.query_row(
-        "SELECT fresh FROM events WHERE event_id = ?1",
-        [event_id],
-        |r| r.get(0),
-    )
-    .unwrap()
-}
-
 #[tokio::test]
 async fn deliveries_handed_over_in_memory_cost_one_row_and_leave_nothing_once_settled() {
     let dir = tempfile::tempdir().unwrap();
@@ -1821,11 +1834,11 @@ async fn deliveries_handed_over_in_memory_cost_one_row_and_leave_nothing_once_se
     let size = ev.payload.len() as u64;
     outbox.enqueue(vec![ev]).await.unwrap();
     let db = outbox.db_path().to_path_buf();
-    assert_eq!(count(&db, "SELECT count(*) FROM events"), 1);
+    assert_eq!(outbox.held_events().await, 1);
     assert_eq!(count(&db, "SELECT count(*) FROM pending"), 0);
     assert_eq!(
-        fresh_column(&db, "e1").as_deref(),
-        Some(r#"["ga4","meta"]"#)
+        logged(dir.path()),
+        vec![("e1".to_string(), r#"["ga4","meta"]"#.to_string())]
     );
     assert_eq!(outbox.pending_totals(), (2, size));
     let backlog = outbox.backlog(now_ms()).await.unwrap();
@@ -1841,7 +1854,7 @@ async fn deliveries_handed_over_in_memory_cost_one_row_and_leave_nothing_once_se
     let (g, _) = ga4.take(10, now_ms());
     let (m, _) = meta.take(10, now_ms());
     outbox.ack(vec![g[0].id], now_ms()).await.unwrap();
-    assert_eq!(count(&db, "SELECT count(*) FROM events"), 1, "meta is out");
+    assert_eq!(outbox.held_events().await, 1, "meta is out");
     assert_eq!(outbox.pending_totals(), (1, size));
     outbox.ack(vec![g[0].id], now_ms()).await.unwrap();
     assert_eq!(
@@ -1850,7 +1863,7 @@ async fn deliveries_handed_over_in_memory_cost_one_row_and_leave_nothing_once_se
         "a second ack counts once"
     );
     outbox.ack(vec![m[0].id], now_ms()).await.unwrap();
-    assert_eq!(count(&db, "SELECT count(*) FROM events"), 0);
+    assert_eq!(outbox.held_events().await, 0);
     assert_eq!(outbox.pending_totals(), (0, 0));
     assert!(outbox.backlog(now_ms()).await.unwrap().is_empty());
     outbox.close().await;
@@ -1913,7 +1926,7 @@ async fn a_failed_or_dead_fresh_delivery_gets_its_row_and_keeps_its_event() {
     assert_eq!(outbox.pending_totals().0, 1, "ga4's retry is left");
 
     outbox.ack(vec![retry[0].id], now_ms()).await.unwrap();
-    assert_eq!(count(&db, "SELECT count(*) FROM events"), 0);
+    assert_eq!(outbox.held_events().await, 0);
     assert_eq!(outbox.pending_totals(), (0, 0));
     outbox.close().await;
 }
@@ -1931,8 +1944,7 @@ async fn an_event_stays_while_a_fresh_delivery_is_out_even_when_its_row_delivery
     let m = outbox.lease("meta", now_ms(), 10, 60_000).await.unwrap();
     assert_eq!((g.len(), m.len()), (1, 1));
     outbox.ack(vec![m[0].id], now_ms()).await.unwrap();
-    let db = outbox.db_path().to_path_buf();
-    assert_eq!(count(&db, "SELECT count(*) FROM events"), 1, "ga4 is out");
+    assert_eq!(outbox.held_events().await, 1, "ga4 is out");
     // ga4 fails: its retry must still find the payload.
     outbox
         .nack(
@@ -1950,7 +1962,7 @@ async fn an_event_stays_while_a_fresh_delivery_is_out_even_when_its_row_delivery
     let ev = Event::from_payload(&retry[0].payload).unwrap();
     assert_eq!(ev.event_id, "e1");
     outbox.ack(vec![retry[0].id], now_ms()).await.unwrap();
-    assert_eq!(count(&db, "SELECT count(*) FROM events"), 0);
+    assert_eq!(outbox.held_events().await, 0);
     assert_eq!(outbox.pending_totals(), (0, 0));
     outbox.close().await;
 }
@@ -2041,7 +2053,7 @@ async fn a_fresh_delivery_whose_lease_ends_is_due_again() {
         .await
         .unwrap();
     assert_eq!(outbox.pending_totals(), (0, 0));
-    assert_eq!(count(outbox.db_path(), "SELECT count(*) FROM events"), 0);
+    assert_eq!(outbox.held_events().await, 0);
     outbox.close().await;
 }
 
@@ -2078,7 +2090,11 @@ async fn a_version_2_store_is_migrated_with_its_records() {
     let outbox = SqliteOutbox::open(&config(dir.path(), FsyncMode::Off))
         .await
         .unwrap();
-    assert_eq!(outbox.pending_totals(), (2, 100), "totals kept");
+    assert_eq!(
+        outbox.pending_totals(),
+        (2, payload("a", "purchase").len() as u64),
+        "counted again at open"
+    );
     let ga4 = outbox.lease("ga4", now_ms(), 10, 60_000).await.unwrap();
     let meta = outbox.lease("meta", now_ms(), 10, 60_000).await.unwrap();
     assert_eq!(ga4[0].attempts, 2, "its lease cleared at open");
@@ -2092,7 +2108,7 @@ async fn a_version_2_store_is_migrated_with_its_records() {
         .ack(vec![ga4[0].id, meta[0].id, n[0].id], now_ms())
         .await
         .unwrap();
-    assert_eq!(count(outbox.db_path(), "SELECT count(*) FROM events"), 0);
+    assert_eq!(outbox.held_events().await, 0);
     outbox.close().await;
 }
 
@@ -2176,8 +2192,10 @@ async fn after_a_failed_commit_tags_resume_from_their_positions_and_the_count_st
     outbox.ack(vec![], now_ms()).await.unwrap();
     outbox.nack(vec![], now_ms()).await.unwrap();
     exec(&db, "UPDATE failctl SET on_ = 1");
+    outbox.fail_log_writes(true);
     assert!(outbox.enqueue(vec![two("x")]).await.is_err());
     exec(&db, "UPDATE failctl SET on_ = 0");
+    outbox.fail_log_writes(false);
     // t resumes from e1: e2 is owed again (at-least-once) and counted again.
     let got = outbox.lease("t", now_ms(), 10, 60_000).await.unwrap();
     let ids: Vec<&str> = got.iter().map(|r| r.event_id.as_str()).collect();
@@ -2194,7 +2212,7 @@ async fn after_a_failed_commit_tags_resume_from_their_positions_and_the_count_st
         .await
         .unwrap();
     assert_eq!(outbox.pending_totals(), (0, 0));
-    assert_eq!(count(&db, "SELECT count(*) FROM events"), 0);
+    assert_eq!(outbox.held_events().await, 0);
     outbox.close().await;
 }
 
@@ -2403,6 +2421,14 @@ async fn an_unreadable_tag_list_does_not_stop_the_store_from_opening() {
     outbox.enqueue(records("t", "e", 2)).await.unwrap();
     let db = outbox.db_path().to_path_buf();
     outbox.close().await;
+    // The next open copies what is owed from the log into `events`, where a damaged list
+    // can be met.
+    SqliteOutbox::open(&config(&path, FsyncMode::Off))
+        .await
+        .unwrap()
+        .close()
+        .await;
+    assert!(logged(&path).is_empty(), "the log starts afresh");
     exec(
         &db,
         "UPDATE events SET fresh = '[\"t\"' WHERE event_id = 'e0'",
@@ -2435,8 +2461,10 @@ async fn after_a_failed_commit_the_gauges_are_recounted_too() {
     outbox.ack(vec![got[0].id], now_ms()).await.unwrap();
     // A commit that leaves a delivery waiting fails: nothing of it is in the store.
     exec(&db, "UPDATE failctl SET on_ = 1");
+    outbox.fail_log_writes(true);
     assert!(outbox.enqueue(records("t", "x", 1)).await.is_err());
     exec(&db, "UPDATE failctl SET on_ = 0");
+    outbox.fail_log_writes(false);
     assert!(outbox
         .lease("t", now_ms(), 10, 60_000)
         .await
@@ -2530,7 +2558,8 @@ async fn dead_letters_over_the_limit_are_deleted_in_steps_until_none_is_left_ove
 #[tokio::test]
 async fn stores_are_marked_so_that_a_tagrelay_reading_json_payloads_only_refuses_them() {
     // Version 4 writes MessagePack payloads: a store it opened (even one of version 3, whose
-    // JSON payloads it still reads) must be refused by a version that reads JSON only.
+    // JSON payloads it still reads) must be refused by a version that reads JSON only. Version
+    // 5 keeps events in the outbox log: a version that does not read it must refuse the store.
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join(sqlite::DB_FILE);
     {
@@ -2545,15 +2574,381 @@ async fn stores_are_marked_so_that_a_tagrelay_reading_json_payloads_only_refuses
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .unwrap()
     };
-    assert_eq!(version(&db), 4);
+    assert_eq!(version(&db), 5);
     // And this version refuses one written by a later one, naming why.
     rusqlite::Connection::open(&db)
         .unwrap()
-        .execute_batch("PRAGMA user_version = 5;")
+        .execute_batch("PRAGMA user_version = 6;")
         .unwrap();
     let err = SqliteOutbox::open(&config(dir.path(), FsyncMode::Off))
         .await
         .map(|_| ())
         .unwrap_err();
     assert!(err.contains("written by a newer tagrelay"), "{err}");
+}
+
+// ---------------------------------------------------------------- the outbox log
+
+/// `n` events of ~4 KB for `tags`: a few hundred fill a test's 1 MiB segment.
+fn big_events(tags: &[&str], prefix: &str, n: usize) -> Vec<NewEvent> {
+    let now = now_ms();
+    (0..n)
+        .map(|i| NewEvent {
+            event_id: format!("{prefix}{i}"),
+            payload: Bytes::from(vec![b'x'; 4_000]),
+            event: None,
+            tags: tags.iter().map(|t| Arc::from(*t)).collect(),
+            enqueued_at_ms: now,
+        })
+        .collect()
+}
+
+fn segments(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir.join(sqlite::LOG_DIR))
+        .map(|d| {
+            d.filter(|e| {
+                e.as_ref()
+                    .is_ok_and(|e| e.path().extension().is_some_and(|x| x == "seg"))
+            })
+            .count()
+        })
+        .unwrap_or(0)
+}
+
+/// Leases and acks everything `tag` is owed, in rounds; returns how many.
+async fn deliver_all(outbox: &SqliteOutbox, tag: &str) -> usize {
+    let mut n = 0;
+    loop {
+        let got = outbox.lease(tag, now_ms(), 200, 60_000).await.unwrap();
+        if got.is_empty() {
+            return n;
+        }
+        n += got.len();
+        outbox
+            .ack(got.iter().map(|r| r.id).collect(), now_ms())
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn hits_go_to_the_log_alone_and_its_segments_go_once_every_tag_has_read_past_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = SqliteOutbox::open(&config(dir.path(), FsyncMode::Batch))
+        .await
+        .unwrap();
+    let db = outbox.db_path().to_path_buf();
+    for chunk in 0..10 {
+        outbox
+            .enqueue(big_events(&["ga4", "meta"], &format!("c{chunk}-"), 100))
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM events"),
+        0,
+        "not in SQLite"
+    );
+    assert_eq!(outbox.held_events().await, 1_000);
+    let written = segments(dir.path());
+    assert!(written >= 3, "4 MB in 1 MiB segments: {written}");
+    // One tag reading everything frees nothing: the other still reads from the start.
+    assert_eq!(deliver_all(&outbox, "ga4").await, 1_000);
+    outbox.ack(vec![], now_ms()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(segments(dir.path()), written);
+    assert_eq!(outbox.held_events().await, 1_000, "meta owes them all");
+    assert_eq!(deliver_all(&outbox, "meta").await, 1_000);
+    outbox.ack(vec![], now_ms()).await.unwrap();
+    // Deleted on a thread of their own: only the one taking appends is left.
+    wait_until("log files deleted", Duration::from_secs(5), || {
+        segments(dir.path()) == 1
+    })
+    .await;
+    assert_eq!(outbox.held_events().await, 0);
+    assert_eq!(outbox.pending_totals(), (0, 0));
+    assert_eq!(count(&db, "SELECT count(*) FROM events"), 0);
+    outbox.close().await;
+}
+
+/// Tag `t` has one delivery out (`slow0`, leased for 10 min, returned) while it is handed
+/// and acks the 1,000 events after it, in files that are then deleted: the slow send holds
+/// none of them.
+async fn slow_send_past_released_files(
+    outbox: &SqliteOutbox,
+    dir: &std::path::Path,
+) -> Vec<LeasedRecord> {
+    outbox.enqueue(big_events(&["t"], "slow", 1)).await.unwrap();
+    let slow = outbox.lease("t", now_ms(), 1, 600_000).await.unwrap();
+    assert_eq!(slow.len(), 1);
+    for chunk in 0..10 {
+        outbox
+            .enqueue(big_events(&["t"], &format!("c{chunk}-"), 100))
+            .await
+            .unwrap();
+    }
+    assert_eq!(deliver_all(outbox, "t").await, 1_000);
+    outbox.ack(vec![], now_ms()).await.unwrap();
+    wait_until("log files deleted", Duration::from_secs(5), || {
+        segments(dir) == 1
+    })
+    .await;
+    slow
+}
+
+#[tokio::test]
+async fn a_delivery_out_for_long_is_copied_out_and_does_not_hold_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = SqliteOutbox::open(&config(dir.path(), FsyncMode::Off))
+        .await
+        .unwrap();
+    let db = outbox.db_path().to_path_buf();
+    let slow = slow_send_past_released_files(&outbox, dir.path()).await;
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM events WHERE event_id = 'slow0'"),
+        1,
+        "its event was copied into SQLite first"
+    );
+    assert_eq!(outbox.pending_totals().0, 1);
+    // It fails after all: its retry reads the copy.
+    outbox
+        .nack(
+            vec![Nack {
+                id: slow[0].id,
+                next_attempt_ms: 0,
+                error: "HTTP 503".into(),
+            }],
+            now_ms(),
+        )
+        .await
+        .unwrap();
+    let retry = outbox.lease("t", now_ms(), 10, 60_000).await.unwrap();
+    assert_eq!(retry.len(), 1);
+    assert_eq!(
+        (retry[0].event_id.as_str(), retry[0].attempts),
+        ("slow0", 1)
+    );
+    assert_eq!(retry[0].payload, slow[0].payload);
+    outbox.ack(vec![retry[0].id], now_ms()).await.unwrap();
+    assert_eq!(outbox.pending_totals(), (0, 0));
+    assert_eq!(count(&db, "SELECT count(*) FROM events"), 0);
+    outbox.close().await;
+}
+
+#[tokio::test]
+async fn what_the_log_still_owes_is_delivered_after_a_close_and_after_a_crash() {
+    for crash in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().to_path_buf();
+        let outbox = SqliteOutbox::open(&config(&path, FsyncMode::Batch))
+            .await
+            .unwrap();
+        outbox
+            .enqueue(big_events(&["ga4", "meta"], "e", 600))
+            .await
+            .unwrap();
+        // ga4 has had the first 200; meta none.
+        let first = outbox.lease("ga4", now_ms(), 200, 60_000).await.unwrap();
+        outbox
+            .ack(first.iter().map(|r| r.id).collect(), now_ms())
+            .await
+            .unwrap();
+        if crash {
+            outbox.leak_as_if_crashed();
+        } else {
+            outbox.close().await;
+        }
+        let reopened = SqliteOutbox::open(&config(&path, FsyncMode::Batch))
+            .await
+            .unwrap();
+        assert!(
+            logged(&path).is_empty(),
+            "copied into SQLite, the log starts afresh"
+        );
+        assert_eq!(reopened.pending_totals().0, 400 + 600, "crash {crash}");
+        assert_eq!(deliver_all(&reopened, "ga4").await, 400, "crash {crash}");
+        assert_eq!(deliver_all(&reopened, "meta").await, 600, "crash {crash}");
+        // New hits after the copied rows, from the new log.
+        reopened
+            .enqueue(big_events(&["ga4"], "n", 3))
+            .await
+            .unwrap();
+        assert_eq!(deliver_all(&reopened, "ga4").await, 3);
+        assert_eq!(reopened.pending_totals(), (0, 0), "crash {crash}");
+        assert_eq!(reopened.held_events().await, 0);
+        reopened.close().await;
+    }
+}
+
+#[tokio::test]
+async fn a_torn_frame_at_the_end_of_the_log_is_not_an_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    let outbox = SqliteOutbox::open(&config(&path, FsyncMode::Batch))
+        .await
+        .unwrap();
+    outbox.enqueue(big_events(&["t"], "e", 3)).await.unwrap();
+    outbox.leak_as_if_crashed();
+    // A crash in the middle of the next group's write: part of a frame after the last one.
+    let seg = std::fs::read_dir(path.join(sqlite::LOG_DIR))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "seg"))
+        .unwrap();
+    let mut torn = Vec::new();
+    super::log::encode_parts(4, now_ms(), br#"["t"]"#, "torn", &[b'y'; 500], &mut torn).unwrap();
+    torn.truncate(300);
+    use std::io::Write;
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&seg)
+        .unwrap()
+        .write_all(&torn)
+        .unwrap();
+    let reopened = SqliteOutbox::open(&config(&path, FsyncMode::Batch))
+        .await
+        .unwrap();
+    let got = reopened.lease("t", now_ms(), 10, 60_000).await.unwrap();
+    let ids: Vec<&str> = got.iter().map(|r| r.event_id.as_str()).collect();
+    assert_eq!(ids, vec!["e0", "e1", "e2"]);
+    reopened.close().await;
+}
+
+#[tokio::test]
+async fn a_tag_whose_first_position_was_lost_still_gets_its_events_after_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    let outbox = SqliteOutbox::open(&config(&path, FsyncMode::Batch))
+        .await
+        .unwrap();
+    outbox
+        .enqueue(big_events(&["old", "new"], "e", 3))
+        .await
+        .unwrap();
+    let db = outbox.db_path().to_path_buf();
+    outbox.leak_as_if_crashed();
+    // A power cut took the WAL's last commits, where `new`'s first position was: the log,
+    // fsynced for the hits, still has the events.
+    exec(&db, "DELETE FROM cursors WHERE tag = 'new'");
+    let reopened = SqliteOutbox::open(&config(&path, FsyncMode::Batch))
+        .await
+        .unwrap();
+    assert_eq!(deliver_all(&reopened, "new").await, 3);
+    assert_eq!(deliver_all(&reopened, "old").await, 3);
+    assert_eq!(reopened.pending_totals(), (0, 0));
+    reopened.close().await;
+}
+
+#[tokio::test]
+async fn after_a_failed_commit_a_delivery_copied_out_of_a_released_file_is_owed_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = SqliteOutbox::open(&config(dir.path(), FsyncMode::Off))
+        .await
+        .unwrap();
+    let slow = slow_send_past_released_files(&outbox, dir.path()).await;
+    // A commit fails: t resumes from its written position, slow0's, now below the log.
+    outbox.fail_log_writes(true);
+    assert!(outbox.enqueue(big_events(&["t"], "x", 1)).await.is_err());
+    outbox.fail_log_writes(false);
+    let again = outbox.lease("t", now_ms(), 2_000, 60_000).await.unwrap();
+    assert_eq!(
+        again[0].event_id, "slow0",
+        "read back from its copy in SQLite"
+    );
+    assert_eq!(again[0].payload, slow[0].payload);
+    outbox.close().await;
+}
+
+#[tokio::test]
+async fn a_tag_no_event_lists_any_more_holds_no_log_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    let outbox = SqliteOutbox::open(&config(&path, FsyncMode::Off))
+        .await
+        .unwrap();
+    outbox
+        .enqueue(big_events(&["a", "gone"], "old", 5))
+        .await
+        .unwrap();
+    outbox.close().await;
+    // `gone` was removed from the config: nothing reads for it, no event lists it.
+    let outbox = SqliteOutbox::open(&config(&path, FsyncMode::Off))
+        .await
+        .unwrap();
+    for chunk in 0..10 {
+        outbox
+            .enqueue(big_events(&["a"], &format!("c{chunk}-"), 100))
+            .await
+            .unwrap();
+    }
+    assert_eq!(deliver_all(&outbox, "a").await, 1_005);
+    outbox.ack(vec![], now_ms()).await.unwrap();
+    wait_until("log files deleted", Duration::from_secs(5), || {
+        segments(dir.path()) == 1
+    })
+    .await;
+    // Its events wait in SQLite, should it come back.
+    assert_eq!(deliver_all(&outbox, "gone").await, 5);
+    outbox.close().await;
+}
+
+#[tokio::test]
+async fn an_event_id_too_long_for_the_log_refuses_that_hit_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = SqliteOutbox::open(&config(dir.path(), FsyncMode::Off))
+        .await
+        .unwrap();
+    let mut long = big_events(&["t"], "x", 1);
+    long[0].event_id = "x".repeat(70_000);
+    let (a, b) = tokio::join!(
+        outbox.enqueue(long),
+        outbox.enqueue(big_events(&["t"], "ok", 1))
+    );
+    match a {
+        Err(EnqueueError::Invalid(msg)) => assert!(msg.contains("event id"), "{msg}"),
+        other => panic!("expected Invalid, got {other:?}"),
+    }
+    b.unwrap();
+    assert_eq!(deliver_all(&outbox, "t").await, 1);
+    outbox.close().await;
+}
+
+#[tokio::test]
+async fn a_log_file_damaged_before_its_end_is_kept_and_the_rest_delivered() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    let outbox = SqliteOutbox::open(&config(&path, FsyncMode::Batch))
+        .await
+        .unwrap();
+    for chunk in 0..6 {
+        outbox
+            .enqueue(big_events(&["t"], &format!("c{chunk}-"), 100))
+            .await
+            .unwrap();
+    }
+    outbox.leak_as_if_crashed();
+    let mut files: Vec<_> = std::fs::read_dir(path.join(sqlite::LOG_DIR))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "seg"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 2, "{files:?}");
+    // A flipped byte in the middle of the first file.
+    let mut bytes = std::fs::read(&files[0]).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&files[0], &bytes).unwrap();
+    let reopened = SqliteOutbox::open(&config(&path, FsyncMode::Batch))
+        .await
+        .unwrap();
+    let delivered = deliver_all(&reopened, "t").await;
+    assert!(
+        (300..600).contains(&delivered),
+        "the events before the damage and in the later files: {delivered}"
+    );
+    let mut kept = files[0].clone().into_os_string();
+    kept.push(".damaged");
+    assert!(std::path::Path::new(&kept).exists(), "kept for an operator");
+    reopened.close().await;
 }

@@ -11,7 +11,7 @@ use rusqlite::{Connection, OpenFlags};
 use serde::Serialize;
 
 use super::now_ms;
-use super::sqlite::{BUSY_TIMEOUT, DB_FILE};
+use super::sqlite::{BUSY_TIMEOUT, DB_FILE, LOG_DIR};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ToolError {
@@ -22,6 +22,12 @@ pub enum ToolError {
         path: PathBuf,
         #[source]
         source: rusqlite::Error,
+    },
+    #[error("outbox log `{path}`: {source}")]
+    Log {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
     },
 }
 
@@ -135,7 +141,28 @@ pub fn stats(dir: &Path) -> Result<Stats, ToolError> {
     let (conn, path) = open(dir)?;
     let err = sql_err(&path);
     let now = now_ms();
-    let pending = super::sqlite::backlog(&conn, now, None).map_err(&err)?;
+    let mut pending = super::sqlite::backlog(&conn, now, None).map_err(&err)?;
+    for (tag, n, oldest) in owed_in_log(dir, &conn)? {
+        let i = match pending.iter().position(|b| b.tag == tag) {
+            Some(i) => i,
+            None => {
+                pending.push(super::TagBacklog {
+                    tag,
+                    pending: 0,
+                    leased: 0,
+                    oldest_enqueued_ms: None,
+                });
+                pending.len() - 1
+            }
+        };
+        if let Some(b) = pending.get_mut(i) {
+            b.pending += n;
+            b.oldest_enqueued_ms = match (b.oldest_enqueued_ms, oldest) {
+                (Some(a), Some(o)) => Some(a.min(o)),
+                (a, o) => a.or(o),
+            };
+        }
+    }
     let mut dead: Vec<(String, u64)> = {
         let mut stmt = conn
             .prepare("SELECT tag, count(*) FROM dead_letters GROUP BY tag")
@@ -180,6 +207,75 @@ pub fn stats(dir: &Path) -> Result<Stats, ToolError> {
         dead_letters: tags.iter().map(|t| t.dead_letters).sum(),
         tags,
     })
+}
+
+/// `(tag, first deliveries owed from the outbox log, oldest enqueued_ms)`: frames at or past
+/// the tag's written position that have no copy in `events` (a copy is counted from there).
+/// While the server runs this counts deliveries out in memory too, as owed.
+fn owed_in_log(
+    dir: &Path,
+    conn: &Connection,
+) -> Result<Vec<(String, u64, Option<i64>)>, ToolError> {
+    let path = dir.join(LOG_DIR);
+    if !path.is_dir() {
+        return Ok(Vec::new());
+    }
+    let log_err = |source| ToolError::Log {
+        path: path.clone(),
+        source,
+    };
+    // A running server may delete a file between the listing and the open: list again.
+    let log = match super::log::Log::open_read_only(&path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            super::log::Log::open_read_only(&path)
+        }
+        other => other,
+    }
+    .map_err(log_err)?;
+    let Some(mut pos) = log.start() else {
+        return Ok(Vec::new());
+    };
+    let db = db_file(dir);
+    let err = sql_err(&db);
+    let positions: std::collections::HashMap<String, i64> = conn
+        .prepare("SELECT tag, committed_row FROM cursors")
+        .map_err(&err)?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .map_err(&err)?
+        .collect::<Result<_, _>>()
+        .map_err(&err)?;
+    let mut owed: std::collections::BTreeMap<String, (u64, Option<i64>)> = Default::default();
+    let mut copied = conn
+        .prepare("SELECT 1 FROM events WHERE id = ?1")
+        .map_err(&err)?;
+    loop {
+        let (frames, next) = log.read(pos, 256).map_err(log_err)?;
+        if frames.is_empty() {
+            break;
+        }
+        for (_, f) in frames {
+            let Some(tags) = std::str::from_utf8(&f.tags)
+                .ok()
+                .and_then(|c| super::fresh::parse_column(Some(c)))
+            else {
+                continue;
+            };
+            let due: Vec<_> = tags
+                .iter()
+                .filter(|t| positions.get(&***t).is_none_or(|&p| p <= f.row))
+                .collect();
+            if due.is_empty() || copied.exists([f.row]).map_err(&err)? {
+                continue;
+            }
+            for t in due {
+                let o = owed.entry(t.to_string()).or_default();
+                o.0 += 1;
+                o.1 = Some(o.1.map_or(f.enqueued_ms, |m| m.min(f.enqueued_ms)));
+            }
+        }
+        pos = next;
+    }
+    Ok(owed.into_iter().map(|(t, (n, o))| (t, n, o)).collect())
 }
 
 #[derive(serde::Deserialize)]
@@ -274,8 +370,15 @@ pub fn replay(dir: &Path, tag: Option<&str>) -> Result<usize, ToolError> {
                 .map_err(&err)?
                 .collect::<Result<Vec<i64>, _>>()
                 .map_err(&err)?;
+            // Below every id the server gives (those start at 1 and may be held in the
+            // outbox log rather than in `events`): a replayed event never takes a log row's
+            // id.
             let mut event = tx
-                .prepare("INSERT INTO events (event_id, payload) SELECT event_id, payload FROM dead_letters WHERE id = ?1")
+                .prepare(
+                    "INSERT INTO events (id, event_id, payload)
+                     SELECT (SELECT min(0, coalesce(min(id), 0)) - 1 FROM events), event_id, payload
+                     FROM dead_letters WHERE id = ?1",
+                )
                 .map_err(&err)?;
             let mut delivery = tx
                 .prepare(

@@ -1,7 +1,9 @@
-//! The group-commit writer: one thread owns the write connection, drains requests from a
-//! channel and applies as many as possible in one transaction (one WAL sync), then answers
-//! every waiter.
+//! The group-commit writer: one thread owns the outbox log and the SQLite write connection,
+//! drains requests from a channel and applies as many as possible at once (the group's
+//! frames in one write to the log, at most one SQLite transaction), then hands the hits to
+//! the syncer, which answers them after its fsync, and answers everything else at once.
 
+use std::cell::Cell;
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
@@ -14,9 +16,10 @@ use rusqlite::types::Value;
 use rusqlite::{Connection, OptionalExtension};
 use tokio::sync::oneshot;
 
-use super::fresh::{self, FreshSet};
+use super::fresh::{self, FreshSet, Held};
+use super::log_state::LogState;
 use super::sqlite::Shared;
-use super::syncer::{Syncer, Waiter};
+use super::syncer::{Job, Syncer, Waiter};
 use super::{EnqueueError, HotQueue, LeasedRecord, NewEvent, Settlement, StoreError};
 
 pub(crate) enum Op {
@@ -51,6 +54,11 @@ pub(crate) enum Op {
     Snapshot {
         done: oneshot::Sender<Vec<DeliveryState>>,
     },
+    /// How many events the store holds (see `SqliteOutbox::held_events`).
+    #[cfg(test)]
+    Held {
+        done: oneshot::Sender<i64>,
+    },
 }
 
 /// `(tag, event id, attempts, next attempt, lease end)` of one delivery.
@@ -73,6 +81,8 @@ impl std::fmt::Debug for Op {
             Op::Close { .. } => write!(f, "Close"),
             #[cfg(test)]
             Op::Snapshot { .. } => write!(f, "Snapshot"),
+            #[cfg(test)]
+            Op::Held { .. } => write!(f, "Held"),
         }
     }
 }
@@ -89,7 +99,7 @@ impl Op {
             Op::Release { leases, .. } => leases.len(),
             Op::Close { .. } => 0,
             #[cfg(test)]
-            Op::Snapshot { .. } => 0,
+            Op::Snapshot { .. } | Op::Held { .. } => 0,
         }
     }
 }
@@ -118,26 +128,25 @@ pub(crate) struct Settings {
 /// Dead letters deleted per purge step at most: a step never holds hits up for long.
 const PURGE_STEP: i64 = 5_000;
 
-/// `fresh` (?3) lists the tags this event owes a first delivery to (see `fresh`); an event
-/// with more than `fresh::MAX_TAGS` tags gets delivery rows for the rest.
-/// Row ids only grow (?5: one past the highest this store ever used), even when the newest
-/// rows were deleted: a tag's position past a deleted row must not skip a new one.
-const INSERT_EVENT: &str = "INSERT INTO events (id, event_id, payload, fresh, enqueued_ms)
-     VALUES (max(?5, (SELECT coalesce(max(id), 0) + 1 FROM events)), ?1, ?2, ?3, ?4)";
+/// A log row copied into `events` (see `log_state`), with the tags it owes first deliveries
+/// to (`fresh`, ?4), so that SQLite's queries about it work as for any row.
+const INSERT_COPY: &str = "INSERT OR IGNORE INTO events (id, event_id, payload, fresh, enqueued_ms)
+     VALUES (?1, ?2, ?3, ?4, ?5)";
 const INSERT: &str = "INSERT INTO pending (tag, event_row, attempts, next_attempt_ms, first_enqueued_ms, lease_until_ms)
      VALUES (?1, ?2, 0, ?3, ?3, 0)";
 /// A first delivery that needs a row after all (failed, given back, lease ended).
 const MATERIALIZE: &str = "INSERT INTO pending (tag, event_row, attempts, next_attempt_ms, first_enqueued_ms, last_error, lease_until_ms)
      VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0)";
-/// The rows a lagging tag reads its first deliveries from, in order. (Deliveries that got a
-/// row before a crash or failed commit rewound the tag are passed over by `FreshSet::skip`.)
+/// The rows a lagging tag reads its first deliveries from, in order, below the log's first
+/// row (?3; from there on it reads the log). (Deliveries that got a row before a crash or
+/// failed commit rewound the tag are passed over by `FreshSet::skip`.)
 const SCAN: &str = "SELECT id, event_id, payload, fresh, enqueued_ms FROM events
-     WHERE id >= ?1 ORDER BY id LIMIT ?2";
+     WHERE id >= ?1 AND id < ?3 ORDER BY id LIMIT ?2";
 const COLUMN: &str = "SELECT fresh FROM events WHERE id = ?1";
 /// Events every tag is done with, unless a delivery row still needs them.
 const DROP_SETTLED: &str = "DELETE FROM events WHERE id IN rarray(?1)
      AND NOT EXISTS (SELECT 1 FROM pending WHERE event_row = events.id)
-     RETURNING length(payload)";
+     RETURNING id, length(payload)";
 const BURY_FRESH: &str = "INSERT INTO dead_letters (tag, event_id, payload, attempts, next_attempt_ms, first_enqueued_ms, last_error, lease_until_ms, reason, dead_at_ms)
      SELECT ?2, event_id, payload, ?3, ?4, ?4, NULL, 0, ?5, ?6 FROM events WHERE id = ?1";
 const POSITION: &str = "INSERT INTO cursors (tag, committed_row) VALUES (?1, ?2)
@@ -165,19 +174,19 @@ const TOTALS: &str =
 /// The writer thread's own state besides the connection.
 pub(crate) struct State {
     fresh: FreshSet,
+    log: LogState,
+    /// Pending records and bytes as `outbox_totals` last returned them, and the change since:
+    /// a commit of hits alone opens no SQLite transaction, so the totals are written with the
+    /// next one that does (any that moves a tag's position).
+    totals: (i64, i64),
+    unsaved: (i64, i64),
     /// Makes hits' commits durable and answers them (`None` with `fsync = "off"`).
     syncer: Option<Syncer>,
     /// When dead letters were last purged (`None`: not yet).
     purged: Option<Instant>,
     /// Reused for each event's `fresh` column.
     column: Vec<u8>,
-    positions_written: Instant,
 }
-
-/// How often tags' positions are written (a new tag's at once). A position only moves
-/// forward, so an older one is always safe to resume from: writing less often costs only
-/// deliveries sent again after a crash, and saves a page write per commit.
-const POSITIONS_EVERY: Duration = Duration::from_millis(250);
 
 /// Records of dispatcher work (leases, settlements) one commit takes while hits are waiting:
 /// about 0.3 ms of the writer's time.
@@ -252,13 +261,19 @@ fn sort(
 }
 
 /// The writer thread's body. Returns when closed or when every sender is gone.
+pub(crate) struct Start {
+    pub fresh: FreshSet,
+    pub log: LogState,
+    pub totals: (i64, i64),
+    pub syncer: Option<Syncer>,
+}
+
 pub(crate) fn run(
     mut conn: Connection,
     rx: mpsc::Receiver<Op>,
     shared: Arc<Shared>,
     s: Settings,
-    fresh: FreshSet,
-    syncer: Option<Syncer>,
+    start: Start,
 ) {
     // However the writer ends (closed, or a panic), the store stops reporting ready.
     struct NotOpenOnExit(Arc<Shared>);
@@ -276,11 +291,13 @@ pub(crate) fn run(
     let mut deferred: VecDeque<Op> = VecDeque::new();
     let mut close = None;
     let mut state = State {
-        fresh,
-        syncer,
+        fresh: start.fresh,
+        log: start.log,
+        totals: start.totals,
+        unsaved: (0, 0),
+        syncer: start.syncer,
         purged: None,
         column: Vec::new(),
-        positions_written: Instant::now(),
     };
     loop {
         // Weight of the hits' records in this group.
@@ -317,6 +334,12 @@ pub(crate) fn run(
         admit(&mut deferred, budget, &mut batch);
         if !batch.is_empty() {
             commit(&mut conn, &mut batch, &shared, &mut state);
+            if let Some(e) = state.log.take_sync_failure() {
+                tracing::error!(error = %e, "outbox: fsync of the outbox log failed; hits are refused and the server reports not ready until it is restarted");
+                shared.stop_taking_hits(format!(
+                    "fsync of the outbox failed ({e}); restart tagrelay"
+                ));
+            }
             super::checkpoint::writer_step(&conn, &shared);
             if state.purged.is_none_or(|t| t.elapsed() >= s.purge_every) {
                 match purge_dead_letters(&conn, &s) {
@@ -333,7 +356,7 @@ pub(crate) fn run(
         if close.is_some() && deferred.is_empty() {
             // Deliveries still out get rows, so the next start resumes each tag exactly
             // where it stands.
-            if let Err(e) = give_rows_to_all_out(&conn, &mut state.fresh) {
+            if let Err(e) = give_rows_to_all_out(&conn, &mut state) {
                 tracing::warn!(error = %e, "outbox: could not record deliveries in flight at close; they are sent again after restart");
             }
             // Every hit handed to the syncer is answered before the close is.
@@ -357,6 +380,8 @@ type Applied = (Vec<Reply>, Option<(i64, i64)>);
 enum Reply {
     #[cfg(test)]
     Snapshot(Vec<DeliveryState>),
+    #[cfg(test)]
+    Held(i64),
     Enqueued,
     Leased(Vec<LeasedRecord>),
     Settled,
@@ -369,6 +394,9 @@ struct Delta {
     bytes: i64,
     enqueued: Vec<(Arc<str>, u64)>,
     committed_records: u64,
+    /// Some hit's event went to SQLite as well as the log (tags past `fresh::MAX_TAGS`): the
+    /// syncer fsyncs the WAL too.
+    hits_in_sqlite: bool,
     /// Per tag seen in this commit: its dispatcher's queue (if it has one), the records to
     /// hand it after the commit, and whether some had to be left in the store instead.
     hot: Vec<HotHandoff>,
@@ -402,30 +430,95 @@ impl Delta {
     }
 }
 
+/// A write transaction begun only when a statement needs one. Hits' events and acks of
+/// deliveries from the log touch no SQLite page (see `log_state`); what a commit then writes
+/// to SQLite is the positions that moved and the totals, a few small rows, whatever the
+/// number of events in it.
+struct Tx<'c> {
+    conn: &'c Connection,
+    open: Cell<bool>,
+}
+
+impl<'c> Tx<'c> {
+    fn new(conn: &'c Connection) -> Self {
+        Tx {
+            conn,
+            open: Cell::new(false),
+        }
+    }
+
+    fn c(&self) -> rusqlite::Result<&'c Connection> {
+        if !self.open.get() {
+            self.conn.execute_batch("BEGIN IMMEDIATE")?;
+            self.open.set(true);
+        }
+        Ok(self.conn)
+    }
+
+    fn is_open(&self) -> bool {
+        self.open.get()
+    }
+
+    fn commit(&self) -> rusqlite::Result<()> {
+        if self.open.replace(false) {
+            self.conn.execute_batch("COMMIT")?;
+        }
+        Ok(())
+    }
+
+    fn rollback(&self) {
+        if self.open.replace(false) {
+            let _ = self.conn.execute_batch("ROLLBACK");
+        }
+    }
+}
+
+/// An I/O error of the log, failing the commit like a SQLite one.
+fn io_err(e: std::io::Error) -> rusqlite::Error {
+    rusqlite::Error::ToSqlConversionFailure(Box::new(e))
+}
+
 fn commit(conn: &mut Connection, batch: &mut Vec<Op>, shared: &Shared, state: &mut State) {
     let mut delta = Delta::default();
     let mut positions = Vec::new();
-    let all_positions = state.positions_written.elapsed() >= POSITIONS_EVERY;
-    let sync = state.syncer.is_some() && has_hits(batch);
+    let hits = has_hits(batch);
+    let sync = state.syncer.is_some() && hits;
+    let tx = Tx::new(conn);
+    let mut unsaved = state.unsaved;
+    let mut release_bound = None;
     let result = (|| -> rusqlite::Result<Applied> {
-        conn.execute_batch("BEGIN IMMEDIATE")?;
         let recounted = state.fresh.take_recount();
         if recounted {
-            recount(conn, &mut state.fresh)?;
+            unsaved = (0, 0);
+            recount(&tx, state)?;
         }
         let mut replies = Vec::with_capacity(batch.len());
-        let mut hit_stmts = None;
         for op in batch.iter() {
-            replies.push(apply(conn, op, &mut hit_stmts, &mut delta, shared, state)?);
+            replies.push(apply(&tx, op, &mut delta, shared, state)?);
         }
-        positions = write_positions(conn, &mut state.fresh, all_positions)?;
-        let totals = if delta.records != 0 || delta.bytes != 0 || recounted {
-            let mut stmt = conn.prepare_cached(TOTALS)?;
-            Some(stmt.query_row([delta.records, delta.bytes], |r| Ok((r.get(0)?, r.get(1)?)))?)
+        #[cfg(test)]
+        if state.log.has_unwritten() && shared.fail_log.load(Ordering::Acquire) {
+            return Err(io_err(std::io::Error::other("injected log failure")));
+        }
+        state.log.flush(&mut state.fresh).map_err(io_err)?;
+        // Segments every tag has read past go after this commit; deliveries of theirs still
+        // out (a slow send) are copied into `events` first, so they never hold the log up.
+        release_bound = state.log.release_bound(state.fresh.lowest_lag());
+        if let Some(bound) = release_bound {
+            for (row, at) in state.fresh.out_below(bound) {
+                copy_in(&tx, state, row, at)?;
+            }
+        }
+        positions = write_positions(&tx, &mut state.fresh)?;
+        unsaved.0 += delta.records;
+        unsaved.1 += delta.bytes;
+        let totals = if tx.is_open() && (unsaved != (0, 0) || recounted) {
+            let mut stmt = tx.c()?.prepare_cached(TOTALS)?;
+            Some(stmt.query_row([unsaved.0, unsaved.1], |r| Ok((r.get(0)?, r.get(1)?)))?)
         } else {
             None
         };
-        conn.execute_batch("COMMIT")?;
+        tx.commit()?;
         Ok((replies, totals))
     })();
 
@@ -447,18 +540,22 @@ fn commit(conn: &mut Connection, batch: &mut Vec<Op>, shared: &Shared, state: &m
     match result {
         Ok((replies, totals)) => {
             state.fresh.written(&positions);
-            if all_positions {
-                state.positions_written = Instant::now();
-            }
             shared.set_fresh_gauges(state.fresh.gauges());
-            if let Some((records, bytes)) = totals {
-                shared
-                    .committed_records
-                    .store(u64::try_from(records).unwrap_or(0), Ordering::Release);
-                shared
-                    .committed_bytes
-                    .store(u64::try_from(bytes).unwrap_or(0), Ordering::Release);
+            match totals {
+                Some(t) => {
+                    state.totals = t;
+                    state.unsaved = (0, 0);
+                }
+                None => state.unsaved = unsaved,
             }
+            let records = state.totals.0.saturating_add(state.unsaved.0);
+            let bytes = state.totals.1.saturating_add(state.unsaved.1);
+            shared
+                .committed_records
+                .store(u64::try_from(records).unwrap_or(0), Ordering::Release);
+            shared
+                .committed_bytes
+                .store(u64::try_from(bytes).unwrap_or(0), Ordering::Release);
             release(shared, reserved_records, reserved_bytes);
             shared.commits.fetch_add(1, Ordering::Relaxed);
             if sync {
@@ -494,11 +591,19 @@ fn commit(conn: &mut Connection, batch: &mut Vec<Op>, shared: &Shared, state: &m
                 }
             }
             if let (Some(syncer), false) = (&state.syncer, waiting.is_empty()) {
-                syncer.submit(waiting);
+                syncer.submit_job(Job {
+                    waiters: waiting,
+                    log: state.log.current_file(),
+                    wal: delta.hits_in_sqlite,
+                });
+            }
+            if let Some(bound) = release_bound {
+                state.log.release(bound);
             }
         }
         Err(e) => {
-            let _ = conn.execute_batch("ROLLBACK");
+            tx.rollback();
+            state.log.discard();
             state.fresh.reset();
             release(shared, reserved_records, reserved_bytes);
             let msg = e.to_string();
@@ -510,11 +615,10 @@ fn commit(conn: &mut Connection, batch: &mut Vec<Op>, shared: &Shared, state: &m
     }
 }
 
-/// Whether a commit carries hits, which wait for the syncer's fsync of the WAL before they are
-/// answered: only hits wait for their events to be durable. Leases, acks, nacks and dead
+/// Whether a commit carries hits, which wait for the syncer's fsync of the log before they
+/// are answered: only hits wait for their events to be durable. Leases, acks, nacks and dead
 /// letters lost to a power cut come back as deliveries sent again (as after a crash between a
-/// vendor's answer and its ack), and the next hit's fsync makes them durable too: fsync covers
-/// the whole WAL.
+/// vendor's answer and its ack).
 fn has_hits(batch: &[Op]) -> bool {
     batch.iter().any(|op| matches!(op, Op::Enqueue { .. }))
 }
@@ -562,21 +666,18 @@ fn answer(op: Op, reply: Result<Reply, String>) {
         }
         #[cfg(test)]
         (Op::Snapshot { .. }, _) => {}
+        #[cfg(test)]
+        (Op::Held { done }, Ok(Reply::Held(n))) => {
+            let _ = done.send(n);
+        }
+        #[cfg(test)]
+        (Op::Held { .. }, _) => {}
     }
 }
 
-/// The statements every hit runs, taken from the cache once per commit rather than once per
-/// hit: each cache lookup hashes the SQL text and moves the entry in and out of an LRU, which
-/// cost the writer ~10 % of its instructions (callgrind).
-struct HitStmts<'c> {
-    insert_event: rusqlite::CachedStatement<'c>,
-    insert: rusqlite::CachedStatement<'c>,
-}
-
-fn apply<'c>(
-    conn: &'c Connection,
+fn apply(
+    tx: &Tx<'_>,
     op: &Op,
-    hit_stmts: &mut Option<HitStmts<'c>>,
     delta: &mut Delta,
     shared: &Shared,
     state: &mut State,
@@ -588,48 +689,64 @@ fn apply<'c>(
             bytes,
             ..
         } => {
-            let stmts = match hit_stmts {
-                Some(s) => s,
-                None => hit_stmts.insert(HitStmts {
-                    insert_event: conn.prepare_cached(INSERT_EVENT)?,
-                    insert: conn.prepare_cached(INSERT)?,
-                }),
-            };
             let now = super::now_ms();
             for e in events {
                 if e.tags.is_empty() {
                     continue;
                 }
-                let listed = e.tags.len().min(fresh::MAX_TAGS);
+                let row = state.fresh.next_row();
+                // Ids cannot name first deliveries of rows this high (never reached): every
+                // tag then gets a delivery row.
+                let listed = if fresh::id(row, 0).is_some() {
+                    e.tags.len().min(fresh::MAX_TAGS)
+                } else {
+                    0
+                };
                 state.column.clear();
                 serde_json::to_writer(&mut state.column, &e.tags[..listed])
                     .map_err(|err| rusqlite::Error::ToSqlConversionFailure(err.into()))?;
-                let column = std::str::from_utf8(&state.column).ok();
-                stmts.insert_event.execute(rusqlite::params![
-                    e.event_id,
-                    &e.payload[..],
-                    column,
-                    e.enqueued_at_ms,
-                    state.fresh.next_row()
-                ])?;
-                let row = conn.last_insert_rowid();
-                let listed = if fresh::id(row, 0).is_some() {
-                    listed
-                } else {
-                    // Ids cannot name first deliveries of this row (never for SQLite's own
-                    // row ids): every tag gets a delivery row.
-                    conn.execute("UPDATE events SET fresh = NULL WHERE id = ?1", [row])?;
-                    0
-                };
+                let off = state
+                    .log
+                    .push(
+                        row,
+                        e.enqueued_at_ms,
+                        &state.column,
+                        &e.event_id,
+                        &e.payload,
+                    )
+                    .map_err(io_err)?;
                 state.fresh.inserted(row);
+                if listed < e.tags.len() {
+                    // Delivery rows for the tags past what fresh ids name need the event in
+                    // `events`, durable with the hit.
+                    insert_copy(
+                        tx,
+                        &mut state.log,
+                        row,
+                        &e.event_id,
+                        &e.payload,
+                        &state.column,
+                        e.enqueued_at_ms,
+                    )?;
+                    delta.hits_in_sqlite = true;
+                }
+                let held = Held {
+                    row,
+                    enqueued_ms: e.enqueued_at_ms,
+                    at: None,
+                    bytes: u32::try_from(e.payload.len()).unwrap_or(u32::MAX),
+                };
+                let mut handed = false;
                 // The event's tag list for `FreshSet`, built only if a delivery is handed over.
                 let mut tags: Option<Arc<[Arc<str>]>> = None;
                 for (k, tag) in e.tags.iter().enumerate() {
                     let h = delta.handoff(tag, shared);
                     if k >= listed {
-                        stmts
-                            .insert
-                            .execute(rusqlite::params![&**tag, row, e.enqueued_at_ms])?;
+                        tx.c()?.prepare_cached(INSERT)?.execute(rusqlite::params![
+                            &**tag,
+                            row,
+                            e.enqueued_at_ms
+                        ])?;
                         h.overflowed = true;
                     } else {
                         // Straight to the queue only for a tag that is caught up: one that
@@ -644,14 +761,14 @@ fn apply<'c>(
                             Some(id)
                                 if room
                                     && state.fresh.hand(
-                                        row,
+                                        &held,
                                         tags.get_or_insert_with(|| e.tags[..listed].into()),
                                         k,
-                                        e.enqueued_at_ms,
                                         lease_until,
                                         false,
                                     ) =>
                             {
+                                handed = true;
                                 h.promised += 1;
                                 h.records.push(LeasedRecord::first_delivery(
                                     id,
@@ -676,6 +793,9 @@ fn apply<'c>(
                         None => delta.enqueued.push((tag.clone(), 1)),
                     }
                 }
+                if handed {
+                    state.log.unplaced(row, off);
+                }
             }
             delta.records += i64::try_from(*records).unwrap_or(i64::MAX);
             delta.bytes += i64::try_from(*bytes).unwrap_or(i64::MAX);
@@ -691,17 +811,17 @@ fn apply<'c>(
         } => {
             // Deliveries of this tag out in memory whose lease ended are due again, like
             // delivery rows whose lease ended (this tag's dispatcher is the one to resend).
-            end_expired_leases(conn, tag, &mut state.fresh, *now_ms)?;
-            let mut out = lease_rows(conn, tag, *now_ms, *limit, *lease_until_ms)?;
+            end_expired_leases(tx, tag, state, *now_ms)?;
+            let mut out = lease_rows(tx.c()?, tag, *now_ms, *limit, *lease_until_ms)?;
             if out.len() < *limit {
                 let want = *limit - out.len();
                 let mut passed_over = Vec::new();
                 let capped = scan(
-                    conn,
+                    tx,
                     tag,
                     want,
                     *lease_until_ms,
-                    &mut state.fresh,
+                    state,
                     &mut out,
                     &mut passed_over,
                 )?;
@@ -712,49 +832,110 @@ fn apply<'c>(
                     }
                 }
                 // A row passed over may have waited only for this tag to pass it.
-                let done: Vec<Value> = passed_over
+                let done: Vec<(i64, u32)> = passed_over
                     .into_iter()
-                    .filter(|(row, tags)| {
+                    .filter(|(row, tags, _)| {
                         !state.fresh.contains(*row) && state.fresh.all_passed(Some(tags), *row)
                     })
-                    .map(|(row, _)| Value::Integer(row))
+                    .map(|(row, _, bytes)| (row, bytes))
                     .collect();
-                if !done.is_empty() {
-                    let mut drop_events = conn.prepare_cached(DROP_SETTLED)?;
-                    let mut freed = drop_events.query([Rc::new(done)])?;
-                    while let Some(r) = freed.next()? {
-                        delta.bytes -= r.get::<_, i64>(0)?;
-                    }
-                }
+                drop_done(tx, state, delta, done)?;
             }
             Ok(Reply::Leased(out))
         }
         Op::Settle { settlement, .. } => {
-            settle(conn, settlement, delta, &mut state.fresh)?;
+            settle(tx, settlement, delta, state)?;
             Ok(Reply::Settled)
         }
         Op::Release { leases, .. } => {
-            let mut release = conn.prepare_cached(RELEASE)?;
             for &(id, until) in leases {
                 if fresh::decode(id).is_some() {
                     // Still out means still as handed out: due again at once.
                     if let Some(t) = state.fresh.take(id) {
-                        materialize(conn, &t, 0, t.enqueued_ms, None)?;
+                        materialize(tx, state, &t, 0, t.enqueued_ms, None)?;
                     }
                 } else {
-                    release.execute([id, until])?;
+                    tx.c()?.prepare_cached(RELEASE)?.execute([id, until])?;
                 }
             }
             Ok(Reply::Settled)
         }
         Op::Close { .. } => Ok(Reply::Settled),
         #[cfg(test)]
-        Op::Snapshot { .. } => Ok(Reply::Snapshot(snapshot(conn, &state.fresh)?)),
+        Op::Snapshot { .. } => Ok(Reply::Snapshot(snapshot(tx, state)?)),
+        #[cfg(test)]
+        Op::Held { .. } => Ok(Reply::Held(held(tx, state)?)),
     }
 }
 
+/// Events every tag is done with (`(row, payload bytes)`): rows in SQLite are deleted unless
+/// a delivery row still needs them; log rows only leave the byte count (their segment goes
+/// once every row in it is passed, see `log_state`).
+fn drop_done(
+    tx: &Tx<'_>,
+    state: &mut State,
+    delta: &mut Delta,
+    done: Vec<(i64, u32)>,
+) -> rusqlite::Result<()> {
+    let mut rows: Vec<Value> = Vec::new();
+    for (row, bytes) in done {
+        if row < state.log.first_row || state.log.copied.contains(&row) {
+            rows.push(Value::Integer(row));
+        } else {
+            delta.bytes -= i64::from(bytes);
+        }
+    }
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let mut drop_events = tx.c()?.prepare_cached(DROP_SETTLED)?;
+    let mut freed = drop_events.query([Rc::new(rows)])?;
+    while let Some(r) = freed.next()? {
+        state.log.copied.remove(&r.get::<_, i64>(0)?);
+        delta.bytes -= r.get::<_, i64>(1)?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
-fn snapshot(conn: &Connection, fresh_set: &FreshSet) -> rusqlite::Result<Vec<DeliveryState>> {
+fn held(tx: &Tx<'_>, state: &mut State) -> rusqlite::Result<i64> {
+    let mut n: i64 = tx
+        .c()?
+        .query_row("SELECT count(*) FROM events", [], |r| r.get(0))?;
+    state.log.flush(&mut state.fresh).map_err(io_err)?;
+    let lags = state.fresh.lagging();
+    if let Some(mut pos) = state.log.locate(state.log.first_row) {
+        loop {
+            let (frames, next) = state.log.read(pos, 256).map_err(io_err)?;
+            if frames.is_empty() {
+                break;
+            }
+            for (_, f) in frames {
+                if state.log.copied.contains(&f.row) {
+                    continue;
+                }
+                let tags = std::str::from_utf8(&f.tags)
+                    .ok()
+                    .and_then(|c| fresh::parse_column(Some(c)))
+                    .unwrap_or_default();
+                let owed = tags
+                    .iter()
+                    .any(|t| lags.iter().any(|(l, r)| l == t && *r <= f.row));
+                if owed || state.fresh.contains(f.row) {
+                    n += 1;
+                }
+            }
+            pos = next;
+        }
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+fn snapshot(tx: &Tx<'_>, state: &mut State) -> rusqlite::Result<Vec<DeliveryState>> {
+    let conn = tx.c()?;
+    state.log.flush(&mut state.fresh).map_err(io_err)?;
+    let fresh_set = &state.fresh;
     let mut out: Vec<DeliveryState> = conn
         .prepare(
             "SELECT p.tag, e.event_id, p.attempts, p.next_attempt_ms, p.lease_until_ms
@@ -764,10 +945,31 @@ fn snapshot(conn: &Connection, fresh_set: &FreshSet) -> rusqlite::Result<Vec<Del
             Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
         })?
         .collect::<rusqlite::Result<_>>()?;
-    let rows: Vec<(i64, String, Option<String>, i64)> = conn
-        .prepare("SELECT id, event_id, fresh, enqueued_ms FROM events WHERE fresh IS NOT NULL")?
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+    let mut rows: Vec<(i64, String, Option<String>, i64)> = conn
+        .prepare(
+            "SELECT id, event_id, fresh, enqueued_ms FROM events
+             WHERE fresh IS NOT NULL AND id < ?1",
+        )?
+        .query_map([state.log.start_row()], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+        })?
         .collect::<rusqlite::Result<_>>()?;
+    // First deliveries of log rows, from the log (a copy in `events` is the same event).
+    if let Some(mut pos) = state.log.locate(state.log.start_row()) {
+        loop {
+            let (frames, next) = state.log.read(pos, 256).map_err(io_err)?;
+            if frames.is_empty() {
+                break;
+            }
+            for (_, f) in frames {
+                {
+                    let column = String::from_utf8_lossy(&f.tags).into_owned();
+                    rows.push((f.row, f.event_id, Some(column), f.enqueued_ms));
+                }
+            }
+            pos = next;
+        }
+    }
     for (row, event_id, column, enqueued_ms) in rows {
         let tags = fresh::parse_column(column.as_deref()).unwrap_or_default();
         for (k, tag) in tags.iter().enumerate() {
@@ -843,122 +1045,254 @@ const SCAN_SLACK: usize = 8;
 /// Rows a lease may read past four times what it wants.
 const SCAN_MAX_SKIP: usize = 1_024;
 
-/// Hands out up to `want` first deliveries of a lagging `tag`, reading rows from where it
-/// lags; a scan that reaches the last row leaves the tag caught up. Returns whether it
-/// stopped at its read limit with the tag still behind (more may be due at once).
+/// A row a scan passed over (see `FreshSet::skip`): `(row, its tags, its payload's size)`.
+type PassedOver = (i64, Arc<[Arc<str>]>, u32);
+
+/// Hands out up to `want` first deliveries of a lagging `tag`, reading from where it lags:
+/// rows below the log's first row from `events`, the rest from the log. A scan that reaches
+/// the last row leaves the tag caught up. Returns whether it stopped at its read limit with
+/// the tag still behind (more may be due at once).
 fn scan(
-    conn: &Connection,
+    tx: &Tx<'_>,
     tag: &Arc<str>,
     want: usize,
     lease_until_ms: i64,
-    fresh_set: &mut FreshSet,
+    state: &mut State,
     out: &mut Vec<LeasedRecord>,
-    passed_over: &mut Vec<(i64, Arc<[Arc<str>]>)>,
+    passed_over: &mut Vec<PassedOver>,
 ) -> rusqlite::Result<bool> {
-    let Some(mut from) = fresh_set.lags(tag) else {
+    let Some(mut from) = state.fresh.lags(tag) else {
         return Ok(false);
     };
-    let mut stmt = conn.prepare_cached(SCAN)?;
     let mut got = 0usize;
     // A tag that fires rarely, far behind, must not hold the writer (and every hit) while
     // it reads a long stretch of other tags' rows: it goes on at its next lease.
     let mut examined = 0usize;
     let max_examined = want.saturating_mul(4).saturating_add(SCAN_MAX_SKIP);
+    // Frames of this commit not written yet are read like the others.
+    state.log.flush(&mut state.fresh).map_err(io_err)?;
+    let first_log_row = state.log.start_row();
+    // One event read back, from either place.
+    let mut take = |state: &mut State,
+                    row: i64,
+                    event_id: String,
+                    payload: Bytes,
+                    column: Option<&str>,
+                    enqueued_ms: i64,
+                    at: Option<super::log::Pos>,
+                    out: &mut Vec<LeasedRecord>|
+     -> bool {
+        let Some(tags) = fresh::parse_column(column) else {
+            // Never written so by us: the event stays in the store for an operator.
+            tracing::error!(
+                row,
+                "outbox: an event lists its tags unreadably; it is skipped"
+            );
+            return false;
+        };
+        let tags: Arc<[Arc<str>]> = tags.into();
+        let Some(k) = tags.iter().position(|t| t == tag) else {
+            return false;
+        };
+        let bytes = u32::try_from(payload.len()).unwrap_or(u32::MAX);
+        // Its delivery got a row before a crash or a failed commit rewound this tag.
+        if state.fresh.skip(tag, row) {
+            passed_over.push((row, tags, bytes));
+            return false;
+        }
+        let Some(id) = fresh::id(row, k) else {
+            return false;
+        };
+        let held = Held {
+            row,
+            enqueued_ms,
+            at,
+            bytes,
+        };
+        if !state.fresh.hand(&held, &tags, k, lease_until_ms, true) {
+            return false;
+        }
+        out.push(LeasedRecord::first_delivery(
+            id,
+            tag.clone(),
+            event_id,
+            payload,
+            None,
+            enqueued_ms,
+            lease_until_ms,
+        ));
+        true
+    };
+    if from < first_log_row {
+        let mut stmt = tx.c()?.prepare_cached(SCAN)?;
+        loop {
+            if examined >= max_examined {
+                state.fresh.cursor(tag).lag_from = Some(from);
+                return Ok(true);
+            }
+            let chunk = want - got + SCAN_SLACK;
+            let rows = stmt
+                .query_map(
+                    rusqlite::params![
+                        from,
+                        i64::try_from(chunk).unwrap_or(i64::MAX),
+                        first_log_row
+                    ],
+                    |r| {
+                        Ok((
+                            r.get::<_, i64>(0)?,
+                            r.get::<_, String>(1)?,
+                            r.get::<_, Vec<u8>>(2)?,
+                            r.get::<_, Option<String>>(3)?,
+                            r.get::<_, i64>(4)?,
+                        ))
+                    },
+                )?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            let seen = rows.len();
+            for (row, event_id, payload, column, enqueued_ms) in rows {
+                from = row.saturating_add(1);
+                examined += 1;
+                let payload = Bytes::from(payload);
+                if take(
+                    state,
+                    row,
+                    event_id,
+                    payload,
+                    column.as_deref(),
+                    enqueued_ms,
+                    None,
+                    out,
+                ) {
+                    got += 1;
+                    if got == want {
+                        state.fresh.cursor(tag).lag_from = Some(from);
+                        return Ok(false);
+                    }
+                }
+            }
+            if seen < chunk {
+                // Past the rows in SQLite: on in the log.
+                from = first_log_row;
+                break;
+            }
+        }
+    }
+    let start = state
+        .log
+        .resume_at(tag, from)
+        .or_else(|| state.log.locate(from));
+    let Some(mut pos) = start else {
+        // Nothing written at or after `from`: caught up.
+        state.fresh.cursor(tag).lag_from = None;
+        state.log.set_resume(tag, None);
+        return Ok(false);
+    };
     loop {
         if examined >= max_examined {
-            fresh_set.cursor(tag).lag_from = Some(from);
+            state.fresh.cursor(tag).lag_from = Some(from);
+            state.log.set_resume(tag, Some((from, pos)));
             return Ok(true);
         }
         let chunk = want - got + SCAN_SLACK;
-        let rows = stmt
-            .query_map(
-                rusqlite::params![from, i64::try_from(chunk).unwrap_or(i64::MAX)],
-                |r| {
-                    Ok((
-                        r.get::<_, i64>(0)?,
-                        r.get::<_, String>(1)?,
-                        r.get::<_, Vec<u8>>(2)?,
-                        r.get::<_, Option<String>>(3)?,
-                        r.get::<_, i64>(4)?,
-                    ))
-                },
-            )?
-            .collect::<rusqlite::Result<Vec<_>>>()?;
-        let seen = rows.len();
-        for (row, event_id, payload, column, enqueued_ms) in rows {
-            from = row.saturating_add(1);
+        let (frames, next) = match state.log.read(pos, chunk) {
+            Ok(read) => read,
+            Err(e) => {
+                // A damaged stretch of the log: this tag goes on after it rather than failing
+                // every commit from here on. What was in it is lost to this tag.
+                let after = state.log.entry_after(pos);
+                tracing::error!(tag = %tag, row = from, error = %e, resumes_at = ?after.map(|(r, _)| r), "outbox: could not read the outbox log; the events up to where it resumes are lost for this tag");
+                match after {
+                    Some((row, p)) => {
+                        from = from.max(row);
+                        pos = p;
+                        examined += 1;
+                        continue;
+                    }
+                    None => {
+                        state.fresh.cursor(tag).lag_from = None;
+                        state.log.set_resume(tag, None);
+                        return Ok(false);
+                    }
+                }
+            }
+        };
+        let seen = frames.len();
+        for (at, f) in frames {
+            if f.row < from {
+                // The start of the group `from` is in.
+                continue;
+            }
+            from = f.row.saturating_add(1);
+            pos = super::log::Pos {
+                segment: at.segment,
+                offset: at.offset + f.encoded_len(),
+            };
             examined += 1;
-            let Some(tags) = fresh::parse_column(column.as_deref()) else {
-                // Never written so by us: the event stays in the store for an operator.
-                tracing::error!(
-                    row,
-                    "outbox: an event row lists its tags unreadably; it is skipped"
-                );
-                continue;
+            let column = std::str::from_utf8(&f.tags).ok();
+            let handed = match column {
+                Some(c) => take(
+                    state,
+                    f.row,
+                    f.event_id,
+                    f.payload,
+                    Some(c),
+                    f.enqueued_ms,
+                    Some(at),
+                    out,
+                ),
+                None => {
+                    tracing::error!(
+                        row = f.row,
+                        "outbox: an event lists its tags unreadably; it is skipped"
+                    );
+                    false
+                }
             };
-            let tags: Arc<[Arc<str>]> = tags.into();
-            let Some(k) = tags.iter().position(|t| t == tag) else {
-                continue;
-            };
-            // Its delivery got a row before a crash or a failed commit rewound this tag.
-            if fresh_set.skip(tag, row) {
-                passed_over.push((row, tags));
-                continue;
-            }
-            let Some(id) = fresh::id(row, k) else {
-                continue;
-            };
-            if !fresh_set.hand(row, &tags, k, enqueued_ms, lease_until_ms, true) {
-                continue;
-            }
-            out.push(LeasedRecord::first_delivery(
-                id,
-                tag.clone(),
-                event_id,
-                Bytes::from(payload),
-                None,
-                enqueued_ms,
-                lease_until_ms,
-            ));
-            got += 1;
-            if got == want {
-                fresh_set.cursor(tag).lag_from = Some(from);
-                return Ok(false);
+            if handed {
+                got += 1;
+                if got == want {
+                    state.fresh.cursor(tag).lag_from = Some(from);
+                    state.log.set_resume(tag, Some((from, pos)));
+                    return Ok(false);
+                }
             }
         }
+        pos = next;
         if seen < chunk {
             // Past the last row: from now on commits hand this tag's deliveries over.
-            fresh_set.cursor(tag).lag_from = None;
+            state.fresh.cursor(tag).lag_from = None;
+            state.log.set_resume(tag, None);
             return Ok(false);
         }
     }
 }
 
 fn settle(
-    conn: &Connection,
+    tx: &Tx<'_>,
     s: &Settlement,
     delta: &mut Delta,
-    fresh_set: &mut FreshSet,
+    state: &mut State,
 ) -> rusqlite::Result<()> {
     // Events every tag is done with (their last first delivery settled).
-    let mut done: Vec<Value> = Vec::new();
+    let mut done: Vec<(i64, u32)> = Vec::new();
     // Delivery rows that go (acked or dead).
     let mut gone: Vec<Value> = Vec::with_capacity(s.ack.len());
-    if !s.dead.is_empty() {
-        // Copied out before their delivery rows or events go.
-        let mut bury = conn.prepare_cached(BURY)?;
-        let mut bury_fresh = conn.prepare_cached(BURY_FRESH)?;
-        for d in &s.dead {
-            if fresh::decode(d.id).is_none() {
-                bury.execute(rusqlite::params![
-                    d.id,
-                    i64::from(d.attempted),
-                    d.reason,
-                    s.now_ms
-                ])?;
-                gone.push(Value::Integer(d.id));
-            } else if let Some(t) = fresh_set.take(d.id) {
-                bury_fresh.execute(rusqlite::params![
+    for d in &s.dead {
+        if fresh::decode(d.id).is_none() {
+            // Copied out before their delivery rows or events go.
+            tx.c()?.prepare_cached(BURY)?.execute(rusqlite::params![
+                d.id,
+                i64::from(d.attempted),
+                d.reason,
+                s.now_ms
+            ])?;
+            gone.push(Value::Integer(d.id));
+        } else if let Some(t) = state.fresh.take(d.id) {
+            copy_in(tx, state, t.row, t.at)?;
+            tx.c()?
+                .prepare_cached(BURY_FRESH)?
+                .execute(rusqlite::params![
                     t.row,
                     &*t.tag,
                     i64::from(d.attempted),
@@ -966,26 +1300,26 @@ fn settle(
                     d.reason,
                     s.now_ms
                 ])?;
-                delta.records -= 1;
-                if t.done {
-                    done.push(Value::Integer(t.row));
-                }
+            delta.records -= 1;
+            if t.done {
+                done.push((t.row, t.bytes));
             }
-            // A fresh id no longer out: its lease ended and it has a delivery row now,
-            // which is sent again (at-least-once, as for any lease that ends).
         }
+        // A fresh id no longer out: its lease ended and it has a delivery row now,
+        // which is sent again (at-least-once, as for any lease that ends).
     }
     for &id in &s.ack {
         if fresh::decode(id).is_none() {
             gone.push(Value::Integer(id));
-        } else if let Some(t) = fresh_set.take(id) {
+        } else if let Some(t) = state.fresh.take(id) {
             delta.records -= 1;
             if t.done {
-                done.push(Value::Integer(t.row));
+                done.push((t.row, t.bytes));
             }
         }
     }
     if !gone.is_empty() {
+        let conn = tx.c()?;
         let mut rows: Vec<i64> = Vec::with_capacity(gone.len());
         {
             let mut ack = conn.prepare_cached(ACK)?;
@@ -1001,46 +1335,108 @@ fn settle(
         // every tag it lists has been handed it.
         let mut column = conn.prepare_cached(COLUMN)?;
         for row in rows {
-            if fresh_set.contains(row) {
+            if state.fresh.contains(row) {
                 continue;
             }
             let listed: Option<Option<String>> =
                 column.query_row([row], |r| r.get(0)).optional()?;
             let Some(listed) = listed else { continue };
-            if fresh_set.all_passed(fresh::parse_column(listed.as_deref()).as_deref(), row) {
-                done.push(Value::Integer(row));
+            if state
+                .fresh
+                .all_passed(fresh::parse_column(listed.as_deref()).as_deref(), row)
+            {
+                // In `events`, so `drop_done` deletes it and counts its bytes.
+                done.push((row, 0));
             }
         }
     }
-    if !s.nack.is_empty() {
-        let mut nack = conn.prepare_cached(NACK)?;
-        for n in &s.nack {
-            if fresh::decode(n.id).is_none() {
-                nack.execute(rusqlite::params![n.id, n.next_attempt_ms, n.error])?;
-            } else if let Some(t) = fresh_set.take(n.id) {
-                materialize(conn, &t, 1, n.next_attempt_ms, Some(&n.error))?;
-            }
+    for n in &s.nack {
+        if fresh::decode(n.id).is_none() {
+            tx.c()?.prepare_cached(NACK)?.execute(rusqlite::params![
+                n.id,
+                n.next_attempt_ms,
+                n.error
+            ])?;
+        } else if let Some(t) = state.fresh.take(n.id) {
+            materialize(tx, state, &t, 1, n.next_attempt_ms, Some(&n.error))?;
         }
     }
-    if !done.is_empty() {
-        let mut drop_events = conn.prepare_cached(DROP_SETTLED)?;
-        let mut freed = drop_events.query([Rc::new(done)])?;
-        while let Some(r) = freed.next()? {
-            delta.bytes -= r.get::<_, i64>(0)?;
-        }
+    drop_done(tx, state, delta, done)
+}
+
+/// Copies log row `row` (its frame at `at`, if known) into `events`, unless it is there.
+fn copy_in(
+    tx: &Tx<'_>,
+    state: &mut State,
+    row: i64,
+    at: Option<super::log::Pos>,
+) -> rusqlite::Result<()> {
+    if row < state.log.first_row || state.log.copied.contains(&row) {
+        return Ok(());
     }
+    if state.log.has_unwritten() {
+        state.log.flush(&mut state.fresh).map_err(io_err)?;
+    }
+    // Not readable (a damaged file) or not there (never seen: rows are released only once
+    // passed): the delivery row finds no event, and its dispatcher dead-letters it as
+    // invalid. One event's loss, never a failed commit for every hit in it.
+    let f = match state.log.frame(row, at) {
+        Ok(Some(f)) => f,
+        Ok(None) => {
+            tracing::error!(row, "outbox: an event is missing from the outbox log");
+            return Ok(());
+        }
+        Err(e) => {
+            tracing::error!(row, error = %e, "outbox: an event could not be read back from the outbox log");
+            return Ok(());
+        }
+    };
+    insert_copy(
+        tx,
+        &mut state.log,
+        f.row,
+        &f.event_id,
+        &f.payload,
+        &f.tags,
+        f.enqueued_ms,
+    )
+}
+
+/// Writes log row `row` into `events` (its `fresh` column: `tags`) and remembers it there.
+fn insert_copy(
+    tx: &Tx<'_>,
+    log: &mut LogState,
+    row: i64,
+    event_id: &str,
+    payload: &[u8],
+    tags: &[u8],
+    enqueued_ms: i64,
+) -> rusqlite::Result<()> {
+    tx.c()?
+        .prepare_cached(INSERT_COPY)?
+        .execute(rusqlite::params![
+            row,
+            event_id,
+            payload,
+            std::str::from_utf8(tags).ok(),
+            enqueued_ms
+        ])?;
+    log.copied.insert(row);
     Ok(())
 }
 
-/// Writes a delivery row for first delivery `t`.
+/// Writes a delivery row for first delivery `t` (its event copied into `events` first).
 fn materialize(
-    conn: &Connection,
+    tx: &Tx<'_>,
+    state: &mut State,
     t: &fresh::Taken,
     attempts: i64,
     next_attempt_ms: i64,
     last_error: Option<&str>,
 ) -> rusqlite::Result<()> {
-    conn.prepare_cached(MATERIALIZE)?
+    copy_in(tx, state, t.row, t.at)?;
+    tx.c()?
+        .prepare_cached(MATERIALIZE)?
         .execute(rusqlite::params![
             &*t.tag,
             t.row,
@@ -1055,17 +1451,17 @@ fn materialize(
 /// `tag`'s deliveries out in memory whose lease ended by `now_ms` get delivery rows, due
 /// from their lease's end, as a delivery row's lease that ends.
 fn end_expired_leases(
-    conn: &Connection,
+    tx: &Tx<'_>,
     tag: &str,
-    fresh_set: &mut FreshSet,
+    state: &mut State,
     now_ms: i64,
 ) -> rusqlite::Result<()> {
-    let expired = fresh_set.expire(tag, now_ms);
+    let expired = state.fresh.expire(tag, now_ms);
     if expired.is_empty() {
         return Ok(());
     }
     for (t, lease_until_ms) in &expired {
-        materialize(conn, t, 0, *lease_until_ms, None)?;
+        materialize(tx, state, t, 0, *lease_until_ms, None)?;
     }
     tracing::warn!(
         tag,
@@ -1112,33 +1508,94 @@ fn purge_dead_letters(conn: &Connection, s: &Settings) -> rusqlite::Result<bool>
 }
 
 /// After a reset every tag resumes from its written position, so deliveries it settled past
-/// it are owed again: the record count and the gauges are taken from the store.
-fn recount(conn: &Connection, fresh_set: &mut FreshSet) -> rusqlite::Result<()> {
+/// it are owed again: the record and byte counts and the gauges are taken from the store
+/// (`events` below the log's first row, then the log).
+fn recount(tx: &Tx<'_>, state: &mut State) -> rusqlite::Result<()> {
+    let conn = tx.c()?;
     let mut total: u64 = conn.query_row("SELECT count(*) FROM pending", [], |r| {
         r.get::<_, i64>(0).map(|n| u64::try_from(n).unwrap_or(0))
     })?;
+    let mut bytes: i64 = conn.query_row(
+        "SELECT coalesce(sum(length(payload)), 0) FROM events",
+        [],
+        |r| r.get(0),
+    )?;
+    // Copies written by the failed commit were rolled back with it.
+    state.log.copied = conn
+        .prepare("SELECT id FROM events WHERE id >= ?1")?
+        .query_map([state.log.first_row], |r| r.get::<_, i64>(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    let fresh_set = &mut state.fresh;
     fresh_set.clear_waiting();
     fresh_set.set_skips(super::sqlite::rows_with_delivery_rows(conn)?);
-    for (tag, n, oldest) in super::sqlite::waiting(conn)? {
-        fresh_set.set_waiting(&Arc::from(tag.as_str()), n, oldest);
+    let mut waiting: std::collections::HashMap<Arc<str>, (u64, Option<i64>)> =
+        std::collections::HashMap::new();
+    state.log.flush(fresh_set).map_err(io_err)?;
+    let bound = state.log.start_row();
+    for (tag, n, oldest) in super::sqlite::waiting(conn, bound)? {
+        waiting.insert(Arc::from(tag.as_str()), (n, oldest));
+    }
+    let lags = fresh_set.lagging();
+    if let Some(low) = lags.iter().map(|&(_, l)| l).min() {
+        let low = low.max(bound);
+        if let Some(mut pos) = state.log.locate(low) {
+            loop {
+                let (frames, next) = match state.log.read(pos, 256) {
+                    Ok(read) => read,
+                    Err(e) => {
+                        // Counted up to the damage (each tag's scan passes over it, logged).
+                        // Failing here would fail this commit, reset, and recount again.
+                        tracing::error!(error = %e, "outbox: could not read the outbox log to recount what is owed; the counts leave out what follows the damage");
+                        break;
+                    }
+                };
+                if frames.is_empty() {
+                    break;
+                }
+                for (_, f) in frames {
+                    let tags = std::str::from_utf8(&f.tags)
+                        .ok()
+                        .and_then(|c| fresh::parse_column(Some(c)))
+                        .unwrap_or_default();
+                    let mut owed = false;
+                    for t in &tags {
+                        let lag = lags.iter().find(|(l, _)| l == t).map(|&(_, r)| r);
+                        if lag.is_some_and(|r| r <= f.row) && !fresh_set.is_skipped(t, f.row) {
+                            let w = waiting.entry(t.clone()).or_default();
+                            w.0 += 1;
+                            w.1 = Some(w.1.map_or(f.enqueued_ms, |o| o.min(f.enqueued_ms)));
+                            owed = true;
+                        }
+                    }
+                    if owed && !state.log.copied.contains(&f.row) {
+                        bytes += f.payload.len() as i64;
+                    }
+                }
+                pos = next;
+            }
+        }
+    }
+    for (tag, (n, oldest)) in waiting {
+        fresh_set.set_waiting(&tag, n, oldest);
         total += n;
     }
     conn.execute(
-        "UPDATE outbox_totals SET records = ?1 WHERE id = 0",
-        [i64::try_from(total).unwrap_or(i64::MAX)],
+        "UPDATE outbox_totals SET records = ?1, bytes = ?2 WHERE id = 0",
+        [i64::try_from(total).unwrap_or(i64::MAX), bytes],
     )?;
     Ok(())
 }
 
-/// Writes the positions of new tags, and with `all` every position that changed.
+/// Writes every position that changed, in the commit that moved it: with events in the log,
+/// a tag's written position is all that tells a restart which of them it has had (where the
+/// SQLite store deleted each event row as its last delivery settled).
 fn write_positions(
-    conn: &Connection,
+    tx: &Tx<'_>,
     fresh_set: &mut FreshSet,
-    all: bool,
 ) -> rusqlite::Result<Vec<(Arc<str>, i64)>> {
-    let positions = fresh_set.positions_to_write(all);
+    let positions = fresh_set.positions_to_write();
     if !positions.is_empty() {
-        let mut stmt = conn.prepare_cached(POSITION)?;
+        let mut stmt = tx.c()?.prepare_cached(POSITION)?;
         for (tag, pos) in &positions {
             stmt.execute(rusqlite::params![&**tag, pos])?;
         }
@@ -1147,23 +1604,32 @@ fn write_positions(
 }
 
 /// At a clean close: every delivery still out gets a row, and the positions are written.
-fn give_rows_to_all_out(conn: &Connection, fresh_set: &mut FreshSet) -> rusqlite::Result<()> {
-    conn.execute_batch("BEGIN IMMEDIATE")?;
+/// First deliveries still owed from the log stay there: the next start copies them in.
+fn give_rows_to_all_out(conn: &Connection, state: &mut State) -> rusqlite::Result<()> {
+    let tx = Tx::new(conn);
     let result = (|| {
-        for t in fresh_set.take_all() {
-            materialize(conn, &t, 0, t.enqueued_ms, None)?;
+        for t in state.fresh.take_all() {
+            materialize(&tx, state, &t, 0, t.enqueued_ms, None)?;
         }
-        write_positions(conn, fresh_set, true)
+        let positions = write_positions(&tx, &mut state.fresh)?;
+        let unsaved = state.unsaved;
+        if unsaved != (0, 0) {
+            tx.c()?
+                .prepare_cached(TOTALS)?
+                .query_row([unsaved.0, unsaved.1], |_| Ok(()))?;
+        }
+        tx.commit()?;
+        Ok(positions)
     })();
     match result {
         Ok(positions) => {
-            conn.execute_batch("COMMIT")?;
-            fresh_set.written(&positions);
+            state.fresh.written(&positions);
+            state.unsaved = (0, 0);
             Ok(())
         }
         Err(e) => {
-            let _ = conn.execute_batch("ROLLBACK");
-            fresh_set.reset();
+            tx.rollback();
+            state.fresh.reset();
             Err(e)
         }
     }
