@@ -517,6 +517,14 @@ impl Log {
         Ok(kept)
     }
 
+    /// Bytes of frames in the log's files, and how many files (for the gauges).
+    pub(crate) fn size(&self) -> (u64, usize) {
+        (
+            self.segments.iter().map(|s| s.len).sum(),
+            self.segments.len(),
+        )
+    }
+
     /// Whether the log holds no segment.
     pub(crate) fn is_empty(&self) -> bool {
         self.segments.is_empty()
@@ -681,7 +689,15 @@ mod tests {
         assert!(log.read(end, 1).unwrap().0.is_empty());
 
         let second = log.segments[1].first_row;
+        let (bytes, files) = log.size();
+        assert_eq!(files, segments);
+        assert_eq!(
+            bytes,
+            (1..=12).map(|r| frame(r, 900).encoded_len()).sum::<u64>()
+        );
         assert_eq!(log.release_below(second).unwrap(), 1);
+        assert_eq!(log.size().1, segments - 1);
+        assert!(log.size().0 < bytes);
         assert_eq!(log.start().unwrap().segment, second);
         assert!(!dir.path().join(format!("{:020}.seg", 1)).exists());
         // The segment taking appends is never released.

@@ -142,6 +142,13 @@ impl LogState {
         self.log.take_sync_failure()
     }
 
+    /// Sets the gauges of the log's size on disk (what a lagging tag holds).
+    pub fn report_size(&self) {
+        let (bytes, files) = self.log.size();
+        metrics::gauge!("tagrelay_outbox_log_bytes").set(bytes as f64);
+        metrics::gauge!("tagrelay_outbox_log_files").set(files as f64);
+    }
+
     /// The segment taking appends, for the syncer.
     pub fn current_file(&self) -> Option<Arc<File>> {
         self.log.current_file()

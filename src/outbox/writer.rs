@@ -600,6 +600,7 @@ fn commit(conn: &mut Connection, batch: &mut Vec<Op>, shared: &Shared, state: &m
             if let Some(bound) = release_bound {
                 state.log.release(bound);
             }
+            state.log.report_size();
         }
         Err(e) => {
             tx.rollback();

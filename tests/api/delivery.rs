@@ -517,6 +517,12 @@ async fn a_hits_commit_is_synced_and_its_acks_commit_is_not() {
             && text
                 .lines()
                 .any(|l| l.starts_with("tagrelay_outbox_fsync_duration_seconds_count "))
+            && text
+                .lines()
+                .any(|l| l.starts_with("tagrelay_outbox_log_bytes "))
+            && text
+                .lines()
+                .any(|l| l.starts_with("tagrelay_outbox_log_files "))
         {
             break;
         }
