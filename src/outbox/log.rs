@@ -113,6 +113,47 @@ impl Frame {
     pub(crate) fn encoded_len(&self) -> u64 {
         (HEAD + FIXED + 2 + self.tags.len() + 2 + self.event_id.len() + self.payload.len()) as u64
     }
+
+    /// The tags it owes first deliveries to (`None`: unreadable, never written so by us).
+    pub(crate) fn tag_list(&self) -> Option<Vec<Arc<str>>> {
+        std::str::from_utf8(&self.tags)
+            .ok()
+            .and_then(|c| super::fresh::parse_column(Some(c)))
+    }
+}
+
+/// Frames in row order from a position on (see [`Log::frames`]); an error ends it.
+pub(crate) struct Frames<'a> {
+    log: &'a Log,
+    pos: Option<Pos>,
+    read: std::vec::IntoIter<(Pos, Frame)>,
+}
+
+impl Iterator for Frames<'_> {
+    type Item = io::Result<Frame>;
+
+    fn next(&mut self) -> Option<io::Result<Frame>> {
+        loop {
+            if let Some((_, f)) = self.read.next() {
+                return Some(Ok(f));
+            }
+            let pos = self.pos?;
+            match self.log.read(pos, 256) {
+                Ok((frames, next)) if !frames.is_empty() => {
+                    self.pos = Some(next);
+                    self.read = frames.into_iter();
+                }
+                Ok(_) => {
+                    self.pos = None;
+                    return None;
+                }
+                Err(e) => {
+                    self.pos = None;
+                    return Some(Err(e));
+                }
+            }
+        }
+    }
 }
 
 fn too_long(what: &str) -> io::Error {
@@ -428,6 +469,15 @@ impl Log {
         Ok((out, pos))
     }
 
+    /// Every frame from `from` (`None`: the log's start) on, read a few hundred at a time.
+    pub(crate) fn frames(&self, from: Option<Pos>) -> Frames<'_> {
+        Frames {
+            log: self,
+            pos: from.or_else(|| self.start()),
+            read: Vec::new().into_iter(),
+        }
+    }
+
     /// Where the frame of `row` (or the first after it) starts, read from the segment's
     /// start (the writer keeps an index instead; see `log_state`).
     #[cfg(test)]
@@ -619,6 +669,10 @@ mod tests {
         assert_eq!(frames[0].0, start);
         let rows: Vec<i64> = frames.iter().map(|(_, f)| f.row).collect();
         assert_eq!(rows, vec![1, 2, 3, 4, 5]);
+        let each: Vec<i64> = log.frames(None).map(|f| f.unwrap().row).collect();
+        assert_eq!(each, rows, "the iterator reads the same, across segments");
+        let later: Vec<i64> = log.frames(Some(end)).map(|f| f.unwrap().row).collect();
+        assert!(later.is_empty());
         // In small steps too, each read going on where the last stopped.
         let (a, p) = log.read(start, 2).unwrap();
         let (b, p) = log.read(p, 2).unwrap();

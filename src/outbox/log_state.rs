@@ -80,6 +80,7 @@ impl LogState {
         self.unplaced.push((row, off));
     }
 
+    #[cfg(test)]
     pub fn has_unwritten(&self) -> bool {
         !self.buf.is_empty()
     }
@@ -154,8 +155,9 @@ impl LogState {
         self.log.current_file()
     }
 
-    /// Where to start reading to find `row`: the start of its group, or of the log's first
-    /// group after it. `None`: nothing at or after `row` has been written.
+    /// Where to start reading to find `row`: the start of its group (of the last indexed one
+    /// for a row past them all), or of the log's first group for a row before it. `None`:
+    /// nothing written since open.
     pub fn locate(&self, row: i64) -> Option<Pos> {
         let i = self.index.partition_point(|&(first, _)| first <= row);
         match i {
@@ -179,24 +181,24 @@ impl LogState {
                 }
             }
         }
-        let Some(mut pos) = self.locate(row) else {
-            return Ok(None);
-        };
-        loop {
-            let (frames, next) = self.log.read(pos, 64)?;
-            if frames.is_empty() {
-                return Ok(None);
+        for f in self.frames_from(row) {
+            let f = f?;
+            if f.row >= row {
+                return Ok((f.row == row).then_some(f));
             }
-            for (_, f) in frames {
-                if f.row == row {
-                    return Ok(Some(f));
-                }
-                if f.row > row {
-                    return Ok(None);
-                }
-            }
-            pos = next;
         }
+        Ok(None)
+    }
+
+    /// Frames from the group `row` is in (earlier rows of that group included), in order.
+    pub fn frames_from(&self, row: i64) -> log::Frames<'_> {
+        // `None` only for a log with nothing in it (every file's first group is indexed).
+        self.log.frames(self.locate(row))
+    }
+
+    /// Whether `row` is in `events`: below the log, or copied in.
+    pub fn in_events(&self, row: i64) -> bool {
+        row < self.first_row || self.copied.contains(&row)
     }
 
     pub fn read(&self, pos: Pos, max: usize) -> io::Result<(Vec<(Pos, Frame)>, Pos)> {
@@ -251,8 +253,8 @@ impl LogState {
         if self.deleter.is_none() {
             self.deleter = Deleter::start(self.wal.clone());
         }
-        let gone = match &self.deleter {
-            Some(d) => match d.tx.send(gone) {
+        let gone = match self.deleter.as_ref().and_then(|d| d.tx.as_ref()) {
+            Some(tx) => match tx.send(gone) {
                 Ok(()) => return,
                 Err(mpsc::SendError(gone)) => gone,
             },
@@ -265,7 +267,7 @@ impl LogState {
 
 /// The thread deleting released segments.
 struct Deleter {
-    tx: mpsc::Sender<Vec<PathBuf>>,
+    tx: Option<mpsc::Sender<Vec<PathBuf>>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -284,7 +286,7 @@ impl Deleter {
             })
             .ok()?;
         Some(Deleter {
-            tx,
+            tx: Some(tx),
             thread: Some(thread),
         })
     }
@@ -293,8 +295,7 @@ impl Deleter {
 impl Drop for Deleter {
     fn drop(&mut self) {
         // Closing the channel ends the thread once it has deleted what it was given.
-        let (tx, _) = mpsc::channel();
-        drop(std::mem::replace(&mut self.tx, tx));
+        drop(self.tx.take());
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }

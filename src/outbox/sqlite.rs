@@ -858,103 +858,79 @@ fn add_column_if_missing(
 /// copied and the highest row the log held.
 fn import_log(conn: &Connection, log: &Log) -> Result<(usize, i64), String> {
     let s = |e: rusqlite::Error| e.to_string();
-    let positions: HashMap<String, i64> = conn
-        .prepare("SELECT tag, committed_row FROM cursors")
-        .map_err(s)?
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-        .map_err(s)?
-        .collect::<rusqlite::Result<_>>()
-        .map_err(s)?;
-    let mut insert = conn
-        .prepare(
-            "INSERT OR IGNORE INTO events (id, event_id, payload, fresh, enqueued_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5)",
-        )
-        .map_err(s)?;
+    let positions = positions(conn).map_err(s)?;
+    let mut insert = conn.prepare(writer::INSERT_COPY).map_err(s)?;
     let (mut copied, mut last) = (0usize, 0i64);
+    // A tag without a position: its first one did not reach the disk (the WAL is not fsynced
+    // with hits). It resumes from the first row that lists it.
     let mut unplaced: HashMap<String, i64> = HashMap::new();
-    let Some(mut pos) = log.start() else {
-        return Ok((0, 0));
-    };
-    // In transactions of a few thousand events, each copied back into the database file:
-    // one transaction for a backlog of a million would grow the WAL by gigabytes. A start
-    // cut short copies again (rows already copied are kept as they are).
-    loop {
+    let mut frames = log.frames(None).peekable();
+    // In transactions of ~20k events, each copied back into the database file: one
+    // transaction for a backlog of a million would grow the WAL by gigabytes. A start cut
+    // short copies again (rows already copied are kept as they are).
+    while frames.peek().is_some() {
         conn.execute_batch("BEGIN IMMEDIATE").map_err(s)?;
-        let step = (|| -> Result<bool, String> {
-            for _ in 0..IMPORT_READS_PER_TRANSACTION {
-                let (frames, next) = log.read(pos, 256).map_err(|e| e.to_string())?;
-                if frames.is_empty() {
-                    return Ok(false);
-                }
-                for (_, f) in frames {
-                    last = last.max(f.row);
-                    let column = std::str::from_utf8(&f.tags).ok();
-                    // Unreadable: kept, for an operator (never written so by us).
-                    let owed = match column.and_then(|c| super::fresh::parse_column(Some(c))) {
-                        Some(tags) => {
-                            let mut owed = false;
-                            for t in &tags {
-                                match positions.get(&**t) {
-                                    Some(&p) => owed |= p <= f.row,
-                                    None => {
-                                        // A tag whose first position did not reach the disk
-                                        // (the WAL is not fsynced with hits): it resumes from
-                                        // the first row that lists it.
-                                        let first = unplaced.entry(t.to_string()).or_insert(f.row);
-                                        *first = (*first).min(f.row);
-                                        owed = true;
-                                    }
-                                }
+        let step = (|| -> Result<(), String> {
+            for f in frames.by_ref().take(IMPORT_EVENTS_PER_TRANSACTION) {
+                let f = f.map_err(|e| e.to_string())?;
+                last = last.max(f.row);
+                // Unreadable: kept, for an operator (never written so by us).
+                let owed = f.tag_list().is_none_or(|tags| {
+                    let mut owed = false;
+                    for t in &tags {
+                        match positions.get(&**t) {
+                            Some(&p) => owed |= p <= f.row,
+                            None => {
+                                unplaced.entry(t.to_string()).or_insert(f.row);
+                                owed = true;
                             }
-                            owed
                         }
-                        None => true,
-                    };
-                    if owed {
-                        copied += insert
-                            .execute(rusqlite::params![
-                                f.row,
-                                f.event_id,
-                                &f.payload[..],
-                                column,
-                                f.enqueued_ms
-                            ])
-                            .map_err(s)?;
                     }
-                }
-                pos = next;
-            }
-            Ok(true)
-        })();
-        match step {
-            Ok(more) => {
-                if !more {
-                    for (tag, row) in &unplaced {
-                        conn.execute(
-                            "INSERT OR IGNORE INTO cursors (tag, committed_row) VALUES (?1, ?2)",
-                            rusqlite::params![tag, row],
-                        )
+                    owed
+                });
+                if owed {
+                    copied += insert
+                        .execute(rusqlite::params![
+                            f.row,
+                            f.event_id,
+                            &f.payload[..],
+                            std::str::from_utf8(&f.tags).ok(),
+                            f.enqueued_ms
+                        ])
                         .map_err(s)?;
-                    }
                 }
-                conn.execute_batch("COMMIT").map_err(s)?;
-                conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            }
+            if frames.peek().is_none() {
+                for (tag, row) in &unplaced {
+                    conn.execute(
+                        "INSERT OR IGNORE INTO cursors (tag, committed_row) VALUES (?1, ?2)",
+                        rusqlite::params![tag, row],
+                    )
                     .map_err(s)?;
-                if !more {
-                    return Ok((copied, last));
                 }
             }
-            Err(e) => {
-                let _ = conn.execute_batch("ROLLBACK");
-                return Err(e);
-            }
+            Ok(())
+        })();
+        if let Err(e) = step {
+            let _ = conn.execute_batch("ROLLBACK");
+            return Err(e);
         }
+        conn.execute_batch("COMMIT").map_err(s)?;
+        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            .map_err(s)?;
     }
+    Ok((copied, last))
 }
 
-/// Reads of 256 frames per transaction when the log is copied in at open (~20k events).
-const IMPORT_READS_PER_TRANSACTION: usize = 80;
+/// Events per transaction when the log is copied in at open.
+const IMPORT_EVENTS_PER_TRANSACTION: usize = 20_000;
+
+/// Each tag's written position (see `fresh`).
+pub(crate) fn positions(conn: &Connection) -> rusqlite::Result<HashMap<String, i64>> {
+    conn.prepare("SELECT tag, committed_row FROM cursors")?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect()
+}
 
 /// Where each tag stands, from the positions the previous process committed. The record and
 /// byte counts are recomputed: deliveries it settled beyond a position are due again, and
@@ -970,10 +946,7 @@ fn resume_fresh(conn: &Connection, at_least_row: i64) -> rusqlite::Result<FreshS
     )?;
     let mut fresh = FreshSet::new(last_row);
     let mut waiting_total = 0u64;
-    let positions: Vec<(String, i64)> = conn
-        .prepare("SELECT tag, committed_row FROM cursors")?
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
-        .collect::<rusqlite::Result<_>>()?;
+    let positions = positions(conn)?;
     let waiting: HashMap<String, (u64, Option<i64>)> = waiting(conn, i64::MAX)?
         .into_iter()
         .map(|(tag, n, oldest)| (tag, (n, oldest)))

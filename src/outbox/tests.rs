@@ -34,21 +34,13 @@ fn config(dir: &std::path::Path, fsync: FsyncMode) -> OutboxConfig {
 
 /// `(event id, tag list)` of every frame in the outbox log of the store in `dir`.
 fn logged(dir: &std::path::Path) -> Vec<(String, String)> {
-    let log = super::log::Log::open(&dir.join(super::sqlite::LOG_DIR), 1 << 20).unwrap();
-    let mut out = Vec::new();
-    let Some(mut pos) = log.start() else {
-        return out;
-    };
-    loop {
-        let (frames, next) = log.read(pos, 256).unwrap();
-        if frames.is_empty() {
-            return out;
-        }
-        for (_, f) in frames {
-            out.push((f.event_id, String::from_utf8(f.tags.to_vec()).unwrap()));
-        }
-        pos = next;
-    }
+    let log = super::log::Log::open_read_only(&dir.join(super::sqlite::LOG_DIR)).unwrap();
+    log.frames(None)
+        .map(|f| {
+            let f = f.unwrap();
+            (f.event_id, String::from_utf8(f.tags.to_vec()).unwrap())
+        })
+        .collect()
 }
 
 fn payload(event_id: &str, name: &str) -> Bytes {

@@ -232,48 +232,30 @@ fn owed_in_log(
         other => other,
     }
     .map_err(log_err)?;
-    let Some(mut pos) = log.start() else {
-        return Ok(Vec::new());
-    };
     let db = db_file(dir);
     let err = sql_err(&db);
-    let positions: std::collections::HashMap<String, i64> = conn
-        .prepare("SELECT tag, committed_row FROM cursors")
-        .map_err(&err)?
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-        .map_err(&err)?
-        .collect::<Result<_, _>>()
-        .map_err(&err)?;
+    let positions = super::sqlite::positions(conn).map_err(&err)?;
     let mut owed: std::collections::BTreeMap<String, (u64, Option<i64>)> = Default::default();
     let mut copied = conn
         .prepare("SELECT 1 FROM events WHERE id = ?1")
         .map_err(&err)?;
-    loop {
-        let (frames, next) = log.read(pos, 256).map_err(log_err)?;
-        if frames.is_empty() {
-            break;
+    for f in log.frames(None) {
+        let f = f.map_err(log_err)?;
+        let Some(tags) = f.tag_list() else {
+            continue;
+        };
+        let due: Vec<_> = tags
+            .iter()
+            .filter(|t| positions.get(&***t).is_none_or(|&p| p <= f.row))
+            .collect();
+        if due.is_empty() || copied.exists([f.row]).map_err(&err)? {
+            continue;
         }
-        for (_, f) in frames {
-            let Some(tags) = std::str::from_utf8(&f.tags)
-                .ok()
-                .and_then(|c| super::fresh::parse_column(Some(c)))
-            else {
-                continue;
-            };
-            let due: Vec<_> = tags
-                .iter()
-                .filter(|t| positions.get(&***t).is_none_or(|&p| p <= f.row))
-                .collect();
-            if due.is_empty() || copied.exists([f.row]).map_err(&err)? {
-                continue;
-            }
-            for t in due {
-                let o = owed.entry(t.to_string()).or_default();
-                o.0 += 1;
-                o.1 = Some(o.1.map_or(f.enqueued_ms, |m| m.min(f.enqueued_ms)));
-            }
+        for t in due {
+            let o = owed.entry(t.to_string()).or_default();
+            o.0 += 1;
+            o.1 = Some(o.1.map_or(f.enqueued_ms, |m| m.min(f.enqueued_ms)));
         }
-        pos = next;
     }
     Ok(owed.into_iter().map(|(t, (n, o))| (t, n, o)).collect())
 }

@@ -130,7 +130,8 @@ const PURGE_STEP: i64 = 5_000;
 
 /// A log row copied into `events` (see `log_state`), with the tags it owes first deliveries
 /// to (`fresh`, ?4), so that SQLite's queries about it work as for any row.
-const INSERT_COPY: &str = "INSERT OR IGNORE INTO events (id, event_id, payload, fresh, enqueued_ms)
+pub(crate) const INSERT_COPY: &str =
+    "INSERT OR IGNORE INTO events (id, event_id, payload, fresh, enqueued_ms)
      VALUES (?1, ?2, ?3, ?4, ?5)";
 const INSERT: &str = "INSERT INTO pending (tag, event_row, attempts, next_attempt_ms, first_enqueued_ms, lease_until_ms)
      VALUES (?1, ?2, 0, ?3, ?3, 0)";
@@ -260,7 +261,7 @@ fn sort(
     }
 }
 
-/// The writer thread's body. Returns when closed or when every sender is gone.
+/// What the writer starts from (see `SqliteOutbox::open`).
 pub(crate) struct Start {
     pub fresh: FreshSet,
     pub log: LogState,
@@ -268,6 +269,7 @@ pub(crate) struct Start {
     pub syncer: Option<Syncer>,
 }
 
+/// The writer thread's body. Returns when closed or when every sender is gone.
 pub(crate) fn run(
     mut conn: Connection,
     rx: mpsc::Receiver<Op>,
@@ -481,8 +483,7 @@ fn io_err(e: std::io::Error) -> rusqlite::Error {
 fn commit(conn: &mut Connection, batch: &mut Vec<Op>, shared: &Shared, state: &mut State) {
     let mut delta = Delta::default();
     let mut positions = Vec::new();
-    let hits = has_hits(batch);
-    let sync = state.syncer.is_some() && hits;
+    let sync = state.syncer.is_some() && has_hits(batch);
     let tx = Tx::new(conn);
     let mut unsaved = state.unsaved;
     let mut release_bound = None;
@@ -880,7 +881,7 @@ fn drop_done(
 ) -> rusqlite::Result<()> {
     let mut rows: Vec<Value> = Vec::new();
     for (row, bytes) in done {
-        if row < state.log.first_row || state.log.copied.contains(&row) {
+        if state.log.in_events(row) {
             rows.push(Value::Integer(row));
         } else {
             delta.bytes -= i64::from(bytes);
@@ -905,28 +906,18 @@ fn held(tx: &Tx<'_>, state: &mut State) -> rusqlite::Result<i64> {
         .query_row("SELECT count(*) FROM events", [], |r| r.get(0))?;
     state.log.flush(&mut state.fresh).map_err(io_err)?;
     let lags = state.fresh.lagging();
-    if let Some(mut pos) = state.log.locate(state.log.first_row) {
-        loop {
-            let (frames, next) = state.log.read(pos, 256).map_err(io_err)?;
-            if frames.is_empty() {
-                break;
-            }
-            for (_, f) in frames {
-                if state.log.copied.contains(&f.row) {
-                    continue;
-                }
-                let tags = std::str::from_utf8(&f.tags)
-                    .ok()
-                    .and_then(|c| fresh::parse_column(Some(c)))
-                    .unwrap_or_default();
-                let owed = tags
-                    .iter()
-                    .any(|t| lags.iter().any(|(l, r)| l == t && *r <= f.row));
-                if owed || state.fresh.contains(f.row) {
-                    n += 1;
-                }
-            }
-            pos = next;
+    for f in state.log.log.frames(None) {
+        let f = f.map_err(io_err)?;
+        if state.log.copied.contains(&f.row) {
+            continue;
+        }
+        let owed = f
+            .tag_list()
+            .unwrap_or_default()
+            .iter()
+            .any(|t| lags.iter().any(|(l, r)| l == t && *r <= f.row));
+        if owed || state.fresh.contains(f.row) {
+            n += 1;
         }
     }
     Ok(n)
@@ -956,20 +947,10 @@ fn snapshot(tx: &Tx<'_>, state: &mut State) -> rusqlite::Result<Vec<DeliveryStat
         })?
         .collect::<rusqlite::Result<_>>()?;
     // First deliveries of log rows, from the log (a copy in `events` is the same event).
-    if let Some(mut pos) = state.log.locate(state.log.start_row()) {
-        loop {
-            let (frames, next) = state.log.read(pos, 256).map_err(io_err)?;
-            if frames.is_empty() {
-                break;
-            }
-            for (_, f) in frames {
-                {
-                    let column = String::from_utf8_lossy(&f.tags).into_owned();
-                    rows.push((f.row, f.event_id, Some(column), f.enqueued_ms));
-                }
-            }
-            pos = next;
-        }
+    for f in state.log.log.frames(None) {
+        let f = f.map_err(io_err)?;
+        let column = String::from_utf8_lossy(&f.tags).into_owned();
+        rows.push((f.row, f.event_id, Some(column), f.enqueued_ms));
     }
     for (row, event_id, column, enqueued_ms) in rows {
         let tags = fresh::parse_column(column.as_deref()).unwrap_or_default();
@@ -1078,12 +1059,12 @@ fn scan(
                     row: i64,
                     event_id: String,
                     payload: Bytes,
-                    column: Option<&str>,
+                    tags: Option<Vec<Arc<str>>>,
                     enqueued_ms: i64,
                     at: Option<super::log::Pos>,
                     out: &mut Vec<LeasedRecord>|
      -> bool {
-        let Some(tags) = fresh::parse_column(column) else {
+        let Some(tags) = tags else {
             // Never written so by us: the event stays in the store for an operator.
             tracing::error!(
                 row,
@@ -1160,7 +1141,7 @@ fn scan(
                     row,
                     event_id,
                     payload,
-                    column.as_deref(),
+                    fresh::parse_column(column.as_deref()),
                     enqueued_ms,
                     None,
                     out,
@@ -1230,27 +1211,17 @@ fn scan(
                 offset: at.offset + f.encoded_len(),
             };
             examined += 1;
-            let column = std::str::from_utf8(&f.tags).ok();
-            let handed = match column {
-                Some(c) => take(
-                    state,
-                    f.row,
-                    f.event_id,
-                    f.payload,
-                    Some(c),
-                    f.enqueued_ms,
-                    Some(at),
-                    out,
-                ),
-                None => {
-                    tracing::error!(
-                        row = f.row,
-                        "outbox: an event lists its tags unreadably; it is skipped"
-                    );
-                    false
-                }
-            };
-            if handed {
+            let tags = f.tag_list();
+            if take(
+                state,
+                f.row,
+                f.event_id,
+                f.payload,
+                tags,
+                f.enqueued_ms,
+                Some(at),
+                out,
+            ) {
                 got += 1;
                 if got == want {
                     state.fresh.cursor(tag).lag_from = Some(from);
@@ -1372,12 +1343,11 @@ fn copy_in(
     row: i64,
     at: Option<super::log::Pos>,
 ) -> rusqlite::Result<()> {
-    if row < state.log.first_row || state.log.copied.contains(&row) {
+    if state.log.in_events(row) {
         return Ok(());
     }
-    if state.log.has_unwritten() {
-        state.log.flush(&mut state.fresh).map_err(io_err)?;
-    }
+    // Its frame may be in this commit's, not written yet.
+    state.log.flush(&mut state.fresh).map_err(io_err)?;
     // Not readable (a damaged file) or not there (never seen: rows are released only once
     // passed): the delivery row finds no event, and its dispatcher dead-letters it as
     // invalid. One event's loss, never a failed commit for every hit in it.
@@ -1538,41 +1508,28 @@ fn recount(tx: &Tx<'_>, state: &mut State) -> rusqlite::Result<()> {
     }
     let lags = fresh_set.lagging();
     if let Some(low) = lags.iter().map(|&(_, l)| l).min() {
-        let low = low.max(bound);
-        if let Some(mut pos) = state.log.locate(low) {
-            loop {
-                let (frames, next) = match state.log.read(pos, 256) {
-                    Ok(read) => read,
-                    Err(e) => {
-                        // Counted up to the damage (each tag's scan passes over it, logged).
-                        // Failing here would fail this commit, reset, and recount again.
-                        tracing::error!(error = %e, "outbox: could not read the outbox log to recount what is owed; the counts leave out what follows the damage");
-                        break;
-                    }
-                };
-                if frames.is_empty() {
+        for f in state.log.frames_from(low.max(bound)) {
+            let f = match f {
+                Ok(f) => f,
+                Err(e) => {
+                    // Counted up to the damage (each tag's scan passes over it, logged).
+                    // Failing here would fail this commit, reset, and recount again.
+                    tracing::error!(error = %e, "outbox: could not read the outbox log to recount what is owed; the counts leave out what follows the damage");
                     break;
                 }
-                for (_, f) in frames {
-                    let tags = std::str::from_utf8(&f.tags)
-                        .ok()
-                        .and_then(|c| fresh::parse_column(Some(c)))
-                        .unwrap_or_default();
-                    let mut owed = false;
-                    for t in &tags {
-                        let lag = lags.iter().find(|(l, _)| l == t).map(|&(_, r)| r);
-                        if lag.is_some_and(|r| r <= f.row) && !fresh_set.is_skipped(t, f.row) {
-                            let w = waiting.entry(t.clone()).or_default();
-                            w.0 += 1;
-                            w.1 = Some(w.1.map_or(f.enqueued_ms, |o| o.min(f.enqueued_ms)));
-                            owed = true;
-                        }
-                    }
-                    if owed && !state.log.copied.contains(&f.row) {
-                        bytes += f.payload.len() as i64;
-                    }
+            };
+            let mut owed = false;
+            for t in &f.tag_list().unwrap_or_default() {
+                let lag = lags.iter().find(|(l, _)| l == t).map(|&(_, r)| r);
+                if lag.is_some_and(|r| r <= f.row) && !fresh_set.is_skipped(t, f.row) {
+                    let w = waiting.entry(t.clone()).or_default();
+                    w.0 += 1;
+                    w.1 = Some(w.1.map_or(f.enqueued_ms, |o| o.min(f.enqueued_ms)));
+                    owed = true;
                 }
-                pos = next;
+            }
+            if owed && !state.log.copied.contains(&f.row) {
+                bytes += f.payload.len() as i64;
             }
         }
     }

@@ -509,20 +509,17 @@ async fn a_hits_commit_is_synced_and_its_acks_commit_is_not() {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let text = app.admin_text("/metrics").await;
-        if text.contains("tagrelay_outbox_commits_total{synced=\"true\"}")
-            && text.contains("tagrelay_outbox_commits_total{synced=\"false\"}")
-            && text
-                .lines()
-                .any(|l| l.starts_with("tagrelay_outbox_fsyncs_total "))
-            && text
-                .lines()
-                .any(|l| l.starts_with("tagrelay_outbox_fsync_duration_seconds_count "))
-            && text
-                .lines()
-                .any(|l| l.starts_with("tagrelay_outbox_log_bytes "))
-            && text
-                .lines()
-                .any(|l| l.starts_with("tagrelay_outbox_log_files "))
+        let series = [
+            "tagrelay_outbox_commits_total{synced=\"true\"}",
+            "tagrelay_outbox_commits_total{synced=\"false\"}",
+            "tagrelay_outbox_fsyncs_total ",
+            "tagrelay_outbox_fsync_duration_seconds_count ",
+            "tagrelay_outbox_log_bytes ",
+            "tagrelay_outbox_log_files ",
+        ];
+        if series
+            .iter()
+            .all(|s| text.lines().any(|l| l.starts_with(s)))
         {
             break;
         }
