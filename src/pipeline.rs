@@ -15,6 +15,10 @@ use crate::tags::meta_capi::MetaCapiTag;
 use crate::tags::trigger::Trigger;
 use crate::tags::{Tag, TagInstance};
 
+/// Shorter admin tokens are refused at load: an empty one would open the admin surface and
+/// key its session HMAC with nothing.
+pub const MIN_ADMIN_TOKEN_CHARS: usize = 16;
+
 #[derive(Debug)]
 pub struct Pipeline {
     pub config: Arc<Config>,
@@ -50,6 +54,19 @@ impl Pipeline {
                 "admin.token: required because server.admin_listen ({}) is not a loopback address; set token = \"${{TAGRELAY_ADMIN_TOKEN}}\"",
                 s.admin_listen
             ));
+        }
+        if let Some(token) = &config.admin.token {
+            let n = token.expose().chars().count();
+            if n < MIN_ADMIN_TOKEN_CHARS {
+                let what = if n == 0 {
+                    "is empty (is its environment variable set but empty?)".to_owned()
+                } else {
+                    format!("has {n} characters")
+                };
+                problems.push(format!(
+                    "admin.token: {what}; it must have at least {MIN_ADMIN_TOKEN_CHARS} so it cannot be guessed (e.g. the output of `openssl rand -hex 24`), or remove the key to keep the admin listener on loopback without one"
+                ));
+            }
         }
         if s.listen == s.admin_listen && s.listen.port() != 0 {
             problems.push(

@@ -233,7 +233,8 @@ impl Default for OutboxConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
-    /// Required when `admin_listen` is not loopback.
+    /// Required when `admin_listen` is not loopback; at least 16 characters, trimmed.
+    #[serde(deserialize_with = "secret::deserialize_trimmed")]
     pub token: Option<Secret>,
     /// Traces kept in memory for the debug view.
     pub trace_capacity: usize,

@@ -19,6 +19,12 @@ impl Secret {
     }
 }
 
+/// For secrets people type or paste (the admin token): surrounding whitespace is dropped, the
+/// same way typed input is trimmed, so `"  abc\n"` in a file and `abc` at the prompt match.
+pub fn deserialize_trimmed<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Secret>, D::Error> {
+    Ok(Option::<Secret>::deserialize(d)?.map(|s| Secret(s.0.trim().to_owned())))
+}
+
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("[redacted]")

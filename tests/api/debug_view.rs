@@ -228,7 +228,12 @@ async fn the_trace_ring_stays_within_its_bounds_under_10000_hits() {
 #[tokio::test]
 async fn with_a_token_the_admin_surface_needs_it() {
     let (meta, hook) = (FakeVendor::start().await, FakeVendor::start().await);
-    let app = spawn_app(&config(&meta, &hook, "token = \"adm-token-1\"")).await;
+    let app = spawn_app(&config(
+        &meta,
+        &hook,
+        "token = \"adm-token-1-of-sufficient-length\"",
+    ))
+    .await;
     let http = &app.http;
     for path in ["/debug", "/debug/api/traces", "/metrics"] {
         let r = http.get(app.admin_url(path)).send().await.unwrap();
@@ -243,7 +248,7 @@ async fn with_a_token_the_admin_surface_needs_it() {
     assert_eq!(r.status(), 401);
     let r = http
         .get(app.admin_url("/debug/api/traces"))
-        .header("authorization", "Bearer adm-token-1")
+        .header("authorization", "Bearer adm-token-1-of-sufficient-length")
         .send()
         .await
         .unwrap();
@@ -268,14 +273,14 @@ async fn with_a_token_the_admin_surface_needs_it() {
     assert_eq!(r.status(), 401);
     let r = http
         .post(app.admin_url("/debug/login"))
-        .form(&[("token", "adm-token-1")])
+        .form(&[("token", "adm-token-1-of-sufficient-length")])
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 303);
     let cookie = r.headers()["set-cookie"].to_str().unwrap().to_owned();
     assert!(
-        cookie.contains("HttpOnly") && !cookie.contains("adm-token-1"),
+        cookie.contains("HttpOnly") && !cookie.contains("adm-token-1-of-sufficient-length"),
         "{cookie}"
     );
     let session = cookie.split(';').next().unwrap().to_owned();
@@ -290,9 +295,45 @@ async fn with_a_token_the_admin_surface_needs_it() {
 }
 
 #[tokio::test]
+async fn a_configured_token_is_trimmed_like_the_typed_one() {
+    let (meta, hook) = (FakeVendor::start().await, FakeVendor::start().await);
+    // A token pasted with its newline: the login form trims input, so the config does too.
+    let app = spawn_app(&config(
+        &meta,
+        &hook,
+        "token = \"  adm-token-1-of-sufficient-length\\n\"",
+    ))
+    .await;
+    let c = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let r = c
+        .post(app.admin_url("/debug/login"))
+        .form(&[("token", "adm-token-1-of-sufficient-length")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    let r = c
+        .get(app.admin_url("/debug/api/traces"))
+        .header("authorization", "Bearer adm-token-1-of-sufficient-length")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn guessing_the_admin_token_is_throttled_per_address() {
     let (meta, hook) = (FakeVendor::start().await, FakeVendor::start().await);
-    let app = spawn_app(&config(&meta, &hook, "token = \"adm-token-1\"")).await;
+    let app = spawn_app(&config(
+        &meta,
+        &hook,
+        "token = \"adm-token-1-of-sufficient-length\"",
+    ))
+    .await;
     let http = &app.http;
     // Ten wrong guesses in a minute, by header and by the login form.
     for i in 0..10 {
@@ -314,12 +355,12 @@ async fn guessing_the_admin_token_is_throttled_per_address() {
     // Now even the right token waits, and says how long.
     for r in [
         http.post(app.admin_url("/debug/login"))
-            .form(&[("token", "adm-token-1")])
+            .form(&[("token", "adm-token-1-of-sufficient-length")])
             .send()
             .await
             .unwrap(),
         http.get(app.admin_url("/metrics"))
-            .header("authorization", "Bearer adm-token-1")
+            .header("authorization", "Bearer adm-token-1-of-sufficient-length")
             .send()
             .await
             .unwrap(),

@@ -119,7 +119,7 @@ fn check_accepts_the_default_and_every_example() {
         ("GA4_API_SECRET", "test-secret"),
         ("META_ACCESS_TOKEN", "test-token"),
         ("META_APP_SECRET", "test-app-secret"),
-        ("TAGRELAY_ADMIN_TOKEN", "test-admin"),
+        ("TAGRELAY_ADMIN_TOKEN", "test-admin-token-long-enough"),
         ("WEBHOOK_TOKEN", "test-webhook"),
         ("MP_API_SECRET", "test-mp"),
     ];
@@ -155,6 +155,37 @@ fn check_names_a_missing_environment_variable() {
     assert!(!ok);
     assert!(err.contains("TAGRELAY_TEST_UNSET_TOKEN"), "{err}");
     assert!(err.contains("access_token"), "{err}");
+}
+
+#[test]
+fn check_refuses_an_empty_or_short_admin_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("admin.toml");
+    std::fs::write(
+        &path,
+        "[server]\nadmin_listen = \"0.0.0.0:9090\"\n[admin]\ntoken = \"${TAGRELAY_TEST_ADMIN_TOKEN}\"\n",
+    )
+    .unwrap();
+    // Set but empty: the hole this closes (an empty token let anyone log in).
+    let (ok, _, err) = check(&path, &[("TAGRELAY_TEST_ADMIN_TOKEN", "")]);
+    assert!(!ok, "an empty admin token passed check");
+    assert!(err.contains("admin.token: is empty"), "{err}");
+    // Whitespace only is empty once trimmed.
+    let (ok, _, err) = check(&path, &[("TAGRELAY_TEST_ADMIN_TOKEN", "   \t ")]);
+    assert!(!ok && err.contains("admin.token: is empty"), "{err}");
+    let (ok, _, err) = check(&path, &[("TAGRELAY_TEST_ADMIN_TOKEN", "short-token")]);
+    assert!(!ok, "an 11-character admin token passed check");
+    assert!(err.contains("has 11 characters"), "{err}");
+    assert!(
+        !err.contains("short-token"),
+        "the token itself is printed: {err}"
+    );
+    // Sixteen characters after trimming pass.
+    let (ok, _, err) = check(
+        &path,
+        &[("TAGRELAY_TEST_ADMIN_TOKEN", " 0123456789abcdef\n")],
+    );
+    assert!(ok, "{err}");
 }
 
 #[test]
