@@ -248,8 +248,9 @@ fn environment_overrides_config_keys() {
     assert!(!ok);
     assert!(err.contains("server.path_prefix: `no-slash`"), "{err}");
     // A numeric secret from the environment is still a secret string, never echoed.
-    let (ok, _, err) = check(&default, &[("TAGRELAY__ADMIN__TOKEN", "12345678")]);
+    let (ok, out, err) = check(&default, &[("TAGRELAY__ADMIN__TOKEN", "1234567890123456")]);
     assert!(ok, "{err}");
+    assert!(!out.contains("1234567890123456") && !err.contains("1234567890123456"));
 }
 
 #[test]
