@@ -5,6 +5,7 @@ pub mod admin;
 pub mod app;
 pub mod cli;
 pub mod clients;
+pub mod clock;
 pub mod config;
 pub mod event;
 pub mod ga4_limits;
@@ -12,10 +13,12 @@ pub mod identity;
 pub mod ingress;
 pub mod outbox;
 pub mod pipeline;
+pub mod secret;
 pub mod tags;
 pub mod telemetry;
 #[cfg(test)]
 pub(crate) mod test_metrics;
+pub mod text;
 pub mod urlenc;
 
 pub use app::{app, AppState, Application};

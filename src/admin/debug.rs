@@ -142,13 +142,6 @@ fn session_value(token: &str, issued: u64) -> String {
     format!("{issued}.{}", hex::encode(mac.finalize().into_bytes()))
 }
 
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 fn session_valid(value: &str, token: &str) -> bool {
     let Some(issued) = value
         .split_once('.')
@@ -156,7 +149,7 @@ fn session_valid(value: &str, token: &str) -> bool {
     else {
         return false;
     };
-    let now = unix_now();
+    let now = crate::clock::unix_secs();
     issued <= now + 60
         && now.saturating_sub(issued) < SESSION_SECS
         && ct_eq(value, &session_value(token, issued))
@@ -325,7 +318,7 @@ pub async fn login(
         .is_some_and(|p| p.eq_ignore_ascii_case("https"));
     let cookie = format!(
         "{SESSION_COOKIE}={}; Path=/; HttpOnly; SameSite=Strict; Max-Age={SESSION_SECS}{}",
-        session_value(token.expose(), unix_now()),
+        session_value(token.expose(), crate::clock::unix_secs()),
         if secure { "; Secure" } else { "" }
     );
     let mut resp = (
@@ -350,7 +343,7 @@ mod tests {
 
     #[test]
     fn sessions_expire_and_are_bound_to_the_token() {
-        let now = unix_now();
+        let now = crate::clock::unix_secs();
         let v = session_value("tok", now);
         assert!(session_valid(&v, "tok"));
         assert!(

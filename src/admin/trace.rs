@@ -553,7 +553,7 @@ impl Drop for WatchGuard {
 
 /// Truncates text to `max` characters on a char boundary.
 pub fn truncate(s: &str, max: usize) -> (String, bool) {
-    let cut = crate::tags::truncate_chars(s, max);
+    let cut = crate::text::truncate_chars(s, max);
     (cut.to_owned(), cut.len() < s.len())
 }
 
@@ -618,7 +618,7 @@ impl crate::outbox::DeliveryObserver for Traces {
         let (body, _) = truncate(&String::from_utf8_lossy(&request.body), MAX_BODY_CHARS);
         let (response_body, _) = truncate(&String::from_utf8_lossy(response_body), MAX_BODY_CHARS);
         let attempt = Attempt {
-            time_ms: crate::ingress::now_ms(),
+            time_ms: crate::clock::now_ms(),
             request: RequestView {
                 method: request.method.to_string(),
                 url: request.url.clone(),

@@ -2,15 +2,15 @@
 //! `TAGRELAY__SECTION__KEY` environment overrides, and validation into typed parts.
 
 mod load;
-pub mod secret;
 
 pub use load::{load, load_str, ConfigError, LoadedConfig, Source};
-pub use secret::{EnvString, Secret};
 
 use std::net::SocketAddr;
 
 use ipnet::IpNet;
 use serde::Deserialize;
+
+use crate::secret::{self, Secret};
 
 use crate::clients::data::DataClientConfig;
 use crate::clients::ga4::Ga4ClientConfig;

@@ -23,6 +23,7 @@ use tracing::Instrument;
 use crate::admin::trace::{self, TagOutcome, TagTrace, Trace};
 use crate::app::AppState;
 use crate::clients::{ClientError, ClientResponse, HitRequest};
+use crate::clock::now_ms;
 use crate::event::Event;
 use crate::identity::{CookieDecision, IdentityInput};
 use crate::outbox::{EnqueueError, NewEvent};
@@ -614,11 +615,4 @@ fn not_found(method: &Method, path: &str) -> Response {
 fn with_route(mut r: Response, route: &'static str) -> Response {
     r.extensions_mut().insert(RouteLabel(route));
     r
-}
-
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }

@@ -17,8 +17,9 @@ use tokio::task::{JoinHandle, JoinSet};
 
 use super::retry::{human_duration, retry_label, RetryDecision, RetryPolicy, META_MAX_AGE};
 use super::{
-    now_ms, DeadLetterRequest, DeliveryStore, HotQueue, LeasedRecord, Nack, Settlement, StoreError,
+    DeadLetterRequest, DeliveryStore, HotQueue, LeasedRecord, Nack, Settlement, StoreError,
 };
+use crate::clock::now_ms;
 use crate::config::OutboxConfig;
 use crate::event::Event;
 use crate::pipeline::Pipeline;

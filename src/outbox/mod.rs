@@ -395,11 +395,3 @@ impl HotQueue {
         (fresh, stale)
     }
 }
-
-/// Wall clock in unix milliseconds.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}

@@ -493,7 +493,7 @@ impl SqliteOutbox {
 
     fn reject_full(&self, records: u64, bytes: u64) -> EnqueueError {
         metrics::counter!("tagrelay_outbox_rejected_full_total").increment(1);
-        let now = super::now_ms();
+        let now = crate::clock::now_ms();
         let last = self.shared.last_full_log_ms.load(Ordering::Relaxed);
         if now.saturating_sub(last) >= FULL_LOG_EVERY_MS
             && self

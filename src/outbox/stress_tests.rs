@@ -11,6 +11,7 @@ use bytes::Bytes;
 use rand::{Rng, SeedableRng};
 
 use super::*;
+use crate::clock::now_ms;
 use crate::config::{FsyncMode, OutboxConfig};
 use crate::event::Event;
 

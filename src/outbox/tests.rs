@@ -13,6 +13,7 @@ use http::{HeaderMap, Method, StatusCode};
 
 use super::dispatcher::{spawn_dispatchers, DeliveryObserver, DispatchSettings, NoopObserver};
 use super::*;
+use crate::clock::now_ms;
 use crate::config::{Config, CookiesConfig, FsyncMode, OutboxConfig};
 use crate::event::Event;
 use crate::identity::CookiePolicy;

@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use rusqlite::{Connection, OpenFlags};
 use serde::Serialize;
 
-use super::now_ms;
 use super::sqlite::{BUSY_TIMEOUT, DB_FILE, LOG_DIR};
+use crate::clock::now_ms;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ToolError {

@@ -691,7 +691,7 @@ fn apply(
             bytes,
             ..
         } => {
-            let now = super::now_ms();
+            let now = crate::clock::now_ms();
             for e in events {
                 if e.tags.is_empty() {
                     continue;
@@ -1448,8 +1448,8 @@ fn purge_dead_letters(conn: &Connection, s: &Settings) -> rusqlite::Result<bool>
     let mut purged = 0usize;
     let mut full = false;
     if let Some(age) = s.dead_letter_max_age {
-        let before =
-            super::now_ms().saturating_sub(i64::try_from(age.as_millis()).unwrap_or(i64::MAX));
+        let before = crate::clock::now_ms()
+            .saturating_sub(i64::try_from(age.as_millis()).unwrap_or(i64::MAX));
         let n = conn.execute(
             "DELETE FROM dead_letters WHERE id IN
                  (SELECT id FROM dead_letters WHERE dead_at_ms < ?1 ORDER BY dead_at_ms LIMIT ?2)",

@@ -266,7 +266,7 @@ impl Condition {
 
 /// Field values in reasons are cut so one huge URL cannot flood the debug view.
 fn short(s: &str) -> Cow<'_, str> {
-    super::ellipsize(s, 80)
+    crate::text::ellipsize(s, 80)
 }
 
 #[derive(Debug, Clone)]

@@ -19,7 +19,7 @@ use serde::Deserialize;
 use subtle::ConstantTimeEq;
 
 use crate::clients::{Client, ClientError, ClientResponse, HitRequest, Parsed};
-use crate::config::Secret;
+use crate::secret::Secret;
 use json::Json;
 
 pub const COLLECT_PATH: &str = "/mp/collect";

@@ -1234,7 +1234,7 @@ fn show(v: &Json) -> String {
 }
 
 fn show_str(s: &str) -> Cow<'_, str> {
-    crate::tags::ellipsize(s, 60)
+    crate::text::ellipsize(s, 60)
 }
 
 /// Lets callers render an `Outcome` as the debug endpoint's body.

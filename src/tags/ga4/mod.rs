@@ -12,14 +12,14 @@ mod tests;
 
 use std::borrow::Cow;
 
-pub(crate) use super::{encode_component, truncate_chars};
+pub(crate) use crate::text::{encode_component, truncate_chars};
 use std::net::IpAddr;
 
 use http::{HeaderMap, StatusCode};
 use serde::Deserialize;
 
-use crate::config::Secret;
 use crate::event::Event;
+use crate::secret::Secret;
 use crate::tags::trigger::TriggerConfig;
 use crate::tags::{Encoded, Outcome, Tag};
 

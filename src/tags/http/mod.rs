@@ -10,8 +10,8 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use serde::Deserialize;
 
-use crate::config::EnvString;
 use crate::event::Event;
+use crate::secret::EnvString;
 use crate::tags::trigger::TriggerConfig;
 use crate::tags::{Encoded, OutboundRequest, Outcome, Tag};
 

@@ -224,7 +224,7 @@ fn event_action_source(e: &Event) -> Result<Option<ActionSource>, NotSent> {
         }
     };
     // Cut so a long value is not quoted whole in the reason; no accepted name is that long.
-    let de: StrDeserializer<'_, Error> = crate::tags::truncate_chars(raw, 64).into_deserializer();
+    let de: StrDeserializer<'_, Error> = crate::text::truncate_chars(raw, 64).into_deserializer();
     // serde's message names the value and lists the accepted ones.
     ActionSource::deserialize(de)
         .map(Some)

@@ -15,7 +15,7 @@ pub use normalize::{normalized, sha256_hex, Key};
 
 use std::collections::BTreeMap;
 
-use super::truncate_chars;
+use crate::text::truncate_chars;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -25,8 +25,8 @@ use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
-use crate::config::Secret;
 use crate::event::Event;
+use crate::secret::Secret;
 use crate::tags::trigger::TriggerConfig;
 use crate::tags::{classify_http, retry_after, Encoded, OutboundRequest, Outcome, Tag};
 use mapping::{Mapper, NotSent};
@@ -254,7 +254,7 @@ impl MetaCapiTag {
             return Err(problems);
         }
         let token = cfg.access_token.expose();
-        let encoded_token = super::encode_component(token).into_owned();
+        let encoded_token = crate::text::encode_component(token).into_owned();
         let mut url = format!(
             "{}/{}/{}/events?access_token={encoded_token}",
             cfg.endpoint.trim_end_matches('/'),
