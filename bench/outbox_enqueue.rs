@@ -8,8 +8,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tagrelay::config::{FsyncMode, OutboxConfig};
-use tagrelay::outbox::{NewEvent, Outbox, SqliteOutbox};
+use tagrelay::outbox::config::{FsyncMode, OutboxConfig};
+use tagrelay::outbox::store::embedded::EmbeddedStore;
+use tagrelay::outbox::{NewEvent, Outbox};
 
 const TASKS: usize = 64;
 const RECORDS: usize = 200_000;
@@ -43,7 +44,7 @@ async fn run(mode: FsyncMode, name: &'static str, interval_ms: u64) -> Row {
         commit_interval_ms: interval_ms,
         ..OutboxConfig::default()
     };
-    let outbox = SqliteOutbox::open(&cfg).await.expect("open outbox");
+    let outbox = EmbeddedStore::open(&cfg).await.expect("open outbox");
     let tag: Arc<str> = Arc::from("ga4");
     let per_task = RECORDS / TASKS;
     let start = Instant::now();

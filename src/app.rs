@@ -17,7 +17,9 @@ use tokio::sync::watch;
 use crate::admin::trace::Traces;
 use crate::clients::script_proxy::ScriptCache;
 use crate::config::{self, ConfigError, LoadedConfig, Source};
-use crate::outbox::{spawn_dispatchers, DeliveryRuntime, DispatchSettings, Outbox, SqliteOutbox};
+use crate::outbox::delivery::{spawn_dispatchers, DeliveryRuntime, DispatchSettings};
+use crate::outbox::store::embedded::EmbeddedStore;
+use crate::outbox::Outbox;
 use crate::pipeline::Pipeline;
 
 /// State shared by every handler. Cheap to clone.
@@ -154,7 +156,7 @@ pub fn app(state: AppState) -> Router {
 
 pub struct Application {
     state: AppState,
-    store: Arc<SqliteOutbox>,
+    store: Arc<EmbeddedStore>,
     public: TcpListener,
     admin: TcpListener,
     public_addr: SocketAddr,
@@ -168,7 +170,7 @@ impl Application {
             Pipeline::build(&loaded.config).map_err(|p| ConfigError::new(&loaded.source, p))?;
         crate::admin::metrics_handle();
         metrics::gauge!("tagrelay_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
-        let store = SqliteOutbox::open(&loaded.config.outbox)
+        let store = EmbeddedStore::open(&loaded.config.outbox)
             .await
             .map_err(anyhow::Error::msg)
             .with_context(|| format!("opening the outbox at {}", loaded.config.outbox.path))?;

@@ -130,7 +130,7 @@ pub fn outbox_stats(path: Option<&Path>, json: bool) -> ExitCode {
         Ok(d) => d,
         Err(code) => return code,
     };
-    match crate::outbox::tools::stats(&dir) {
+    match crate::outbox::store::embedded::tools::stats(&dir) {
         Ok(s) if json => print_json(&s),
         Ok(s) => {
             print!("{s}");
@@ -151,7 +151,7 @@ pub fn outbox_dead_letters(
         Ok(d) => d,
         Err(code) => return code,
     };
-    match crate::outbox::tools::dead_letters(&dir, tag, limit) {
+    match crate::outbox::store::embedded::tools::dead_letters(&dir, tag, limit) {
         Ok(list) if json => print_json(&list),
         Ok(list) => {
             if list.is_empty() {
@@ -176,7 +176,7 @@ pub fn outbox_replay(path: Option<&Path>, tag: Option<&str>, all: bool) -> ExitC
         Ok(d) => d,
         Err(code) => return code,
     };
-    match crate::outbox::tools::replay(&dir, tag) {
+    match crate::outbox::store::embedded::tools::replay(&dir, tag) {
         Ok(n) => {
             println!("{n} dead letter{} moved back to pending", plural(n));
             ExitCode::SUCCESS

@@ -599,7 +599,7 @@ fn attempt_bytes(a: &Attempt) -> usize {
 }
 
 /// The debug view watches deliveries through the outbox's observer hook.
-impl crate::outbox::DeliveryObserver for Traces {
+impl crate::outbox::delivery::DeliveryObserver for Traces {
     fn enabled(&self) -> bool {
         // Only traced events can be updated; skip building redacted copies otherwise.
         self.indexed.load(Ordering::Relaxed) > 0
@@ -758,10 +758,10 @@ mod tests {
     #[test]
     fn deliveries_that_finish_before_the_trace_is_recorded_still_show_in_it() {
         let t = Traces::new(10, 1 << 20, TraceSampling::All);
-        assert!(!crate::outbox::DeliveryObserver::enabled(&*t));
+        assert!(!crate::outbox::delivery::DeliveryObserver::enabled(&*t));
         t.expect(["e1"]);
         // The dispatcher asks before it builds the views it reports.
-        assert!(crate::outbox::DeliveryObserver::enabled(&*t));
+        assert!(crate::outbox::delivery::DeliveryObserver::enabled(&*t));
         t.update(
             "ga4",
             "e1",

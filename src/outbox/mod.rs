@@ -10,21 +10,9 @@
 //! Operator tools that work on the embedded store's files (stats, dead letters, replay) are
 //! in [`tools`]; they open the database themselves so they work while the server runs.
 
-mod checkpoint;
-pub mod dispatcher;
-mod fresh;
-mod log;
-mod log_state;
-pub mod retry;
-pub mod sqlite;
-mod syncer;
-pub mod tools;
-mod writer;
-
-#[cfg(test)]
-mod stress_tests;
-#[cfg(test)]
-mod tests;
+pub mod config;
+pub mod delivery;
+pub mod store;
 
 use std::sync::Arc;
 
@@ -37,13 +25,6 @@ use bytes::Bytes;
 use tokio::sync::Notify;
 
 use crate::event::Event;
-
-pub use dispatcher::{
-    spawn_dispatchers, DeliveryObserver, DeliveryRuntime, DispatchSettings, Dispatchers,
-    NoopObserver, DELIVERY_THREAD_NAME,
-};
-pub use retry::RetryPolicy;
-pub use sqlite::SqliteOutbox;
 
 /// One event queued for every tag it fired: the store keeps its payload once and one small
 /// delivery record per tag.
@@ -232,7 +213,7 @@ pub struct TagBacklog {
     pub oldest_enqueued_ms: Option<i64>,
 }
 
-/// What dispatchers need from a store. Implemented by [`SqliteOutbox`]; a shared broker
+/// What dispatchers need from a store. Implemented by [`EmbeddedStore`]; a shared broker
 /// backend implements the same.
 #[async_trait]
 pub trait DeliveryStore: Outbox {

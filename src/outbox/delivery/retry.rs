@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use rand::Rng;
 
-use crate::config::OutboxConfig;
+use crate::outbox::config::OutboxConfig;
 
 /// Meta rejects events whose `event_time` is more than seven days old.
 pub const META_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);

@@ -18,9 +18,10 @@ use tokio::sync::oneshot;
 
 use super::fresh::{self, FreshSet, Held};
 use super::log_state::LogState;
-use super::sqlite::Shared;
+use super::schema::INSERT_COPY;
+use super::shared::Shared;
 use super::syncer::{Job, Syncer, Waiter};
-use super::{EnqueueError, HotQueue, LeasedRecord, NewEvent, Settlement, StoreError};
+use crate::outbox::{EnqueueError, HotQueue, LeasedRecord, NewEvent, Settlement, StoreError};
 
 pub(crate) enum Op {
     Enqueue {
@@ -54,7 +55,7 @@ pub(crate) enum Op {
     Snapshot {
         done: oneshot::Sender<Vec<DeliveryState>>,
     },
-    /// How many events the store holds (see `SqliteOutbox::held_events`).
+    /// How many events the store holds (see `EmbeddedStore::held_events`).
     #[cfg(test)]
     Held {
         done: oneshot::Sender<i64>,
@@ -128,11 +129,6 @@ pub(crate) struct Settings {
 /// Dead letters deleted per purge step at most: a step never holds hits up for long.
 const PURGE_STEP: i64 = 5_000;
 
-/// A log row copied into `events` (see `log_state`), with the tags it owes first deliveries
-/// to (`fresh`, ?4), so that SQLite's queries about it work as for any row.
-pub(crate) const INSERT_COPY: &str =
-    "INSERT OR IGNORE INTO events (id, event_id, payload, fresh, enqueued_ms)
-     VALUES (?1, ?2, ?3, ?4, ?5)";
 const INSERT: &str = "INSERT INTO pending (tag, event_row, attempts, next_attempt_ms, first_enqueued_ms, lease_until_ms)
      VALUES (?1, ?2, 0, ?3, ?3, 0)";
 /// A first delivery that needs a row after all (failed, given back, lease ended).
@@ -261,7 +257,7 @@ fn sort(
     }
 }
 
-/// What the writer starts from (see `SqliteOutbox::open`).
+/// What the writer starts from (see `EmbeddedStore::open`).
 pub(crate) struct Start {
     pub fresh: FreshSet,
     pub log: LogState,
@@ -1498,12 +1494,12 @@ fn recount(tx: &Tx<'_>, state: &mut State) -> rusqlite::Result<()> {
         .collect::<rusqlite::Result<_>>()?;
     let fresh_set = &mut state.fresh;
     fresh_set.clear_waiting();
-    fresh_set.set_skips(super::sqlite::rows_with_delivery_rows(conn)?);
+    fresh_set.set_skips(super::schema::rows_with_delivery_rows(conn)?);
     let mut waiting: std::collections::HashMap<Arc<str>, (u64, Option<i64>)> =
         std::collections::HashMap::new();
     state.log.flush(fresh_set).map_err(io_err)?;
     let bound = state.log.start_row();
-    for (tag, n, oldest) in super::sqlite::waiting(conn, bound)? {
+    for (tag, n, oldest) in super::schema::waiting(conn, bound)? {
         waiting.insert(Arc::from(tag.as_str()), (n, oldest));
     }
     let lags = fresh_set.lagging();

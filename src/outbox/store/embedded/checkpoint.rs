@@ -20,8 +20,8 @@ use std::time::Duration;
 
 use rusqlite::Connection;
 
-use super::sqlite::Shared;
-use crate::config::FsyncMode;
+use super::shared::Shared;
+use crate::outbox::config::FsyncMode;
 
 /// How often this thread copies the WAL back.
 const EVERY: Duration = Duration::from_millis(250);
@@ -42,7 +42,7 @@ impl Checkpointer {
         shared: Arc<Shared>,
     ) -> Result<Checkpointer, String> {
         let conn = Connection::open(path).map_err(|e| e.to_string())?;
-        conn.busy_timeout(super::sqlite::BUSY_TIMEOUT)
+        conn.busy_timeout(super::schema::BUSY_TIMEOUT)
             .map_err(|e| e.to_string())?;
         // A checkpoint fsyncs the database file exactly when the writer's commits are
         // fsynced: same durability, on another thread.

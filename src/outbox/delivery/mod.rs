@@ -15,15 +15,17 @@ use bytes::Bytes;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 
-use super::retry::{human_duration, retry_label, RetryDecision, RetryPolicy, META_MAX_AGE};
-use super::{
+pub mod retry;
+
+use crate::clock::now_ms;
+use crate::event::Event;
+use crate::outbox::config::OutboxConfig;
+use crate::outbox::{
     DeadLetterRequest, DeliveryStore, HotQueue, LeasedRecord, Nack, Settlement, StoreError,
 };
-use crate::clock::now_ms;
-use crate::config::OutboxConfig;
-use crate::event::Event;
 use crate::pipeline::Pipeline;
 use crate::tags::{Encoded, OutboundRequest, Outcome, TagInstance};
+use retry::{human_duration, retry_label, RetryDecision, RetryPolicy, META_MAX_AGE};
 
 /// Longest a `Retry-After` pauses a whole tag.
 const MAX_TAG_PAUSE: Duration = Duration::from_secs(3600);
@@ -880,7 +882,7 @@ async fn deliver(
                         // (within reason, whatever it says).
                         let wait = after.min(MAX_TAG_PAUSE);
                         pause.fetch_max(
-                            now.saturating_add(super::retry::duration_ms(wait)),
+                            now.saturating_add(retry::duration_ms(wait)),
                             Ordering::AcqRel,
                         );
                     }

@@ -42,30 +42,46 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Mutex, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use rusqlite::{Connection, OpenFlags, OptionalExtension};
 use tokio::sync::{oneshot, Notify};
 
-use super::checkpoint::Checkpointer;
-use super::fresh::{FreshSet, Gauge};
-use super::log::Log;
-use super::log_state::LogState;
-use super::syncer::Syncer;
-use super::writer::{self, Op};
-use super::{
+mod checkpoint;
+mod fresh;
+mod log;
+mod log_state;
+pub mod schema;
+mod shared;
+mod syncer;
+pub mod tools;
+mod writer;
+
+#[cfg(test)]
+mod stress_tests;
+#[cfg(test)]
+mod tests;
+
+use crate::outbox::config::{FsyncMode, OutboxConfig};
+use crate::outbox::{
     DeliveryStore, EnqueueError, HotQueue, LeasedRecord, NewEvent, Outbox, Settlement, StoreError,
     TagBacklog,
 };
-use crate::config::{FsyncMode, OutboxConfig};
+use checkpoint::Checkpointer;
+use fresh::FreshSet;
+use log::Log;
+use log_state::LogState;
+use schema::{
+    backlog, positions, rows_with_delivery_rows, waiting, BUSY_TIMEOUT, DB_FILE, INSERT_COPY,
+    LOG_DIR, MIGRATE_V1_ASIDE, MIGRATE_V1_COPY, SCHEMA, SCHEMA_VERSION, V3_COLUMNS,
+};
+use shared::Shared;
+use syncer::Syncer;
+use writer::Op;
 
-/// The database file inside `[outbox] path`.
-pub const DB_FILE: &str = "outbox.sqlite3";
-/// The outbox log's directory, inside `[outbox] path` (see `log`).
-pub const LOG_DIR: &str = "log";
 /// Longest event id the outbox takes.
 const MAX_EVENT_ID_BYTES: usize = u16::MAX as usize;
 
@@ -79,219 +95,10 @@ const PURGE_EVERY: Duration = Duration::ZERO;
 const FULL_RETRY_AFTER_SECS: u64 = 5;
 /// At most one "outbox full" error log per this many milliseconds.
 const FULL_LOG_EVERY_MS: i64 = 10_000;
-/// Version 4 writes payloads as MessagePack (see `Event::to_payload`); its tables are version
-/// 3's, and version 3's JSON payloads are still read. The bump is for the other direction: a
-/// tagrelay from before reads JSON only and would dead-letter every MessagePack event, so it
-/// refuses the store instead ("written by a newer tagrelay").
-///
-/// Version 5 keeps hits' events in the outbox log (`<path>/log/`, see `log`) until a tag needs
-/// them in SQLite; its tables are version 4's. A tagrelay from before would not read the log
-/// and would lose the first deliveries still owed from it, so it refuses the store.
-const SCHEMA_VERSION: i64 = 5;
-pub(crate) const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
-
-// Version 2 keeps each event's payload once (`events`) and one small delivery row per tag
-// (`pending`): a hit firing two tags writes its ~1 KB payload once, and leases, retries and
-// acks touch only the small rows. Version 3 adds `events.fresh`, the tags an event owes a
-// first delivery to, read by each tag in row order from its position in `cursors`; delivery
-// rows are left for retries (see `fresh`).
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS events (
-    id INTEGER PRIMARY KEY,
-    event_id TEXT NOT NULL,
-    payload BLOB NOT NULL,
-    fresh TEXT,
-    enqueued_ms INTEGER NOT NULL DEFAULT 0
-);
-CREATE TABLE IF NOT EXISTS pending (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    tag TEXT NOT NULL,
-    event_row INTEGER NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    next_attempt_ms INTEGER NOT NULL,
-    first_enqueued_ms INTEGER NOT NULL,
-    last_error TEXT,
-    lease_until_ms INTEGER NOT NULL DEFAULT 0
-);
-CREATE INDEX IF NOT EXISTS pending_due ON pending (tag, next_attempt_ms);
-CREATE INDEX IF NOT EXISTS pending_event ON pending (event_row);
-CREATE TABLE IF NOT EXISTS dead_letters (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    tag TEXT NOT NULL,
-    event_id TEXT NOT NULL,
-    payload BLOB NOT NULL,
-    attempts INTEGER NOT NULL,
-    next_attempt_ms INTEGER NOT NULL,
-    first_enqueued_ms INTEGER NOT NULL,
-    last_error TEXT,
-    lease_until_ms INTEGER NOT NULL DEFAULT 0,
-    reason TEXT NOT NULL,
-    dead_at_ms INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS dead_by_tag ON dead_letters (tag, id);
-CREATE INDEX IF NOT EXISTS dead_by_time ON dead_letters (dead_at_ms);
-CREATE TABLE IF NOT EXISTS outbox_totals (
-    id INTEGER PRIMARY KEY CHECK (id = 0),
-    records INTEGER NOT NULL,
-    bytes INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS cursors (
-    tag TEXT PRIMARY KEY,
-    committed_row INTEGER NOT NULL
-);
-";
-
-/// Columns version 3 added to tables that older versions already have.
-const V3_COLUMNS: [(&str, &str, &str); 2] = [
-    ("events", "fresh", "TEXT"),
-    ("events", "enqueued_ms", "INTEGER NOT NULL DEFAULT 0"),
-];
-
-/// Per tag: first deliveries waiting from its position on, and the oldest one's time.
-const WAITING: &str = "
-SELECT c.tag, count(e.id), min(e.enqueued_ms)
-FROM cursors c JOIN events e ON e.id >= c.committed_row AND e.fresh IS NOT NULL
-JOIN json_each(e.fresh) j ON j.value = c.tag
-WHERE json_valid(e.fresh) AND e.id < ?1
-  AND NOT EXISTS (SELECT 1 FROM pending p WHERE p.event_row = e.id AND p.tag = c.tag)
-GROUP BY c.tag";
-
-/// `(tag, row)` of delivery rows at or past their tag's written position: a tag resuming
-/// from there must not hand those deliveries out again from the event row.
-pub(crate) fn rows_with_delivery_rows(conn: &Connection) -> rusqlite::Result<Vec<(Arc<str>, i64)>> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT p.tag, p.event_row FROM pending p JOIN cursors c ON c.tag = p.tag
-         WHERE p.event_row >= c.committed_row",
-    )?;
-    let rows = stmt.query_map([], |r| {
-        Ok((Arc::from(r.get::<_, String>(0)?.as_str()), r.get(1)?))
-    })?;
-    rows.collect()
-}
-
-/// `(tag, deliveries waiting in `events` below row `below` from its written position, oldest
-/// enqueued_ms)`; nothing for a store an older tagrelay wrote (the CLI reads stores without
-/// migrating them).
-pub(crate) fn waiting(
-    conn: &Connection,
-    below: i64,
-) -> rusqlite::Result<Vec<(String, u64, Option<i64>)>> {
-    let has_cursors: i64 = conn.query_row(
-        "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'cursors'",
-        [],
-        |r| r.get(0),
-    )?;
-    if has_cursors == 0 {
-        return Ok(Vec::new());
-    }
-    let mut stmt = conn.prepare_cached(WAITING)?;
-    let rows = stmt.query_map([below], |r| {
-        Ok((
-            r.get::<_, String>(0)?,
-            u64::try_from(r.get::<_, i64>(1)?).unwrap_or(0),
-            r.get::<_, Option<i64>>(2)?,
-        ))
-    })?;
-    rows.collect()
-}
-
-/// Version 1 stored the payload in every pending row: its table steps aside before
-/// [`SCHEMA`] creates version 2's, then [`MIGRATE_V1_COPY`] moves the rows over.
-const MIGRATE_V1_ASIDE: &str = "
-ALTER TABLE pending RENAME TO pending_v1;
-DROP INDEX IF EXISTS pending_due;
-";
-
-/// Each version-1 row becomes one event and one delivery with the same id; the totals are
-/// recomputed (bytes now count payloads once).
-const MIGRATE_V1_COPY: &str = "
-INSERT INTO events (id, event_id, payload) SELECT id, event_id, payload FROM pending_v1;
-INSERT INTO pending (id, tag, event_row, attempts, next_attempt_ms, first_enqueued_ms, last_error, lease_until_ms)
-    SELECT id, tag, id, attempts, next_attempt_ms, first_enqueued_ms, last_error, lease_until_ms FROM pending_v1;
-DROP TABLE pending_v1;
-DELETE FROM outbox_totals;
-";
-
-/// State shared by the async handle and the writer thread.
-#[derive(Debug, Default)]
-pub(crate) struct Shared {
-    pub open: AtomicBool,
-    /// Pending records/bytes as of the last commit (authoritative, from `outbox_totals`).
-    pub committed_records: AtomicU64,
-    pub committed_bytes: AtomicU64,
-    /// Admitted by `enqueue` but not yet committed.
-    pub reserved_records: AtomicU64,
-    pub reserved_bytes: AtomicU64,
-    pub commits: AtomicU64,
-    /// Commits whose hits waited for an fsync (the others had no hit's events in
-    /// them).
-    pub synced_commits: AtomicU64,
-    /// fsyncs for hits (one covers every commit handed over while the previous ran).
-    pub fsyncs: AtomicU64,
-    /// Whether the syncer is inside an fsync now (the writer gathers hits only meanwhile).
-    pub syncing: AtomicBool,
-    /// Why the store stopped taking hits while the process runs on (a failed fsync); set
-    /// through [`Shared::stop_taking_hits`].
-    pub failed: std::sync::OnceLock<String>,
-    pub last_full_log_ms: AtomicI64,
-    pub wakeups: RwLock<HashMap<Arc<str>, Arc<Notify>>>,
-    /// Dispatchers that take freshly committed records straight from the writer.
-    pub hot: RwLock<HashMap<Arc<str>, Arc<HotQueue>>>,
-    /// Frames in the WAL at the checkpointer's last step (see `checkpoint`).
-    pub wal_frames: AtomicI64,
-    /// Per tag: first deliveries waiting in the store and out in memory, as of the last
-    /// commit (see `fresh`).
-    pub fresh_gauges: Mutex<Vec<Gauge>>,
-    /// Tests: commits with frames to write fail as if the log's disk did.
-    #[cfg(test)]
-    pub fail_log: AtomicBool,
-}
-
-impl Shared {
-    /// After a failure that makes acknowledging hits unsafe: the store refuses hits with
-    /// `reason` and reports not ready until tagrelay is restarted.
-    pub fn stop_taking_hits(&self, reason: String) {
-        let _ = self.failed.set(reason);
-        // After `failed`: whoever sees the store closed finds the reason.
-        self.open.store(false, Ordering::Release);
-    }
-
-    pub fn wakeup(&self, tag: &str) -> Arc<Notify> {
-        if let Ok(map) = self.wakeups.read() {
-            if let Some(n) = map.get(tag) {
-                return n.clone();
-            }
-        }
-        match self.wakeups.write() {
-            Ok(mut map) => map.entry(Arc::from(tag)).or_default().clone(),
-            // A poisoned map only loses wake-ups; dispatchers still poll.
-            Err(_) => Arc::new(Notify::new()),
-        }
-    }
-
-    pub fn set_fresh_gauges(&self, gauges: Vec<Gauge>) {
-        if let Ok(mut g) = self.fresh_gauges.lock() {
-            *g = gauges;
-        }
-    }
-
-    pub fn hot_queue(&self, tag: &str) -> Option<Arc<HotQueue>> {
-        self.hot.read().ok().and_then(|m| m.get(tag).cloned())
-    }
-
-    /// Wakes the dispatcher of `tag` if one ever asked for wake-ups.
-    pub fn notify(&self, tag: &str) {
-        if let Ok(map) = self.wakeups.read() {
-            if let Some(n) = map.get(tag) {
-                n.notify_one();
-            }
-        }
-    }
-}
 
 /// The embedded outbox. Cheap to share behind an `Arc`; every write goes to one writer thread.
 #[derive(Debug)]
-pub struct SqliteOutbox {
+pub struct EmbeddedStore {
     tx: mpsc::Sender<Op>,
     pub(crate) shared: Arc<Shared>,
     reader: Arc<Mutex<Connection>>,
@@ -305,18 +112,18 @@ pub struct SqliteOutbox {
     lock: std::fs::File,
 }
 
-impl SqliteOutbox {
+impl EmbeddedStore {
     /// Opens (creating if needed) the store in directory `cfg.path`, clears leases left by a
     /// previous process (those records are resent: at-least-once) and starts the writer.
-    pub async fn open(cfg: &OutboxConfig) -> Result<Arc<SqliteOutbox>, String> {
+    pub async fn open(cfg: &OutboxConfig) -> Result<Arc<EmbeddedStore>, String> {
         let cfg = cfg.clone();
         tokio::task::spawn_blocking(move || Self::open_blocking(&cfg))
             .await
             .map_err(|e| format!("outbox open task failed: {e}"))?
     }
 
-    /// Blocking variant of [`SqliteOutbox::open`] (for CLIs and tests without a runtime).
-    pub fn open_blocking(cfg: &OutboxConfig) -> Result<Arc<SqliteOutbox>, String> {
+    /// Blocking variant of [`EmbeddedStore::open`] (for CLIs and tests without a runtime).
+    pub fn open_blocking(cfg: &OutboxConfig) -> Result<Arc<EmbeddedStore>, String> {
         let dir = Path::new(&cfg.path);
         std::fs::create_dir_all(dir)
             .map_err(|e| format!("outbox.path: cannot create `{}`: {e}", dir.display()))?;
@@ -447,7 +254,7 @@ impl SqliteOutbox {
             })
             .map_err(|e| format!("outbox: cannot start writer thread: {e}"))?;
 
-        Ok(Arc::new(SqliteOutbox {
+        Ok(Arc::new(EmbeddedStore {
             tx,
             shared,
             reader: Arc::new(Mutex::new(reader)),
@@ -579,7 +386,7 @@ impl SqliteOutbox {
 }
 
 #[async_trait]
-impl Outbox for SqliteOutbox {
+impl Outbox for EmbeddedStore {
     async fn enqueue(&self, events: Vec<NewEvent>) -> Result<(), EnqueueError> {
         let n: u64 = events.iter().map(|e| e.records() as u64).sum();
         if n == 0 {
@@ -643,7 +450,7 @@ impl Outbox for SqliteOutbox {
 }
 
 #[async_trait]
-impl DeliveryStore for SqliteOutbox {
+impl DeliveryStore for EmbeddedStore {
     async fn lease(
         &self,
         tag: &str,
@@ -730,7 +537,7 @@ impl DeliveryStore for SqliteOutbox {
     }
 
     async fn close(&self) {
-        SqliteOutbox::close(self).await
+        EmbeddedStore::close(self).await
     }
 }
 
@@ -859,7 +666,7 @@ fn add_column_if_missing(
 fn import_log(conn: &Connection, log: &Log) -> Result<(usize, i64), String> {
     let s = |e: rusqlite::Error| e.to_string();
     let positions = positions(conn).map_err(s)?;
-    let mut insert = conn.prepare(writer::INSERT_COPY).map_err(s)?;
+    let mut insert = conn.prepare(INSERT_COPY).map_err(s)?;
     let (mut copied, mut last) = (0usize, 0i64);
     // A tag without a position: its first one did not reach the disk (the WAL is not fsynced
     // with hits). It resumes from the first row that lists it.
@@ -924,13 +731,6 @@ fn import_log(conn: &Connection, log: &Log) -> Result<(usize, i64), String> {
 
 /// Events per transaction when the log is copied in at open.
 const IMPORT_EVENTS_PER_TRANSACTION: usize = 20_000;
-
-/// Each tag's written position (see `fresh`).
-pub(crate) fn positions(conn: &Connection) -> rusqlite::Result<HashMap<String, i64>> {
-    conn.prepare("SELECT tag, committed_row FROM cursors")?
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
-        .collect()
-}
 
 /// Where each tag stands, from the positions the previous process committed. The record and
 /// byte counts are recomputed: deliveries it settled beyond a position are due again, and
@@ -1000,59 +800,4 @@ fn load_totals(conn: &Connection) -> rusqlite::Result<(u64, u64)> {
         u64::try_from(records).unwrap_or(0),
         u64::try_from(bytes).unwrap_or(0),
     ))
-}
-
-/// Pending work per tag. `live`: the running writer's gauges of first deliveries (waiting
-/// and out); without them (the CLI, on the files) the waiting ones are counted from each
-/// tag's committed position.
-pub(crate) fn backlog(
-    conn: &Connection,
-    now_ms: i64,
-    live: Option<&[Gauge]>,
-) -> rusqlite::Result<Vec<TagBacklog>> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT tag, count(*), sum(lease_until_ms > ?1), min(first_enqueued_ms)
-         FROM pending GROUP BY tag ORDER BY tag",
-    )?;
-    let mut by_tag: std::collections::BTreeMap<String, TagBacklog> = stmt
-        .query_map([now_ms], |r| {
-            Ok(TagBacklog {
-                tag: r.get(0)?,
-                pending: u64::try_from(r.get::<_, i64>(1)?).unwrap_or(0),
-                leased: u64::try_from(r.get::<_, Option<i64>>(2)?.unwrap_or(0)).unwrap_or(0),
-                oldest_enqueued_ms: r.get(3)?,
-            })
-        })?
-        .map(|b| b.map(|b| (b.tag.clone(), b)))
-        .collect::<rusqlite::Result<_>>()?;
-    let mut add = |tag: &str, waiting: u64, out: u64, oldest: Option<i64>| {
-        if waiting + out == 0 {
-            return;
-        }
-        let b = by_tag.entry(tag.to_string()).or_insert_with(|| TagBacklog {
-            tag: tag.to_string(),
-            pending: 0,
-            leased: 0,
-            oldest_enqueued_ms: None,
-        });
-        b.pending += waiting + out;
-        b.leased += out;
-        b.oldest_enqueued_ms = match (b.oldest_enqueued_ms, oldest) {
-            (Some(a), Some(o)) => Some(a.min(o)),
-            (a, o) => a.or(o),
-        };
-    };
-    match live {
-        Some(gauges) => {
-            for (tag, waiting, out, oldest) in gauges {
-                add(tag, *waiting, *out, *oldest);
-            }
-        }
-        None => {
-            for (tag, n, oldest) in waiting(conn, i64::MAX)? {
-                add(&tag, n, 0, oldest);
-            }
-        }
-    }
-    Ok(by_tag.into_values().collect())
 }

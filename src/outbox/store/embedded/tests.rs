@@ -11,10 +11,15 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http::{HeaderMap, Method, StatusCode};
 
-use super::dispatcher::{spawn_dispatchers, DeliveryObserver, DispatchSettings, NoopObserver};
 use super::*;
+use crate::outbox::delivery::{
+    spawn_dispatchers, DeliveryObserver, DeliveryRuntime, DispatchSettings, Dispatchers,
+    NoopObserver, DELIVERY_THREAD_NAME,
+};
+use crate::outbox::*;
 use crate::clock::now_ms;
-use crate::config::{Config, CookiesConfig, FsyncMode, OutboxConfig};
+use crate::config::{Config, CookiesConfig};
+use crate::outbox::config::{FsyncMode, OutboxConfig};
 use crate::event::Event;
 use crate::identity::CookiePolicy;
 use crate::pipeline::Pipeline;
@@ -35,7 +40,7 @@ fn config(dir: &std::path::Path, fsync: FsyncMode) -> OutboxConfig {
 
 /// `(event id, tag list)` of every frame in the outbox log of the store in `dir`.
 fn logged(dir: &std::path::Path) -> Vec<(String, String)> {
-    let log = super::log::Log::open_read_only(&dir.join(super::sqlite::LOG_DIR)).unwrap();
+    let log = super::log::Log::open_read_only(&dir.join(LOG_DIR)).unwrap();
     log.frames(None)
         .map(|f| {
             let f = f.unwrap();
@@ -270,8 +275,8 @@ async fn vendor_handler(State(v): State<Arc<Vendor>>, headers: HeaderMap, body: 
 struct Harness {
     _dir: tempfile::TempDir,
     cfg: OutboxConfig,
-    outbox: Arc<SqliteOutbox>,
-    dispatchers: super::Dispatchers,
+    outbox: Arc<EmbeddedStore>,
+    dispatchers: Dispatchers,
 }
 
 impl Harness {
@@ -285,7 +290,7 @@ impl Harness {
         cfg.retry_initial_ms = 20;
         cfg.retry_max_ms = 100;
         cfg_mut(&mut cfg);
-        let outbox = SqliteOutbox::open(&cfg).await.unwrap();
+        let outbox = EmbeddedStore::open(&cfg).await.unwrap();
         let swap = Arc::new(ArcSwap::from_pointee(pipeline(tags)));
         let dispatchers =
             spawn_dispatchers(outbox.clone(), swap.clone(), fast_settings(&cfg), observer).unwrap();
@@ -321,7 +326,7 @@ fn sorted(mut v: Vec<String>) -> Vec<String> {
 async fn group_commit_takes_many_records_per_transaction() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path(), FsyncMode::Batch);
-    let outbox = SqliteOutbox::open(&cfg).await.unwrap();
+    let outbox = EmbeddedStore::open(&cfg).await.unwrap();
     let tasks = 100;
     let per_task = 20;
     let mut joins = Vec::new();
@@ -366,7 +371,7 @@ async fn a_lone_enqueue_does_not_wait_out_the_commit_interval() {
         commit_interval_ms: 10_000,
         ..config(dir.path(), FsyncMode::Off)
     };
-    let outbox = SqliteOutbox::open(&cfg).await.unwrap();
+    let outbox = EmbeddedStore::open(&cfg).await.unwrap();
     for i in 0..3 {
         let started = std::time::Instant::now();
         outbox
@@ -406,7 +411,7 @@ async fn a_lone_enqueue_does_not_wait_out_the_commit_interval() {
 async fn committed_records_survive_a_crash() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path(), FsyncMode::Batch);
-    let outbox = SqliteOutbox::open(&cfg).await.unwrap();
+    let outbox = EmbeddedStore::open(&cfg).await.unwrap();
     outbox.enqueue(records("ga4", "a", 50)).await.unwrap();
     outbox.enqueue(records("meta", "b", 30)).await.unwrap();
     let leased = outbox.lease("ga4", now_ms(), 10, 60_000).await.unwrap();
@@ -414,7 +419,7 @@ async fn committed_records_survive_a_crash() {
     // No close, no drop: the process "dies" with the writer still holding its connection.
     outbox.leak_as_if_crashed();
 
-    let reopened = SqliteOutbox::open(&cfg).await.unwrap();
+    let reopened = EmbeddedStore::open(&cfg).await.unwrap();
     assert_eq!(reopened.pending_totals().0, 80);
     let ga4 = reopened.lease("ga4", now_ms(), 100, 60_000).await.unwrap();
     let ids = sorted(ga4.iter().map(|r| r.event_id.clone()).collect());
@@ -432,7 +437,7 @@ async fn committed_records_survive_a_crash() {
 async fn leases_hide_records_until_cleared_on_reopen() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path(), FsyncMode::Off);
-    let outbox = SqliteOutbox::open(&cfg).await.unwrap();
+    let outbox = EmbeddedStore::open(&cfg).await.unwrap();
     outbox.enqueue(records("t", "e", 10)).await.unwrap();
     let now = now_ms();
     let first = outbox.lease("t", now, 4, 60_000).await.unwrap();
@@ -450,7 +455,7 @@ async fn leases_hide_records_until_cleared_on_reopen() {
     assert_eq!(later.len(), 10);
     outbox.close().await;
 
-    let reopened = SqliteOutbox::open(&cfg).await.unwrap();
+    let reopened = EmbeddedStore::open(&cfg).await.unwrap();
     let again = reopened.lease("t", now_ms(), 100, 60_000).await.unwrap();
     assert_eq!(again.len(), 10);
     assert!(again.iter().all(|r| r.attempts == 0));
@@ -461,8 +466,8 @@ async fn leases_hide_records_until_cleared_on_reopen() {
 async fn only_commits_with_hits_in_them_are_fsynced() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path(), FsyncMode::Batch);
-    let outbox = SqliteOutbox::open(&cfg).await.unwrap();
-    let counts = |o: &SqliteOutbox| (o.commit_count(), o.synced_commit_count());
+    let outbox = EmbeddedStore::open(&cfg).await.unwrap();
+    let counts = |o: &EmbeddedStore| (o.commit_count(), o.synced_commit_count());
     let (c0, s0) = counts(&outbox);
     let f0 = outbox.fsync_count();
     outbox.enqueue(records("t", "e", 4)).await.unwrap();
@@ -495,7 +500,7 @@ async fn only_commits_with_hits_in_them_are_fsynced() {
     outbox.close().await;
 
     // What those commits wrote is there after a reopen: three acked, two left.
-    let reopened = SqliteOutbox::open(&cfg).await.unwrap();
+    let reopened = EmbeddedStore::open(&cfg).await.unwrap();
     let left: Vec<String> = reopened
         .lease("t", now_ms(), 100, 60_000)
         .await
@@ -508,7 +513,7 @@ async fn only_commits_with_hits_in_them_are_fsynced() {
 
     // With fsync off, nothing is synced at commit.
     let dir = tempfile::tempdir().unwrap();
-    let outbox = SqliteOutbox::open(&config(dir.path(), FsyncMode::Off))
+    let outbox = EmbeddedStore::open(&config(dir.path(), FsyncMode::Off))
         .await
         .unwrap();
     outbox.enqueue(records("t", "e", 1)).await.unwrap();
@@ -520,7 +525,7 @@ async fn only_commits_with_hits_in_them_are_fsynced() {
 #[tokio::test]
 async fn after_a_failed_fsync_hits_are_refused_with_the_reason() {
     let dir = tempfile::tempdir().unwrap();
-    let outbox = SqliteOutbox::open(&config(dir.path(), FsyncMode::Batch))
+    let outbox = EmbeddedStore::open(&config(dir.path(), FsyncMode::Batch))
         .await
         .unwrap();
     outbox.enqueue(records("t", "e", 1)).await.unwrap();
@@ -539,7 +544,7 @@ async fn after_a_failed_fsync_hits_are_refused_with_the_reason() {
 async fn ack_nack_dead_letter_and_replay() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path(), FsyncMode::Off);
-    let outbox = SqliteOutbox::open(&cfg).await.unwrap();
+    let outbox = EmbeddedStore::open(&cfg).await.unwrap();
     outbox.enqueue(records("t", "e", 5)).await.unwrap();
     let now = now_ms();
     let leased = outbox.lease("t", now, 5, 60_000).await.unwrap();
@@ -636,7 +641,7 @@ async fn back_pressure_refuses_when_full_and_recovers() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = config(dir.path(), FsyncMode::Off);
     cfg.max_records = 10;
-    let outbox = SqliteOutbox::open(&cfg).await.unwrap();
+    let outbox = EmbeddedStore::open(&cfg).await.unwrap();
     outbox.enqueue(records("t", "a", 10)).await.unwrap();
     assert_eq!(
         outbox.enqueue(records("t", "b", 1)).await,
@@ -660,7 +665,7 @@ async fn back_pressure_refuses_when_full_and_recovers() {
     let one = records("t", "x", 1)[0].payload.len() as u64;
     cfg.max_records = 1_000;
     cfg.max_bytes = 10 * one + one / 2;
-    let outbox = SqliteOutbox::open(&cfg).await.unwrap();
+    let outbox = EmbeddedStore::open(&cfg).await.unwrap();
     assert_eq!(outbox.pending_totals().0, 10);
     assert!(matches!(
         outbox.enqueue(records("t", "y", 1)).await,
@@ -963,7 +968,7 @@ async fn reload_starts_dispatchers_for_new_tags_and_one_slow_tag_blocks_no_other
     );
     h.outbox.close().await;
     // The slow tag's records are all still there for the next start.
-    let reopened = SqliteOutbox::open(&h.cfg).await.unwrap();
+    let reopened = EmbeddedStore::open(&h.cfg).await.unwrap();
     let left = reopened.lease("slow", now_ms(), 100, 1_000).await.unwrap();
     assert_eq!(left.len(), 20);
     reopened.close().await;
@@ -1026,7 +1031,7 @@ mod model {
             cfg.commit_interval_ms = 0;
             // The model's clock starts in 1970: age-based retention would take every dead letter.
             cfg.dead_letter_max_age_secs = 0;
-            let mut outbox = SqliteOutbox::open(&cfg).await.unwrap();
+            let mut outbox = EmbeddedStore::open(&cfg).await.unwrap();
             // Model: (event, tag) → delivery, in insertion order (ids are monotonic).
             let mut model: BTreeMap<(u64, &str), (String, Rec)> = BTreeMap::new();
             let mut ids: BTreeMap<(String, String), i64> = BTreeMap::new();
@@ -1216,7 +1221,7 @@ mod model {
                     Step::Advance(ms) => now += i64::from(ms),
                     Step::Reopen => {
                         outbox.close().await;
-                        outbox = SqliteOutbox::open(&cfg).await.unwrap();
+                        outbox = EmbeddedStore::open(&cfg).await.unwrap();
                         held.clear();
                         // Leased rows are due again at once; first deliveries out get rows.
                         for (_, r) in model.values_mut() {
@@ -1277,14 +1282,14 @@ async fn a_second_server_cannot_open_the_same_outbox() {
         path: dir.path().join("ob").display().to_string(),
         ..OutboxConfig::default()
     };
-    let first = SqliteOutbox::open(&cfg).await.unwrap();
-    let err = SqliteOutbox::open(&cfg)
+    let first = EmbeddedStore::open(&cfg).await.unwrap();
+    let err = EmbeddedStore::open(&cfg)
         .await
         .expect_err("second open is refused");
     assert!(err.contains("in use by another tagrelay process"), "{err}");
     first.close().await;
     drop(first);
-    SqliteOutbox::open(&cfg)
+    EmbeddedStore::open(&cfg)
         .await
         .expect("reopens once the first is gone");
 }
@@ -1300,7 +1305,7 @@ fn count(path: &std::path::Path, sql: &str) -> i64 {
 async fn an_event_firing_two_tags_is_stored_once_and_goes_with_its_last_delivery() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path(), FsyncMode::Off);
-    let outbox = SqliteOutbox::open(&cfg).await.unwrap();
+    let outbox = EmbeddedStore::open(&cfg).await.unwrap();
     let ev = NewEvent {
         tags: vec![Arc::from("ga4"), Arc::from("meta")],
         ..record("ga4", "shared", now_ms())
@@ -1359,7 +1364,7 @@ async fn an_event_firing_two_tags_is_stored_once_and_goes_with_its_last_delivery
 async fn subscribed_dispatchers_get_records_already_leased_and_parsed() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path(), FsyncMode::Off);
-    let outbox = SqliteOutbox::open(&cfg).await.unwrap();
+    let outbox = EmbeddedStore::open(&cfg).await.unwrap();
     let queue = outbox.subscribe_hot("t", 3, 60_000).unwrap();
     let event = Arc::new(Event {
         event_name: "purchase".into(),
@@ -1406,7 +1411,7 @@ async fn subscribed_dispatchers_get_records_already_leased_and_parsed() {
     let path = dir.path().to_path_buf();
     drop(queue);
     outbox.leak_as_if_crashed();
-    let reopened = SqliteOutbox::open(&config(&path, FsyncMode::Off))
+    let reopened = EmbeddedStore::open(&config(&path, FsyncMode::Off))
         .await
         .unwrap();
     let again = reopened.lease("t", now_ms(), 10, 60_000).await.unwrap();
@@ -1419,7 +1424,7 @@ async fn the_dispatcher_delivers_from_memory_and_from_the_store() {
     let (vendor, url) = Vendor::start(Box::new(|_, _| (200, None))).await;
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path(), FsyncMode::Off);
-    let outbox = SqliteOutbox::open(&cfg).await.unwrap();
+    let outbox = EmbeddedStore::open(&cfg).await.unwrap();
     // Records of "a previous process" wait in the store before any dispatcher runs.
     let mut expected: Vec<String> = Vec::new();
     let old = records("v", "old", 30);
@@ -1463,7 +1468,7 @@ async fn the_dispatcher_delivers_from_memory_and_from_the_store() {
 #[tokio::test]
 async fn a_version_1_store_is_migrated_with_its_records() {
     let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join(sqlite::DB_FILE);
+    let db = dir.path().join(DB_FILE);
     {
         let conn = rusqlite::Connection::open(&db).unwrap();
         conn.execute_batch(
@@ -1488,7 +1493,7 @@ async fn a_version_1_store_is_migrated_with_its_records() {
             .unwrap();
         }
     }
-    let outbox = SqliteOutbox::open(&config(dir.path(), FsyncMode::Off))
+    let outbox = EmbeddedStore::open(&config(dir.path(), FsyncMode::Off))
         .await
         .unwrap();
     let size = payload("a", "purchase").len() as u64;
@@ -1548,7 +1553,7 @@ async fn deliveries_run_on_their_own_lower_priority_threads() {
         "the threads answering hits keep their priority"
     );
 
-    let outbox = SqliteOutbox::open(&cfg).await.unwrap();
+    let outbox = EmbeddedStore::open(&cfg).await.unwrap();
     let recorder = Arc::new(Recorder::default());
     let swap = Arc::new(ArcSwap::from_pointee(pipeline(vec![tag_instance(
         "v", &url, 10, "test",
@@ -1583,7 +1588,7 @@ async fn deliveries_run_on_their_own_lower_priority_threads() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_wal_is_copied_back_off_the_writer_thread() {
     let dir = tempfile::tempdir().unwrap();
-    let outbox = SqliteOutbox::open(&config(dir.path(), FsyncMode::Off))
+    let outbox = EmbeddedStore::open(&config(dir.path(), FsyncMode::Off))
         .await
         .unwrap();
     let db = outbox.db_path().to_path_buf();
@@ -1719,7 +1724,7 @@ async fn retry_after_pauses_the_whole_tag() {
 #[tokio::test]
 async fn records_that_waited_too_long_in_memory_are_given_back_to_the_store() {
     let dir = tempfile::tempdir().unwrap();
-    let outbox = SqliteOutbox::open(&config(dir.path(), FsyncMode::Off))
+    let outbox = EmbeddedStore::open(&config(dir.path(), FsyncMode::Off))
         .await
         .unwrap();
     let queue = outbox.subscribe_hot("t", 100, 60_000).unwrap();
@@ -1764,7 +1769,7 @@ async fn records_that_waited_too_long_in_memory_are_given_back_to_the_store() {
 #[tokio::test]
 async fn a_delivery_whose_event_is_missing_is_still_dead_lettered() {
     let dir = tempfile::tempdir().unwrap();
-    let outbox = SqliteOutbox::open(&config(dir.path(), FsyncMode::Off))
+    let outbox = EmbeddedStore::open(&config(dir.path(), FsyncMode::Off))
         .await
         .unwrap();
     outbox.enqueue(records("t", "lost", 1)).await.unwrap();
@@ -1818,7 +1823,7 @@ fn two_tag_event(event_id: &str) -> NewEvent {
 #[tokio::test]
 async fn deliveries_handed_over_in_memory_cost_one_row_and_leave_nothing_once_settled() {
     let dir = tempfile::tempdir().unwrap();
-    let outbox = SqliteOutbox::open(&config(dir.path(), FsyncMode::Off))
+    let outbox = EmbeddedStore::open(&config(dir.path(), FsyncMode::Off))
         .await
         .unwrap();
     let ga4 = outbox.subscribe_hot("ga4", 100, 60_000).unwrap();
@@ -1865,7 +1870,7 @@ async fn deliveries_handed_over_in_memory_cost_one_row_and_leave_nothing_once_se
 #[tokio::test]
 async fn a_failed_or_dead_fresh_delivery_gets_its_row_and_keeps_its_event() {
     let dir = tempfile::tempdir().unwrap();
-    let outbox = SqliteOutbox::open(&config(dir.path(), FsyncMode::Off))
+    let outbox = EmbeddedStore::open(&config(dir.path(), FsyncMode::Off))
         .await
         .unwrap();
     let ga4 = outbox.subscribe_hot("ga4", 100, 60_000).unwrap();
@@ -1927,7 +1932,7 @@ async fn a_failed_or_dead_fresh_delivery_gets_its_row_and_keeps_its_event() {
 #[tokio::test]
 async fn an_event_stays_while_a_fresh_delivery_is_out_even_when_its_row_delivery_is_acked() {
     let dir = tempfile::tempdir().unwrap();
-    let outbox = SqliteOutbox::open(&config(dir.path(), FsyncMode::Off))
+    let outbox = EmbeddedStore::open(&config(dir.path(), FsyncMode::Off))
         .await
         .unwrap();
     // ga4 takes from memory; meta has no queue, so it gets a delivery row.
@@ -1965,7 +1970,7 @@ async fn a_clean_close_keeps_settled_tags_from_being_sent_again_and_a_crash_does
     for crash in [false, true] {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().to_path_buf();
-        let outbox = SqliteOutbox::open(&config(&path, FsyncMode::Off))
+        let outbox = EmbeddedStore::open(&config(&path, FsyncMode::Off))
             .await
             .unwrap();
         let ga4 = outbox.subscribe_hot("ga4", 100, 60_000).unwrap();
@@ -1982,7 +1987,7 @@ async fn a_clean_close_keeps_settled_tags_from_being_sent_again_and_a_crash_does
         } else {
             outbox.close().await;
         }
-        let reopened = SqliteOutbox::open(&config(&path, FsyncMode::Off))
+        let reopened = EmbeddedStore::open(&config(&path, FsyncMode::Off))
             .await
             .unwrap();
         let ids = |recs: Vec<LeasedRecord>| -> Vec<String> {
@@ -2010,7 +2015,7 @@ async fn a_clean_close_keeps_settled_tags_from_being_sent_again_and_a_crash_does
 #[tokio::test]
 async fn a_fresh_delivery_whose_lease_ends_is_due_again() {
     let dir = tempfile::tempdir().unwrap();
-    let outbox = SqliteOutbox::open(&config(dir.path(), FsyncMode::Off))
+    let outbox = EmbeddedStore::open(&config(dir.path(), FsyncMode::Off))
         .await
         .unwrap();
     let queue = outbox.subscribe_hot("t", 100, 200).unwrap();
@@ -2053,7 +2058,7 @@ async fn a_fresh_delivery_whose_lease_ends_is_due_again() {
 #[tokio::test]
 async fn a_version_2_store_is_migrated_with_its_records() {
     let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join(sqlite::DB_FILE);
+    let db = dir.path().join(DB_FILE);
     {
         let conn = rusqlite::Connection::open(&db).unwrap();
         conn.execute_batch(
@@ -2080,7 +2085,7 @@ async fn a_version_2_store_is_migrated_with_its_records() {
         )
         .unwrap();
     }
-    let outbox = SqliteOutbox::open(&config(dir.path(), FsyncMode::Off))
+    let outbox = EmbeddedStore::open(&config(dir.path(), FsyncMode::Off))
         .await
         .unwrap();
     assert_eq!(
@@ -2109,7 +2114,7 @@ async fn a_version_2_store_is_migrated_with_its_records() {
 async fn after_a_crash_a_delivery_that_got_a_row_is_not_read_again_from_its_event() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().to_path_buf();
-    let outbox = SqliteOutbox::open(&config(&path, FsyncMode::Off))
+    let outbox = EmbeddedStore::open(&config(&path, FsyncMode::Off))
         .await
         .unwrap();
     outbox.enqueue(records("t", "e", 2)).await.unwrap();
@@ -2129,7 +2134,7 @@ async fn after_a_crash_a_delivery_that_got_a_row_is_not_read_again_from_its_even
         .unwrap();
     // Crash before the tag's position moved past e0 (positions are written every 250 ms).
     outbox.leak_as_if_crashed();
-    let reopened = SqliteOutbox::open(&config(&path, FsyncMode::Off))
+    let reopened = EmbeddedStore::open(&config(&path, FsyncMode::Off))
         .await
         .unwrap();
     let again = reopened.lease("t", now_ms(), 10, 60_000).await.unwrap();
@@ -2163,7 +2168,7 @@ fn exec(path: &std::path::Path, sql: &str) {
 #[tokio::test]
 async fn after_a_failed_commit_tags_resume_from_their_positions_and_the_count_stays_true() {
     let dir = tempfile::tempdir().unwrap();
-    let outbox = SqliteOutbox::open(&config(dir.path(), FsyncMode::Off))
+    let outbox = EmbeddedStore::open(&config(dir.path(), FsyncMode::Off))
         .await
         .unwrap();
     let db = outbox.db_path().to_path_buf();
@@ -2212,7 +2217,7 @@ async fn after_a_failed_commit_tags_resume_from_their_positions_and_the_count_st
 #[tokio::test]
 async fn the_oldest_pending_gauge_sees_first_deliveries() {
     let dir = tempfile::tempdir().unwrap();
-    let outbox = SqliteOutbox::open(&config(dir.path(), FsyncMode::Off))
+    let outbox = EmbeddedStore::open(&config(dir.path(), FsyncMode::Off))
         .await
         .unwrap();
     let hour_ago = now_ms() - 3_600_000;
@@ -2239,7 +2244,7 @@ async fn the_oldest_pending_gauge_sees_first_deliveries() {
 #[test]
 fn stats_read_a_store_written_by_an_older_version() {
     let dir = tempfile::tempdir().unwrap();
-    let conn = rusqlite::Connection::open(dir.path().join(sqlite::DB_FILE)).unwrap();
+    let conn = rusqlite::Connection::open(dir.path().join(DB_FILE)).unwrap();
     conn.execute_batch(
         "CREATE TABLE events (id INTEGER PRIMARY KEY, event_id TEXT NOT NULL, payload BLOB NOT NULL);
          CREATE TABLE pending (
@@ -2268,7 +2273,7 @@ async fn a_store_of_the_interim_third_schema_keeps_its_deliveries_in_flight() {
     // Written by main at c5bff29: deliveries out in memory at a crash were listed in
     // `events.fresh` above `outbox_totals.fresh_floor`; lists below it were stale.
     let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join(sqlite::DB_FILE);
+    let db = dir.path().join(DB_FILE);
     {
         let conn = rusqlite::Connection::open(&db).unwrap();
         conn.execute_batch(
@@ -2298,7 +2303,7 @@ async fn a_store_of_the_interim_third_schema_keeps_its_deliveries_in_flight() {
         )
         .unwrap();
     }
-    let outbox = SqliteOutbox::open(&config(dir.path(), FsyncMode::Off))
+    let outbox = EmbeddedStore::open(&config(dir.path(), FsyncMode::Off))
         .await
         .unwrap();
     let ids =
@@ -2324,7 +2329,7 @@ async fn dead_letters_past_their_retention_are_deleted() {
         dead_letter_max_age_secs: 3600,
         ..config(dir.path(), FsyncMode::Off)
     };
-    let outbox = SqliteOutbox::open(&cfg).await.unwrap();
+    let outbox = EmbeddedStore::open(&cfg).await.unwrap();
     let db = outbox.db_path().to_path_buf();
     // One dead letter two hours old.
     exec(
@@ -2369,7 +2374,7 @@ async fn dead_letters_past_their_retention_are_deleted() {
 async fn after_a_crash_a_retried_delivery_is_not_read_again_once_its_row_is_gone() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().to_path_buf();
-    let outbox = SqliteOutbox::open(&config(&path, FsyncMode::Off))
+    let outbox = EmbeddedStore::open(&config(&path, FsyncMode::Off))
         .await
         .unwrap();
     outbox.enqueue(records("t", "e", 2)).await.unwrap();
@@ -2386,7 +2391,7 @@ async fn after_a_crash_a_retried_delivery_is_not_read_again_once_its_row_is_gone
         .await
         .unwrap();
     outbox.leak_as_if_crashed();
-    let reopened = SqliteOutbox::open(&config(&path, FsyncMode::Off))
+    let reopened = EmbeddedStore::open(&config(&path, FsyncMode::Off))
         .await
         .unwrap();
     // The retry goes first and is delivered: its row is gone before the scan reaches e0.
@@ -2408,7 +2413,7 @@ async fn after_a_crash_a_retried_delivery_is_not_read_again_once_its_row_is_gone
 async fn an_unreadable_tag_list_does_not_stop_the_store_from_opening() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().to_path_buf();
-    let outbox = SqliteOutbox::open(&config(&path, FsyncMode::Off))
+    let outbox = EmbeddedStore::open(&config(&path, FsyncMode::Off))
         .await
         .unwrap();
     outbox.enqueue(records("t", "e", 2)).await.unwrap();
@@ -2416,7 +2421,7 @@ async fn an_unreadable_tag_list_does_not_stop_the_store_from_opening() {
     outbox.close().await;
     // The next open copies what is owed from the log into `events`, where a damaged list
     // can be met.
-    SqliteOutbox::open(&config(&path, FsyncMode::Off))
+    EmbeddedStore::open(&config(&path, FsyncMode::Off))
         .await
         .unwrap()
         .close()
@@ -2426,7 +2431,7 @@ async fn an_unreadable_tag_list_does_not_stop_the_store_from_opening() {
         &db,
         "UPDATE events SET fresh = '[\"t\"' WHERE event_id = 'e0'",
     );
-    let reopened = SqliteOutbox::open(&config(&path, FsyncMode::Off))
+    let reopened = EmbeddedStore::open(&config(&path, FsyncMode::Off))
         .await
         .unwrap();
     assert!(tools::stats(&path).is_ok());
@@ -2444,7 +2449,7 @@ async fn an_unreadable_tag_list_does_not_stop_the_store_from_opening() {
 #[tokio::test]
 async fn after_a_failed_commit_the_gauges_are_recounted_too() {
     let dir = tempfile::tempdir().unwrap();
-    let outbox = SqliteOutbox::open(&config(dir.path(), FsyncMode::Off))
+    let outbox = EmbeddedStore::open(&config(dir.path(), FsyncMode::Off))
         .await
         .unwrap();
     let db = outbox.db_path().to_path_buf();
@@ -2471,7 +2476,7 @@ async fn after_a_failed_commit_the_gauges_are_recounted_too() {
 #[tokio::test]
 async fn a_tag_far_behind_other_tags_rows_is_told_to_lease_again_at_once() {
     let dir = tempfile::tempdir().unwrap();
-    let outbox = SqliteOutbox::open(&config(dir.path(), FsyncMode::Off))
+    let outbox = EmbeddedStore::open(&config(dir.path(), FsyncMode::Off))
         .await
         .unwrap();
     let queue = outbox.subscribe_hot("rare", 10, 60_000).unwrap();
@@ -2519,7 +2524,7 @@ async fn dead_letters_over_the_limit_are_deleted_in_steps_until_none_is_left_ove
         dead_letter_max_records: 10,
         ..config(dir.path(), FsyncMode::Off)
     };
-    let outbox = SqliteOutbox::open(&cfg).await.unwrap();
+    let outbox = EmbeddedStore::open(&cfg).await.unwrap();
     let db = outbox.db_path().to_path_buf();
     exec(
         &db,
@@ -2554,9 +2559,9 @@ async fn stores_are_marked_so_that_a_tagrelay_reading_json_payloads_only_refuses
     // JSON payloads it still reads) must be refused by a version that reads JSON only. Version
     // 5 keeps events in the outbox log: a version that does not read it must refuse the store.
     let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join(sqlite::DB_FILE);
+    let db = dir.path().join(DB_FILE);
     {
-        let outbox = SqliteOutbox::open(&config(dir.path(), FsyncMode::Off))
+        let outbox = EmbeddedStore::open(&config(dir.path(), FsyncMode::Off))
             .await
             .unwrap();
         outbox.close().await;
@@ -2573,7 +2578,7 @@ async fn stores_are_marked_so_that_a_tagrelay_reading_json_payloads_only_refuses
         .unwrap()
         .execute_batch("PRAGMA user_version = 6;")
         .unwrap();
-    let err = SqliteOutbox::open(&config(dir.path(), FsyncMode::Off))
+    let err = EmbeddedStore::open(&config(dir.path(), FsyncMode::Off))
         .await
         .map(|_| ())
         .unwrap_err();
@@ -2597,7 +2602,7 @@ fn big_events(tags: &[&str], prefix: &str, n: usize) -> Vec<NewEvent> {
 }
 
 fn segments(dir: &std::path::Path) -> usize {
-    std::fs::read_dir(dir.join(sqlite::LOG_DIR))
+    std::fs::read_dir(dir.join(LOG_DIR))
         .map(|d| {
             d.filter(|e| {
                 e.as_ref()
@@ -2609,7 +2614,7 @@ fn segments(dir: &std::path::Path) -> usize {
 }
 
 /// Leases and acks everything `tag` is owed, in rounds; returns how many.
-async fn deliver_all(outbox: &SqliteOutbox, tag: &str) -> usize {
+async fn deliver_all(outbox: &EmbeddedStore, tag: &str) -> usize {
     let mut n = 0;
     loop {
         let got = outbox.lease(tag, now_ms(), 200, 60_000).await.unwrap();
@@ -2627,7 +2632,7 @@ async fn deliver_all(outbox: &SqliteOutbox, tag: &str) -> usize {
 #[tokio::test]
 async fn hits_go_to_the_log_alone_and_its_segments_go_once_every_tag_has_read_past_them() {
     let dir = tempfile::tempdir().unwrap();
-    let outbox = SqliteOutbox::open(&config(dir.path(), FsyncMode::Batch))
+    let outbox = EmbeddedStore::open(&config(dir.path(), FsyncMode::Batch))
         .await
         .unwrap();
     let db = outbox.db_path().to_path_buf();
@@ -2668,7 +2673,7 @@ async fn hits_go_to_the_log_alone_and_its_segments_go_once_every_tag_has_read_pa
 /// and acks the 1,000 events after it, in files that are then deleted: the slow send holds
 /// none of them.
 async fn slow_send_past_released_files(
-    outbox: &SqliteOutbox,
+    outbox: &EmbeddedStore,
     dir: &std::path::Path,
 ) -> Vec<LeasedRecord> {
     outbox.enqueue(big_events(&["t"], "slow", 1)).await.unwrap();
@@ -2692,7 +2697,7 @@ async fn slow_send_past_released_files(
 #[tokio::test]
 async fn a_delivery_out_for_long_is_copied_out_and_does_not_hold_the_log() {
     let dir = tempfile::tempdir().unwrap();
-    let outbox = SqliteOutbox::open(&config(dir.path(), FsyncMode::Off))
+    let outbox = EmbeddedStore::open(&config(dir.path(), FsyncMode::Off))
         .await
         .unwrap();
     let db = outbox.db_path().to_path_buf();
@@ -2733,7 +2738,7 @@ async fn what_the_log_still_owes_is_delivered_after_a_close_and_after_a_crash() 
     for crash in [false, true] {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().to_path_buf();
-        let outbox = SqliteOutbox::open(&config(&path, FsyncMode::Batch))
+        let outbox = EmbeddedStore::open(&config(&path, FsyncMode::Batch))
             .await
             .unwrap();
         outbox
@@ -2751,7 +2756,7 @@ async fn what_the_log_still_owes_is_delivered_after_a_close_and_after_a_crash() 
         } else {
             outbox.close().await;
         }
-        let reopened = SqliteOutbox::open(&config(&path, FsyncMode::Batch))
+        let reopened = EmbeddedStore::open(&config(&path, FsyncMode::Batch))
             .await
             .unwrap();
         assert!(
@@ -2777,13 +2782,13 @@ async fn what_the_log_still_owes_is_delivered_after_a_close_and_after_a_crash() 
 async fn a_torn_frame_at_the_end_of_the_log_is_not_an_event() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().to_path_buf();
-    let outbox = SqliteOutbox::open(&config(&path, FsyncMode::Batch))
+    let outbox = EmbeddedStore::open(&config(&path, FsyncMode::Batch))
         .await
         .unwrap();
     outbox.enqueue(big_events(&["t"], "e", 3)).await.unwrap();
     outbox.leak_as_if_crashed();
     // A crash in the middle of the next group's write: part of a frame after the last one.
-    let seg = std::fs::read_dir(path.join(sqlite::LOG_DIR))
+    let seg = std::fs::read_dir(path.join(LOG_DIR))
         .unwrap()
         .map(|e| e.unwrap().path())
         .find(|p| p.extension().is_some_and(|x| x == "seg"))
@@ -2798,7 +2803,7 @@ async fn a_torn_frame_at_the_end_of_the_log_is_not_an_event() {
         .unwrap()
         .write_all(&torn)
         .unwrap();
-    let reopened = SqliteOutbox::open(&config(&path, FsyncMode::Batch))
+    let reopened = EmbeddedStore::open(&config(&path, FsyncMode::Batch))
         .await
         .unwrap();
     let got = reopened.lease("t", now_ms(), 10, 60_000).await.unwrap();
@@ -2811,7 +2816,7 @@ async fn a_torn_frame_at_the_end_of_the_log_is_not_an_event() {
 async fn a_tag_whose_first_position_was_lost_still_gets_its_events_after_a_crash() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().to_path_buf();
-    let outbox = SqliteOutbox::open(&config(&path, FsyncMode::Batch))
+    let outbox = EmbeddedStore::open(&config(&path, FsyncMode::Batch))
         .await
         .unwrap();
     outbox
@@ -2823,7 +2828,7 @@ async fn a_tag_whose_first_position_was_lost_still_gets_its_events_after_a_crash
     // A power cut took the WAL's last commits, where `new`'s first position was: the log,
     // fsynced for the hits, still has the events.
     exec(&db, "DELETE FROM cursors WHERE tag = 'new'");
-    let reopened = SqliteOutbox::open(&config(&path, FsyncMode::Batch))
+    let reopened = EmbeddedStore::open(&config(&path, FsyncMode::Batch))
         .await
         .unwrap();
     assert_eq!(deliver_all(&reopened, "new").await, 3);
@@ -2835,7 +2840,7 @@ async fn a_tag_whose_first_position_was_lost_still_gets_its_events_after_a_crash
 #[tokio::test]
 async fn after_a_failed_commit_a_delivery_copied_out_of_a_released_file_is_owed_again() {
     let dir = tempfile::tempdir().unwrap();
-    let outbox = SqliteOutbox::open(&config(dir.path(), FsyncMode::Off))
+    let outbox = EmbeddedStore::open(&config(dir.path(), FsyncMode::Off))
         .await
         .unwrap();
     let slow = slow_send_past_released_files(&outbox, dir.path()).await;
@@ -2856,7 +2861,7 @@ async fn after_a_failed_commit_a_delivery_copied_out_of_a_released_file_is_owed_
 async fn a_tag_no_event_lists_any_more_holds_no_log_file() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().to_path_buf();
-    let outbox = SqliteOutbox::open(&config(&path, FsyncMode::Off))
+    let outbox = EmbeddedStore::open(&config(&path, FsyncMode::Off))
         .await
         .unwrap();
     outbox
@@ -2865,7 +2870,7 @@ async fn a_tag_no_event_lists_any_more_holds_no_log_file() {
         .unwrap();
     outbox.close().await;
     // `gone` was removed from the config: nothing reads for it, no event lists it.
-    let outbox = SqliteOutbox::open(&config(&path, FsyncMode::Off))
+    let outbox = EmbeddedStore::open(&config(&path, FsyncMode::Off))
         .await
         .unwrap();
     for chunk in 0..10 {
@@ -2888,7 +2893,7 @@ async fn a_tag_no_event_lists_any_more_holds_no_log_file() {
 #[tokio::test]
 async fn an_event_id_too_long_for_the_log_refuses_that_hit_only() {
     let dir = tempfile::tempdir().unwrap();
-    let outbox = SqliteOutbox::open(&config(dir.path(), FsyncMode::Off))
+    let outbox = EmbeddedStore::open(&config(dir.path(), FsyncMode::Off))
         .await
         .unwrap();
     let mut long = big_events(&["t"], "x", 1);
@@ -2910,7 +2915,7 @@ async fn an_event_id_too_long_for_the_log_refuses_that_hit_only() {
 async fn a_log_file_damaged_before_its_end_is_kept_and_the_rest_delivered() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().to_path_buf();
-    let outbox = SqliteOutbox::open(&config(&path, FsyncMode::Batch))
+    let outbox = EmbeddedStore::open(&config(&path, FsyncMode::Batch))
         .await
         .unwrap();
     for chunk in 0..6 {
@@ -2920,7 +2925,7 @@ async fn a_log_file_damaged_before_its_end_is_kept_and_the_rest_delivered() {
             .unwrap();
     }
     outbox.leak_as_if_crashed();
-    let mut files: Vec<_> = std::fs::read_dir(path.join(sqlite::LOG_DIR))
+    let mut files: Vec<_> = std::fs::read_dir(path.join(LOG_DIR))
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|x| x == "seg"))
@@ -2932,7 +2937,7 @@ async fn a_log_file_damaged_before_its_end_is_kept_and_the_rest_delivered() {
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0xff;
     std::fs::write(&files[0], &bytes).unwrap();
-    let reopened = SqliteOutbox::open(&config(&path, FsyncMode::Batch))
+    let reopened = EmbeddedStore::open(&config(&path, FsyncMode::Batch))
         .await
         .unwrap();
     let delivered = deliver_all(&reopened, "t").await;

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use rusqlite::{Connection, OpenFlags};
 use serde::Serialize;
 
-use super::sqlite::{BUSY_TIMEOUT, DB_FILE, LOG_DIR};
+use super::schema::{BUSY_TIMEOUT, DB_FILE, LOG_DIR};
 use crate::clock::now_ms;
 
 #[derive(Debug, thiserror::Error)]
@@ -60,7 +60,11 @@ impl fmt::Display for Stats {
         for t in &self.tags {
             let oldest = t
                 .oldest_age_secs
-                .map(|s| super::retry::human_duration(std::time::Duration::from_secs(s)))
+                .map(|s| {
+                    crate::outbox::delivery::retry::human_duration(std::time::Duration::from_secs(
+                        s,
+                    ))
+                })
                 .unwrap_or_else(|| "-".into());
             writeln!(
                 f,
@@ -141,7 +145,7 @@ pub fn stats(dir: &Path) -> Result<Stats, ToolError> {
     let (conn, path) = open(dir)?;
     let err = sql_err(&path);
     let now = now_ms();
-    let mut pending = super::sqlite::backlog(&conn, now, None).map_err(&err)?;
+    let mut pending = super::schema::backlog(&conn, now, None).map_err(&err)?;
     for (tag, n, oldest) in owed_in_log(dir, &conn)? {
         let i = match pending.iter().position(|b| b.tag == tag) {
             Some(i) => i,
@@ -234,7 +238,7 @@ fn owed_in_log(
     .map_err(log_err)?;
     let db = db_file(dir);
     let err = sql_err(&db);
-    let positions = super::sqlite::positions(conn).map_err(&err)?;
+    let positions = super::schema::positions(conn).map_err(&err)?;
     let mut owed: std::collections::BTreeMap<String, (u64, Option<i64>)> = Default::default();
     let mut copied = conn
         .prepare("SELECT 1 FROM events WHERE id = ?1")

@@ -11,8 +11,9 @@ use bytes::Bytes;
 use rand::{Rng, SeedableRng};
 
 use super::*;
+use crate::outbox::*;
 use crate::clock::now_ms;
-use crate::config::{FsyncMode, OutboxConfig};
+use crate::outbox::config::{FsyncMode, OutboxConfig};
 use crate::event::Event;
 
 fn config(dir: &std::path::Path) -> OutboxConfig {
@@ -65,7 +66,7 @@ async fn stress(seed: u64, with_fail: bool, with_replay: bool) -> Result<(), Str
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path());
-    let mut outbox = SqliteOutbox::open(&cfg).await.unwrap();
+    let mut outbox = EmbeddedStore::open(&cfg).await.unwrap();
     let db = outbox.db_path().to_path_buf();
     if with_fail {
         exec(&db, FAIL_SETUP);
@@ -73,7 +74,7 @@ async fn stress(seed: u64, with_fail: bool, with_replay: bool) -> Result<(), Str
     let all_tags: Vec<String> = (0..20).map(|i| format!("t{i}")).collect();
     let lease_ms = 1_000u64;
     let mut queues: BTreeMap<String, Arc<HotQueue>> = BTreeMap::new();
-    let subscribe = |o: &SqliteOutbox, q: &mut BTreeMap<String, Arc<HotQueue>>| {
+    let subscribe = |o: &EmbeddedStore, q: &mut BTreeMap<String, Arc<HotQueue>>| {
         q.clear();
         for t in ["t0", "t1", "t2"] {
             q.insert(t.into(), o.subscribe_hot(t, 2, lease_ms).unwrap());
@@ -255,7 +256,7 @@ async fn stress(seed: u64, with_fail: bool, with_replay: bool) -> Result<(), Str
                 }
                 log.push("crash".into());
                 outbox.leak_as_if_crashed();
-                outbox = SqliteOutbox::open(&cfg).await.unwrap();
+                outbox = EmbeddedStore::open(&cfg).await.unwrap();
                 held.clear();
                 subscribe(&outbox, &mut queues);
             }
@@ -266,7 +267,7 @@ async fn stress(seed: u64, with_fail: bool, with_replay: bool) -> Result<(), Str
                     fail_left = 0;
                 }
                 outbox.close().await;
-                outbox = SqliteOutbox::open(&cfg).await.unwrap();
+                outbox = EmbeddedStore::open(&cfg).await.unwrap();
                 held.clear();
                 subscribe(&outbox, &mut queues);
             }
@@ -344,7 +345,7 @@ async fn stress(seed: u64, with_fail: bool, with_replay: bool) -> Result<(), Str
     let pending = count(&db, "SELECT count(*) FROM pending");
     let totals = outbox.pending_totals();
     outbox.close().await;
-    let reopened = SqliteOutbox::open(&cfg).await.unwrap();
+    let reopened = EmbeddedStore::open(&cfg).await.unwrap();
     let totals2 = reopened.pending_totals();
     reopened.close().await;
     if !missing.is_empty() || events != 0 || pending != 0 || totals != (0, 0) || totals2 != (0, 0) {

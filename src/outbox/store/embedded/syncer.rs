@@ -22,8 +22,8 @@ use std::thread::JoinHandle;
 
 use tokio::sync::oneshot;
 
-use super::sqlite::Shared;
-use super::EnqueueError;
+use super::shared::Shared;
+use crate::outbox::EnqueueError;
 
 /// Answers an `enqueue` once its commit is durable.
 pub(crate) type Waiter = oneshot::Sender<Result<(), EnqueueError>>;

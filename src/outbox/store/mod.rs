@@ -1,0 +1,3 @@
+//! Storage engines behind the [`DeliveryStore`](crate::outbox::DeliveryStore) trait.
+
+pub mod embedded;
