@@ -14,13 +14,13 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::admin::trace::Traces;
 use crate::clients::script_proxy::ScriptCache;
 use crate::config::{self, ConfigError, LoadedConfig, Source};
 use crate::outbox::delivery::{spawn_dispatchers, DeliveryRuntime, DispatchSettings};
 use crate::outbox::store::embedded::EmbeddedStore;
 use crate::outbox::Outbox;
 use crate::pipeline::Pipeline;
+use crate::trace::Traces;
 
 /// State shared by every handler. Cheap to clone.
 #[derive(Clone)]

@@ -14,11 +14,13 @@ pub mod ingress;
 pub mod outbox;
 pub mod pipeline;
 pub mod secret;
+pub mod set_cookie;
 pub mod tags;
 pub mod telemetry;
 #[cfg(test)]
 pub(crate) mod test_metrics;
 pub mod text;
+pub mod trace;
 pub mod urlenc;
 
 pub use app::{app, AppState, Application};

@@ -2,6 +2,8 @@
 
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
+
 use crate::clients::data::DataClient;
 use crate::clients::ga4::Ga4Client;
 use crate::clients::measurement_protocol::MeasurementProtocolClient;
@@ -9,6 +11,7 @@ use crate::clients::script_proxy::ScriptProxy;
 use crate::clients::Client;
 use crate::config::{ClientConfig, Config, TagConfig};
 use crate::identity::CookiePolicy;
+use crate::outbox::delivery::TagDirectory;
 use crate::tags::ga4::Ga4Tag;
 use crate::tags::http::HttpTag;
 use crate::tags::meta_capi::MetaCapiTag;
@@ -228,6 +231,17 @@ impl Pipeline {
 
     pub fn tag(&self, name: &str) -> Option<&Arc<TagInstance>> {
         self.tags.iter().find(|t| &*t.name == name)
+    }
+}
+
+/// Dispatchers find the tags of whichever pipeline is in force.
+impl TagDirectory for ArcSwap<Pipeline> {
+    fn tag(&self, name: &str) -> Option<Arc<TagInstance>> {
+        self.load().tag(name).cloned()
+    }
+
+    fn names(&self) -> Vec<Arc<str>> {
+        self.load().tags.iter().map(|t| t.name.clone()).collect()
     }
 }
 

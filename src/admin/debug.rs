@@ -17,8 +17,8 @@ use sha2::Sha256;
 use subtle::ConstantTimeEq;
 use tokio::sync::broadcast::error::RecvError;
 
-use super::trace::StreamMsg;
 use crate::app::AppState;
+use crate::trace::StreamMsg;
 
 const PAGE: &str = include_str!("debug_page/index.html");
 const SESSION_COOKIE: &str = "tagrelay_admin";
@@ -69,8 +69,8 @@ pub async fn stream(
     let (guard, rx) = traces.watch();
     struct S {
         rx: tokio::sync::broadcast::Receiver<StreamMsg>,
-        traces: std::sync::Arc<super::trace::Traces>,
-        _guard: super::trace::WatchGuard,
+        traces: std::sync::Arc<crate::trace::Traces>,
+        _guard: crate::trace::WatchGuard,
         window: Instant,
         sent: u32,
         dropped: u64,

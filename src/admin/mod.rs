@@ -12,7 +12,6 @@ use axum::Router;
 pub mod debug;
 pub(crate) mod hot_metrics;
 pub mod throttle;
-pub mod trace;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 

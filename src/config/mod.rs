@@ -12,6 +12,7 @@ use serde::Deserialize;
 
 use crate::outbox::config::OutboxConfig;
 use crate::secret::{self, Secret};
+use crate::trace::TraceSampling;
 
 use crate::clients::data::DataClientConfig;
 use crate::clients::ga4::Ga4ClientConfig;
@@ -181,19 +182,6 @@ impl Default for AdminConfig {
             debug_cookie: "tagrelay_debug".into(),
         }
     }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum TraceSampling {
-    /// Every hit while a debug page is open, and marked hits always.
-    #[default]
-    Watching,
-    /// Only hits marked with the debug cookie or header, even while a page is open: on a busy
-    /// site, tracing every hit costs a third or more of the throughput (README).
-    Marked,
-    All,
-    None,
 }
 
 #[derive(Debug, Clone)]

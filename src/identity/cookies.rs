@@ -1,10 +1,6 @@
 //! Reading the `Cookie` request header and rendering `Set-Cookie` values.
 
-use std::fmt::Write as _;
-
-use cookie::{Cookie, SameSite};
-
-use super::CookieDecision;
+use cookie::Cookie;
 
 /// `(name, value)` pairs of a `Cookie` header, in order, borrowed from `header`.
 ///
@@ -95,29 +91,5 @@ impl<'a> RequestCookies<'a> {
             }
         }
         jar
-    }
-}
-
-impl CookieDecision {
-    /// The `Set-Cookie` header value for this decision.
-    pub fn header_value(&self) -> String {
-        let same_site = match self.same_site {
-            "Strict" => SameSite::Strict,
-            "None" => SameSite::None,
-            _ => SameSite::Lax,
-        };
-        let mut builder = Cookie::build((self.name.as_str(), self.value.as_str()))
-            .path(self.path)
-            .http_only(self.http_only)
-            .secure(self.secure)
-            .same_site(same_site)
-            .max_age(cookie::time::Duration::seconds(self.max_age_secs));
-        if let Some(domain) = &self.domain {
-            builder = builder.domain(domain.as_str());
-        }
-        // Room for a typical header, so formatting rarely regrows the string.
-        let mut out = String::with_capacity(160);
-        let _ = write!(out, "{}", builder.build());
-        out
     }
 }

@@ -16,10 +16,10 @@ mod visitor;
 use std::borrow::Cow;
 
 use rand::RngCore;
-use serde::Serialize;
 
 use crate::config::CookiesConfig;
 use crate::event::Event;
+pub use crate::set_cookie::{CookieDecision, CookieReason};
 
 pub use cookies::{cookie_value, is_cookie_octet, parse_cookie_header};
 pub use domain::{
@@ -52,35 +52,6 @@ pub struct IdentityInput<'a> {
     /// `Referer` header, consulted for `fbclid` when the event has no page_location.
     pub referer: Option<&'a str>,
     pub now_ms: i64,
-}
-
-/// Why a cookie is being set, for the debug view.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum CookieReason {
-    /// No usable value existed; a fresh one was minted.
-    New,
-    /// The request's value is re-issued unchanged (refreshes its lifetime).
-    Kept,
-    /// The visitor id was seeded from the GA client id the browser already had.
-    MigratedFromGa,
-    /// The request carried a value that was malformed, or an `_fbc` for an older click.
-    Replaced,
-}
-
-/// One cookie tagrelay sets, kept structured for the debug view.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct CookieDecision {
-    pub name: String,
-    pub value: String,
-    /// `None` = host-only cookie.
-    pub domain: Option<String>,
-    pub max_age_secs: i64,
-    pub http_only: bool,
-    pub secure: bool,
-    pub same_site: &'static str,
-    pub path: &'static str,
-    pub reason: CookieReason,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

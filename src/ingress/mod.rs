@@ -20,7 +20,6 @@ use http_body_util::BodyExt;
 use tower_http::timeout::TimeoutLayer;
 use tracing::Instrument;
 
-use crate::admin::trace::{self, TagOutcome, TagTrace, Trace};
 use crate::app::AppState;
 use crate::clients::{ClientError, ClientResponse, HitRequest};
 use crate::clock::now_ms;
@@ -28,6 +27,7 @@ use crate::event::Event;
 use crate::identity::{CookieDecision, IdentityInput};
 use crate::outbox::{EnqueueError, NewEvent};
 use crate::pipeline::Pipeline;
+use crate::trace::{self, TagOutcome, TagState, TagTrace, Trace};
 
 /// Bounded route label for metrics and logs, set by handlers as a response extension.
 #[derive(Debug, Clone, Copy)]
@@ -476,9 +476,9 @@ async fn handle_hit(
                         event_name: e.event_name.clone(),
                         fired: decision.fired,
                         outcome: if decision.fired {
-                            TagOutcome::new("queued", "in the outbox")
+                            TagOutcome::new(TagState::Queued, "in the outbox")
                         } else {
-                            TagOutcome::new("not_fired", decision.reason.clone())
+                            TagOutcome::new(TagState::NotFired, decision.reason.clone())
                         },
                         reason: decision.reason,
                         attempts: Vec::new(),
@@ -537,7 +537,7 @@ async fn handle_hit(
         });
         if let (Err(err), Some(t)) = (&stored, trace.as_mut()) {
             for tt in t.tags.iter_mut().filter(|tt| tt.fired) {
-                tt.outcome = TagOutcome::new("not_queued", format!("hit refused: {err}"));
+                tt.outcome = TagOutcome::new(TagState::NotQueued, format!("hit refused: {err}"));
             }
         }
         stored?;

@@ -49,6 +49,17 @@ pub enum Outcome {
     },
 }
 
+/// What delivery must respect for a vendor, declared by its tag so the dispatcher names no
+/// vendor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeliveryRules {
+    /// Who receives the events, as named in dead-letter reasons (`Meta`).
+    pub vendor: &'static str,
+    /// The vendor refuses events older than this (by event time): older ones are dead-lettered
+    /// without a send, and retries never go on past it whatever `max_retry_age_secs` says.
+    pub max_event_age: Option<Duration>,
+}
+
 /// A vendor encoder. Pure: no I/O, no clock except what is passed in.
 pub trait Tag: Send + Sync + std::fmt::Debug {
     /// The tag's type name (`ga4`, `meta_capi`, `http`).
@@ -69,6 +80,13 @@ pub trait Tag: Send + Sync + std::fmt::Debug {
     fn classify(&self, status: StatusCode, headers: &HeaderMap, body: &[u8]) -> Outcome;
     /// Replaces every secret this tag holds (tokens, API secrets, proofs) in `text`.
     fn redact(&self, text: &str) -> String;
+    /// The vendor's own limits on what it accepts.
+    fn delivery_rules(&self) -> DeliveryRules {
+        DeliveryRules {
+            vendor: self.kind(),
+            max_event_age: None,
+        }
+    }
 }
 
 /// A configured tag: its name, trigger and encoder.

@@ -1,8 +1,8 @@
 //! Dispatchers: one task per tag leases due records, encodes them with the tag, sends the
 //! requests, classifies the answers and settles the records (ack / retry later / dead-letter).
 //!
-//! Tags are looked up by name in the current [`Pipeline`] on every batch, so a config reload
-//! (swapping the `ArcSwap`) changes encoders without restarting anything; a supervisor starts
+//! Tags are looked up by name in a [`TagDirectory`] (the configuration in force) on every
+//! batch, so a config reload changes encoders without restarting anything; a supervisor starts
 //! dispatchers for new tag names within a second (or at once via [`Dispatchers::ensure`]).
 
 use std::collections::{HashMap, HashSet};
@@ -10,7 +10,6 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
 use bytes::Bytes;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
@@ -23,9 +22,9 @@ use crate::outbox::config::OutboxConfig;
 use crate::outbox::{
     DeadLetterRequest, DeliveryStore, HotQueue, LeasedRecord, Nack, Settlement, StoreError,
 };
-use crate::pipeline::Pipeline;
 use crate::tags::{Encoded, OutboundRequest, Outcome, TagInstance};
-use retry::{human_duration, retry_label, RetryDecision, RetryPolicy, META_MAX_AGE};
+use crate::trace::{AttemptOutcome, DeliveryObserver, RequestView, Settled};
+use retry::{human_duration, retry_label, RetryDecision, RetryPolicy};
 
 /// Longest a `Retry-After` pauses a whole tag.
 const MAX_TAG_PAUSE: Duration = Duration::from_secs(3600);
@@ -36,59 +35,6 @@ const SETTLE_CHUNK: usize = 64;
 
 /// Most of a vendor response body kept for classification and the debug view.
 const MAX_RESPONSE_BODY: usize = 64 * 1024;
-
-/// Sees every delivery attempt (for the debug view). Called on the dispatcher task, so it must
-/// be quick; return `false` from `enabled` when nobody listens and no request copy is made.
-pub trait DeliveryObserver: Send + Sync {
-    fn enabled(&self) -> bool {
-        true
-    }
-    /// `request` is already redacted by the tag. `status` is `None` for network errors and
-    /// timeouts. `outcome` is `delivered`, `retry: <reason>` or `rejected: <reason>`.
-    #[allow(clippy::too_many_arguments)]
-    fn attempt(
-        &self,
-        tag: &str,
-        event_ids: &[String],
-        request: &OutboundRequest,
-        status: Option<u16>,
-        response_body: &[u8],
-        latency: Duration,
-        outcome: &str,
-    );
-    /// Where one event ended up after a batch: `delivered`, `skipped`, `retrying` (with the
-    /// next attempt time) or `dead_lettered`, with a human-readable detail.
-    fn settled(
-        &self,
-        _tag: &str,
-        _event_id: &str,
-        _state: &'static str,
-        _detail: &str,
-        _next_attempt_ms: Option<i64>,
-    ) {
-    }
-}
-
-/// The default observer: nobody listens.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct NoopObserver;
-
-impl DeliveryObserver for NoopObserver {
-    fn enabled(&self) -> bool {
-        false
-    }
-    fn attempt(
-        &self,
-        _: &str,
-        _: &[String],
-        _: &OutboundRequest,
-        _: Option<u16>,
-        _: &[u8],
-        _: Duration,
-        _: &str,
-    ) {
-    }
-}
 
 /// The threads that send to vendors: a runtime of their own, so encoding, TLS and response
 /// handling for a burst of deliveries never queue in front of hits on the request
@@ -186,7 +132,7 @@ struct Inner {
     /// Where dispatcher tasks run (the delivery runtime in the server).
     runtime: tokio::runtime::Handle,
     store: Arc<dyn DeliveryStore>,
-    pipeline: Arc<ArcSwap<Pipeline>>,
+    tags: Arc<dyn TagDirectory>,
     http: reqwest::Client,
     observer: Arc<dyn DeliveryObserver>,
     settings: DispatchSettings,
@@ -210,13 +156,22 @@ impl std::fmt::Debug for Dispatchers {
     }
 }
 
+/// Where dispatchers find the tags in force. The application's swappable pipeline implements
+/// it, so a reload changes encoders without restarting anything.
+pub trait TagDirectory: Send + Sync + 'static {
+    /// The tag named `name` in the configuration in force.
+    fn tag(&self, name: &str) -> Option<Arc<TagInstance>>;
+    /// Every tag name in the configuration in force.
+    fn names(&self) -> Vec<Arc<str>>;
+}
+
 /// Starts one dispatcher per tag of the current pipeline and a supervisor that adds
 /// dispatchers for tags that appear on reload and refreshes the pending gauges.
 /// Must be called inside a tokio runtime; every dispatcher task runs on that runtime, even
 /// those started later from another one (see [`DeliveryRuntime`]).
 pub fn spawn_dispatchers(
     store: Arc<dyn DeliveryStore>,
-    pipeline: Arc<ArcSwap<Pipeline>>,
+    tags: Arc<dyn TagDirectory>,
     settings: DispatchSettings,
     observer: Arc<dyn DeliveryObserver>,
 ) -> Result<Dispatchers, String> {
@@ -234,7 +189,7 @@ pub fn spawn_dispatchers(
     let inner = Arc::new(Inner {
         runtime: tokio::runtime::Handle::current(),
         store,
-        pipeline,
+        tags,
         http,
         observer,
         settings,
@@ -302,16 +257,16 @@ impl Inner {
         if self.shutdown.borrow().is_some() {
             return;
         }
-        let pipeline = self.pipeline.load();
+        let names = self.tags.names();
         let Ok(mut running) = self.running.lock() else {
             return;
         };
         running.retain(|_, h| !h.is_finished());
-        for t in &pipeline.tags {
-            if !running.contains_key(&t.name) {
-                tracing::debug!(tag = %t.name, "outbox: starting dispatcher");
-                let handle = self.runtime.spawn(run_tag(self.clone(), t.name.clone()));
-                running.insert(t.name.clone(), handle);
+        for name in names {
+            if !running.contains_key(&name) {
+                tracing::debug!(tag = %name, "outbox: starting dispatcher");
+                let handle = self.runtime.spawn(run_tag(self.clone(), name.clone()));
+                running.insert(name, handle);
             }
         }
     }
@@ -357,11 +312,11 @@ async fn refresh_gauges(inner: &Inner, gauged: &mut HashSet<String>) {
             .set(oldest);
         seen.insert(b.tag);
     }
-    let pipeline = inner.pipeline.load();
-    for t in pipeline
+    for t in inner
         .tags
+        .names()
         .iter()
-        .map(|t| t.name.to_string())
+        .map(|t| t.to_string())
         .chain(gauged.drain())
     {
         if !seen.contains(&t) {
@@ -402,7 +357,7 @@ async fn run_tag(inner: Arc<Inner>, name: Arc<str>) {
     let mut shutdown = inner.shutdown.subscribe();
     let mut tasks: JoinSet<()> = JoinSet::new();
     let lease_ms = u64::try_from(inner.settings.lease_timeout.as_millis()).unwrap_or(u64::MAX);
-    let hot = inner.pipeline.load().tag(&name).and_then(|t| {
+    let hot = inner.tags.tag(&name).and_then(|t| {
         let capacity =
             (t.tag.max_batch().max(1) * inner.settings.concurrency * HOT_BATCHES_PER_PERMIT)
                 .clamp(256, 2_048);
@@ -423,7 +378,7 @@ async fn run_tag(inner: Arc<Inner>, name: Arc<str>) {
         if shutdown.borrow().is_some() {
             break;
         }
-        let Some(tag) = inner.pipeline.load().tag(&name).cloned() else {
+        let Some(tag) = inner.tags.tag(&name) else {
             tracing::info!(tag = %name, "outbox: tag removed from config; its pending records stay in the outbox");
             break;
         };
@@ -612,13 +567,10 @@ async fn finished(
         return;
     }
     let now = now_ms();
-    let kind = inner
-        .pipeline
-        .load()
-        .tag(name)
-        .map(|t| t.tag.kind())
-        .unwrap_or("");
-    let window = inner.settings.retry.window_for(kind);
+    let window = match inner.tags.tag(name) {
+        Some(t) => inner.settings.retry.window_for(&t.tag.delivery_rules()),
+        None => inner.settings.retry.max_age,
+    };
     let error = "delivery task panicked (a bug in tagrelay)";
     let mut settlement = Settlement {
         now_ms: now,
@@ -706,7 +658,7 @@ async fn deliver(
         now_ms: now,
         ..Settlement::default()
     };
-    let is_meta = tag.tag.kind() == "meta_capi";
+    let rules = tag.tag.delivery_rules();
     let mut fates: Vec<Fate> = vec![Fate::Undecided; batch.len()];
     let mut events: Vec<Arc<Event>> = Vec::with_capacity(batch.len());
     // Event index (what the tag sees) → record index.
@@ -726,12 +678,14 @@ async fn deliver(
                     rec.first_enqueued_ms
                 };
                 let age = Duration::from_millis(u64::try_from(now - born).unwrap_or(0));
-                if is_meta && age >= META_MAX_AGE {
+                if let Some(limit) = rules.max_event_age.filter(|limit| age >= *limit) {
                     expired += 1;
                     settlement.dead.push(DeadLetterRequest {
                         id: rec.id,
                         reason: format!(
-                            "expired: Meta accepts events up to 7 days old and this one is {} old",
+                            "expired: {} accepts events up to {} old and this one is {} old",
+                            rules.vendor,
+                            human_duration(limit),
                             human_duration(age)
                         ),
                         attempted: false,
@@ -805,7 +759,7 @@ async fn deliver(
 
     let now = now_ms();
     settlement.now_ms = now;
-    let window = inner.settings.retry.window_for(tag.tag.kind());
+    let window = inner.settings.retry.window_for(&rules);
     let mut delivered = 0u64;
     let mut gave_up = 0u64;
     let mut retries: Vec<(&'static str, u64)> = Vec::new();
@@ -829,9 +783,7 @@ async fn deliver(
                             inner.observer.settled(
                                 name,
                                 &rec.event_id,
-                                "dead_lettered",
-                                &d.reason,
-                                None,
+                                Settled::DeadLettered(&d.reason),
                             );
                         }
                     }
@@ -842,7 +794,7 @@ async fn deliver(
                         let reason = skipped_reason(rec_idx);
                         inner
                             .observer
-                            .settled(name, &rec.event_id, "skipped", &reason, None);
+                            .settled(name, &rec.event_id, Settled::Skipped(&reason));
                     }
                 }
                 Fate::Done => {
@@ -851,7 +803,7 @@ async fn deliver(
                     if observe {
                         inner
                             .observer
-                            .settled(name, &rec.event_id, "delivered", "", None);
+                            .settled(name, &rec.event_id, Settled::Delivered);
                     }
                 }
                 Fate::Undecided => {
@@ -918,14 +870,15 @@ async fn deliver(
                 if let Some(d) = settlement.dead.get(dead_before..).and_then(|d| d.first()) {
                     inner
                         .observer
-                        .settled(name, &rec.event_id, "dead_lettered", &d.reason, None);
+                        .settled(name, &rec.event_id, Settled::DeadLettered(&d.reason));
                 } else if let Some(n) = settlement.nack.get(nack_before..).and_then(|n| n.first()) {
                     inner.observer.settled(
                         name,
                         &rec.event_id,
-                        "retrying",
-                        &n.error,
-                        Some(n.next_attempt_ms),
+                        Settled::Retrying {
+                            reason: &n.error,
+                            next_attempt_ms: n.next_attempt_ms,
+                        },
                     );
                 }
             }
@@ -1105,23 +1058,25 @@ async fn send(
             .iter()
             .filter_map(|r| batch.get(*r).map(|rec| rec.event_id.clone()))
             .collect();
-        let redacted = OutboundRequest {
-            method: request.method.clone(),
+        let redacted = RequestView {
+            method: request.method.to_string(),
             url: tag.tag.redact(&request.url),
             headers: request
                 .headers
                 .iter()
                 .map(|(k, v)| (k.clone(), tag.tag.redact(v)))
                 .collect(),
-            body: Bytes::from(tag.tag.redact(&String::from_utf8_lossy(&request.body))),
+            body: tag.tag.redact(&String::from_utf8_lossy(&request.body)),
         };
         let outcome = match &fate {
-            Fate::Done | Fate::Undecided | Fate::Settled | Fate::Skipped => "delivered".to_string(),
-            Fate::Rejected(r) => format!("rejected: {r}"),
-            Fate::Retry { reason, .. } => format!("retry: {reason}"),
+            Fate::Done | Fate::Undecided | Fate::Settled | Fate::Skipped => {
+                AttemptOutcome::Delivered
+            }
+            Fate::Rejected(r) => AttemptOutcome::Rejected(r.clone()),
+            Fate::Retry { reason, .. } => AttemptOutcome::Retry(reason.clone()),
         };
         inner.observer.attempt(
-            &tag.name, &event_ids, &redacted, status, &body, latency, &outcome,
+            &tag.name, &event_ids, redacted, status, &body, latency, &outcome,
         );
     }
     fate

@@ -6,9 +6,7 @@ use std::time::Duration;
 use rand::Rng;
 
 use crate::outbox::config::OutboxConfig;
-
-/// Meta rejects events whose `event_time` is more than seven days old.
-pub const META_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
+use crate::tags::DeliveryRules;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RetryPolicy {
@@ -35,11 +33,10 @@ impl RetryPolicy {
     }
 
     /// The retry window for a tag: the configured one, never past the vendor's own limit.
-    pub fn window_for(&self, tag_kind: &str) -> Duration {
-        if tag_kind == "meta_capi" {
-            self.max_age.min(META_MAX_AGE)
-        } else {
-            self.max_age
+    pub fn window_for(&self, rules: &DeliveryRules) -> Duration {
+        match rules.max_event_age {
+            Some(limit) => self.max_age.min(limit),
+            None => self.max_age,
         }
     }
 
@@ -86,11 +83,16 @@ pub(crate) fn duration_ms(d: Duration) -> i64 {
 /// Human form of a duration for dead-letter reasons (`3h 12m`, `41s`).
 pub fn human_duration(d: Duration) -> String {
     let s = d.as_secs();
-    match s {
-        0..=59 => format!("{s}s"),
-        60..=3599 => format!("{}m {}s", s / 60, s % 60),
-        3600..=86_399 => format!("{}h {}m", s / 3600, (s % 3600) / 60),
-        _ => format!("{}d {}h", s / 86_400, (s % 86_400) / 3600),
+    let (major, unit, minor, minor_unit) = match s {
+        0..=59 => return format!("{s}s"),
+        60..=3599 => (s / 60, "m", s % 60, "s"),
+        3600..=86_399 => (s / 3600, "h", (s % 3600) / 60, "m"),
+        _ => (s / 86_400, "d", (s % 86_400) / 3600, "h"),
+    };
+    if minor == 0 {
+        format!("{major}{unit}")
+    } else {
+        format!("{major}{unit} {minor}{minor_unit}")
     }
 }
 
@@ -162,14 +164,35 @@ mod tests {
             p.decide(5, first, now, p.max_age, None, &mut rng),
             RetryDecision::GiveUp
         );
-        let meta = p.window_for("meta_capi");
-        assert_eq!(meta, Duration::from_secs(86_400));
+        let week = Duration::from_secs(7 * 86_400);
+        let limited = DeliveryRules {
+            vendor: "Meta",
+            max_event_age: Some(week),
+        };
+        let unlimited = DeliveryRules {
+            vendor: "GA4",
+            max_event_age: None,
+        };
+        assert_eq!(p.window_for(&limited), Duration::from_secs(86_400));
         let long = RetryPolicy {
             max_age: Duration::from_secs(30 * 86_400),
             ..p
         };
-        assert_eq!(long.window_for("meta_capi"), META_MAX_AGE);
-        assert_eq!(long.window_for("ga4"), Duration::from_secs(30 * 86_400));
+        assert_eq!(long.window_for(&limited), week);
+        assert_eq!(
+            long.window_for(&unlimited),
+            Duration::from_secs(30 * 86_400)
+        );
+    }
+
+    #[test]
+    fn human_durations() {
+        let h = |s| human_duration(Duration::from_secs(s));
+        assert_eq!(h(41), "41s");
+        assert_eq!(h(60), "1m");
+        assert_eq!(h(3 * 3600 + 12 * 60 + 5), "3h 12m");
+        assert_eq!(h(7 * 86_400), "7d");
+        assert_eq!(h(8 * 86_400 + 2 * 3600), "8d 2h");
     }
 
     #[test]

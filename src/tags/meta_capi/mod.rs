@@ -28,7 +28,9 @@ use sha2::Sha256;
 use crate::event::Event;
 use crate::secret::Secret;
 use crate::tags::trigger::TriggerConfig;
-use crate::tags::{classify_http, retry_after, Encoded, OutboundRequest, Outcome, Tag};
+use crate::tags::{
+    classify_http, retry_after, DeliveryRules, Encoded, OutboundRequest, Outcome, Tag,
+};
 use mapping::{Mapper, NotSent};
 
 #[derive(Debug, Clone, Deserialize)]
@@ -65,6 +67,9 @@ pub struct MetaCapiTagConfig {
     #[serde(default)]
     pub action_source_from_event: bool,
 }
+
+/// Meta rejects events whose `event_time` is more than seven days old.
+const MAX_EVENT_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// Meta's `action_source` values a tag can send. `app` and `business_messaging` are left out:
 /// Meta requires `app_data` / `messaging_channel` with them, which no client produces.
@@ -537,5 +542,12 @@ impl Tag for MetaCapiTag {
             }
         }
         out.unwrap_or_else(|| text.to_owned())
+    }
+
+    fn delivery_rules(&self) -> DeliveryRules {
+        DeliveryRules {
+            vendor: "Meta",
+            max_event_age: Some(MAX_EVENT_AGE),
+        }
     }
 }

@@ -1335,3 +1335,13 @@ fn ga4_automatic_events_are_skipped_unless_mapped() {
     assert_eq!(m.meta_name("scroll"), Ok("Scroll"));
     assert_eq!(m.meta_name("my_custom"), Ok("my_custom"));
 }
+
+#[test]
+fn meta_declares_its_seven_day_limit() {
+    let rules = tag(&cfg()).delivery_rules();
+    assert_eq!(rules.vendor, "Meta");
+    assert_eq!(
+        rules.max_event_age,
+        Some(std::time::Duration::from_secs(7 * 24 * 3600))
+    );
+}

@@ -11,10 +11,10 @@ use bytes::Bytes;
 use rand::{Rng, SeedableRng};
 
 use super::*;
-use crate::outbox::*;
 use crate::clock::now_ms;
-use crate::outbox::config::{FsyncMode, OutboxConfig};
 use crate::event::Event;
+use crate::outbox::config::{FsyncMode, OutboxConfig};
+use crate::outbox::*;
 
 fn config(dir: &std::path::Path) -> OutboxConfig {
     OutboxConfig {

@@ -12,19 +12,19 @@ use bytes::Bytes;
 use http::{HeaderMap, Method, StatusCode};
 
 use super::*;
-use crate::outbox::delivery::{
-    spawn_dispatchers, DeliveryObserver, DeliveryRuntime, DispatchSettings, Dispatchers,
-    NoopObserver, DELIVERY_THREAD_NAME,
-};
-use crate::outbox::*;
 use crate::clock::now_ms;
 use crate::config::{Config, CookiesConfig};
-use crate::outbox::config::{FsyncMode, OutboxConfig};
 use crate::event::Event;
 use crate::identity::CookiePolicy;
+use crate::outbox::config::{FsyncMode, OutboxConfig};
+use crate::outbox::delivery::{
+    spawn_dispatchers, DeliveryRuntime, DispatchSettings, Dispatchers, DELIVERY_THREAD_NAME,
+};
+use crate::outbox::*;
 use crate::pipeline::Pipeline;
 use crate::tags::trigger::{Trigger, TriggerConfig};
 use crate::tags::{classify_http, Encoded, OutboundRequest, Outcome, Tag, TagInstance};
+use crate::trace::{AttemptOutcome, DeliveryObserver, NoopObserver, RequestView};
 
 // ---------------------------------------------------------------- helpers
 
@@ -109,11 +109,19 @@ struct TestTag {
     url: String,
     batch: usize,
     kind: &'static str,
+    /// The vendor's limit on event age, as a tag declares it (Meta's is seven days).
+    max_event_age: Option<Duration>,
 }
 
 impl Tag for TestTag {
     fn kind(&self) -> &'static str {
         self.kind
+    }
+    fn delivery_rules(&self) -> crate::tags::DeliveryRules {
+        crate::tags::DeliveryRules {
+            vendor: "Test vendor",
+            max_event_age: self.max_event_age,
+        }
     }
     fn max_batch(&self) -> usize {
         self.batch
@@ -176,6 +184,7 @@ fn tag_instance(name: &str, url: &str, batch: usize, kind: &'static str) -> Arc<
             url: url.into(),
             batch,
             kind,
+            max_event_age: None,
         }),
     })
 }
@@ -203,7 +212,7 @@ fn fast_settings(cfg: &OutboxConfig) -> DispatchSettings {
 /// (received at, status answered, event ids, request headers)
 type Hit = (Instant, u16, Vec<String>, HeaderMap);
 /// (tag, event ids, redacted request, status, outcome)
-type SeenAttempt = (String, Vec<String>, OutboundRequest, Option<u16>, String);
+type SeenAttempt = (String, Vec<String>, RequestView, Option<u16>, String);
 
 type Script = Box<dyn Fn(usize, &[String]) -> (u16, Option<&'static str>) + Send + Sync>;
 
@@ -768,20 +777,20 @@ impl DeliveryObserver for Recorder {
         &self,
         tag: &str,
         event_ids: &[String],
-        request: &OutboundRequest,
+        request: RequestView,
         status: Option<u16>,
         _response_body: &[u8],
         _latency: Duration,
-        outcome: &str,
+        outcome: &AttemptOutcome,
     ) {
         let thread = std::thread::current().name().unwrap_or("").to_owned();
         self.threads.lock().unwrap().push(thread);
         self.attempts.lock().unwrap().push((
             tag.into(),
             event_ids.to_vec(),
-            request.clone(),
+            request,
             status,
-            outcome.into(),
+            outcome.label(),
         ));
     }
 }
@@ -903,9 +912,17 @@ async fn gives_up_after_the_retry_window() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn meta_events_older_than_seven_days_are_not_sent() {
+async fn events_older_than_the_vendors_limit_are_not_sent() {
     let (vendor, url) = Vendor::start(Box::new(|_, _| (200, None))).await;
-    let tag = tag_instance("meta", &url, 10, "meta_capi");
+    let tag = Arc::new(TagInstance {
+        tag: Box::new(TestTag {
+            url: url.clone(),
+            batch: 10,
+            kind: "test",
+            max_event_age: Some(Duration::from_secs(7 * 24 * 3600)),
+        }),
+        ..Arc::into_inner(tag_instance("meta", &url, 10, "test")).unwrap()
+    });
     let (h, _) = Harness::start(|_| {}, vec![tag], Arc::new(NoopObserver)).await;
     let old = Event {
         event_name: "purchase".into(),
@@ -928,7 +945,12 @@ async fn meta_events_older_than_seven_days_are_not_sent() {
     .await;
     assert_eq!(vendor.delivered(), vec!["fresh0"]);
     let dead = tools::dead_letters(&dir, None, 1).unwrap();
-    assert!(dead[0].reason.contains("7 days"), "{dead:?}");
+    assert!(
+        dead[0]
+            .reason
+            .contains("Test vendor accepts events up to 7d old and this one is 8d old"),
+        "{dead:?}"
+    );
     h.stop().await;
 }
 

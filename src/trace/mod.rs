@@ -8,12 +8,30 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
-use crate::config::TraceSampling;
 use crate::event::Event;
-use crate::identity::CookieDecision;
+use crate::set_cookie::CookieDecision;
+
+mod delivery;
+mod redact;
+
+pub use delivery::{AttemptOutcome, DeliveryObserver, NoopObserver, Settled};
+pub use redact::{redact_query, shorten_cookie_header, truncate};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum TraceSampling {
+    /// Every hit while a debug page is open, and marked hits always.
+    #[default]
+    Watching,
+    /// Only hits marked with the debug cookie or header, even while a page is open: on a busy
+    /// site, tracing every hit costs a third or more of the throughput (README).
+    Marked,
+    All,
+    None,
+}
 
 /// Longest request body / vendor response kept in a trace.
 pub const MAX_BODY_CHARS: usize = 8 * 1024;
@@ -103,16 +121,29 @@ pub struct TagTrace {
     pub attempts: Vec<Arc<Attempt>>,
 }
 
+/// Where one event stands with one tag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TagState {
+    NotFired,
+    Queued,
+    /// The tag fired but the hit was refused before its events were stored.
+    NotQueued,
+    Delivered,
+    Retrying,
+    DeadLettered,
+    Skipped,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct TagOutcome {
-    /// `not_fired`, `queued`, `delivered`, `retrying`, `dead_lettered`, `skipped`.
-    pub state: &'static str,
+    pub state: TagState,
     pub detail: String,
     pub next_attempt_ms: Option<i64>,
 }
 
 impl TagOutcome {
-    pub fn new(state: &'static str, detail: impl Into<String>) -> Self {
+    pub fn new(state: TagState, detail: impl Into<String>) -> Self {
         TagOutcome {
             state,
             detail: detail.into(),
@@ -551,114 +582,9 @@ impl Drop for WatchGuard {
     }
 }
 
-/// Truncates text to `max` characters on a char boundary.
-pub fn truncate(s: &str, max: usize) -> (String, bool) {
-    let cut = crate::text::truncate_chars(s, max);
-    (cut.to_owned(), cut.len() < s.len())
-}
-
-/// Replaces the values of secret-bearing query parameters (`api_secret`, `access_token`,
-/// `appsecret_proof`), whichever way their names are encoded (`api%5Fsecret` too).
-pub fn redact_query(q: &str) -> String {
-    q.split('&')
-        .map(|pair| match pair.split_once('=') {
-            Some((k, _))
-                if matches!(
-                    &*crate::urlenc::decode(k),
-                    "api_secret" | "access_token" | "appsecret_proof"
-                ) =>
-            {
-                format!("{k}=[redacted]")
-            }
-            _ => pair.to_owned(),
-        })
-        .collect::<Vec<_>>()
-        .join("&")
-}
-
-/// Shortens cookie values so a trace shows which cookies came, not their full contents.
-pub fn shorten_cookie_header(v: &str) -> String {
-    v.split(';')
-        .map(|pair| {
-            let pair = pair.trim();
-            match pair.split_once('=') {
-                Some((k, val)) if val.chars().count() > 12 => {
-                    let head: String = val.chars().take(10).collect();
-                    format!("{k}={head}…")
-                }
-                _ => pair.to_owned(),
-            }
-        })
-        .collect::<Vec<_>>()
-        .join("; ")
-}
-
 /// What an attempt adds to a trace's share of the ring's byte budget.
 fn attempt_bytes(a: &Attempt) -> usize {
     a.request.body.len() + a.request.url.len() + a.response_body.len() + 200
-}
-
-/// The debug view watches deliveries through the outbox's observer hook.
-impl crate::outbox::delivery::DeliveryObserver for Traces {
-    fn enabled(&self) -> bool {
-        // Only traced events can be updated; skip building redacted copies otherwise.
-        self.indexed.load(Ordering::Relaxed) > 0
-    }
-
-    fn attempt(
-        &self,
-        tag: &str,
-        event_ids: &[String],
-        request: &crate::tags::OutboundRequest,
-        status: Option<u16>,
-        response_body: &[u8],
-        latency: std::time::Duration,
-        outcome: &str,
-    ) {
-        let (body, _) = truncate(&String::from_utf8_lossy(&request.body), MAX_BODY_CHARS);
-        let (response_body, _) = truncate(&String::from_utf8_lossy(response_body), MAX_BODY_CHARS);
-        let attempt = Attempt {
-            time_ms: crate::clock::now_ms(),
-            request: RequestView {
-                method: request.method.to_string(),
-                url: request.url.clone(),
-                headers: request.headers.clone(),
-                body,
-            },
-            status,
-            response_body,
-            latency_ms: latency.as_millis() as u64,
-            outcome: outcome.to_owned(),
-        };
-        let state = if outcome == "delivered" {
-            TagOutcome::new(
-                "delivered",
-                status.map(|s| format!("HTTP {s}")).unwrap_or_default(),
-            )
-        } else if let Some(r) = outcome.strip_prefix("retry: ") {
-            TagOutcome::new("retrying", r)
-        } else {
-            TagOutcome::new("dead_lettered", outcome.trim_start_matches("rejected: "))
-        };
-        self.update_many(tag, event_ids, Some(Arc::new(attempt)), &state);
-    }
-
-    fn settled(
-        &self,
-        tag: &str,
-        event_id: &str,
-        state: &'static str,
-        detail: &str,
-        next_attempt_ms: Option<i64>,
-    ) {
-        // `attempt` already recorded deliveries with the vendor's status as detail.
-        if state == "delivered" {
-            return;
-        }
-        let mut outcome = TagOutcome::new(state, detail);
-        outcome.next_attempt_ms = next_attempt_ms;
-        self.update(tag, event_id, None, outcome);
-    }
 }
 
 #[cfg(test)]
@@ -695,7 +621,7 @@ mod tests {
                 event_name: "page_view".into(),
                 fired: true,
                 reason: "ok".into(),
-                outcome: TagOutcome::new("queued", ""),
+                outcome: TagOutcome::new(TagState::Queued, ""),
                 attempts: vec![],
             }],
             events_bytes: 100,
@@ -728,8 +654,16 @@ mod tests {
         let (_guard, mut rx) = t.watch();
         assert!(t.wants(false));
         t.record(trace(1, ""));
-        t.update("ga4", "e1", None, TagOutcome::new("delivered", "HTTP 204"));
-        assert_eq!(t.get("1").unwrap().tags[0].outcome.state, "delivered");
+        t.update(
+            "ga4",
+            "e1",
+            None,
+            TagOutcome::new(TagState::Delivered, "HTTP 204"),
+        );
+        assert_eq!(
+            t.get("1").unwrap().tags[0].outcome.state,
+            TagState::Delivered
+        );
         assert!(matches!(rx.try_recv().unwrap(), StreamMsg::Trace(_)));
         match rx.try_recv().unwrap() {
             StreamMsg::Update(j) => assert!(j.contains("\"delivered\""), "{j}"),
@@ -758,26 +692,44 @@ mod tests {
     #[test]
     fn deliveries_that_finish_before_the_trace_is_recorded_still_show_in_it() {
         let t = Traces::new(10, 1 << 20, TraceSampling::All);
-        assert!(!crate::outbox::delivery::DeliveryObserver::enabled(&*t));
+        assert!(!DeliveryObserver::enabled(&*t));
         t.expect(["e1"]);
         // The dispatcher asks before it builds the views it reports.
-        assert!(crate::outbox::delivery::DeliveryObserver::enabled(&*t));
+        assert!(DeliveryObserver::enabled(&*t));
         t.update(
             "ga4",
             "e1",
             Some(attempt("delivered")),
-            TagOutcome::new("delivered", "HTTP 204"),
+            TagOutcome::new(TagState::Delivered, "HTTP 204"),
         );
         // Another tag's update, and an event no hit expects: neither lands in this trace.
-        t.update("meta", "e1", None, TagOutcome::new("retrying", "HTTP 503"));
-        t.update("ga4", "e9", None, TagOutcome::new("delivered", "HTTP 204"));
+        t.update(
+            "meta",
+            "e1",
+            None,
+            TagOutcome::new(TagState::Retrying, "HTTP 503"),
+        );
+        t.update(
+            "ga4",
+            "e9",
+            None,
+            TagOutcome::new(TagState::Delivered, "HTTP 204"),
+        );
         t.record(trace(1, ""));
         let tt = &t.get("1").unwrap().tags[0];
-        assert_eq!(tt.outcome.state, "delivered");
+        assert_eq!(tt.outcome.state, TagState::Delivered);
         assert_eq!(tt.attempts.len(), 1);
         // Taken: nothing waits for the event any more, and later updates patch the trace.
-        t.update("ga4", "e1", None, TagOutcome::new("dead", "x"));
-        assert_eq!(t.get("1").unwrap().tags[0].outcome.state, "dead");
+        t.update(
+            "ga4",
+            "e1",
+            None,
+            TagOutcome::new(TagState::DeadLettered, "x"),
+        );
+        assert_eq!(
+            t.get("1").unwrap().tags[0].outcome.state,
+            TagState::DeadLettered
+        );
         assert!(t.ring.lock().unwrap().early.is_empty());
         // Ids `record` took, still named in the order, do not count against the bound.
         let ids: Vec<String> = (0..MAX_EARLY).map(|i| format!("y{i}")).collect();
@@ -791,15 +743,31 @@ mod tests {
     fn a_reused_event_id_updates_the_hit_that_waits_not_the_older_trace() {
         let t = Traces::new(10, 1 << 20, TraceSampling::All);
         t.record(trace(1, ""));
-        t.update("ga4", "e1", None, TagOutcome::new("retrying", "HTTP 503"));
+        t.update(
+            "ga4",
+            "e1",
+            None,
+            TagOutcome::new(TagState::Retrying, "HTTP 503"),
+        );
         // The sender sends the same event again; its trace is not recorded yet.
         t.expect(["e1"]);
-        t.update("ga4", "e1", None, TagOutcome::new("delivered", "HTTP 204"));
-        assert_eq!(t.get("1").unwrap().tags[0].outcome.state, "retrying");
+        t.update(
+            "ga4",
+            "e1",
+            None,
+            TagOutcome::new(TagState::Delivered, "HTTP 204"),
+        );
+        assert_eq!(
+            t.get("1").unwrap().tags[0].outcome.state,
+            TagState::Retrying
+        );
         let mut again = trace(1, "");
         again.id = "2".into();
         t.record(again);
-        assert_eq!(t.get("2").unwrap().tags[0].outcome.state, "delivered");
+        assert_eq!(
+            t.get("2").unwrap().tags[0].outcome.state,
+            TagState::Delivered
+        );
     }
 
     #[test]
@@ -814,7 +782,7 @@ mod tests {
                 "ga4",
                 "e1",
                 Some(big.clone()),
-                TagOutcome::new("retrying", "HTTP 503"),
+                TagOutcome::new(TagState::Retrying, "HTTP 503"),
             );
         }
         {
@@ -824,7 +792,10 @@ mod tests {
         }
         t.record(trace(1, ""));
         assert_eq!(t.ring.lock().unwrap().early.bytes, 0);
-        assert_eq!(t.get("1").unwrap().tags[0].outcome.state, "retrying");
+        assert_eq!(
+            t.get("1").unwrap().tags[0].outcome.state,
+            TagState::Retrying
+        );
     }
 
     #[test]
@@ -849,7 +820,12 @@ mod tests {
         let Ok(StreamMsg::Trace(seq)) = rx.try_recv() else {
             panic!("no trace message");
         };
-        t.update("ga4", "e1", None, TagOutcome::new("delivered", "HTTP 204"));
+        t.update(
+            "ga4",
+            "e1",
+            None,
+            TagOutcome::new(TagState::Delivered, "HTTP 204"),
+        );
         let json: serde_json::Value = serde_json::from_str(&t.stream_json(seq).unwrap()).unwrap();
         assert_eq!(json["id"], "1");
         assert_eq!(json["events"][0]["event_name"], "page_view");
@@ -894,30 +870,30 @@ mod tests {
         for i in 1..=5 {
             t.record(trace(i, ""));
         }
-        let delivered = || TagOutcome::new("delivered", "HTTP 204");
+        let delivered = || TagOutcome::new(TagState::Delivered, "HTTP 204");
         // Evicted: nothing to patch, nothing sent.
         let (_guard, mut rx) = t.watch();
         t.update("ga4", "e1", None, delivered());
         assert!(rx.try_recv().is_err());
         t.update("ga4", "e4", None, delivered());
         let state = |id: &str| t.get(id).unwrap().tags[0].outcome.state;
-        assert_eq!(state("4"), "delivered");
-        assert_eq!(state("3"), "queued");
-        assert_eq!(state("5"), "queued");
+        assert_eq!(state("4"), TagState::Delivered);
+        assert_eq!(state("3"), TagState::Queued);
+        assert_eq!(state("5"), TagState::Queued);
 
         // A reader keeps the trace as it was; the ring gets the update.
         let held = t.get("5").unwrap();
         t.update("ga4", "e5", None, delivered());
-        assert_eq!(held.tags[0].outcome.state, "queued");
-        assert_eq!(state("5"), "delivered");
+        assert_eq!(held.tags[0].outcome.state, TagState::Queued);
+        assert_eq!(state("5"), TagState::Delivered);
 
         // More evictions later, the index still points at the right traces.
         for i in 6..=7 {
             t.record(trace(i, ""));
         }
         t.update("ga4", "e6", None, delivered());
-        assert_eq!(state("6"), "delivered");
-        assert_eq!(state("7"), "queued");
+        assert_eq!(state("6"), TagState::Delivered);
+        assert_eq!(state("7"), TagState::Queued);
         assert!(t.get("4").is_none());
         assert_eq!(t.ring.lock().unwrap().by_event.len(), 3);
     }
