@@ -263,10 +263,10 @@ impl Inner {
         };
         running.retain(|_, h| !h.is_finished());
         for name in names {
-            if !running.contains_key(&name) {
-                tracing::debug!(tag = %name, "outbox: starting dispatcher");
-                let handle = self.runtime.spawn(run_tag(self.clone(), name.clone()));
-                running.insert(name, handle);
+            if let std::collections::hash_map::Entry::Vacant(slot) = running.entry(name) {
+                tracing::debug!(tag = %slot.key(), "outbox: starting dispatcher");
+                let name = slot.key().clone();
+                slot.insert(self.runtime.spawn(run_tag(self.clone(), name)));
             }
         }
     }
