@@ -25,9 +25,14 @@ fn git(args: &[&str]) -> Option<String> {
 fn from_git() -> Option<String> {
     let commit = git(&["rev-parse", "--short=7", "HEAD"])?;
     // Rebuild when HEAD moves: HEAD itself, the branch it names (a worktree keeps HEAD in
-    // its own git dir and branches in the common one, which `--git-path` resolves), and
-    // packed-refs. Only existing files: Cargo reruns the script every build for a missing one.
-    let mut watched = vec![git(&["rev-parse", "--git-path", "HEAD"])];
+    // its own git dir and branches in the common one, which `--git-path` resolves),
+    // packed-refs, and HEAD's reflog (written on every commit and checkout, also when the
+    // branch lives only in packed-refs). Only existing files: Cargo reruns the script every
+    // build for a missing one.
+    let mut watched = vec![
+        git(&["rev-parse", "--git-path", "HEAD"]),
+        git(&["rev-parse", "--git-path", "logs/HEAD"]),
+    ];
     if let Some(branch) = git(&["symbolic-ref", "-q", "HEAD"]) {
         watched.push(git(&["rev-parse", "--git-path", &branch]));
     }
