@@ -169,7 +169,7 @@ impl Application {
         let pipeline =
             Pipeline::build(&loaded.config).map_err(|p| ConfigError::new(&loaded.source, p))?;
         crate::admin::metrics_handle();
-        metrics::gauge!("tagrelay_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+        metrics::gauge!("tagrelay_build_info", "version" => crate::build_info::VERSION, "commit" => crate::build_info::COMMIT).set(1.0);
         let store = EmbeddedStore::open(&loaded.config.outbox)
             .await
             .map_err(anyhow::Error::msg)

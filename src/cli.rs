@@ -79,8 +79,34 @@ pub fn serve(path: Option<&Path>) -> ExitCode {
     }
 }
 
-/// `tagrelay healthcheck`: a self-contained probe for images without a shell.
-pub fn healthcheck(url: &str) -> ExitCode {
+/// `tagrelay healthcheck`: a self-contained probe for images without a shell. Without a URL
+/// it probes the public listener of the config (`--config`, `$TAGRELAY_CONFIG`, …), as
+/// `serve` with the same config and environment would bind it.
+pub fn healthcheck(path: Option<&Path>, url: Option<&str>) -> ExitCode {
+    let url = match url {
+        Some(u) => u.to_owned(),
+        None => match config::load(path) {
+            Ok(l) => health_url(l.config.server.listen),
+            Err(e) => return report(&e),
+        },
+    };
+    probe(&url)
+}
+
+/// `/healthz` on `listen`; a wildcard address (0.0.0.0, ::) is reached on loopback.
+fn health_url(listen: std::net::SocketAddr) -> String {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    let mut addr = listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr.ip() {
+            IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        });
+    }
+    format!("http://{addr}/healthz")
+}
+
+fn probe(url: &str) -> ExitCode {
     let Ok(rt) = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -182,5 +208,17 @@ pub fn outbox_replay(path: Option<&Path>, tag: Option<&str>, all: bool) -> ExitC
             ExitCode::SUCCESS
         }
         Err(e) => tool_failed(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_health_url_follows_the_listen_address() {
+        let url = |a: &str| super::health_url(a.parse().unwrap());
+        assert_eq!(url("0.0.0.0:8080"), "http://127.0.0.1:8080/healthz");
+        assert_eq!(url("[::]:8081"), "http://[::1]:8081/healthz");
+        assert_eq!(url("127.0.0.1:3000"), "http://127.0.0.1:3000/healthz");
+        assert_eq!(url("10.1.2.3:80"), "http://10.1.2.3:80/healthz");
     }
 }

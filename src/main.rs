@@ -17,7 +17,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Parser)]
 #[command(
     name = "tagrelay",
-    version,
+    version = tagrelay::build_info::LONG_VERSION,
     about = "Server-side tagging gateway: GA4 hits in, GA4 + Meta CAPI out, nothing lost"
 )]
 struct Cli {
@@ -39,10 +39,12 @@ enum Command {
         #[command(subcommand)]
         command: OutboxCommand,
     },
-    /// Exit 0 when the URL answers 2xx (for container HEALTHCHECKs; no curl needed)
+    /// Exit 0 when /healthz answers 2xx (for container HEALTHCHECKs; no curl needed)
     Healthcheck {
-        #[arg(long, default_value = "http://127.0.0.1:8080/healthz")]
-        url: String,
+        /// Probe this URL instead of `/healthz` on the config's `server.listen` (an
+        /// unspecified address such as 0.0.0.0 is probed on loopback)
+        #[arg(long)]
+        url: Option<String>,
     },
 }
 
@@ -79,7 +81,7 @@ fn main() -> ExitCode {
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => cli::serve(path),
         Command::Check => cli::check(path),
-        Command::Healthcheck { url } => cli::healthcheck(&url),
+        Command::Healthcheck { url } => cli::healthcheck(path, url.as_deref()),
         Command::Outbox { command } => match command {
             OutboxCommand::Stats { json } => cli::outbox_stats(path, json),
             OutboxCommand::DeadLetters { tag, limit, json } => {

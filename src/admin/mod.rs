@@ -11,6 +11,7 @@ use axum::routing::get;
 use axum::Router;
 pub mod debug;
 pub(crate) mod hot_metrics;
+pub mod metric_catalog;
 pub mod throttle;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
@@ -32,7 +33,10 @@ pub fn metrics_handle() -> PrometheusHandle {
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &latency)
                 .expect("static bucket list is not empty");
             match builder.install_recorder() {
-                Ok(h) => h,
+                Ok(h) => {
+                    metric_catalog::describe_all();
+                    h
+                }
                 // Another recorder is installed (embedding); keep a private one for /metrics.
                 Err(_) => PrometheusBuilder::new().build_recorder().handle(),
             }
@@ -133,8 +137,15 @@ fn labelled(mut r: Response, route: &'static str) -> Response {
     r
 }
 
-async fn readyz(State(state): State<AppState>) -> Response {
-    let r = if state.outbox().is_open() && !state.is_shutting_down() {
+/// Whether this instance should get traffic: the outbox takes hits and no shutdown began.
+pub(crate) fn is_ready(state: &AppState) -> bool {
+    state.outbox().is_open() && !state.is_shutting_down()
+}
+
+/// `GET /readyz`, on both listeners (the public one for probes that cannot reach the admin
+/// listener, such as a kubelet's).
+pub(crate) async fn readyz(State(state): State<AppState>) -> Response {
+    let r = if is_ready(&state) {
         "ready".into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()
@@ -143,6 +154,8 @@ async fn readyz(State(state): State<AppState>) -> Response {
 }
 
 async fn metrics_text(State(state): State<AppState>) -> Response {
+    // Readiness as a metric, so an alert sees what the probes see.
+    metrics::gauge!("tagrelay_ready").set(if is_ready(&state) { 1.0 } else { 0.0 });
     let body = state.metrics().render();
     labelled(
         (

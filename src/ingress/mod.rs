@@ -90,6 +90,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(health))
         .route("/healthy", get(health))
+        .route("/readyz", get(crate::admin::readyz))
         .fallback(track)
         .with_state(state.clone())
         .layer(TimeoutLayer::with_status_code(

@@ -7,6 +7,7 @@ mod delivery;
 mod foundation;
 mod helpers;
 mod more_clients;
+mod operations;
 mod pipeline;
 mod process;
 mod script_proxy;

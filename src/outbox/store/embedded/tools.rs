@@ -91,21 +91,34 @@ pub struct DeadLetter {
     pub attempts: u32,
     pub first_enqueued_ms: i64,
     pub dead_at_ms: i64,
+    /// `first_enqueued_ms` and `dead_at_ms` as RFC 3339 UTC, for people.
+    pub first_enqueued_at: String,
+    pub dead_at: String,
     pub reason: String,
     pub last_error: Option<String>,
+}
+
+/// Milliseconds since the Unix epoch as RFC 3339 UTC (`2026-11-29T10:04:05.123Z`).
+fn utc(ms: i64) -> String {
+    use time::format_description::well_known::Rfc3339;
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| t.format(&Rfc3339).ok())
+        .unwrap_or_else(|| format!("{ms} ms since 1970"))
 }
 
 impl fmt::Display for DeadLetter {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "#{} tag={} event_id={} event={} attempts={} dead_at_ms={} reason: {}",
+            "#{} tag={} event_id={} event={} attempts={} enqueued={} dead_at={} reason: {}",
             self.id,
             self.tag,
             self.event_id,
             self.event_name.as_deref().unwrap_or("?"),
             self.attempts,
-            self.dead_at_ms,
+            self.first_enqueued_at,
+            self.dead_at,
             self.reason
         )
     }
@@ -287,6 +300,7 @@ pub fn dead_letters(
     let rows = stmt
         .query_map(rusqlite::params![tag, limit], |r| {
             let payload: Vec<u8> = r.get(3)?;
+            let (first_enqueued_ms, dead_at_ms) = (r.get(5)?, r.get(6)?);
             Ok(DeadLetter {
                 id: r.get(0)?,
                 tag: r.get(1)?,
@@ -295,8 +309,10 @@ pub fn dead_letters(
                     .ok()
                     .and_then(|e| e.event_name),
                 attempts: u32::try_from(r.get::<_, i64>(4)?).unwrap_or(u32::MAX),
-                first_enqueued_ms: r.get(5)?,
-                dead_at_ms: r.get(6)?,
+                first_enqueued_ms,
+                dead_at_ms,
+                first_enqueued_at: utc(first_enqueued_ms),
+                dead_at: utc(dead_at_ms),
                 reason: r.get(7)?,
                 last_error: r.get(8)?,
             })
@@ -391,5 +407,14 @@ pub fn replay(dir: &Path, tag: Option<&str>) -> Result<usize, ToolError> {
         .map_err(&err)?;
         tx.commit().map_err(&err)?;
         moved += usize::try_from(count).unwrap_or(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn times_read_as_rfc3339_utc() {
+        assert_eq!(super::utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!(super::utc(1_764_410_645_123), "2025-11-29T10:04:05.123Z");
     }
 }

@@ -1,0 +1,942 @@
+//! The operations kit in `deploy/`, each piece checked by its own ecosystem's tool — promtool
+//! for the alert rules and a real scrape, the Kubernetes schemas for the manifests, the
+//! compose spec for the compose file — and against a running tagrelay: every metric the
+//! dashboard and the alerts query must be one tagrelay exports. `scripts/test` installs the
+//! tools when missing.
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::helpers::{spawn_app, FakeVendor};
+use crate::process::BIN;
+
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+
+/// Metrics the dashboard or the alerts query that tagrelay does not export yet, and why.
+/// Anything else they name must be in a scrape of a running tagrelay.
+const PENDING: &[(&str, &str)] = &[
+    (
+        "process_resident_memory_bytes",
+        "process metrics are not exported yet (dashboard: RSS)",
+    ),
+    (
+        "process_cpu_seconds_total",
+        "process metrics are not exported yet (dashboard: CPU)",
+    ),
+    (
+        "tagrelay_hits_dropped_total",
+        "bot filtering is being added (alert TagrelayBotHitsSurge)",
+    ),
+];
+
+/// Series Prometheus makes itself rather than scraping them.
+const FROM_PROMETHEUS: &[&str] = &["up"];
+
+fn deploy(path: &str) -> PathBuf {
+    Path::new(ROOT).join("deploy").join(path)
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn yaml(path: &Path) -> Value {
+    serde_saphyr::from_str(&read(path)).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// A tool `scripts/test` installs: Python tools in `target/ops-tools` (pip), the rest on PATH.
+fn tool(name: &str) -> PathBuf {
+    let local = Path::new(ROOT).join("target/ops-tools/bin").join(name);
+    if local.is_file() {
+        return local;
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("`{name}` is not installed: scripts/test installs it"))
+}
+
+/// Runs `cmd` and returns its stdout and stderr, failing the test with both if it fails.
+fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{cmd:?} failed:\n{text}");
+    text
+}
+
+/// `tagrelay check` on a config file, with these variables set (as a deployment would).
+fn tagrelay_check(config: &Path, env: &[(&str, &str)]) {
+    run_ok(
+        Command::new(BIN)
+            .args(["check", "--config"])
+            .arg(config)
+            .envs(env.iter().copied()),
+    );
+}
+
+/// The metric names a PromQL expression reads: identifiers that are not functions, keywords,
+/// label names or Grafana variables.
+fn promql_metric_names(expr: &str) -> BTreeSet<String> {
+    // Strings, label matchers, ranges, offsets and the label lists of
+    // by/without/on/ignoring/group_*.
+    let strip = [
+        r#""(?:[^"\\]|\\.)*""#,
+        r"\{[^}]*\}",
+        r"\[[^\]]*\]",
+        r"\boffset\s+-?[0-9a-z]+",
+        r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)",
+    ];
+    let mut text = expr.to_owned();
+    for re in strip {
+        text = regex::Regex::new(re)
+            .unwrap()
+            .replace_all(&text, " ")
+            .into_owned();
+    }
+    let keywords = [
+        "by",
+        "without",
+        "on",
+        "ignoring",
+        "group_left",
+        "group_right",
+        "and",
+        "or",
+        "unless",
+        "bool",
+        "offset",
+        "inf",
+        "nan",
+    ];
+    regex::Regex::new(r"\$?[A-Za-z_:][A-Za-z0-9_:]*(\s*\()?")
+        .unwrap()
+        .find_iter(&text)
+        .map(|m| m.as_str())
+        .filter(|t| !t.starts_with('$') && !t.ends_with('('))
+        .filter(|t| !keywords.contains(&t.to_ascii_lowercase().as_str()))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn promql_names_are_told_from_functions_labels_and_variables() {
+    let names = promql_metric_names(
+        r#"histogram_quantile(0.99, sum by (job, le) (rate(tagrelay_x_seconds_bucket{job=~"$job", route!~"a|b"}[$__rate_interval]))) / on (job) group_left up offset 5m > bool 0"#,
+    );
+    assert_eq!(
+        names,
+        BTreeSet::from(["tagrelay_x_seconds_bucket".to_owned(), "up".to_owned()])
+    );
+}
+
+/// Every PromQL expression of the dashboard.
+fn dashboard_exprs() -> Vec<(String, String)> {
+    let dash: Value = serde_json::from_str(&read(&deploy("grafana/tagrelay.json"))).unwrap();
+    let mut exprs = Vec::new();
+    let mut stack = vec![&dash["panels"]];
+    while let Some(v) = stack.pop() {
+        for p in v.as_array().into_iter().flatten() {
+            stack.push(&p["panels"]);
+            for t in p["targets"].as_array().into_iter().flatten() {
+                let expr = t["expr"].as_str().expect("every target has an expr");
+                exprs.push((
+                    p["title"].as_str().unwrap_or("?").to_owned(),
+                    expr.to_owned(),
+                ));
+            }
+        }
+    }
+    for v in dash["templating"]["list"].as_array().unwrap() {
+        if let Some(q) = v["query"]["query"].as_str() {
+            // label_values(metric{…}, label)
+            let inner = q
+                .strip_prefix("label_values(")
+                .and_then(|s| s.rsplit_once(','))
+                .map(|(m, _)| m.to_owned())
+                .unwrap_or_else(|| q.to_owned());
+            exprs.push((format!("variable {}", v["name"]), inner));
+        }
+    }
+    exprs
+}
+
+/// Every alert of alerts.yml: (name, expression, rule).
+fn alert_rules() -> Vec<(String, String, Value)> {
+    let rules = yaml(&deploy("prometheus/alerts.yml"));
+    rules["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|g| g["rules"].as_array().unwrap().iter())
+        .map(|r| {
+            (
+                r["alert"].as_str().expect("only alerting rules").to_owned(),
+                r["expr"].as_str().unwrap().to_owned(),
+                r.clone(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn alert_rules_pass_promtool_and_their_unit_tests() {
+    let dir = deploy("prometheus");
+    let promtool = tool("promtool");
+    let out = run_ok(
+        Command::new(&promtool)
+            .args(["check", "rules", "alerts.yml"])
+            .current_dir(&dir),
+    );
+    assert!(out.contains("SUCCESS"), "{out}");
+    let out = run_ok(
+        Command::new(&promtool)
+            .args(["test", "rules", "alerts_test.yml"])
+            .current_dir(&dir),
+    );
+    assert!(out.contains("SUCCESS"), "{out}");
+
+    // Every alert is unit-tested firing, says what happened, and has a runbook line.
+    let tests = yaml(&dir.join("alerts_test.yml"));
+    let fired: BTreeSet<&str> = tests["tests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|t| t["alert_rule_test"].as_array().unwrap().iter())
+        .filter(|a| a["exp_alerts"].as_array().is_some_and(|e| !e.is_empty()))
+        .map(|a| a["alertname"].as_str().unwrap())
+        .collect();
+    let readme = read(&Path::new(ROOT).join("README.md"));
+    let runbook = readme
+        .split_once("### Alerts and their runbook")
+        .expect("README has the alerts' runbook")
+        .1;
+    let runbook = runbook.split("\n## ").next().unwrap();
+    let rules = alert_rules();
+    assert!(rules.len() >= 10, "{} alerts", rules.len());
+    for (name, _, rule) in &rules {
+        assert!(fired.contains(name.as_str()), "no test fires {name}");
+        for key in ["summary", "description"] {
+            assert!(
+                rule["annotations"][key]
+                    .as_str()
+                    .is_some_and(|s| !s.is_empty()),
+                "{name} has no {key}"
+            );
+        }
+        assert!(
+            ["critical", "warning"].contains(&rule["labels"]["severity"].as_str().unwrap_or("")),
+            "{name}: severity"
+        );
+        assert!(
+            runbook.contains(&format!("| `{name}` |")),
+            "README's runbook has no line for {name}"
+        );
+    }
+}
+
+#[test]
+fn the_trial_prometheus_config_passes_promtool() {
+    // As the compose file lays it out: the rules beside it, the token where its secret is
+    // mounted (here a temp file, since promtool checks that it exists).
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "a-token-of-enough-characters").unwrap();
+    let config = read(&deploy("prometheus/prometheus.yml"));
+    let mounted = "/run/secrets/tagrelay_admin_token";
+    assert!(config.contains(mounted), "the scrape sends the token");
+    std::fs::write(
+        dir.path().join("prometheus.yml"),
+        config.replace(mounted, &token.display().to_string()),
+    )
+    .unwrap();
+    std::fs::copy(
+        deploy("prometheus/alerts.yml"),
+        dir.path().join("alerts.yml"),
+    )
+    .unwrap();
+    let out = run_ok(
+        Command::new(tool("promtool"))
+            .args(["check", "config", "prometheus.yml"])
+            .current_dir(dir.path()),
+    );
+    assert!(
+        out.contains("SUCCESS") && out.contains("rules found"),
+        "{out}"
+    );
+}
+
+/// Files under `dir`, recursively, with one of `exts`.
+fn files(dir: &Path, exts: &[&str]) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut dirs = vec![dir.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else if p.extension().is_some_and(|x| exts.iter().any(|e| x == *e)) {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn kubernetes_manifests_validate_against_the_kubernetes_schemas() {
+    let manifests: Vec<PathBuf> = files(&deploy("kubernetes"), &["yaml", "yml"])
+        .into_iter()
+        .filter(|p| p.file_name().unwrap() != "kustomization.yaml")
+        .collect();
+    assert!(manifests.len() >= 4, "{manifests:?}");
+    // --strict: a misspelt field is an error, not ignored.
+    let out = run_ok(
+        Command::new(tool("kubernetes-validate"))
+            .args(["--strict", "--kubernetes-version", "1.37.0"])
+            .args(&manifests),
+    );
+    for m in &manifests {
+        let name = m.strip_prefix(ROOT).unwrap().display().to_string();
+        assert!(
+            out.lines()
+                .any(|l| l.starts_with("INFO") && l.contains("passed") && l.contains(&name[1..])),
+            "{name} was not validated:\n{out}"
+        );
+    }
+}
+
+/// The resource of `kind` among a variant's manifests.
+fn resource<'a>(docs: &'a [Value], kind: &str) -> &'a Value {
+    docs.iter()
+        .find(|d| d["kind"] == kind)
+        .unwrap_or_else(|| panic!("no {kind}"))
+}
+
+/// The manifests a kustomization (and the bases it names) lists, and its generated
+/// ConfigMaps' files.
+fn kustomize(dir: &Path, docs: &mut Vec<Value>, generated: &mut Vec<(String, PathBuf)>) {
+    let k = yaml(&dir.join("kustomization.yaml"));
+    let listed: Vec<&str> = k["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_str().unwrap())
+        .collect();
+    for r in &listed {
+        let p = dir.join(r);
+        if p.is_dir() {
+            kustomize(&p, docs, generated);
+        } else {
+            docs.push(yaml(&p));
+        }
+    }
+    // No manifest beside a kustomization is left out of it by mistake.
+    for e in std::fs::read_dir(dir).unwrap() {
+        let name = e.unwrap().file_name().into_string().unwrap();
+        if name.ends_with(".yaml") && name != "kustomization.yaml" {
+            assert!(
+                listed.contains(&name.as_str()),
+                "{name} is not in {dir:?}'s resources"
+            );
+        }
+    }
+    for g in k["configMapGenerator"].as_array().into_iter().flatten() {
+        for f in g["files"].as_array().unwrap() {
+            generated.push((
+                g["name"].as_str().unwrap().to_owned(),
+                dir.join(f.as_str().unwrap()),
+            ));
+        }
+    }
+}
+
+fn port_of(addr: &str) -> u64 {
+    addr.rsplit_once(':').unwrap().1.parse().unwrap()
+}
+
+#[test]
+fn the_embedded_variant_is_wired_as_the_issue_asks() {
+    let dir = deploy("kubernetes/embedded");
+    let (mut docs, mut generated) = (Vec::new(), Vec::new());
+    kustomize(&dir, &mut docs, &mut generated);
+    let sts = resource(&docs, "StatefulSet");
+    let pod = &sts["spec"]["template"]["spec"];
+    let c = &pod["containers"][0];
+
+    // The config: from the ConfigMap the kustomization generates, valid with exactly the
+    // variables the pod gets (so every ${VAR} it names comes from the Secret).
+    let [(cm_name, toml_path)] = generated.as_slice() else {
+        panic!("one generated config: {generated:?}")
+    };
+    let config_volume = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["configMap"]["name"] == cm_name.as_str())
+        .expect("the pod mounts the generated ConfigMap");
+    let env: Vec<(String, String)> = c["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let name = e["name"].as_str().unwrap().to_owned();
+            let value = match e["value"].as_str() {
+                Some(v) => v.to_owned(),
+                None => {
+                    assert_eq!(e["valueFrom"]["secretKeyRef"]["name"], "tagrelay-secrets");
+                    "a-secret-value-long-enough".to_owned()
+                }
+            };
+            (name, value)
+        })
+        .collect();
+    let config_file = env
+        .iter()
+        .find(|(k, _)| k == "TAGRELAY_CONFIG")
+        .expect("TAGRELAY_CONFIG names the mounted file")
+        .1
+        .clone();
+    let mount = c["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == config_volume["name"])
+        .unwrap();
+    assert_eq!(
+        format!(
+            "{}/{}",
+            mount["mountPath"].as_str().unwrap(),
+            toml_path.file_name().unwrap().to_str().unwrap()
+        ),
+        config_file
+    );
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(toml_path)
+        .env_clear()
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let config: toml::Value = toml::from_str(&read(toml_path)).unwrap();
+    let server = &config["server"];
+
+    // Ports: the public one in the Service, probed by the kubelet; the admin one reachable
+    // by Prometheus (not loopback, token set) and in no Service.
+    let ports = c["ports"].as_array().unwrap();
+    let port = |name: &str| {
+        ports
+            .iter()
+            .find(|p| p["name"] == name)
+            .unwrap_or_else(|| panic!("no port {name}"))["containerPort"]
+            .as_u64()
+            .unwrap()
+    };
+    assert_eq!(port("http"), port_of(server["listen"].as_str().unwrap()));
+    let admin = server["admin_listen"].as_str().unwrap();
+    assert!(admin.starts_with("0.0.0.0:"), "{admin}");
+    assert_eq!(port("admin"), port_of(admin));
+    assert!(config["admin"]["token"].as_str().unwrap().starts_with("${"));
+    let svc = resource(&docs, "Service");
+    let svc_ports = svc["spec"]["ports"].as_array().unwrap();
+    assert_eq!(svc_ports.len(), 1, "the public port only");
+    assert_eq!(svc_ports[0]["targetPort"], "http");
+    for (k, v) in svc["spec"]["selector"].as_object().unwrap() {
+        assert_eq!(&sts["spec"]["template"]["metadata"]["labels"][k], v);
+    }
+    for (probe, path) in [
+        ("readinessProbe", "/readyz"),
+        ("livenessProbe", "/healthz"),
+        ("startupProbe", "/healthz"),
+    ] {
+        assert_eq!(c[probe]["httpGet"]["path"], path, "{probe}");
+        assert_eq!(c[probe]["httpGet"]["port"], "http", "{probe}");
+    }
+
+    // The outbox on the claimed volume, owned by the image's user; nothing else writable.
+    let outbox = config["outbox"]["path"].as_str().unwrap();
+    let claim = sts["spec"]["volumeClaimTemplates"][0]["metadata"]["name"]
+        .as_str()
+        .unwrap();
+    let data = c["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == claim)
+        .expect("the claimed volume is mounted");
+    assert!(
+        outbox.starts_with(data["mountPath"].as_str().unwrap()),
+        "{outbox}"
+    );
+    assert_eq!(sts["spec"]["replicas"], 1);
+    let psc = &pod["securityContext"];
+    assert_eq!(psc["runAsUser"], 65532);
+    assert_eq!(psc["fsGroup"], 65532);
+    assert_eq!(psc["runAsNonRoot"], true);
+    let csc = &c["securityContext"];
+    assert_eq!(csc["readOnlyRootFilesystem"], true);
+    assert_eq!(csc["allowPrivilegeEscalation"], false);
+    assert_eq!(
+        pod["serviceAccountName"],
+        resource(&docs, "ServiceAccount")["metadata"]["name"]
+    );
+
+    // A clean stop fits in the grace period.
+    let grace_ms = pod["terminationGracePeriodSeconds"].as_u64().unwrap() * 1000;
+    let shutdown_ms = server["shutdown_timeout_ms"].as_integer().unwrap() as u64;
+    assert!(
+        grace_ms > shutdown_ms,
+        "{grace_ms} ms grace, {shutdown_ms} ms shutdown"
+    );
+
+    for kind in ["requests", "limits"] {
+        for r in ["cpu", "memory"] {
+            assert!(c["resources"][kind][r].is_string(), "resources.{kind}.{r}");
+        }
+    }
+}
+
+#[test]
+fn the_kubernetes_scrape_config_finds_the_admin_port_and_sends_the_token() {
+    // Debian's promtool is built without Kubernetes discovery, so this one is checked here.
+    let scrape = yaml(&deploy("prometheus/kubernetes-scrape.yml"));
+    let job = &scrape["scrape_configs"][0];
+    assert_eq!(
+        job["job_name"], "tagrelay",
+        "alerts.yml's TagrelayDown reads it"
+    );
+    assert_eq!(job["authorization"]["type"], "Bearer");
+    assert!(job["authorization"]["credentials_file"].is_string());
+    let keeps: Vec<(&str, &str)> = job["relabel_configs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["action"] == "keep")
+        .map(|r| {
+            (
+                r["source_labels"][0].as_str().unwrap(),
+                r["regex"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert!(keeps.contains(&("__meta_kubernetes_pod_container_port_name", "admin")));
+    assert!(keeps.contains(&(
+        "__meta_kubernetes_pod_label_app_kubernetes_io_name",
+        "tagrelay"
+    )));
+}
+
+#[test]
+fn the_compose_file_matches_the_compose_spec_and_its_files_exist() {
+    let compose = deploy("compose.yaml");
+    run_ok(
+        Command::new(tool("check-jsonschema"))
+            .args(["--builtin-schema", "vendor.compose-spec"])
+            .arg(&compose),
+    );
+    let doc = yaml(&compose);
+    let base = deploy("");
+    let tagrelay = &doc["services"]["tagrelay"];
+    assert!(base
+        .join(tagrelay["build"]["context"].as_str().unwrap())
+        .join(tagrelay["build"]["dockerfile"].as_str().unwrap())
+        .is_file());
+    for (name, svc) in doc["services"].as_object().unwrap() {
+        for v in svc["volumes"].as_array().into_iter().flatten() {
+            let source = v.as_str().unwrap().split(':').next().unwrap();
+            if source.starts_with('.') {
+                assert!(
+                    base.join(source).exists(),
+                    "{name}: {source} does not exist"
+                );
+            }
+        }
+        for p in svc["ports"].as_array().into_iter().flatten() {
+            assert!(
+                p.as_str().unwrap().starts_with("127.0.0.1:"),
+                "{name} publishes {p} beyond loopback"
+            );
+        }
+    }
+    // The config it mounts over the image's is valid with the variable it is given.
+    let mounted = tagrelay["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .find(|v| v.contains(":/etc/tagrelay/tagrelay.toml"))
+        .expect("a config replaces the image's");
+    let env = tagrelay["environment"].as_object().unwrap();
+    assert!(env.contains_key("TAGRELAY_ADMIN_TOKEN"));
+    tagrelay_check(
+        &base.join(mounted.split(':').next().unwrap()),
+        &[("TAGRELAY_ADMIN_TOKEN", "a-token-of-enough-characters")],
+    );
+    // Grafana gets the dashboard where its provisioning looks.
+    let provider = yaml(&deploy("grafana/provisioning/dashboards/tagrelay.yml"));
+    let path = provider["providers"][0]["options"]["path"]
+        .as_str()
+        .unwrap();
+    assert!(doc["services"]["grafana"]["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|v| v
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("./grafana/tagrelay.json:{path}/"))));
+}
+
+#[test]
+fn the_image_keeps_its_defaults_in_a_config_file_that_a_mounted_one_replaces() {
+    let dockerfile = read(&Path::new(ROOT).join("Dockerfile"));
+    // Joined continuation lines, so an ENV spread over several lines is one.
+    let joined = dockerfile.replace("\\\n", " ");
+    let env: Vec<&str> = joined
+        .lines()
+        .filter(|l| l.trim_start().starts_with("ENV "))
+        .collect();
+    assert!(
+        env.iter().all(|l| !l.contains("TAGRELAY__")),
+        "the environment would override a mounted config: {env:?}"
+    );
+    let config = env
+        .iter()
+        .find_map(|l| l.split("TAGRELAY_CONFIG=").nth(1))
+        .expect("TAGRELAY_CONFIG is set")
+        .split_whitespace()
+        .next()
+        .unwrap();
+    assert!(
+        joined.contains(&format!("COPY deploy/container/tagrelay.toml {config}")),
+        "the image's config is deploy/container/tagrelay.toml at {config}"
+    );
+    tagrelay_check(&deploy("container/tagrelay.toml"), &[]);
+    // The health check follows whatever config is in force.
+    let healthcheck = joined
+        .lines()
+        .find(|l| l.starts_with("HEALTHCHECK"))
+        .unwrap();
+    assert!(
+        healthcheck.contains("\"healthcheck\"]") && !healthcheck.contains("--url"),
+        "{healthcheck}"
+    );
+}
+
+/// Names of the samples in a Prometheus text scrape.
+fn scraped_names(text: &str) -> BTreeSet<String> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|l| {
+            l.split(|c: char| c == '{' || c.is_whitespace())
+                .next()
+                .unwrap()
+                .to_owned()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_scrape_after_traffic_passes_promtool_and_has_every_metric_the_dashboard_and_alerts_read()
+{
+    // Three vendors, so that every outcome is counted: one accepts, one fails (retries), one
+    // rejects (dead letters).
+    let (ok, failing, refusing) = (
+        FakeVendor::start().await,
+        FakeVendor::start().await,
+        FakeVendor::start().await,
+    );
+    failing.respond(&[(503, "busy")]);
+    refusing.respond(&[(400, "bad event")]);
+    let app = spawn_app(&format!(
+        r#"
+[[clients]]
+type = "ga4"
+[[tags]]
+name = "ok"
+type = "http"
+url = "{}/ok"
+[[tags]]
+name = "failing"
+type = "http"
+url = "{}/failing"
+[[tags]]
+name = "refusing"
+type = "http"
+url = "{}/refusing"
+"#,
+        ok.url(),
+        failing.url(),
+        refusing.url()
+    ))
+    .await;
+    for i in 0..5 {
+        let r = app
+            .http
+            .get(app.url(&format!(
+                "/g/collect?v=2&tid=G-TEST1&cid=1.{i}&en=page_view&dl=https%3A%2F%2Fshop.example.com%2F"
+            )))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 204);
+    }
+    // A hit its client refuses (hits_rejected).
+    let r = app
+        .http
+        .get(app.url("/g/collect?v=2"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    ok.wait_for(10, |got| {
+        got.iter()
+            .map(|r| r.body_text().matches("page_view").count())
+            .sum::<usize>()
+            >= 5
+    })
+    .await;
+    app.wait_for_dead_letters(1).await;
+    failing.wait_for(10, |got| got.len() >= 2).await;
+
+    // Wait for the counters of those outcomes (they are recorded after the vendor answers).
+    let wanted = [
+        "tagrelay_outbox_delivered_total",
+        "tagrelay_outbox_retries_total",
+        "tagrelay_outbox_dead_lettered_total",
+        "tagrelay_hits_rejected_total",
+        "tagrelay_outbox_pending",
+    ];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let text = loop {
+        let text = app.admin_text("/metrics").await;
+        let names = scraped_names(&text);
+        if wanted.iter().all(|w| names.contains(*w)) {
+            break text;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "after 10 s the scrape lacks some of {wanted:?}:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    app.stop().await;
+
+    // promtool's linter: a HELP line per metric, types and names by the conventions.
+    let mut child = Command::new(tool("promtool"))
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics:\n{}{}\nscrape:\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("tagrelay_ready 1"), "{text}");
+    let commit = tagrelay::build_info::COMMIT;
+    assert!(
+        text.contains(&format!("commit=\"{commit}\"")),
+        "tagrelay_build_info names the commit: {text}"
+    );
+
+    // What the dashboard and the alerts read is what tagrelay exports.
+    let exported = scraped_names(&text);
+    let pending: BTreeSet<&str> = PENDING.iter().map(|(n, _)| *n).collect();
+    let mut read = Vec::new();
+    for (panel, expr) in dashboard_exprs() {
+        read.push((format!("dashboard panel {panel:?}"), expr));
+    }
+    for (alert, expr, _) in alert_rules() {
+        read.push((format!("alert {alert}"), expr));
+    }
+    let mut used = BTreeSet::new();
+    for (what, expr) in &read {
+        let names = promql_metric_names(expr);
+        assert!(!names.is_empty(), "{what}: no metric in {expr}");
+        for n in names {
+            assert!(
+                exported.contains(&n)
+                    || pending.contains(n.as_str())
+                    || FROM_PROMETHEUS.contains(&n.as_str()),
+                "{what} reads {n}, which tagrelay does not export:\n{expr}"
+            );
+            used.insert(n);
+        }
+    }
+    for (n, why) in PENDING {
+        assert!(
+            used.contains(*n),
+            "{n} is listed as pending ({why}) but nothing reads it"
+        );
+    }
+}
+
+#[tokio::test]
+async fn readiness_is_answered_on_the_public_listener() {
+    let app = spawn_app("[[clients]]\ntype = \"ga4\"\n").await;
+    let r = app.http.get(app.url("/readyz")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "ready");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn public_readiness_fails_while_the_outbox_takes_no_hits() {
+    use tower::ServiceExt;
+    struct Stopped;
+    #[async_trait::async_trait]
+    impl tagrelay::outbox::Outbox for Stopped {
+        async fn enqueue(
+            &self,
+            _: Vec<tagrelay::outbox::NewEvent>,
+        ) -> Result<(), tagrelay::outbox::EnqueueError> {
+            Err(tagrelay::outbox::EnqueueError::Failed(
+                "fsync failed".into(),
+            ))
+        }
+        fn is_open(&self) -> bool {
+            false
+        }
+    }
+    let config =
+        tagrelay::config::load_str("[[clients]]\ntype = \"ga4\"\n", "t.toml", false).unwrap();
+    let pipeline = tagrelay::pipeline::Pipeline::build(&config).unwrap();
+    let state = tagrelay::AppState::new(
+        pipeline,
+        std::sync::Arc::new(Stopped),
+        tagrelay::config::Source::Embedded,
+    );
+    let r = tagrelay::app(state)
+        .oneshot(
+            axum::http::Request::get("/readyz")
+                .body(axum::body::Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+}
+
+#[tokio::test]
+async fn healthcheck_probes_the_public_address_of_the_config() {
+    let app = spawn_app("[[clients]]\ntype = \"ga4\"\n").await;
+    let dir = tempfile::tempdir().unwrap();
+    let probe = |listen: String| {
+        let path = dir
+            .path()
+            .join(format!("probe-{}.toml", listen.replace([':', '.'], "-")));
+        std::fs::write(&path, format!("[server]\nlisten = \"{listen}\"\n")).unwrap();
+        // Off the runtime: the server under test answers on it.
+        tokio::task::spawn_blocking(move || {
+            Command::new(BIN)
+                .args(["healthcheck", "--config"])
+                .arg(&path)
+                .env_remove("TAGRELAY__SERVER__LISTEN")
+                .output()
+                .unwrap()
+        })
+    };
+    // The wildcard address the server binds is probed on loopback.
+    let out = probe(format!("0.0.0.0:{}", app.addr.port())).await.unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A port nothing listens on: unhealthy, naming the URL it tried.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let out = probe(format!("127.0.0.1:{closed}")).await.unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains(&format!("http://127.0.0.1:{closed}/healthz")),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    app.stop().await;
+}
+
+#[test]
+fn version_names_the_commit() {
+    let out = run_ok(Command::new(BIN).arg("--version"));
+    let re = regex::Regex::new(r"^tagrelay (\d+\.\d+\.\d+) \(([0-9a-f]{7,}|unknown)\)\n$").unwrap();
+    let caps = re.captures(&out).unwrap_or_else(|| panic!("{out:?}"));
+    assert_eq!(&caps[1], env!("CARGO_PKG_VERSION"));
+    // In a git checkout, the commit checked out.
+    if let Ok(git) = Command::new("git")
+        .args(["rev-parse", "--short=7", "HEAD"])
+        .current_dir(ROOT)
+        .output()
+    {
+        if git.status.success() {
+            assert_eq!(&caps[2], String::from_utf8_lossy(&git.stdout).trim());
+        }
+    }
+}
+
+#[tokio::test]
+async fn dead_letters_are_listed_with_readable_times() {
+    let vendor = FakeVendor::start().await;
+    vendor.respond(&[(400, "bad event")]);
+    let app = spawn_app(&format!(
+        "[[clients]]\ntype = \"ga4\"\n[[tags]]\nname = \"hook\"\ntype = \"http\"\nurl = \"{}/hook\"\n",
+        vendor.url()
+    ))
+    .await;
+    let r = app
+        .http
+        .get(app.url("/g/collect?v=2&tid=G-TEST1&cid=1.2&en=page_view"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let list = app.wait_for_dead_letters(1).await;
+    let d = &list[0];
+    let stamp = regex::Regex::new(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$").unwrap();
+    // JSON keeps the milliseconds and adds the readable times.
+    assert!(d["dead_at_ms"].is_i64(), "{d}");
+    let dead_at = d["dead_at"].as_str().unwrap();
+    assert!(stamp.is_match(dead_at), "{dead_at}");
+    assert!(
+        stamp.is_match(d["first_enqueued_at"].as_str().unwrap()),
+        "{d}"
+    );
+    let out = run_ok(
+        Command::new(BIN)
+            .args(["outbox", "dead-letters", "--config"])
+            .arg(app.config_path()),
+    );
+    assert!(out.contains(&format!("dead_at={dead_at}")), "{out}");
+    assert!(!out.contains("dead_at_ms"), "{out}");
+    app.stop().await;
+}
