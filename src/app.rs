@@ -102,7 +102,7 @@ impl AppState {
     }
 
     pub fn metrics(&self) -> PrometheusHandle {
-        crate::admin::metrics_handle()
+        crate::telemetry::metrics::metrics_handle()
     }
 
     /// Re-reads and re-validates the configuration and swaps the pipeline atomically.
@@ -168,8 +168,8 @@ impl Application {
     pub async fn build(loaded: LoadedConfig) -> anyhow::Result<Self> {
         let pipeline =
             Pipeline::build(&loaded.config).map_err(|p| ConfigError::new(&loaded.source, p))?;
-        crate::admin::metrics_handle();
-        metrics::gauge!("tagrelay_build_info", "version" => crate::build_info::VERSION, "commit" => crate::build_info::COMMIT).set(1.0);
+        crate::telemetry::metrics::metrics_handle();
+        metrics::gauge!("tagrelay_build_info", "version" => crate::telemetry::build_info::VERSION, "commit" => crate::telemetry::build_info::COMMIT).set(1.0);
         let store = EmbeddedStore::open(&loaded.config.outbox)
             .await
             .map_err(anyhow::Error::msg)
@@ -235,7 +235,7 @@ impl Application {
             )
             .map_err(anyhow::Error::msg)?
         };
-        crate::admin::spawn_metrics_upkeep();
+        crate::telemetry::metrics::spawn_metrics_upkeep();
 
         let public = serve(self.public, app(self.state.clone()), rx.clone());
         let admin = serve(

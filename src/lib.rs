@@ -3,7 +3,6 @@
 
 pub mod admin;
 pub mod app;
-pub mod build_info;
 pub mod cli;
 pub mod clients;
 pub mod clock;

@@ -17,7 +17,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Parser)]
 #[command(
     name = "tagrelay",
-    version = tagrelay::build_info::LONG_VERSION,
+    version = tagrelay::telemetry::build_info::LONG_VERSION,
     about = "Server-side tagging gateway: GA4 hits in, GA4 + Meta CAPI out, nothing lost"
 )]
 struct Cli {

@@ -12,6 +12,7 @@ use serde::Deserialize;
 
 use crate::outbox::config::OutboxConfig;
 use crate::secret::{self, Secret};
+use crate::telemetry::LogFormat;
 use crate::trace::TraceSampling;
 
 use crate::clients::data::DataClientConfig;
@@ -92,14 +93,6 @@ pub enum ClientIpHeader {
     XForwardedFor,
     Forwarded,
     XRealIp,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum LogFormat {
-    #[default]
-    Pretty,
-    Json,
 }
 
 /// What to assume for a consent signal the hit does not carry.

@@ -27,11 +27,8 @@ use crate::event::Event;
 use crate::identity::{CookieDecision, IdentityInput};
 use crate::outbox::{EnqueueError, NewEvent};
 use crate::pipeline::Pipeline;
+use crate::telemetry::metrics::RouteLabel;
 use crate::trace::{self, TagOutcome, TagState, TagTrace, Trace};
-
-/// Bounded route label for metrics and logs, set by handlers as a response extension.
-#[derive(Debug, Clone, Copy)]
-pub struct RouteLabel(pub &'static str);
 
 /// Why a hit was not accepted. Every variant is a clear 4xx/5xx with a short reason.
 #[derive(Debug, thiserror::Error)]
@@ -128,7 +125,7 @@ async fn edge(mut req: Request, next: axum::middleware::Next) -> Response {
     );
     let mut resp = next.run(req).instrument(span.clone()).await;
     span.in_scope(|| {
-        crate::admin::record_response(&resp, started);
+        crate::telemetry::hot::record_response(&resp, started);
         // A 5xx here is back-pressure or a store failure, logged once where it happens.
         tracing::debug!(
             status = resp.status().as_u16(),
@@ -190,7 +187,7 @@ async fn track(
     };
     let elapsed = started.elapsed();
     if let Some(client) = ctx.client {
-        crate::admin::hot_metrics::hit_duration(client.kind()).record(elapsed.as_secs_f64());
+        crate::telemetry::hot::hit_duration(client.kind()).record(elapsed.as_secs_f64());
     }
     if let Some(draft) = trace {
         state.traces().record(draft.finish(&ctx, &resp, elapsed));
@@ -543,7 +540,7 @@ async fn handle_hit(
         }
         stored?;
     }
-    crate::admin::hot_metrics::events(client.kind()).increment(events.len() as u64);
+    crate::telemetry::hot::events(client.kind()).increment(events.len() as u64);
 
     let mut resp = match parsed.response {
         ClientResponse::NoContent => StatusCode::NO_CONTENT.into_response(),

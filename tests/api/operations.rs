@@ -759,7 +759,7 @@ url = "{}/refusing"
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(text.contains("tagrelay_ready 1"), "{text}");
-    let commit = tagrelay::build_info::COMMIT;
+    let commit = tagrelay::telemetry::build_info::COMMIT;
     assert!(
         text.contains(&format!("commit=\"{commit}\"")),
         "tagrelay_build_info names the commit: {text}"

@@ -440,7 +440,7 @@ impl Outbox for EmbeddedStore {
         }
         let started = std::time::Instant::now();
         let result = wait.await.unwrap_or(Err(EnqueueError::Closed));
-        crate::admin::hot_metrics::commit_wait().record(started.elapsed().as_secs_f64());
+        crate::telemetry::hot::commit_wait().record(started.elapsed().as_secs_f64());
         result
     }
 

@@ -15,8 +15,15 @@
 use std::collections::HashMap;
 use std::hash::Hash;
 use std::sync::{OnceLock, PoisonError, RwLock};
+use std::time::Instant;
+
+use axum::extract::Request;
+use axum::middleware::Next;
+use axum::response::Response;
 
 use metrics::{Counter, Histogram};
+
+use super::metrics::RouteLabel;
 
 /// Handles by label values, filled on first use.
 pub(crate) struct Handles<K, T> {
@@ -54,7 +61,7 @@ impl<K: Eq + Hash + Copy, T: Clone> Handles<K, T> {
 }
 
 fn installed() -> bool {
-    !cfg!(test) && super::PROMETHEUS.get().is_some()
+    !cfg!(test) && super::metrics::recorder_installed()
 }
 
 static HIT_DURATION: Handles<&'static str, Histogram> = Handles::new();
@@ -82,7 +89,7 @@ pub(crate) fn events(client: &'static str) -> Counter {
 /// `tagrelay_http_requests_total{route,status}`.
 pub(crate) fn requests(route: &'static str, status: http::StatusCode) -> Counter {
     REQUESTS.get((route, status.as_u16()), || {
-        metrics::counter!("tagrelay_http_requests_total", "route" => route, "status" => super::status_label(status))
+        metrics::counter!("tagrelay_http_requests_total", "route" => route, "status" => status_label(status))
     })
 }
 
@@ -124,4 +131,51 @@ mod tests {
         assert_eq!(H.cached(("a", 1), || 99), 10);
         assert_eq!(H.cached(("b", 1), || 99), 30);
     }
+}
+
+/// Counts every request by bounded route label and status, and times it.
+pub async fn record_http_metrics(req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let resp = next.run(req).await;
+    record_response(&resp, started);
+    resp
+}
+
+/// `tagrelay_http_requests_total{route,status}` and `…_duration_seconds{route}` for one
+/// answered request.
+pub(crate) fn record_response(resp: &Response, started: Instant) {
+    // The label a handler put on the response (`other` when none did).
+    let route = resp
+        .extensions()
+        .get::<RouteLabel>()
+        .map(|r| r.0)
+        .unwrap_or("other");
+    tracing::Span::current().record("route", route);
+    requests(route, resp.status()).increment(1);
+    request_duration(route).record(started.elapsed().as_secs_f64());
+}
+
+/// The statuses tagrelay answers as static labels, so counting a hit allocates nothing.
+pub(crate) fn status_label(status: http::StatusCode) -> metrics::SharedString {
+    let s = match status.as_u16() {
+        200 => "200",
+        204 => "204",
+        302 => "302",
+        303 => "303",
+        304 => "304",
+        400 => "400",
+        401 => "401",
+        403 => "403",
+        404 => "404",
+        405 => "405",
+        408 => "408",
+        413 => "413",
+        414 => "414",
+        429 => "429",
+        500 => "500",
+        502 => "502",
+        503 => "503",
+        other => return other.to_string().into(),
+    };
+    s.into()
 }

@@ -1,8 +1,21 @@
-//! Logging: structured fields plus a short sentence; `pretty` for people, `json` for machines.
+//! What the process tells its operators: logs (structured fields plus a short sentence;
+//! `pretty` for people, `json` for machines), Prometheus metrics and the build's identity.
 
+pub mod build_info;
+pub mod catalog;
+pub mod hot;
+pub mod metrics;
+
+use serde::Deserialize;
 use tracing_subscriber::EnvFilter;
 
-use crate::config::LogFormat;
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    #[default]
+    Pretty,
+    Json,
+}
 
 /// Installs the global subscriber. `RUST_LOG` overrides the default `info` level.
 pub fn init(format: LogFormat) {
