@@ -108,31 +108,6 @@ pub(crate) fn commit_wait() -> Histogram {
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_handle_is_registered_once_per_label_set() {
-        static H: Handles<(&'static str, u16), u32> = Handles::new();
-        let mut registered = 0;
-        for (key, value) in [
-            (("a", 1), 10),
-            (("a", 1), 11),
-            (("a", 2), 20),
-            (("b", 1), 30),
-        ] {
-            H.cached(key, || {
-                registered += 1;
-                value
-            });
-        }
-        assert_eq!(registered, 3);
-        assert_eq!(H.cached(("a", 1), || 99), 10);
-        assert_eq!(H.cached(("b", 1), || 99), 30);
-    }
-}
-
 /// Counts every request by bounded route label and status, and times it.
 pub async fn record_http_metrics(req: Request, next: Next) -> Response {
     let started = Instant::now();
@@ -178,4 +153,29 @@ pub(crate) fn status_label(status: http::StatusCode) -> metrics::SharedString {
         other => return other.to_string().into(),
     };
     s.into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_handle_is_registered_once_per_label_set() {
+        static H: Handles<(&'static str, u16), u32> = Handles::new();
+        let mut registered = 0;
+        for (key, value) in [
+            (("a", 1), 10),
+            (("a", 1), 11),
+            (("a", 2), 20),
+            (("b", 1), 30),
+        ] {
+            H.cached(key, || {
+                registered += 1;
+                value
+            });
+        }
+        assert_eq!(registered, 3);
+        assert_eq!(H.cached(("a", 1), || 99), 10);
+        assert_eq!(H.cached(("b", 1), || 99), 30);
+    }
 }
