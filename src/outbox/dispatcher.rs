@@ -15,7 +15,9 @@ use bytes::Bytes;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 
-use super::retry::{human_duration, retry_label, RetryDecision, RetryPolicy, META_MAX_AGE};
+use super::retry::{
+    human_duration, retry_label, RetryDecision, RetryPolicy, MAX_RETRY_AFTER, META_MAX_AGE,
+};
 use super::{
     now_ms, DeadLetterRequest, DeliveryStore, HotQueue, LeasedRecord, Nack, Settlement, StoreError,
 };
@@ -23,9 +25,6 @@ use crate::config::OutboxConfig;
 use crate::event::Event;
 use crate::pipeline::Pipeline;
 use crate::tags::{Encoded, OutboundRequest, Outcome, TagInstance};
-
-/// Longest a `Retry-After` pauses a whole tag.
-const MAX_TAG_PAUSE: Duration = Duration::from_secs(3600);
 
 /// Records per settle request (the writer gives dispatcher work about this much of each
 /// commit while hits wait).
@@ -877,7 +876,7 @@ async fn deliver(
                     if let Some(after) = after {
                         // The vendor asked the whole tag to wait, not just this request
                         // (within reason, whatever it says).
-                        let wait = after.min(MAX_TAG_PAUSE);
+                        let wait = after.min(MAX_RETRY_AFTER);
                         pause.fetch_max(
                             now.saturating_add(super::retry::duration_ms(wait)),
                             Ordering::AcqRel,

@@ -10,6 +10,12 @@ use crate::config::OutboxConfig;
 /// Meta rejects events whose `event_time` is more than seven days old.
 pub const META_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
 
+/// Longest a vendor's `Retry-After` is obeyed, both as a pause of the whole tag and as the
+/// delay of the events it answered. Vendors ask for seconds or minutes; a day (a misbehaving
+/// proxy, a bug) would hold those events for most of their retry window while later events
+/// went out, and could carry a Meta event past its 7-day limit unsent.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RetryPolicy {
     pub initial: Duration,
@@ -58,7 +64,8 @@ impl RetryPolicy {
     }
 
     /// Decides the next attempt after a failure. `attempts` counts failures including this
-    /// one; `after` is the vendor's `Retry-After`, a floor for the delay.
+    /// one; `after` is the vendor's `Retry-After`, a floor for the delay up to
+    /// [`MAX_RETRY_AFTER`].
     pub fn decide(
         &self,
         attempts: u32,
@@ -74,7 +81,7 @@ impl RetryPolicy {
         }
         let delay = self
             .backoff(attempts.saturating_sub(1), rng)
-            .max(after.unwrap_or_default());
+            .max(after.unwrap_or_default().min(MAX_RETRY_AFTER));
         RetryDecision::RetryAt(now_ms.saturating_add(duration_ms(delay)))
     }
 }
@@ -170,6 +177,39 @@ mod tests {
         };
         assert_eq!(long.window_for("meta_capi"), META_MAX_AGE);
         assert_eq!(long.window_for("ga4"), Duration::from_secs(30 * 86_400));
+    }
+
+    #[test]
+    fn a_retry_after_longer_than_an_hour_holds_the_event_for_an_hour() {
+        let p = policy();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let now = 10_000_000;
+        for after in [86_400, 7 * 86_400, u64::MAX / 1000] {
+            assert_eq!(
+                p.decide(
+                    1,
+                    now,
+                    now,
+                    p.max_age,
+                    Some(Duration::from_secs(after)),
+                    &mut rng
+                ),
+                RetryDecision::RetryAt(now + 3_600_000),
+                "Retry-After: {after}"
+            );
+        }
+        // Up to the cap, the vendor's value stands.
+        assert_eq!(
+            p.decide(
+                1,
+                now,
+                now,
+                p.max_age,
+                Some(Duration::from_secs(3_000)),
+                &mut rng
+            ),
+            RetryDecision::RetryAt(now + 3_000_000)
+        );
     }
 
     #[test]

@@ -245,6 +245,62 @@ async fn retry_after_from_a_429_is_honoured() {
     app.stop().await;
 }
 
+fn now_ms() -> i64 {
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    i64::try_from(since.as_millis()).unwrap()
+}
+
+/// A vendor asking for a day (`Retry-After: 86400`, a misbehaving proxy): the event is held
+/// an hour, the longest tagrelay obeys, like the tag's pause; not the day, most of its retry
+/// window, while later events go out.
+#[tokio::test]
+async fn a_retry_after_of_a_day_holds_the_event_an_hour() {
+    let vendor = FakeVendor::start().await;
+    vendor.respond_with(vec![Reply {
+        status: axum::http::StatusCode::TOO_MANY_REQUESTS,
+        body: "slow down".into(),
+        headers: vec![("retry-after", "86400".into())],
+    }]);
+    let app = spawn_app(&format!(
+        "[admin]\ntrace_sampling = \"all\"\n{}",
+        hook(&vendor)
+    ))
+    .await;
+    let before = now_ms();
+    assert_eq!(send(&app, &hit_with_id("held-1")).await.status(), 204);
+    vendor.wait_for(10, |r| r.len() == 1).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let next = loop {
+        let all: serde_json::Value = app
+            .http
+            .get(app.admin_url("/debug/api/traces?limit=5"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let outcome = all["traces"][0]["tags"]
+            .as_array()
+            .and_then(|tags| tags.iter().find(|t| t["tag"] == "hook"))
+            .map(|t| t["outcome"].clone());
+        if let Some(o) = outcome.filter(|o| o["state"] == "retrying") {
+            break o["next_attempt_ms"].as_i64().expect("retrying has a time");
+        }
+        assert!(Instant::now() < deadline, "never retrying: {all}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let after = now_ms();
+    assert!(
+        (before + 3_600_000..=after + 3_600_000).contains(&next),
+        "next attempt {} s after the 429, not an hour",
+        (next - before) / 1000
+    );
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn an_outage_delays_but_delivers_every_event_exactly_once() {
     let vendor = FakeVendor::start().await;
