@@ -10,3 +10,4 @@ mod more_clients;
 mod pipeline;
 mod process;
 mod script_proxy;
+mod secrets;

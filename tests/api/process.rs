@@ -4,21 +4,56 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::helpers::test_config;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_tagrelay");
 
-/// A running `tagrelay` process and the addresses it logged.
+/// A running `tagrelay` process, the addresses it logged, and everything it wrote to stdout
+/// and stderr (JSON logs), kept for the test to read.
 pub struct Proc {
     pub child: Child,
     pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    output: Arc<Mutex<String>>,
 }
 
 impl Proc {
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.admin, path)
+    }
+
+    /// Everything the process wrote so far, stdout and stderr line by line.
+    pub fn output(&self) -> String {
+        self.output.lock().unwrap().clone()
+    }
+
+    /// Waits until the output holds a line for which `pred` holds (panics after `secs`,
+    /// naming `what`), and returns that line.
+    pub async fn wait_for_line(
+        &self,
+        what: &str,
+        secs: u64,
+        pred: impl Fn(&str) -> bool,
+    ) -> String {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+        loop {
+            if let Some(line) = self.output().lines().find(|l| pred(l)) {
+                return line.to_owned();
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no line with {what} in {secs}s; the output:\n{}",
+                self.output()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     pub fn signal(&self, sig: &str) {
@@ -55,32 +90,68 @@ impl Drop for Proc {
 
 /// Starts the binary on `config_path` with JSON logs and reads the bound addresses.
 pub fn start(config_path: &Path) -> Proc {
+    start_with(config_path, &[], "info")
+}
+
+/// [`start`] with extra environment variables and a `RUST_LOG` filter.
+pub fn start_with(config_path: &Path, env: &[(&str, &str)], rust_log: &str) -> Proc {
     let mut child = Command::new(BIN)
         .args(["serve", "--config"])
         .arg(config_path)
         .env("TAGRELAY__SERVER__LOG_FORMAT", "json")
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
+        .env("RUST_LOG", rust_log)
+        .envs(env.iter().copied())
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn tagrelay");
+    let output = Arc::new(Mutex::new(String::new()));
+    // Both pipes are drained to the end, so the child never blocks on a full pipe.
+    let stdout = child.stdout.take().expect("stdout");
+    let out = output.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let mut o = out.lock().unwrap();
+            o.push_str(&line);
+            o.push('\n');
+        }
+    });
     let stderr = child.stderr.take().expect("stderr");
     let mut lines = BufReader::new(stderr).lines();
-    let addr = loop {
+    let listening = loop {
         let line = match lines.next() {
             Some(Ok(l)) => l,
-            _ => panic!("tagrelay exited before listening"),
+            _ => panic!(
+                "tagrelay exited before listening:\n{}",
+                output.lock().unwrap()
+            ),
         };
+        {
+            let mut o = output.lock().unwrap();
+            o.push_str(&line);
+            o.push('\n');
+        }
         let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
             continue;
         };
-        if let Some(a) = v["public_addr"].as_str() {
-            break a.parse().unwrap();
+        if v["public_addr"].is_string() {
+            break v;
         }
     };
-    // Keep draining stderr so the child never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines.by_ref() {});
-    Proc { child, addr }
+    let out = output.clone();
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            let mut o = out.lock().unwrap();
+            o.push_str(&line);
+            o.push('\n');
+        }
+    });
+    Proc {
+        child,
+        addr: listening["public_addr"].as_str().unwrap().parse().unwrap(),
+        admin: listening["admin_addr"].as_str().unwrap().parse().unwrap(),
+        output,
+    }
 }
 
 pub fn write_config(dir: &Path, extra: &str) -> std::path::PathBuf {
