@@ -235,11 +235,19 @@ impl Application {
         };
         crate::admin::spawn_metrics_upkeep();
 
+        // The admin listener closes after the public one has drained, so that while in-flight
+        // hits finish, probes get `/readyz` 503 rather than a refused connection.
+        let (admin_stop, admin_rx) = watch::channel(false);
         let public = serve(self.public, app(self.state.clone()), rx.clone());
+        let public = async move {
+            let ended = public.await;
+            let _ = admin_stop.send(true);
+            ended
+        };
         let admin = serve(
             self.admin,
             crate::admin::router(self.state.clone()),
-            rx.clone(),
+            admin_rx,
         );
         let mut servers = tokio::spawn(async move {
             let (a, b) = tokio::join!(public, admin);

@@ -275,33 +275,65 @@ fn check_reports_every_problem() {
     assert!(err.contains("already named `a`"), "{err}");
 }
 
+/// Reads from `stream` until what was read contains `needle` (panics after 10 s or at EOF).
+async fn read_until(stream: &mut tokio::net::TcpStream, seen: &mut String, needle: &str) {
+    use tokio::io::AsyncReadExt;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut buf = [0u8; 1024];
+    while !seen.contains(needle) {
+        let n = tokio::time::timeout_at(deadline, stream.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("no `{needle}` in 10 s; read: {seen:?}"))
+            .expect("read");
+        assert!(n > 0, "connection closed before `{needle}`; read: {seen:?}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+}
+
 #[tokio::test]
 async fn sigterm_lets_an_in_flight_request_finish_and_exits_zero() {
+    use tokio::io::AsyncWriteExt;
     let dir = tempfile::tempdir().unwrap();
     let path = write_config(dir.path(), "[[clients]]\ntype = \"ga4\"\n");
     let mut proc = start(&path);
 
-    // A POST whose body arrives slowly: it is in flight when SIGTERM lands.
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(4);
-    let body = reqwest::Body::wrap_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
-    let url = proc.url("/g/collect?v=2&tid=G-TEST1&cid=111.222");
-    let request = tokio::spawn(async move {
-        reqwest::Client::new()
-            .post(url)
-            .header("content-type", "text/plain;charset=UTF-8")
-            .body(body)
-            .send()
-            .await
-    });
-    tx.send(Ok(b"en=page_view&_et=1".to_vec())).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    proc.signal("TERM");
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    tx.send(Ok(b"\r\nen=scroll&_et=2".to_vec())).await.unwrap();
-    drop(tx);
+    // A POST whose body arrives in two parts. `Expect: 100-continue` makes the server say
+    // when its handler starts reading the body: from then on the request is in flight.
+    let (first, rest) = ("en=page_view&_et=1", "\r\nen=scroll&_et=2");
+    let mut conn = tokio::net::TcpStream::connect(proc.addr).await.unwrap();
+    let head = format!(
+        "POST /g/collect?v=2&tid=G-TEST1&cid=111.222 HTTP/1.1\r\nhost: {}\r\ncontent-type: text/plain;charset=UTF-8\r\ncontent-length: {}\r\nexpect: 100-continue\r\n\r\n",
+        proc.addr,
+        first.len() + rest.len()
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    read_until(&mut conn, &mut answer, "100 Continue\r\n\r\n").await;
+    let mut answer = answer
+        .split_once("100 Continue\r\n\r\n")
+        .map(|(_, after)| after.to_owned())
+        .unwrap_or_default();
+    conn.write_all(first.as_bytes()).await.unwrap();
 
-    let resp = request.await.unwrap().expect("in-flight request completes");
-    assert_eq!(resp.status(), 204);
+    proc.signal("TERM");
+    proc.wait_for_line("the shutdown starting", 10, |l| {
+        l.contains("shutdown requested")
+    })
+    .await;
+    // Shutting down: the admin listener is still up and says not ready while hits finish.
+    let ready = reqwest::get(proc.admin_url("/readyz")).await.unwrap();
+    assert_eq!(ready.status(), 503, "/readyz while shutting down");
+    conn.write_all(rest.as_bytes()).await.unwrap();
+
+    read_until(&mut conn, &mut answer, "\r\n\r\n").await;
+    let status_line = answer
+        .split("\r\n")
+        .find(|l| l.starts_with("HTTP/1.1 ") && !l.contains(" 100 "))
+        .unwrap_or_else(|| panic!("no final status: {answer:?}"));
+    assert_eq!(
+        status_line, "HTTP/1.1 204 No Content",
+        "in-flight request completes"
+    );
     let status = tokio::task::spawn_blocking(move || proc.wait_exit(15))
         .await
         .unwrap();
