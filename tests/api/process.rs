@@ -376,3 +376,91 @@ fn check_refuses_outbox_settings_that_would_refuse_or_lose_hits() {
         assert!(err.contains(key), "{key} missing from: {err}");
     }
 }
+
+/// `kill -HUP` of the real process: a good file takes effect (a new client answers, the new
+/// trigger decides), a bad one is refused with the reason logged and the old one serving.
+#[tokio::test]
+async fn sighup_applies_a_good_file_and_refuses_a_bad_one_keeping_the_old() {
+    let vendor = crate::helpers::FakeVendor::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let tags = |events: &str| {
+        format!(
+            "[[tags]]\nname = \"hook\"\ntype = \"http\"\nurl = \"{}/hook\"\n[tags.trigger]\nevents = {events}\n",
+            vendor.url()
+        )
+    };
+    let ga4 = "[[clients]]\ntype = \"ga4\"\n";
+    let path = write_config(dir.path(), &format!("{ga4}{}", tags("[\"page_view\"]")));
+    let proc = start(&path);
+    let http = reqwest::Client::new();
+    let hit = |en: &str, id: &str| {
+        let (http, url) = (
+            http.clone(),
+            proc.url(&format!(
+                "/g/collect?v=2&tid=G-TEST1&cid=1.2&en={en}&ep.event_id={id}"
+            )),
+        );
+        async move {
+            assert_eq!(http.get(url).send().await.unwrap().status(), 204);
+        }
+    };
+    let snippet = || {
+        let (http, url) = (http.clone(), proc.url("/tagrelay.js"));
+        async move { http.get(url).send().await.unwrap().status().as_u16() }
+    };
+    let outbox = dir.path().join("outbox");
+    let ids = |v: &crate::helpers::FakeVendor| -> Vec<String> {
+        v.received()
+            .iter()
+            .map(|r| r.json()["event_id"].as_str().unwrap_or("").to_owned())
+            .collect()
+    };
+    hit("page_view", "pv-1").await;
+    vendor.wait_for(10, |r| r.len() == 1).await;
+    assert_eq!(snippet().await, 404, "no data client yet");
+
+    // A good file: the data client appears, the hook fires on purchases only.
+    let good = write_config(
+        dir.path(),
+        &format!(
+            "{ga4}[[clients]]\ntype = \"data\"\n{}",
+            tags("[\"purchase\"]")
+        ),
+    );
+    proc.signal("HUP");
+    proc.wait_for_line("the reload", 10, |l| l.contains("configuration reloaded"))
+        .await;
+    assert_eq!(snippet().await, 200, "the new client answers");
+    hit("page_view", "pv-2").await;
+    hit("purchase", "buy-1").await;
+    vendor.wait_for(10, |r| r.len() == 2).await;
+    crate::helpers::wait_until_drained(&outbox).await;
+    assert_eq!(
+        ids(&vendor),
+        vec!["pv-1", "buy-1"],
+        "the new trigger decides"
+    );
+
+    // A bad file: refused, the reason logged, the good one keeps serving.
+    let text = std::fs::read_to_string(&good).unwrap();
+    std::fs::write(&good, text.replace("events = ", "evnts = ")).unwrap();
+    proc.signal("HUP");
+    let refused = proc
+        .wait_for_line("the refused reload", 10, |l| {
+            l.contains("new configuration rejected")
+        })
+        .await;
+    assert!(refused.contains("\"level\":\"ERROR\""), "{refused}");
+    assert!(refused.contains("unknown key `evnts`"), "{refused}");
+    assert_eq!(snippet().await, 200, "the data client still answers");
+    hit("page_view", "pv-3").await;
+    hit("purchase", "buy-2").await;
+    vendor.wait_for(10, |r| r.len() == 3).await;
+    crate::helpers::wait_until_drained(&outbox).await;
+    assert_eq!(ids(&vendor), vec!["pv-1", "buy-1", "buy-2"]);
+    assert_eq!(
+        proc.output().matches("configuration reloaded").count(),
+        1,
+        "the bad file was applied"
+    );
+}
