@@ -162,10 +162,21 @@ async fn events_without_consent_never_reach_a_consent_gated_tag() {
     let denied = PURCHASE.replace("gcs=G111&gcd=13t3t3t3t5l1", "gcs=G101&gcd=13q3t3q2q5l1");
     assert_eq!(send(&app, &denied).await.status(), 204);
     ga4.wait_for(10, |r| !r.is_empty()).await;
-    // GA4 (no consent condition) got it; give Meta's dispatcher time it would need.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(
-        meta.received().is_empty(),
+    // GA4 (no consent condition) got it. A granted purchase after it must reach Meta; once it
+    // has and the outbox owes nothing, whatever the denied hit fired has been sent too.
+    let granted = PURCHASE.replace("T-1024", "T-GRANTED");
+    assert_eq!(send(&app, &granted).await.status(), 204);
+    meta.wait_for(10, |r| !r.is_empty()).await;
+    app.wait_until_drained().await;
+    let order_ids: Vec<serde_json::Value> = meta
+        .received()
+        .iter()
+        .flat_map(|r| r.json()["data"].as_array().cloned().unwrap_or_default())
+        .map(|e| e["custom_data"]["order_id"].clone())
+        .collect();
+    assert_eq!(
+        order_ids,
+        vec![serde_json::json!("T-GRANTED")],
         "Meta must not receive ad-denied events"
     );
     app.stop().await;
@@ -192,14 +203,32 @@ async fn a_500_is_retried_and_a_400_is_dead_lettered_then_replayed() {
     assert!(got.iter().all(|r| r.json()["event_id"] == "retry-1"));
 
     vendor.clear();
-    vendor.respond(&[(400, "{\"error\":\"bad field\"}")]);
+    vendor.respond(&[(400, "{\"error\":\"bad field\"}"), (200, "ok")]);
     assert_eq!(send(&app, &hit_with_id("dead-1")).await.status(), 204);
     vendor.wait_for(10, |r| r.len() == 1).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(vendor.received().len(), 1, "a 400 is never retried");
-
+    // Dead-lettered: settled, so it can never be sent again. An event after it gets through.
     let config = app.config_path();
-    let list = crate::helpers::dead_letters(&config);
+    let list = app.wait_for_dead_letters(1).await;
+    assert_eq!(send(&app, &hit_with_id("after-dead-1")).await.status(), 204);
+    vendor.wait_for(10, |r| r.len() == 2).await;
+    app.wait_until_drained().await;
+    let sent: Vec<String> = vendor
+        .received()
+        .iter()
+        .map(|r| r.json()["event_id"].as_str().unwrap_or("").to_owned())
+        .collect();
+    assert_eq!(
+        sent,
+        vec!["dead-1", "after-dead-1"],
+        "a 400 is never retried"
+    );
+    assert_eq!(
+        sent.iter().filter(|id| *id == "dead-1").count(),
+        1,
+        "a 400 is never retried"
+    );
+
+    assert_eq!(list.len(), 1, "{list:?}");
     assert_eq!(list[0]["event_id"], "dead-1", "{list:?}");
     assert!(
         list[0]["reason"].as_str().unwrap().contains("400"),
@@ -215,8 +244,8 @@ async fn a_500_is_retried_and_a_400_is_dead_lettered_then_replayed() {
         .unwrap();
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("1 dead letter moved back"));
-    let got = vendor.wait_for(10, |r| r.len() == 2).await;
-    assert_eq!(got[1].json()["event_id"], "dead-1");
+    let got = vendor.wait_for(10, |r| r.len() == 3).await;
+    assert_eq!(got[2].json()["event_id"], "dead-1");
     app.stop().await;
 }
 
