@@ -205,6 +205,12 @@ impl Application {
         self.state.clone()
     }
 
+    /// The embedded store, for tests that inject its faults.
+    #[cfg(test)]
+    pub(crate) fn store(&self) -> &Arc<SqliteOutbox> {
+        &self.store
+    }
+
     /// Serves until SIGTERM/SIGINT; SIGHUP reloads the configuration.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
         let state = self.state.clone();
@@ -327,3 +333,6 @@ async fn reload_on_sighup(state: AppState) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

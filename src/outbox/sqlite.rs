@@ -245,6 +245,9 @@ pub(crate) struct Shared {
     /// Tests: commits with frames to write fail as if the log's disk did.
     #[cfg(test)]
     pub fail_log: AtomicBool,
+    /// Tests: the syncer's next fsync fails as if the disk reported EIO.
+    #[cfg(test)]
+    pub fail_fsync: AtomicBool,
 }
 
 impl Shared {
@@ -550,6 +553,12 @@ impl SqliteOutbox {
     #[cfg(test)]
     pub(crate) fn fail_log_writes(&self, on: bool) {
         self.shared.fail_log.store(on, Ordering::Release);
+    }
+
+    /// The next fsync of hits' commits fails, as if the disk reported an I/O error.
+    #[cfg(test)]
+    pub(crate) fn fail_next_fsync(&self) {
+        self.shared.fail_fsync.store(true, Ordering::Release);
     }
 
     /// Events the store holds for deliveries still owed or out: rows in `events`, and log
