@@ -220,3 +220,71 @@ async fn path_prefix_mounts_every_client_under_it_and_nothing_outside() {
     assert_eq!(ids, vec!["p-data", "p-ga4", "p-mp"]);
     app.stop().await;
 }
+
+/// `require_consent = true`: which `Set-Cookie`s a browser gets for each Consent Mode state.
+/// The browser sends `_ga` and lands from an ad click (`fbclid`), so every cookie is due.
+#[tokio::test]
+async fn consent_mode_decides_exactly_which_cookies_are_set() {
+    async fn cookie_names(app: &crate::helpers::TestApp, consent: &str) -> Vec<String> {
+        let r = app
+            .http
+            .get(app.url(&format!(
+                "/g/collect?v=2&tid=G-TEST1&cid=111.222&en=page_view&dl=https%3A%2F%2Fwww.example.com%2F%3Ffbclid%3DClick1{consent}"
+            )))
+            .header("host", "sgtm.example.com")
+            .header("cookie", "_ga=GA1.1.111.222")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 204, "{consent}");
+        let mut names: Vec<String> = r
+            .headers()
+            .get_all("set-cookie")
+            .iter()
+            .map(|v| {
+                let c = v.to_str().unwrap();
+                assert!(c.contains("Domain=example.com"), "{c}");
+                c.split('=').next().unwrap().to_owned()
+            })
+            .collect();
+        names.sort();
+        names
+    }
+    let all = ["FPID", "_fbc", "_fbp", "_ga"];
+    let analytics = ["FPID", "_ga"];
+    let ads = ["_fbc", "_fbp"];
+    let none: [&str; 0] = [];
+
+    async fn with_cookies(lines: &str) -> crate::helpers::TestApp {
+        let dir = tempfile::tempdir().unwrap();
+        let text = crate::helpers::test_config(dir.path(), "[[clients]]\ntype = \"ga4\"\n")
+            .replace("[cookies]\n", &format!("[cookies]\n{lines}\n"));
+        crate::helpers::spawn_with(dir, &text).await
+    }
+    let app = with_cookies("require_consent = true").await;
+    for (consent, want) in [
+        ("&gcs=G111", &all[..]),
+        ("&gcs=G101", &analytics[..]), // ad_storage denied
+        ("&gcs=G110", &ads[..]),       // analytics_storage denied
+        ("&gcs=G100", &none[..]),
+        // Consent Mode v2: `gcd` wins where definite (ad_storage denied by update here).
+        ("&gcs=G111&gcd=13q3t3t2t5l1", &analytics[..]),
+        ("&gcs=G100&gcd=13r3r3t2t5l1", &all[..]),
+        // No signal: consent_default ("granted").
+        ("", &all[..]),
+    ] {
+        assert_eq!(cookie_names(&app, consent).await, want, "{consent}");
+    }
+    app.stop().await;
+
+    // With consent_default = "denied", a hit without signals sets nothing.
+    let app = with_cookies("require_consent = true\nconsent_default = \"denied\"").await;
+    assert_eq!(cookie_names(&app, "").await, none);
+    assert_eq!(cookie_names(&app, "&gcs=G101").await, analytics);
+    app.stop().await;
+
+    // Without require_consent, the signals do not gate cookies.
+    let app = with_cookies("").await;
+    assert_eq!(cookie_names(&app, "&gcs=G100").await, all);
+    app.stop().await;
+}
