@@ -432,7 +432,15 @@ async fn kill_9_under_load_loses_no_acknowledged_event() {
             }
         }));
     }
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    // Kill once a good number of hits were acknowledged (the slow vendor lags behind them).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while accepted.lock().unwrap().len() < 200 {
+        assert!(
+            Instant::now() < deadline,
+            "the load generator never got going"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     proc.signal("KILL");
     proc.wait_exit(5);
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
