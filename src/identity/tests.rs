@@ -152,8 +152,10 @@ fn an_explicit_cookie_domain_that_is_a_public_suffix_under_any_rule_is_refused()
         "xn--55qx5d.cn",
         "ec2-1-2-3-4.compute-1.amazonaws.com",
     ] {
-        let mut cfg = CookiesConfig::default();
-        cfg.domain = refused.into();
+        let cfg = CookiesConfig {
+            domain: refused.into(),
+            ..CookiesConfig::default()
+        };
         let e = CookiePolicy::build(&cfg).unwrap_err();
         assert!(
             e[0].starts_with("domain: ") && e[0].contains("public suffix"),
