@@ -207,6 +207,12 @@ impl Application {
         self.state.clone()
     }
 
+    /// The embedded store, for tests that inject its faults.
+    #[cfg(test)]
+    pub(crate) fn store(&self) -> &Arc<EmbeddedStore> {
+        &self.store
+    }
+
     /// Serves until SIGTERM/SIGINT; SIGHUP reloads the configuration.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
         let state = self.state.clone();
@@ -237,11 +243,19 @@ impl Application {
         };
         crate::telemetry::metrics::spawn_metrics_upkeep();
 
+        // The admin listener closes after the public one has drained, so that while in-flight
+        // hits finish, probes get `/readyz` 503 rather than a refused connection.
+        let (admin_stop, admin_rx) = watch::channel(false);
         let public = serve(self.public, app(self.state.clone()), rx.clone());
+        let public = async move {
+            let ended = public.await;
+            let _ = admin_stop.send(true);
+            ended
+        };
         let admin = serve(
             self.admin,
             crate::admin::router(self.state.clone()),
-            rx.clone(),
+            admin_rx,
         );
         let mut servers = tokio::spawn(async move {
             let (a, b) = tokio::join!(public, admin);
@@ -321,3 +335,6 @@ async fn reload_on_sighup(state: AppState) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

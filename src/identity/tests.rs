@@ -98,6 +98,93 @@ fn registrable_domain_golden() {
     }
 }
 
+/// The Public Suffix List's harder rules: a cookie on a public suffix is refused by browsers
+/// (and would be shared by unrelated sites if it were not), so the host must stay host-only.
+#[test]
+fn registrable_domain_follows_wildcard_exception_punycode_and_private_rules() {
+    let cases = [
+        // Punycode (browsers send IDN hosts as A-labels): `公司.cn` is a public suffix.
+        ("sgtm.shop.xn--55qx5d.cn", Some("shop.xn--55qx5d.cn")),
+        ("xn--55qx5d.cn", None),
+        ("SGTM.Shop.XN--55QX5D.CN", Some("shop.xn--55qx5d.cn")),
+        // `.рф` and a two-label IDN suffix (`ไทย` under `.ไทย`).
+        ("sgtm.example.xn--p1ai", Some("example.xn--p1ai")),
+        (
+            "b.xn--12c1fe0br.xn--o3cw4h",
+            Some("b.xn--12c1fe0br.xn--o3cw4h"),
+        ),
+        ("xn--12c1fe0br.xn--o3cw4h", None),
+        // A Unicode host is not what a browser sends: no Domain attribute.
+        ("sgtm.shop.公司.cn", None),
+        // Wildcard `*.ck` with the exception `!www.ck`.
+        ("foo.bar.ck", Some("foo.bar.ck")),
+        ("bar.ck", None),
+        ("www.ck", Some("www.ck")),
+        ("sgtm.www.ck", Some("www.ck")),
+        // Wildcard `*.kawasaki.jp` with the exception `!city.kawasaki.jp`.
+        ("sgtm.shop.kawasaki.jp", Some("sgtm.shop.kawasaki.jp")),
+        ("shop.kawasaki.jp", None),
+        ("sgtm.city.kawasaki.jp", Some("city.kawasaki.jp")),
+        // Private suffixes: each customer's site is its own registrable domain.
+        ("shop.herokuapp.com", Some("shop.herokuapp.com")),
+        ("herokuapp.com", None),
+        ("sgtm.shop.netlify.app", Some("shop.netlify.app")),
+        ("preview.shop.pages.dev", Some("shop.pages.dev")),
+        ("shop.vercel.app", Some("shop.vercel.app")),
+        ("a.b.d111.cloudfront.net", Some("d111.cloudfront.net")),
+        ("shop.azurewebsites.net", Some("shop.azurewebsites.net")),
+        ("bucket.s3.amazonaws.com", Some("bucket.s3.amazonaws.com")),
+        ("shop.blogspot.com", Some("shop.blogspot.com")),
+        // A private wildcard: every EC2 host name is itself a public suffix.
+        ("ec2-1-2-3-4.compute-1.amazonaws.com", None),
+    ];
+    for (host, want) in cases {
+        assert_eq!(registrable_domain(host).as_deref(), want, "host {host:?}");
+    }
+}
+
+#[test]
+fn an_explicit_cookie_domain_that_is_a_public_suffix_under_any_rule_is_refused() {
+    for refused in [
+        "bar.ck",
+        "shop.kawasaki.jp",
+        "herokuapp.com",
+        "xn--55qx5d.cn",
+        "ec2-1-2-3-4.compute-1.amazonaws.com",
+    ] {
+        let cfg = CookiesConfig {
+            domain: refused.into(),
+            ..CookiesConfig::default()
+        };
+        let e = CookiePolicy::build(&cfg).unwrap_err();
+        assert!(
+            e[0].starts_with("domain: ") && e[0].contains("public suffix"),
+            "{refused}: {e:?}"
+        );
+    }
+    for (domain, host, want) in [
+        ("www.ck", "sgtm.www.ck", "www.ck"),
+        (
+            "city.kawasaki.jp",
+            "sgtm.city.kawasaki.jp",
+            "city.kawasaki.jp",
+        ),
+        (
+            ".Shop.HerokuApp.com",
+            "sgtm.shop.herokuapp.com",
+            "shop.herokuapp.com",
+        ),
+        (
+            "shop.xn--55qx5d.cn",
+            "sgtm.shop.xn--55qx5d.cn",
+            "shop.xn--55qx5d.cn",
+        ),
+    ] {
+        let p = policy(|c| c.domain = domain.into());
+        assert_eq!(p.cookie_domain(host).as_deref(), Some(want), "{domain}");
+    }
+}
+
 #[test]
 fn subdomain_index_counts_dots_of_the_cookie_domain() {
     assert_eq!(subdomain_index("example.com"), 1);

@@ -54,11 +54,35 @@ fn descendants(pid: u32, out: &mut Vec<u32>) {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+/// Starts ChromeDriver on a port it picks itself (`--port=0`) and reads that port from the
+/// line it prints ("… started successfully on port N."): no port is chosen here and then
+/// perhaps taken by another test before ChromeDriver binds it.
+fn start_driver(chromedriver: &Path) -> (Driver, u16) {
+    let mut child = Command::new(chromedriver)
+        .arg("--port=0")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start chromedriver");
+    let stdout = child.stdout.take().expect("stdout");
+    let driver = Driver(child);
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stdout));
+    let port = loop {
+        let line = match lines.next() {
+            Some(Ok(l)) => l,
+            other => panic!("ChromeDriver exited before saying its port: {other:?}"),
+        };
+        if let Some(rest) = line.split("started successfully on port ").nth(1) {
+            break rest
+                .trim_end_matches('.')
+                .trim()
+                .parse()
+                .unwrap_or_else(|_| panic!("no port in {line:?}"));
+        }
+    };
+    // Keep draining its output so it never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines.by_ref() {});
+    (driver, port)
 }
 
 fn which(bin: &str) -> Option<PathBuf> {
@@ -77,14 +101,7 @@ impl Browser {
         let chromedriver = which("chromedriver").expect(
             "ChromeDriver is needed for the real-browser tests: run scripts/test (it installs Debian's chromium-driver)",
         );
-        let port = free_port();
-        let driver = Command::new(chromedriver)
-            .arg(format!("--port={port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map(Driver)
-            .expect("start chromedriver");
+        let (driver, port) = start_driver(&chromedriver);
         let profile = tempfile::tempdir().expect("profile dir");
         let caps = serde_json::json!({
             "goog:chromeOptions": {

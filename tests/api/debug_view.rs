@@ -153,6 +153,7 @@ async fn a_hit_is_traced_through_every_tag_and_no_secret_is_shown() {
         url.contains("/998877/events") && url.contains("[redacted]"),
         "{url}"
     );
+    assert!(url.contains("access_token=[redacted]"), "{url}");
     assert!(attempt["request"]["body"]
         .as_str()
         .unwrap()
@@ -160,22 +161,63 @@ async fn a_hit_is_traced_through_every_tag_and_no_secret_is_shown() {
 
     // A second hit fires the hook, whose header carries a secret.
     hit(&app, &purchase(150)).await;
-    hook.wait_for(10, |r| !r.is_empty()).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let sent = hook.wait_for(10, |r| !r.is_empty()).await;
+    assert_eq!(
+        sent[0].headers["authorization"],
+        format!("Bearer {HOOK_TOKEN}").as_str(),
+        "the vendor gets the secret; only what people see is redacted"
+    );
+    // The hook's attempt reaches the trace: the checks below see it, not an earlier state.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let hook_attempt = loop {
+        let all = traces(&app).await;
+        let attempt = all["traces"].as_array().and_then(|ts| {
+            ts.iter()
+                .filter(|t| t["events"][0]["value"] == 150.0)
+                .flat_map(|t| t["tags"].as_array().cloned().unwrap_or_default())
+                .find(|x| x["tag"] == "hook" && x["attempts"][0]["status"] == 200)
+                .map(|x| x["attempts"][0].clone())
+        });
+        if let Some(a) = attempt {
+            break a;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the hook's attempt never reached the trace: {all}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let auth: Vec<&str> = hook_attempt["request"]["headers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|h| {
+            h[0].as_str()
+                .is_some_and(|n| n.eq_ignore_ascii_case("authorization"))
+        })
+        .filter_map(|h| h[1].as_str())
+        .collect();
+    // A header value written in the config is a secret whole: none of it is shown.
+    assert_eq!(auth, vec!["[redacted]"], "{hook_attempt}");
 
     let all = traces(&app).await.to_string();
     assert_no_secrets(&all, "the traces API");
     let page = app.admin_text("/debug").await;
     assert_no_secrets(&page, "the debug page");
+    // The live stream, read until it has carried the hook's attempt.
     let mut streamed = String::new();
-    while let Ok(Ok(Some(chunk))) =
-        tokio::time::timeout(Duration::from_millis(500), stream.chunk()).await
-    {
-        streamed.push_str(&String::from_utf8_lossy(&chunk));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let hook_header = r#"["Authorization","[redacted]"]"#;
+    while !(streamed.contains(hook_header) && streamed.contains("event: update")) {
+        match tokio::time::timeout_at(deadline, stream.chunk()).await {
+            Ok(Ok(Some(chunk))) => streamed.push_str(&String::from_utf8_lossy(&chunk)),
+            other => panic!("the stream never carried the hook's attempt ({other:?}): {streamed}"),
+        }
     }
     assert!(streamed.contains("event: trace"), "{streamed}");
     assert!(streamed.contains("event: update"), "{streamed}");
     assert!(streamed.contains("Bearer [redacted]") || streamed.contains("[redacted]"));
+    assert!(streamed.contains(hook_header), "{streamed}");
     assert_no_secrets(&streamed, "the live stream");
     app.stop().await;
 }
@@ -413,7 +455,13 @@ async fn the_live_page_lists_hits_with_their_tag_outcomes() {
     browser
         .wait_js(10, "document.querySelector('#status') !== null")
         .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Connected: the stream's response has arrived, so the server counts the watcher.
+    browser
+        .wait_js(
+            10,
+            "document.querySelector('#status').dataset.state === 'connected'",
+        )
+        .await;
     hit(&app, "/g/collect?v=2&tid=G-DBG1&cid=55.66&en=page_view").await;
     hit(&app, &purchase(250)).await;
     meta.wait_for(10, |r| !r.is_empty()).await;
@@ -486,16 +534,24 @@ async fn marked_sampling_traces_only_marked_hits_while_a_page_is_open() {
 #[tokio::test]
 async fn an_open_live_stream_does_not_hold_up_shutdown() {
     let (meta, hook) = (FakeVendor::start().await, FakeVendor::start().await);
-    let app = spawn_app(&config(&meta, &hook, "")).await;
-    let stream = open_stream(&app).await;
-    let started = std::time::Instant::now();
-    app.stop().await; // the test config's shutdown_timeout_ms is 3000
-    assert!(
-        started.elapsed() < Duration::from_millis(1500),
-        "shutdown waited {:?} for a debug stream",
-        started.elapsed()
-    );
-    drop(stream);
+    // A deadline of ten minutes: were the stream holding shutdown up, stopping would hang.
+    let dir = tempfile::tempdir().unwrap();
+    let text = crate::helpers::test_config(dir.path(), &config(&meta, &hook, ""))
+        .replace("shutdown_timeout_ms = 3000", "shutdown_timeout_ms = 600000");
+    assert!(text.contains("shutdown_timeout_ms = 600000"));
+    let app = crate::helpers::spawn_with(dir, &text).await;
+    let mut stream = open_stream(&app).await;
+    tokio::time::timeout(Duration::from_secs(60), app.stop())
+        .await
+        .expect("shutdown waited for a debug stream");
+    // The server ended the stream itself.
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), stream.chunk()).await {
+            Ok(Ok(Some(_))) => continue,
+            Ok(Ok(None)) | Ok(Err(_)) => break,
+            Err(_) => panic!("the debug stream is still open after shutdown"),
+        }
+    }
 }
 
 #[tokio::test]

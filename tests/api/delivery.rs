@@ -162,10 +162,21 @@ async fn events_without_consent_never_reach_a_consent_gated_tag() {
     let denied = PURCHASE.replace("gcs=G111&gcd=13t3t3t3t5l1", "gcs=G101&gcd=13q3t3q2q5l1");
     assert_eq!(send(&app, &denied).await.status(), 204);
     ga4.wait_for(10, |r| !r.is_empty()).await;
-    // GA4 (no consent condition) got it; give Meta's dispatcher time it would need.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(
-        meta.received().is_empty(),
+    // GA4 (no consent condition) got it. A granted purchase after it must reach Meta; once it
+    // has and the outbox owes nothing, whatever the denied hit fired has been sent too.
+    let granted = PURCHASE.replace("T-1024", "T-GRANTED");
+    assert_eq!(send(&app, &granted).await.status(), 204);
+    meta.wait_for(10, |r| !r.is_empty()).await;
+    app.wait_until_drained().await;
+    let order_ids: Vec<serde_json::Value> = meta
+        .received()
+        .iter()
+        .flat_map(|r| r.json()["data"].as_array().cloned().unwrap_or_default())
+        .map(|e| e["custom_data"]["order_id"].clone())
+        .collect();
+    assert_eq!(
+        order_ids,
+        vec![serde_json::json!("T-GRANTED")],
         "Meta must not receive ad-denied events"
     );
     app.stop().await;
@@ -192,14 +203,32 @@ async fn a_500_is_retried_and_a_400_is_dead_lettered_then_replayed() {
     assert!(got.iter().all(|r| r.json()["event_id"] == "retry-1"));
 
     vendor.clear();
-    vendor.respond(&[(400, "{\"error\":\"bad field\"}")]);
+    vendor.respond(&[(400, "{\"error\":\"bad field\"}"), (200, "ok")]);
     assert_eq!(send(&app, &hit_with_id("dead-1")).await.status(), 204);
     vendor.wait_for(10, |r| r.len() == 1).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(vendor.received().len(), 1, "a 400 is never retried");
-
+    // Dead-lettered: settled, so it can never be sent again. An event after it gets through.
     let config = app.config_path();
-    let list = crate::helpers::dead_letters(&config);
+    let list = app.wait_for_dead_letters(1).await;
+    assert_eq!(send(&app, &hit_with_id("after-dead-1")).await.status(), 204);
+    vendor.wait_for(10, |r| r.len() == 2).await;
+    app.wait_until_drained().await;
+    let sent: Vec<String> = vendor
+        .received()
+        .iter()
+        .map(|r| r.json()["event_id"].as_str().unwrap_or("").to_owned())
+        .collect();
+    assert_eq!(
+        sent,
+        vec!["dead-1", "after-dead-1"],
+        "a 400 is never retried"
+    );
+    assert_eq!(
+        sent.iter().filter(|id| *id == "dead-1").count(),
+        1,
+        "a 400 is never retried"
+    );
+
+    assert_eq!(list.len(), 1, "{list:?}");
     assert_eq!(list[0]["event_id"], "dead-1", "{list:?}");
     assert!(
         list[0]["reason"].as_str().unwrap().contains("400"),
@@ -215,8 +244,8 @@ async fn a_500_is_retried_and_a_400_is_dead_lettered_then_replayed() {
         .unwrap();
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("1 dead letter moved back"));
-    let got = vendor.wait_for(10, |r| r.len() == 2).await;
-    assert_eq!(got[1].json()["event_id"], "dead-1");
+    let got = vendor.wait_for(10, |r| r.len() == 3).await;
+    assert_eq!(got[2].json()["event_id"], "dead-1");
     app.stop().await;
 }
 
@@ -242,6 +271,62 @@ async fn retry_after_from_a_429_is_honoured() {
     vendor.wait_for(10, |r| r.len() == 2).await;
     let gap = first.elapsed();
     assert!(gap >= Duration::from_millis(1800), "retried after {gap:?}");
+    app.stop().await;
+}
+
+fn now_ms() -> i64 {
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    i64::try_from(since.as_millis()).unwrap()
+}
+
+/// A vendor asking for a day (`Retry-After: 86400`, a misbehaving proxy): the event is held
+/// an hour, the longest tagrelay obeys, like the tag's pause; not the day, most of its retry
+/// window, while later events go out.
+#[tokio::test]
+async fn a_retry_after_of_a_day_holds_the_event_an_hour() {
+    let vendor = FakeVendor::start().await;
+    vendor.respond_with(vec![Reply {
+        status: axum::http::StatusCode::TOO_MANY_REQUESTS,
+        body: "slow down".into(),
+        headers: vec![("retry-after", "86400".into())],
+    }]);
+    let app = spawn_app(&format!(
+        "[admin]\ntrace_sampling = \"all\"\n{}",
+        hook(&vendor)
+    ))
+    .await;
+    let before = now_ms();
+    assert_eq!(send(&app, &hit_with_id("held-1")).await.status(), 204);
+    vendor.wait_for(10, |r| r.len() == 1).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let next = loop {
+        let all: serde_json::Value = app
+            .http
+            .get(app.admin_url("/debug/api/traces?limit=5"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let outcome = all["traces"][0]["tags"]
+            .as_array()
+            .and_then(|tags| tags.iter().find(|t| t["tag"] == "hook"))
+            .map(|t| t["outcome"].clone());
+        if let Some(o) = outcome.filter(|o| o["state"] == "retrying") {
+            break o["next_attempt_ms"].as_i64().expect("retrying has a time");
+        }
+        assert!(Instant::now() < deadline, "never retrying: {all}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let after = now_ms();
+    assert!(
+        (before + 3_600_000..=after + 3_600_000).contains(&next),
+        "next attempt {} s after the 429, not an hour",
+        (next - before) / 1000
+    );
     app.stop().await;
 }
 
@@ -347,7 +432,15 @@ async fn kill_9_under_load_loses_no_acknowledged_event() {
             }
         }));
     }
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    // Kill once a good number of hits were acknowledged (the slow vendor lags behind them).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while accepted.lock().unwrap().len() < 200 {
+        assert!(
+            Instant::now() < deadline,
+            "the load generator never got going"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     proc.signal("KILL");
     proc.wait_exit(5);
     stop.store(true, std::sync::atomic::Ordering::Relaxed);

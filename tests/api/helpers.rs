@@ -65,6 +65,11 @@ impl TestApp {
         }
     }
 
+    /// Waits until the outbox owes nothing to any tag: see [`wait_until_drained`].
+    pub async fn wait_until_drained(&self) {
+        wait_until_drained(&self.dir.path().join("outbox")).await;
+    }
+
     /// Stops the app gracefully and waits for it.
     pub async fn stop(mut self) {
         if let Some(tx) = self.stop.take() {
@@ -73,6 +78,24 @@ impl TestApp {
         if let Some(done) = self.done.take() {
             done.await.expect("app task").expect("app run");
         }
+    }
+}
+
+/// Waits (up to 10 s) until the outbox in `dir` owes nothing to any tag: nothing pending,
+/// nothing in flight, as `tagrelay outbox stats` counts it. Every event a hit fired before
+/// is then delivered or dead-lettered, so "it never arrived" can be checked without a sleep.
+pub async fn wait_until_drained(dir: &std::path::Path) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let stats = tagrelay::outbox::store::embedded::tools::stats(dir).expect("outbox stats");
+        if stats.pending == 0 {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the outbox still owes deliveries after 10 s: {stats:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

@@ -11,3 +11,4 @@ mod operations;
 mod pipeline;
 mod process;
 mod script_proxy;
+mod secrets;

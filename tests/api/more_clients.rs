@@ -88,6 +88,24 @@ tagrelay.track("purchase", {{
         "{all}"
     );
     assert!(!all.contains("jane"), "GA4 never receives user data: {all}");
+    // In any case, any encoding, nor hashed (the browser sent ` Jane.Doe@Example.com `).
+    let decoded: String = tagrelay::clients::ga4::parse_query_pairs(&all.replace("\r\n", "&"))
+        .expect("GA4 request is well encoded")
+        .iter()
+        .map(|(k, v)| format!("{k}={v}&"))
+        .collect();
+    for text in [all.to_lowercase(), decoded.to_lowercase()] {
+        for needle in ["jane", "%40example.com", "@example.com"] {
+            assert!(
+                !text.contains(needle),
+                "GA4 got user data ({needle}): {all}"
+            );
+        }
+        assert!(
+            !text.contains(&sha256_hex("jane.doe@example.com")),
+            "GA4 got the hashed email: {all}"
+        );
+    }
     app.stop().await;
 }
 
@@ -188,8 +206,9 @@ conditions = [{{ field = "source", equals = "measurement_protocol" }}]
     assert_eq!(ev["event_name"], "PageView");
     assert_eq!(ev["action_source"], "website");
     assert_eq!(ev["event_source_url"], "https://shop.example.com/");
-    // Each tag saw only its own source.
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // Each tag saw only its own source: once the outbox owes nothing, everything either hit
+    // fired has been sent.
+    app.wait_until_drained().await;
     assert_eq!(backend.received().len(), 1);
     assert_eq!(web.received().len(), 1);
     app.stop().await;

@@ -1,7 +1,5 @@
 //! A hit goes in, the fake vendor gets the event: client IP, reload.
 
-use std::time::Duration;
-
 use crate::helpers::{spawn_app, spawn_app_server, FakeVendor};
 
 fn http_tag(vendor: &FakeVendor, events: &str) -> String {
@@ -124,12 +122,169 @@ async fn reload_swaps_the_pipeline_and_a_broken_file_keeps_the_old_one() {
     send("purchase").await;
     let got = vendor.wait_for(10, |r| r.len() == 3).await;
     assert_eq!(got[2].json()["event_name"], "purchase");
-    // The page_view sent under the new trigger never arrives.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The page_view sent under the new trigger never arrives: once the outbox owes nothing,
+    // whatever that hit fired has been delivered.
+    app.wait_until_drained().await;
+    assert_eq!(vendor.received().len(), 3);
     assert!(vendor
         .received()
         .iter()
         .skip(1)
         .all(|r| r.json()["event_name"] == "purchase"));
+    app.stop().await;
+}
+
+/// `[server] path_prefix = "/t"` (same-origin behind the site's proxy): every client answers
+/// under the prefix and its events are delivered; the same paths outside it are not claimed.
+#[tokio::test]
+async fn path_prefix_mounts_every_client_under_it_and_nothing_outside() {
+    let vendor = FakeVendor::start().await;
+    let app = spawn_app_server(
+        "trusted_proxies = [\"127.0.0.0/8\"]\npath_prefix = \"/t\"",
+        &format!(
+            "[[clients]]\ntype = \"ga4\"\n[[clients]]\ntype = \"measurement_protocol\"\n[[clients]]\ntype = \"data\"\n{}",
+            http_tag(&vendor, "[\"*\"]")
+        ),
+    )
+    .await;
+    let mp = serde_json::json!({"client_id": "1.2", "events": [{"name": "refund", "params": {"event_id": "p-mp"}}]});
+    let data = serde_json::json!({"event_name": "sign_up", "event_id": "p-data"});
+
+    // Outside the prefix, first: nothing is claimed, nothing is enqueued.
+    for path in [
+        "/g/collect?v=2&tid=G-TEST1&cid=1.2&en=page_view&ep.event_id=out-ga4",
+        "/tx/g/collect?v=2&tid=G-TEST1&cid=1.2&en=page_view&ep.event_id=out-tx",
+        "/T/g/collect?v=2&tid=G-TEST1&cid=1.2&en=page_view&ep.event_id=out-case",
+        "/t",
+        "/tagrelay.js",
+    ] {
+        let r = app.http.get(app.url(path)).send().await.unwrap();
+        assert_eq!(r.status(), 404, "{path}");
+    }
+    for (path, body) in [("/mp/collect", &mp), ("/data", &data), ("/t/t/data", &data)] {
+        let r = app
+            .http
+            .post(app.url(path))
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 404, "{path}");
+    }
+
+    // Under it: each client claims its hits.
+    let r = app
+        .http
+        .get(app.url(&format!("/t{}&ep.event_id=p-ga4", hit("page_view"))))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    assert!(
+        r.headers().get("set-cookie").is_some(),
+        "cookies are set under the prefix"
+    );
+    let r = app
+        .http
+        .post(app.url("/t/mp/collect?measurement_id=G-TEST1"))
+        .json(&mp)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let r = app
+        .http
+        .post(app.url("/t/data"))
+        .json(&data)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = app
+        .http
+        .get(app.url("/t/tagrelay.js"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.text().await.unwrap().contains("tagrelay"));
+
+    vendor.wait_for(10, |r| r.len() == 3).await;
+    app.wait_until_drained().await;
+    let mut ids: Vec<String> = vendor
+        .received()
+        .iter()
+        .map(|r| r.json()["event_id"].as_str().unwrap_or("").to_owned())
+        .collect();
+    ids.sort();
+    assert_eq!(ids, vec!["p-data", "p-ga4", "p-mp"]);
+    app.stop().await;
+}
+
+/// `require_consent = true`: which `Set-Cookie`s a browser gets for each Consent Mode state.
+/// The browser sends `_ga` and lands from an ad click (`fbclid`), so every cookie is due.
+#[tokio::test]
+async fn consent_mode_decides_exactly_which_cookies_are_set() {
+    async fn cookie_names(app: &crate::helpers::TestApp, consent: &str) -> Vec<String> {
+        let r = app
+            .http
+            .get(app.url(&format!(
+                "/g/collect?v=2&tid=G-TEST1&cid=111.222&en=page_view&dl=https%3A%2F%2Fwww.example.com%2F%3Ffbclid%3DClick1{consent}"
+            )))
+            .header("host", "sgtm.example.com")
+            .header("cookie", "_ga=GA1.1.111.222")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 204, "{consent}");
+        let mut names: Vec<String> = r
+            .headers()
+            .get_all("set-cookie")
+            .iter()
+            .map(|v| {
+                let c = v.to_str().unwrap();
+                assert!(c.contains("Domain=example.com"), "{c}");
+                c.split('=').next().unwrap().to_owned()
+            })
+            .collect();
+        names.sort();
+        names
+    }
+    let all = ["FPID", "_fbc", "_fbp", "_ga"];
+    let analytics = ["FPID", "_ga"];
+    let ads = ["_fbc", "_fbp"];
+    let none: [&str; 0] = [];
+
+    async fn with_cookies(lines: &str) -> crate::helpers::TestApp {
+        let dir = tempfile::tempdir().unwrap();
+        let text = crate::helpers::test_config(dir.path(), "[[clients]]\ntype = \"ga4\"\n")
+            .replace("[cookies]\n", &format!("[cookies]\n{lines}\n"));
+        crate::helpers::spawn_with(dir, &text).await
+    }
+    let app = with_cookies("require_consent = true").await;
+    for (consent, want) in [
+        ("&gcs=G111", &all[..]),
+        ("&gcs=G101", &analytics[..]), // ad_storage denied
+        ("&gcs=G110", &ads[..]),       // analytics_storage denied
+        ("&gcs=G100", &none[..]),
+        // Consent Mode v2: `gcd` wins where definite (ad_storage denied by update here).
+        ("&gcs=G111&gcd=13q3t3t2t5l1", &analytics[..]),
+        ("&gcs=G100&gcd=13r3r3t2t5l1", &all[..]),
+        // No signal: consent_default ("granted").
+        ("", &all[..]),
+    ] {
+        assert_eq!(cookie_names(&app, consent).await, want, "{consent}");
+    }
+    app.stop().await;
+
+    // With consent_default = "denied", a hit without signals sets nothing.
+    let app = with_cookies("require_consent = true\nconsent_default = \"denied\"").await;
+    assert_eq!(cookie_names(&app, "").await, none);
+    assert_eq!(cookie_names(&app, "&gcs=G101").await, analytics);
+    app.stop().await;
+
+    // Without require_consent, the signals do not gate cookies.
+    let app = with_cookies("").await;
+    assert_eq!(cookie_names(&app, "&gcs=G100").await, all);
     app.stop().await;
 }

@@ -4,21 +4,56 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::helpers::test_config;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_tagrelay");
 
-/// A running `tagrelay` process and the addresses it logged.
+/// A running `tagrelay` process, the addresses it logged, and everything it wrote to stdout
+/// and stderr (JSON logs), kept for the test to read.
 pub struct Proc {
     pub child: Child,
     pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    output: Arc<Mutex<String>>,
 }
 
 impl Proc {
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.admin, path)
+    }
+
+    /// Everything the process wrote so far, stdout and stderr line by line.
+    pub fn output(&self) -> String {
+        self.output.lock().unwrap().clone()
+    }
+
+    /// Waits until the output holds a line for which `pred` holds (panics after `secs`,
+    /// naming `what`), and returns that line.
+    pub async fn wait_for_line(
+        &self,
+        what: &str,
+        secs: u64,
+        pred: impl Fn(&str) -> bool,
+    ) -> String {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+        loop {
+            if let Some(line) = self.output().lines().find(|l| pred(l)) {
+                return line.to_owned();
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no line with {what} in {secs}s; the output:\n{}",
+                self.output()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     pub fn signal(&self, sig: &str) {
@@ -55,32 +90,68 @@ impl Drop for Proc {
 
 /// Starts the binary on `config_path` with JSON logs and reads the bound addresses.
 pub fn start(config_path: &Path) -> Proc {
+    start_with(config_path, &[], "info")
+}
+
+/// [`start`] with extra environment variables and a `RUST_LOG` filter.
+pub fn start_with(config_path: &Path, env: &[(&str, &str)], rust_log: &str) -> Proc {
     let mut child = Command::new(BIN)
         .args(["serve", "--config"])
         .arg(config_path)
         .env("TAGRELAY__SERVER__LOG_FORMAT", "json")
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
+        .env("RUST_LOG", rust_log)
+        .envs(env.iter().copied())
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn tagrelay");
+    let output = Arc::new(Mutex::new(String::new()));
+    // Both pipes are drained to the end, so the child never blocks on a full pipe.
+    let stdout = child.stdout.take().expect("stdout");
+    let out = output.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let mut o = out.lock().unwrap();
+            o.push_str(&line);
+            o.push('\n');
+        }
+    });
     let stderr = child.stderr.take().expect("stderr");
     let mut lines = BufReader::new(stderr).lines();
-    let addr = loop {
+    let listening = loop {
         let line = match lines.next() {
             Some(Ok(l)) => l,
-            _ => panic!("tagrelay exited before listening"),
+            _ => panic!(
+                "tagrelay exited before listening:\n{}",
+                output.lock().unwrap()
+            ),
         };
+        {
+            let mut o = output.lock().unwrap();
+            o.push_str(&line);
+            o.push('\n');
+        }
         let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
             continue;
         };
-        if let Some(a) = v["public_addr"].as_str() {
-            break a.parse().unwrap();
+        if v["public_addr"].is_string() {
+            break v;
         }
     };
-    // Keep draining stderr so the child never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines.by_ref() {});
-    Proc { child, addr }
+    let out = output.clone();
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            let mut o = out.lock().unwrap();
+            o.push_str(&line);
+            o.push('\n');
+        }
+    });
+    Proc {
+        child,
+        addr: listening["public_addr"].as_str().unwrap().parse().unwrap(),
+        admin: listening["admin_addr"].as_str().unwrap().parse().unwrap(),
+        output,
+    }
 }
 
 pub fn write_config(dir: &Path, extra: &str) -> std::path::PathBuf {
@@ -204,33 +275,65 @@ fn check_reports_every_problem() {
     assert!(err.contains("already named `a`"), "{err}");
 }
 
+/// Reads from `stream` until what was read contains `needle` (panics after 10 s or at EOF).
+async fn read_until(stream: &mut tokio::net::TcpStream, seen: &mut String, needle: &str) {
+    use tokio::io::AsyncReadExt;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut buf = [0u8; 1024];
+    while !seen.contains(needle) {
+        let n = tokio::time::timeout_at(deadline, stream.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("no `{needle}` in 10 s; read: {seen:?}"))
+            .expect("read");
+        assert!(n > 0, "connection closed before `{needle}`; read: {seen:?}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+}
+
 #[tokio::test]
 async fn sigterm_lets_an_in_flight_request_finish_and_exits_zero() {
+    use tokio::io::AsyncWriteExt;
     let dir = tempfile::tempdir().unwrap();
     let path = write_config(dir.path(), "[[clients]]\ntype = \"ga4\"\n");
     let mut proc = start(&path);
 
-    // A POST whose body arrives slowly: it is in flight when SIGTERM lands.
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(4);
-    let body = reqwest::Body::wrap_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
-    let url = proc.url("/g/collect?v=2&tid=G-TEST1&cid=111.222");
-    let request = tokio::spawn(async move {
-        reqwest::Client::new()
-            .post(url)
-            .header("content-type", "text/plain;charset=UTF-8")
-            .body(body)
-            .send()
-            .await
-    });
-    tx.send(Ok(b"en=page_view&_et=1".to_vec())).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    proc.signal("TERM");
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    tx.send(Ok(b"\r\nen=scroll&_et=2".to_vec())).await.unwrap();
-    drop(tx);
+    // A POST whose body arrives in two parts. `Expect: 100-continue` makes the server say
+    // when its handler starts reading the body: from then on the request is in flight.
+    let (first, rest) = ("en=page_view&_et=1", "\r\nen=scroll&_et=2");
+    let mut conn = tokio::net::TcpStream::connect(proc.addr).await.unwrap();
+    let head = format!(
+        "POST /g/collect?v=2&tid=G-TEST1&cid=111.222 HTTP/1.1\r\nhost: {}\r\ncontent-type: text/plain;charset=UTF-8\r\ncontent-length: {}\r\nexpect: 100-continue\r\n\r\n",
+        proc.addr,
+        first.len() + rest.len()
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    read_until(&mut conn, &mut answer, "100 Continue\r\n\r\n").await;
+    let mut answer = answer
+        .split_once("100 Continue\r\n\r\n")
+        .map(|(_, after)| after.to_owned())
+        .unwrap_or_default();
+    conn.write_all(first.as_bytes()).await.unwrap();
 
-    let resp = request.await.unwrap().expect("in-flight request completes");
-    assert_eq!(resp.status(), 204);
+    proc.signal("TERM");
+    proc.wait_for_line("the shutdown starting", 10, |l| {
+        l.contains("shutdown requested")
+    })
+    .await;
+    // Shutting down: the admin listener is still up and says not ready while hits finish.
+    let ready = reqwest::get(proc.admin_url("/readyz")).await.unwrap();
+    assert_eq!(ready.status(), 503, "/readyz while shutting down");
+    conn.write_all(rest.as_bytes()).await.unwrap();
+
+    read_until(&mut conn, &mut answer, "\r\n\r\n").await;
+    let status_line = answer
+        .split("\r\n")
+        .find(|l| l.starts_with("HTTP/1.1 ") && !l.contains(" 100 "))
+        .unwrap_or_else(|| panic!("no final status: {answer:?}"));
+    assert_eq!(
+        status_line, "HTTP/1.1 204 No Content",
+        "in-flight request completes"
+    );
     let status = tokio::task::spawn_blocking(move || proc.wait_exit(15))
         .await
         .unwrap();
@@ -272,4 +375,92 @@ fn check_refuses_outbox_settings_that_would_refuse_or_lose_hits() {
     ] {
         assert!(err.contains(key), "{key} missing from: {err}");
     }
+}
+
+/// `kill -HUP` of the real process: a good file takes effect (a new client answers, the new
+/// trigger decides), a bad one is refused with the reason logged and the old one serving.
+#[tokio::test]
+async fn sighup_applies_a_good_file_and_refuses_a_bad_one_keeping_the_old() {
+    let vendor = crate::helpers::FakeVendor::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let tags = |events: &str| {
+        format!(
+            "[[tags]]\nname = \"hook\"\ntype = \"http\"\nurl = \"{}/hook\"\n[tags.trigger]\nevents = {events}\n",
+            vendor.url()
+        )
+    };
+    let ga4 = "[[clients]]\ntype = \"ga4\"\n";
+    let path = write_config(dir.path(), &format!("{ga4}{}", tags("[\"page_view\"]")));
+    let proc = start(&path);
+    let http = reqwest::Client::new();
+    let hit = |en: &str, id: &str| {
+        let (http, url) = (
+            http.clone(),
+            proc.url(&format!(
+                "/g/collect?v=2&tid=G-TEST1&cid=1.2&en={en}&ep.event_id={id}"
+            )),
+        );
+        async move {
+            assert_eq!(http.get(url).send().await.unwrap().status(), 204);
+        }
+    };
+    let snippet = || {
+        let (http, url) = (http.clone(), proc.url("/tagrelay.js"));
+        async move { http.get(url).send().await.unwrap().status().as_u16() }
+    };
+    let outbox = dir.path().join("outbox");
+    let ids = |v: &crate::helpers::FakeVendor| -> Vec<String> {
+        v.received()
+            .iter()
+            .map(|r| r.json()["event_id"].as_str().unwrap_or("").to_owned())
+            .collect()
+    };
+    hit("page_view", "pv-1").await;
+    vendor.wait_for(10, |r| r.len() == 1).await;
+    assert_eq!(snippet().await, 404, "no data client yet");
+
+    // A good file: the data client appears, the hook fires on purchases only.
+    let good = write_config(
+        dir.path(),
+        &format!(
+            "{ga4}[[clients]]\ntype = \"data\"\n{}",
+            tags("[\"purchase\"]")
+        ),
+    );
+    proc.signal("HUP");
+    proc.wait_for_line("the reload", 10, |l| l.contains("configuration reloaded"))
+        .await;
+    assert_eq!(snippet().await, 200, "the new client answers");
+    hit("page_view", "pv-2").await;
+    hit("purchase", "buy-1").await;
+    vendor.wait_for(10, |r| r.len() == 2).await;
+    crate::helpers::wait_until_drained(&outbox).await;
+    assert_eq!(
+        ids(&vendor),
+        vec!["pv-1", "buy-1"],
+        "the new trigger decides"
+    );
+
+    // A bad file: refused, the reason logged, the good one keeps serving.
+    let text = std::fs::read_to_string(&good).unwrap();
+    std::fs::write(&good, text.replace("events = ", "evnts = ")).unwrap();
+    proc.signal("HUP");
+    let refused = proc
+        .wait_for_line("the refused reload", 10, |l| {
+            l.contains("new configuration rejected")
+        })
+        .await;
+    assert!(refused.contains("\"level\":\"ERROR\""), "{refused}");
+    assert!(refused.contains("unknown key `evnts`"), "{refused}");
+    assert_eq!(snippet().await, 200, "the data client still answers");
+    hit("page_view", "pv-3").await;
+    hit("purchase", "buy-2").await;
+    vendor.wait_for(10, |r| r.len() == 3).await;
+    crate::helpers::wait_until_drained(&outbox).await;
+    assert_eq!(ids(&vendor), vec!["pv-1", "buy-1", "buy-2"]);
+    assert_eq!(
+        proc.output().matches("configuration reloaded").count(),
+        1,
+        "the bad file was applied"
+    );
 }

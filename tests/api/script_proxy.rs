@@ -13,7 +13,8 @@ use crate::helpers::spawn_app;
 
 const ETAG_V1: &str = "\"v1\"";
 
-/// A script host that counts full and conditional fetches and can be told to fail or stall.
+/// A script host that counts full and conditional fetches and can be told to fail, stall, or
+/// hold its answers until released.
 #[derive(Clone, Default)]
 struct Upstream {
     addr: Option<SocketAddr>,
@@ -23,6 +24,8 @@ struct Upstream {
     failed: Arc<AtomicUsize>,
     fail: Arc<AtomicBool>,
     delay_ms: Arc<AtomicU64>,
+    /// While true, answers wait (after the request is counted in `seen`).
+    hold: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl Upstream {
@@ -30,6 +33,7 @@ impl Upstream {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let up = Upstream {
             addr: Some(listener.local_addr().unwrap()),
+            hold: Arc::new(tokio::sync::watch::Sender::new(false)),
             ..Upstream::default()
         };
         let router = axum::Router::new().fallback(serve).with_state(up.clone());
@@ -58,6 +62,7 @@ impl Upstream {
 
 async fn serve(State(up): State<Upstream>, uri: Uri, headers: HeaderMap) -> Response {
     up.seen.lock().unwrap().push((uri.clone(), headers.clone()));
+    let _ = up.hold.subscribe().wait_for(|held| !*held).await;
     let delay = up.delay_ms.load(Ordering::SeqCst);
     if delay > 0 {
         tokio::time::sleep(Duration::from_millis(delay)).await;
@@ -212,31 +217,37 @@ async fn fifty_concurrent_cold_requests_make_one_upstream_fetch() {
 #[tokio::test]
 async fn stale_is_served_at_once_and_revalidated_in_the_background_with_if_none_match() {
     let up = Upstream::start().await;
-    up.delay_ms.store(400, Ordering::SeqCst);
+    // The upstream's timeout is long: a proxy that waited for the upstream would hang here.
     let app = spawn_app(&proxy_toml(
         "/s.js",
         &up.url("/gtag/js"),
-        "cache_ttl_secs = 1",
+        "cache_ttl_secs = 1\ntimeout_ms = 600000",
     ))
     .await;
     let url = app.url("/s.js?id=G-1");
     let r = app.http.get(&url).send().await.unwrap();
     assert_eq!(cache_header(&r), "MISS");
     let etag = r.headers()["etag"].clone();
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await; // past cache_ttl_secs
 
-    let started = Instant::now();
-    let r = app.http.get(&url).send().await.unwrap();
-    let took = started.elapsed();
+    // The upstream holds its answer to the revalidation until the stale copy has been served.
+    up.hold.send_replace(true);
+    let r = tokio::time::timeout(Duration::from_secs(60), app.http.get(&url).send())
+        .await
+        .expect("stale must not wait for the upstream")
+        .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(cache_header(&r), "STALE");
     assert_eq!(r.headers()["cache-control"], "public, max-age=60");
     assert_eq!(r.headers()["etag"], etag);
     assert_eq!(r.text().await.unwrap(), "/* script /gtag/js?id=G-1 */");
-    assert!(
-        took < Duration::from_millis(300),
-        "stale must not wait for the 400 ms upstream: {took:?}"
+    up.wait("the revalidation", |u| u.seen().len() == 2).await;
+    assert_eq!(
+        up.not_modified.load(Ordering::SeqCst),
+        0,
+        "served before the upstream answered"
     );
+    up.hold.send_replace(false);
 
     up.wait("the 304", |u| u.not_modified.load(Ordering::SeqCst) == 1)
         .await;
@@ -246,8 +257,19 @@ async fn stale_is_served_at_once_and_revalidated_in_the_background_with_if_none_
     assert_eq!(seen[1].0.query(), Some("id=G-1"));
     assert_eq!(up.full.load(Ordering::SeqCst), 1);
 
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let r = app.http.get(&url).send().await.unwrap();
+    // Stale until the proxy has stored the 304's refresh (no new fetch meanwhile), then a hit.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let r = loop {
+        let r = app.http.get(&url).send().await.unwrap();
+        if cache_header(&r) != "STALE" {
+            break r;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the 304 never refreshed the entry"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
     assert_eq!(cache_header(&r), "HIT", "the 304 refreshed the entry");
     assert_eq!(r.headers()["etag"], etag);
     assert_eq!(up.seen().len(), 2);
@@ -257,10 +279,10 @@ async fn stale_is_served_at_once_and_revalidated_in_the_background_with_if_none_
 #[tokio::test]
 async fn upstream_failures_serve_stale_within_the_window_else_502() {
     let up = Upstream::start().await;
-    let closed = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap()
-    };
+    // Bound but not listening: connections are refused, and the port stays ours.
+    let closed_socket = tokio::net::TcpSocket::new_v4().unwrap();
+    closed_socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let closed = closed_socket.local_addr().unwrap();
     let app = spawn_app(&format!(
         "{}{}{}",
         proxy_toml("/a.js", &up.url("/a.js"), "cache_ttl_secs = 1"),
@@ -291,11 +313,33 @@ async fn upstream_failures_serve_stale_within_the_window_else_502() {
         u.failed.load(Ordering::SeqCst) == 1
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    let r = app.http.get(app.url("/a.js")).send().await.unwrap();
-    assert_eq!(r.status(), 200);
-    assert_eq!(cache_header(&r), "STALE", "still served after the failure");
-    assert_eq!(r.text().await.unwrap(), "/* script /a.js */");
+    // Until a request starts the next revalidation (which the proxy does only once the failed
+    // one has been recorded), every answer is the stale copy.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = app.http.get(app.url("/a.js")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(cache_header(&r), "STALE", "still served after the failure");
+        assert_eq!(r.text().await.unwrap(), "/* script /a.js */");
+        if up
+            .seen()
+            .iter()
+            .filter(|(u, _)| u.path() == "/a.js")
+            .count()
+            == 3
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no revalidation after the failed one"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    up.wait("the second failed revalidation", |u| {
+        u.failed.load(Ordering::SeqCst) == 2
+    })
+    .await;
 
     // Past stale_if_error: the request waits for the upstream and gets its failure.
     let r = app.http.get(app.url("/b.js")).send().await.unwrap();
@@ -319,6 +363,7 @@ async fn upstream_failures_serve_stale_within_the_window_else_502() {
     assert_eq!(r.status(), 200);
     assert_eq!(cache_header(&r), "MISS");
     app.stop().await;
+    drop(closed_socket);
 }
 
 #[tokio::test]

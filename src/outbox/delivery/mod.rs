@@ -24,10 +24,7 @@ use crate::outbox::{
 };
 use crate::tags::{Encoded, OutboundRequest, Outcome, TagInstance};
 use crate::trace::{AttemptOutcome, DeliveryObserver, RequestView, Settled};
-use retry::{human_duration, retry_label, RetryDecision, RetryPolicy};
-
-/// Longest a `Retry-After` pauses a whole tag.
-const MAX_TAG_PAUSE: Duration = Duration::from_secs(3600);
+use retry::{human_duration, retry_label, RetryDecision, RetryPolicy, MAX_RETRY_AFTER};
 
 /// Records per settle request (the writer gives dispatcher work about this much of each
 /// commit while hits wait).
@@ -832,7 +829,7 @@ async fn deliver(
                     if let Some(after) = after {
                         // The vendor asked the whole tag to wait, not just this request
                         // (within reason, whatever it says).
-                        let wait = after.min(MAX_TAG_PAUSE);
+                        let wait = after.min(MAX_RETRY_AFTER);
                         pause.fetch_max(
                             now.saturating_add(retry::duration_ms(wait)),
                             Ordering::AcqRel,

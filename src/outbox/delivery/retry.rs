@@ -8,6 +8,12 @@ use rand::Rng;
 use crate::outbox::config::OutboxConfig;
 use crate::tags::DeliveryRules;
 
+/// Longest a vendor's `Retry-After` is obeyed, both as a pause of the whole tag and as the
+/// delay of the events it answered. Vendors ask for seconds or minutes; a day (a misbehaving
+/// proxy, a bug) would hold those events for most of their retry window while later events
+/// went out, and could carry a Meta event past its 7-day limit unsent.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RetryPolicy {
     pub initial: Duration,
@@ -55,7 +61,8 @@ impl RetryPolicy {
     }
 
     /// Decides the next attempt after a failure. `attempts` counts failures including this
-    /// one; `after` is the vendor's `Retry-After`, a floor for the delay.
+    /// one; `after` is the vendor's `Retry-After`, a floor for the delay up to
+    /// [`MAX_RETRY_AFTER`].
     pub fn decide(
         &self,
         attempts: u32,
@@ -71,7 +78,7 @@ impl RetryPolicy {
         }
         let delay = self
             .backoff(attempts.saturating_sub(1), rng)
-            .max(after.unwrap_or_default());
+            .max(after.unwrap_or_default().min(MAX_RETRY_AFTER));
         RetryDecision::RetryAt(now_ms.saturating_add(duration_ms(delay)))
     }
 }
@@ -193,6 +200,39 @@ mod tests {
         assert_eq!(h(3 * 3600 + 12 * 60 + 5), "3h 12m");
         assert_eq!(h(7 * 86_400), "7d");
         assert_eq!(h(8 * 86_400 + 2 * 3600), "8d 2h");
+    }
+
+    #[test]
+    fn a_retry_after_longer_than_an_hour_holds_the_event_for_an_hour() {
+        let p = policy();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let now = 10_000_000;
+        for after in [86_400, 7 * 86_400, u64::MAX / 1000] {
+            assert_eq!(
+                p.decide(
+                    1,
+                    now,
+                    now,
+                    p.max_age,
+                    Some(Duration::from_secs(after)),
+                    &mut rng
+                ),
+                RetryDecision::RetryAt(now + 3_600_000),
+                "Retry-After: {after}"
+            );
+        }
+        // Up to the cap, the vendor's value stands.
+        assert_eq!(
+            p.decide(
+                1,
+                now,
+                now,
+                p.max_age,
+                Some(Duration::from_secs(3_000)),
+                &mut rng
+            ),
+            RetryDecision::RetryAt(now + 3_000_000)
+        );
     }
 
     #[test]

@@ -359,6 +359,12 @@ impl EmbeddedStore {
         self.shared.fail_log.store(on, Ordering::Release);
     }
 
+    /// The next fsync of hits' commits fails, as if the disk reported an I/O error.
+    #[cfg(test)]
+    pub(crate) fn fail_next_fsync(&self) {
+        self.shared.fail_fsync.store(true, Ordering::Release);
+    }
+
     /// Events the store holds for deliveries still owed or out: rows in `events`, and log
     /// frames some tag still needs that have no copy there.
     #[cfg(test)]

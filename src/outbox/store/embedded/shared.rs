@@ -43,6 +43,9 @@ pub(crate) struct Shared {
     /// Tests: commits with frames to write fail as if the log's disk did.
     #[cfg(test)]
     pub fail_log: AtomicBool,
+    /// Tests: the syncer's next fsync fails as if the disk reported EIO.
+    #[cfg(test)]
+    pub fail_fsync: AtomicBool,
 }
 
 impl Shared {

@@ -90,6 +90,10 @@ impl Syncer {
                         if wal {
                             result = result.and_then(|()| sync());
                         }
+                        #[cfg(test)]
+                        if shared.fail_fsync.swap(false, Ordering::AcqRel) {
+                            result = Err(io::Error::other("injected fsync failure (EIO)"));
+                        }
                         shared.syncing.store(false, Ordering::Release);
                         metrics::histogram!("tagrelay_outbox_fsync_duration_seconds")
                             .record(started.elapsed().as_secs_f64());

@@ -1295,6 +1295,36 @@ mod model {
             run(steps)?;
         }
     }
+
+    // Cases proptest once shrank failures to. Their saved seeds stopped replaying them when
+    // the strategy changed, so each is a plain test of the case itself.
+
+    #[test]
+    fn model_a_reopen_of_an_empty_store() {
+        run(vec![Step::Reopen]).unwrap();
+    }
+
+    #[test]
+    fn model_a_second_ack_of_the_same_delivery_then_a_new_event() {
+        run(vec![
+            Step::Enqueue { tag: 1, n: 1 },
+            Step::Lease { tag: 1, limit: 1 },
+            Step::Ack(0),
+            Step::Ack(0),
+            Step::Enqueue { tag: 1, n: 1 },
+        ])
+        .unwrap();
+    }
+
+    #[test]
+    fn model_a_leased_first_delivery_dead_lettered() {
+        run(vec![
+            Step::Enqueue { tag: 1, n: 1 },
+            Step::Lease { tag: 1, limit: 1 },
+            Step::Dead(0),
+        ])
+        .unwrap();
+    }
 }
 
 #[tokio::test]
