@@ -21,6 +21,7 @@ pub mod telemetry;
 pub(crate) mod test_metrics;
 pub mod text;
 pub mod trace;
+pub mod typed_table;
 pub mod urlenc;
 
 pub use app::{app, AppState, Application};

@@ -4,19 +4,13 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
-use crate::clients::data::DataClient;
-use crate::clients::ga4::Ga4Client;
-use crate::clients::measurement_protocol::MeasurementProtocolClient;
 use crate::clients::script_proxy::ScriptProxy;
-use crate::clients::Client;
-use crate::config::{ClientConfig, Config, TagConfig};
+use crate::clients::{BuiltClient, Client, ClientConfig};
+use crate::config::Config;
 use crate::identity::CookiePolicy;
 use crate::outbox::delivery::TagDirectory;
-use crate::tags::ga4::Ga4Tag;
-use crate::tags::http::HttpTag;
-use crate::tags::meta_capi::MetaCapiTag;
 use crate::tags::trigger::Trigger;
-use crate::tags::{Tag, TagInstance};
+use crate::tags::TagInstance;
 
 /// Shorter admin tokens are refused at load: an empty one would open the admin surface and
 /// key its session HMAC with nothing.
@@ -138,36 +132,20 @@ impl Pipeline {
 
         let mut clients: Vec<Box<dyn Client>> = Vec::new();
         let mut script_proxies: Vec<Arc<ScriptProxy>> = Vec::new();
-        let mut proxy_paths: Vec<(usize, &str)> = Vec::new();
         for (i, c) in config.clients.iter().enumerate() {
-            let built: Result<Box<dyn Client>, Vec<String>> = match c {
-                ClientConfig::Ga4(cfg) => {
-                    Ga4Client::from_config(cfg).map(|c| Box::new(c) as Box<dyn Client>)
-                }
-                ClientConfig::MeasurementProtocol(cfg) => {
-                    MeasurementProtocolClient::from_config(cfg)
-                        .map(|c| Box::new(c) as Box<dyn Client>)
-                }
-                ClientConfig::Data(cfg) => {
-                    DataClient::from_config(cfg).map(|c| Box::new(c) as Box<dyn Client>)
-                }
-                ClientConfig::ScriptProxy(cfg) => match ScriptProxy::from_config(cfg) {
-                    Ok(p) => {
-                        if let Some((j, _)) = proxy_paths.iter().find(|(_, q)| *q == cfg.path) {
-                            problems.push(format!(
-                                "clients[{i}] (type script_proxy): path: `{}` is already served by clients[{j}]",
-                                cfg.path
-                            ));
-                        }
-                        proxy_paths.push((i, &cfg.path));
-                        script_proxies.push(Arc::new(p));
-                        continue;
+            match c.spec().build() {
+                Ok(BuiltClient::Events(client)) => clients.push(client),
+                Ok(BuiltClient::ScriptProxy(p)) => {
+                    if let Some(j) = config.clients[..i].iter().position(
+                        |o| matches!(o, ClientConfig::ScriptProxy(o) if o.path == p.path()),
+                    ) {
+                        problems.push(format!(
+                            "clients[{i}] (type script_proxy): path: `{}` is already served by clients[{j}]",
+                            p.path()
+                        ));
                     }
-                    Err(p) => Err(p),
-                },
-            };
-            match built {
-                Ok(c) => clients.push(c),
+                    script_proxies.push(Arc::new(p));
+                }
                 Err(p) => problems.extend(
                     p.into_iter()
                         .map(|m| format!("clients[{i}] (type {}): {m}", c.kind())),
@@ -178,7 +156,8 @@ impl Pipeline {
         let mut tags = Vec::new();
         let mut names = std::collections::HashSet::new();
         for (i, t) in config.tags.iter().enumerate() {
-            let name = t.name();
+            let spec = t.spec();
+            let name = spec.name();
             let label = format!("tags[{i}] (`{name}`)");
             if name.is_empty()
                 || !name
@@ -194,13 +173,8 @@ impl Pipeline {
                     "{label}.name: another tag is already named `{name}`"
                 ));
             }
-            let (trigger_cfg, built): (_, Result<Box<dyn Tag>, Vec<String>>) = match t {
-                TagConfig::Ga4(c) => (&c.trigger, Ga4Tag::from_config(c).map(boxed)),
-                TagConfig::MetaCapi(c) => (&c.trigger, MetaCapiTag::from_config(c).map(boxed)),
-                TagConfig::Http(c) => (&c.trigger, HttpTag::from_config(c).map(boxed)),
-            };
-            let trigger = Trigger::build(trigger_cfg, config.cookies.consent_default);
-            match (built, trigger) {
+            let trigger = Trigger::build(spec.trigger(), config.cookies.consent_default);
+            match (spec.build(), trigger) {
                 (Ok(tag), Ok(trigger)) => tags.push(Arc::new(TagInstance {
                     name: name.into(),
                     trigger,
@@ -243,8 +217,4 @@ impl TagDirectory for ArcSwap<Pipeline> {
     fn names(&self) -> Vec<Arc<str>> {
         self.load().tags.iter().map(|t| t.name.clone()).collect()
     }
-}
-
-fn boxed<T: Tag + 'static>(t: T) -> Box<dyn Tag> {
-    Box::new(t)
 }

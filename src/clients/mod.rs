@@ -91,6 +91,32 @@ pub trait Client: Send + Sync + std::fmt::Debug {
     fn parse(&self, req: &HitRequest<'_>) -> Result<Parsed, ClientError>;
 }
 
+/// A client as built from its config: an event client, or a first-party script proxy (asked
+/// before event clients for `GET`/`HEAD`; not an event client, because it does network I/O).
+#[derive(Debug)]
+pub enum BuiltClient {
+    Events(Box<dyn Client>),
+    ScriptProxy(script_proxy::ScriptProxy),
+}
+
+/// What every client type's config can do; the registry ([`ClientConfig`]) hands configs out
+/// as this.
+pub trait ClientSpec {
+    /// Validates the config into the client (every problem named by its key).
+    fn build(&self) -> Result<BuiltClient, Vec<String>>;
+}
+
+crate::typed_configs! {
+    /// A `[[clients]]` entry, by its `type`. A new client type is a folder under
+    /// `src/clients/` whose config implements [`ClientSpec`], and one line here.
+    pub enum ClientConfig("client", CLIENT_TYPES) as dyn ClientSpec {
+        Ga4("ga4", ga4::Ga4ClientConfig),
+        MeasurementProtocol("measurement_protocol", measurement_protocol::MeasurementProtocolClientConfig),
+        Data("data", data::DataClientConfig),
+        ScriptProxy("script_proxy", script_proxy::ScriptProxyConfig),
+    }
+}
+
 /// Strong validator of a body we serve: a hash of its bytes, so it changes exactly when they
 /// do.
 pub(crate) fn etag_of(body: &[u8]) -> http::HeaderValue {

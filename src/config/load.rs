@@ -4,7 +4,9 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use super::{ClientConfig, Config, TagConfig, DEFAULT_CONFIG, DEFAULT_CONFIG_PATH};
+use super::{Config, DEFAULT_CONFIG, DEFAULT_CONFIG_PATH};
+use crate::clients::ClientConfig;
+use crate::tags::TagConfig;
 
 /// Where a configuration came from, for messages and reload.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -309,7 +311,7 @@ mod tests {
         )
         .unwrap();
         match &cfg.tags[0] {
-            super::super::TagConfig::Http(h) => {
+            TagConfig::Http(h) => {
                 assert!(
                     h.headers.contains_key("X-Api-Key"),
                     "{:?}",

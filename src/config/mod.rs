@@ -10,18 +10,13 @@ use std::net::SocketAddr;
 use ipnet::IpNet;
 use serde::Deserialize;
 
+use crate::clients::ClientConfig;
+use crate::identity::config::CookiesConfig;
 use crate::outbox::config::OutboxConfig;
 use crate::secret::{self, Secret};
+use crate::tags::TagConfig;
 use crate::telemetry::LogFormat;
 use crate::trace::TraceSampling;
-
-use crate::clients::data::DataClientConfig;
-use crate::clients::ga4::Ga4ClientConfig;
-use crate::clients::measurement_protocol::MeasurementProtocolClientConfig;
-use crate::clients::script_proxy::ScriptProxyConfig;
-use crate::tags::ga4::Ga4TagConfig;
-use crate::tags::http::HttpTagConfig;
-use crate::tags::meta_capi::MetaCapiTagConfig;
 
 /// The embedded default configuration (`config/tagrelay.toml`).
 pub const DEFAULT_CONFIG: &str = include_str!("../../config/tagrelay.toml");
@@ -95,61 +90,6 @@ pub enum ClientIpHeader {
     XRealIp,
 }
 
-/// What to assume for a consent signal the hit does not carry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum ConsentDefault {
-    #[default]
-    Granted,
-    Denied,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct CookiesConfig {
-    /// Manage first-party cookies at all.
-    pub enabled: bool,
-    /// `auto` = registrable domain (eTLD+1) of the request host; or an explicit domain.
-    pub domain: String,
-    /// Browsers drop `Secure` cookies over plain http; turn off only for local testing.
-    pub secure: bool,
-    /// Name of the server-managed visitor id cookie (GTM-SS calls it FPID).
-    pub visitor_cookie: String,
-    pub visitor_max_age_days: u32,
-    /// Seed a new visitor id from the hit's GA client id so visitors keep the id GA knows.
-    pub migrate_from_ga: bool,
-    /// Re-issue `_ga` server-side (lifts Safari's 7-day cap on script cookies).
-    pub keep_ga: bool,
-    pub ga_max_age_days: u32,
-    /// Re-issue `_fbp`/`_fbc` and build `_fbc` from `fbclid`.
-    pub keep_meta: bool,
-    pub meta_max_age_days: u32,
-    /// Gate cookies on Consent Mode: analytics_storage for the visitor id and `_ga`,
-    /// ad_storage for `_fbp`/`_fbc`.
-    pub require_consent: bool,
-    /// Consent assumed when a hit carries no consent signals.
-    pub consent_default: ConsentDefault,
-}
-
-impl Default for CookiesConfig {
-    fn default() -> Self {
-        CookiesConfig {
-            enabled: true,
-            domain: "auto".into(),
-            secure: true,
-            visitor_cookie: "FPID".into(),
-            visitor_max_age_days: 400,
-            migrate_from_ga: true,
-            keep_ga: true,
-            ga_max_age_days: 400,
-            keep_meta: true,
-            meta_max_age_days: 90,
-            require_consent: false,
-            consent_default: ConsentDefault::Granted,
-        }
-    }
-}
-
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
@@ -173,142 +113,6 @@ impl Default for AdminConfig {
             trace_max_bytes: 16 << 20,
             trace_sampling: TraceSampling::Watching,
             debug_cookie: "tagrelay_debug".into(),
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub enum ClientConfig {
-    Ga4(Ga4ClientConfig),
-    MeasurementProtocol(MeasurementProtocolClientConfig),
-    Data(DataClientConfig),
-    ScriptProxy(ScriptProxyConfig),
-}
-
-impl<'de> Deserialize<'de> for ClientConfig {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let (kind, table) = tagged::<D>(d, "client", CLIENT_TYPES)?;
-        match kind.as_str() {
-            "ga4" => tagged_variant::<D, _>(table).map(ClientConfig::Ga4),
-            "measurement_protocol" => {
-                tagged_variant::<D, _>(table).map(ClientConfig::MeasurementProtocol)
-            }
-            "data" => tagged_variant::<D, _>(table).map(ClientConfig::Data),
-            "script_proxy" => tagged_variant::<D, _>(table).map(ClientConfig::ScriptProxy),
-            _ => unreachable_type::<D, _>(&kind),
-        }
-    }
-}
-
-const CLIENT_TYPES: &[&str] = &["ga4", "measurement_protocol", "data", "script_proxy"];
-const TAG_TYPES: &[&str] = &["ga4", "meta_capi", "http"];
-
-/// Reads a `type = "..."` table. Internally tagged serde enums lose the path of errors inside
-/// the variant, so the variant is deserialized separately and its inner path is carried in
-/// the message (`at `trigger`: …`), which `load::describe` folds back into the key path.
-fn tagged<'de, D: serde::Deserializer<'de>>(
-    d: D,
-    what: &str,
-    types: &[&str],
-) -> Result<(String, serde_json::Value), D::Error> {
-    use serde::de::Error;
-    let table = serde_json::Value::deserialize(d)?;
-    let kind = match table.get("type") {
-        Some(serde_json::Value::String(s)) => s.clone(),
-        Some(_) => {
-            return Err(D::Error::custom(format!(
-                "`type` of a {what} must be a string"
-            )))
-        }
-        None => {
-            return Err(D::Error::custom(format!(
-                "missing key `type` (one of: {})",
-                types.join(", ")
-            )))
-        }
-    };
-    if !types.contains(&kind.as_str()) {
-        return Err(D::Error::unknown_variant(&kind, leak(types)));
-    }
-    let mut table = table;
-    if let Some(map) = table.as_object_mut() {
-        map.remove("type");
-    }
-    Ok((kind, table))
-}
-
-fn leak(types: &[&str]) -> &'static [&'static str] {
-    // The known type lists are the consts above; match them to get 'static slices.
-    if types == CLIENT_TYPES {
-        CLIENT_TYPES
-    } else {
-        TAG_TYPES
-    }
-}
-
-fn tagged_variant<'de, D: serde::Deserializer<'de>, T: serde::de::DeserializeOwned>(
-    table: serde_json::Value,
-) -> Result<T, D::Error> {
-    use serde::de::Error;
-    serde_path_to_error::deserialize(table).map_err(|e| {
-        let path = e.path().to_string();
-        if path.is_empty() || path == "." {
-            D::Error::custom(e.into_inner())
-        } else {
-            D::Error::custom(format!("at `{path}`: {}", e.into_inner()))
-        }
-    })
-}
-
-fn unreachable_type<'de, D: serde::Deserializer<'de>, T>(kind: &str) -> Result<T, D::Error> {
-    use serde::de::Error;
-    Err(D::Error::custom(format!("unknown type `{kind}`")))
-}
-
-impl ClientConfig {
-    pub fn kind(&self) -> &'static str {
-        match self {
-            ClientConfig::Ga4(_) => "ga4",
-            ClientConfig::MeasurementProtocol(_) => "measurement_protocol",
-            ClientConfig::Data(_) => "data",
-            ClientConfig::ScriptProxy(_) => "script_proxy",
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub enum TagConfig {
-    Ga4(Ga4TagConfig),
-    MetaCapi(MetaCapiTagConfig),
-    Http(HttpTagConfig),
-}
-
-impl<'de> Deserialize<'de> for TagConfig {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let (kind, table) = tagged::<D>(d, "tag", TAG_TYPES)?;
-        match kind.as_str() {
-            "ga4" => tagged_variant::<D, _>(table).map(TagConfig::Ga4),
-            "meta_capi" => tagged_variant::<D, _>(table).map(TagConfig::MetaCapi),
-            "http" => tagged_variant::<D, _>(table).map(TagConfig::Http),
-            _ => unreachable_type::<D, _>(&kind),
-        }
-    }
-}
-
-impl TagConfig {
-    pub fn name(&self) -> &str {
-        match self {
-            TagConfig::Ga4(c) => &c.name,
-            TagConfig::MetaCapi(c) => &c.name,
-            TagConfig::Http(c) => &c.name,
-        }
-    }
-
-    pub fn kind(&self) -> &'static str {
-        match self {
-            TagConfig::Ga4(_) => "ga4",
-            TagConfig::MetaCapi(_) => "meta_capi",
-            TagConfig::Http(_) => "http",
         }
     }
 }

@@ -1,7 +1,7 @@
 //! Consent gating of identifier storage.
 
-use crate::config::{ConsentDefault, CookiesConfig};
 use crate::event::{Consent, ConsentState, Event};
+use crate::identity::config::{ConsentDefault, CookiesConfig};
 
 /// Whether the storage signal picked by `signal` permits reading and writing stored
 /// identifiers for this request.

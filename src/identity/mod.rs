@@ -5,6 +5,7 @@
 //! identifiers are neither read nor written; identifiers that travel in the hit itself (the JS
 //! `cid`, an `fbclid` in the page URL) may still be used because they involve no storage.
 
+pub mod config;
 mod consent;
 mod cookies;
 mod domain;
@@ -17,9 +18,9 @@ use std::borrow::Cow;
 
 use rand::RngCore;
 
-use crate::config::CookiesConfig;
 use crate::event::Event;
 pub use crate::set_cookie::{CookieDecision, CookieReason};
+use config::CookiesConfig;
 
 pub use cookies::{cookie_value, is_cookie_octet, parse_cookie_header};
 pub use domain::{

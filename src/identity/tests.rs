@@ -7,8 +7,8 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 
 use super::*;
-use crate::config::{ConsentDefault, CookiesConfig};
 use crate::event::{ConsentState, Event};
+use crate::identity::config::{ConsentDefault, CookiesConfig};
 
 const NOW: i64 = 1_764_912_990_123;
 const NOW_S: &str = "1764912990";

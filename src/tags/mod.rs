@@ -89,6 +89,30 @@ pub trait Tag: Send + Sync + std::fmt::Debug {
     }
 }
 
+/// What every tag type's config can do; the registry ([`TagConfig`]) hands configs out as this.
+pub trait TagSpec {
+    fn name(&self) -> &str;
+    fn trigger(&self) -> &trigger::TriggerConfig;
+    /// Validates the config into the tag (every problem named by its key).
+    fn build(&self) -> Result<Box<dyn Tag>, Vec<String>>;
+}
+
+crate::typed_configs! {
+    /// A `[[tags]]` entry, by its `type`. A new tag type is a folder under `src/tags/` whose
+    /// config implements [`TagSpec`], and one line here.
+    pub enum TagConfig("tag", TAG_TYPES) as dyn TagSpec {
+        Ga4("ga4", ga4::Ga4TagConfig),
+        MetaCapi("meta_capi", meta_capi::MetaCapiTagConfig),
+        Http("http", http::HttpTagConfig),
+    }
+}
+
+impl TagConfig {
+    pub fn name(&self) -> &str {
+        self.spec().name()
+    }
+}
+
 /// A configured tag: its name, trigger and encoder.
 #[derive(Debug)]
 pub struct TagInstance {

@@ -12,8 +12,8 @@ use std::borrow::Cow;
 use regex::Regex;
 use serde::Deserialize;
 
-use crate::config::ConsentDefault;
 use crate::event::{ConsentState, Event, FieldValue};
+use crate::identity::config::ConsentDefault;
 
 /// A trigger's verdict before it is put into words.
 enum Verdict<'a> {
@@ -824,7 +824,7 @@ conditions = [
 exceptions = [{ field = "params.coupon", exists = false }]
 "#;
         let cfg = crate::config::load_str(text, "x.toml", false).unwrap();
-        let crate::config::TagConfig::Http(h) = &cfg.tags[0] else {
+        let crate::tags::TagConfig::Http(h) = &cfg.tags[0] else {
             panic!("wrong tag type");
         };
         let t = Trigger::build(&h.trigger, ConsentDefault::Granted).unwrap();

@@ -10,6 +10,12 @@
 //! `consent.*`, …); anything else becomes a custom parameter. Dotted keys
 //! (`user_data.address.city`) work in bodies and queries alike.
 
+impl crate::clients::ClientSpec for DataClientConfig {
+    fn build(&self) -> Result<crate::clients::BuiltClient, Vec<String>> {
+        DataClient::from_config(self).map(|c| crate::clients::BuiltClient::Events(Box::new(c)))
+    }
+}
+
 #[cfg(test)]
 mod tests;
 

@@ -8,6 +8,13 @@
 mod consent;
 mod decode;
 mod items;
+
+impl crate::clients::ClientSpec for Ga4ClientConfig {
+    fn build(&self) -> Result<crate::clients::BuiltClient, Vec<String>> {
+        Ga4Client::from_config(self).map(|c| crate::clients::BuiltClient::Events(Box::new(c)))
+    }
+}
+
 #[cfg(test)]
 mod tests;
 

@@ -11,6 +11,13 @@ pub mod item;
 pub mod json;
 pub mod validate;
 
+impl crate::clients::ClientSpec for MeasurementProtocolClientConfig {
+    fn build(&self) -> Result<crate::clients::BuiltClient, Vec<String>> {
+        MeasurementProtocolClient::from_config(self)
+            .map(|c| crate::clients::BuiltClient::Events(Box::new(c)))
+    }
+}
+
 #[cfg(test)]
 mod tests;
 

@@ -17,6 +17,13 @@
 
 pub mod cache;
 mod fetch;
+
+impl crate::clients::ClientSpec for ScriptProxyConfig {
+    fn build(&self) -> Result<crate::clients::BuiltClient, Vec<String>> {
+        ScriptProxy::from_config(self).map(crate::clients::BuiltClient::ScriptProxy)
+    }
+}
+
 #[cfg(test)]
 mod tests;
 

@@ -246,3 +246,15 @@ fn count_dropped(reason: &'static str) {
     metrics::counter!("tagrelay_tag_dropped_total", "tag_type" => "ga4", "reason" => reason)
         .increment(1);
 }
+
+impl crate::tags::TagSpec for Ga4TagConfig {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn trigger(&self) -> &TriggerConfig {
+        &self.trigger
+    }
+    fn build(&self) -> Result<Box<dyn Tag>, Vec<String>> {
+        Ga4Tag::from_config(self).map(|t| Box::new(t) as Box<dyn Tag>)
+    }
+}

@@ -1,8 +1,8 @@
 use serde_json::{json, Value};
 
 use super::*;
-use crate::config::ConsentDefault;
 use crate::event::{ConsentState, Item};
+use crate::identity::config::ConsentDefault;
 use crate::tags::trigger::{Trigger, TriggerConfig};
 use crate::tags::OutboundRequest;
 

@@ -252,6 +252,18 @@ impl Tag for HttpTag {
     }
 }
 
+impl crate::tags::TagSpec for HttpTagConfig {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn trigger(&self) -> &TriggerConfig {
+        &self.trigger
+    }
+    fn build(&self) -> Result<Box<dyn Tag>, Vec<String>> {
+        HttpTag::from_config(self).map(|t| Box::new(t) as Box<dyn Tag>)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

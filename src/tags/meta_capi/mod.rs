@@ -551,3 +551,15 @@ impl Tag for MetaCapiTag {
         }
     }
 }
+
+impl crate::tags::TagSpec for MetaCapiTagConfig {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn trigger(&self) -> &TriggerConfig {
+        &self.trigger
+    }
+    fn build(&self) -> Result<Box<dyn Tag>, Vec<String>> {
+        MetaCapiTag::from_config(self).map(|t| Box::new(t) as Box<dyn Tag>)
+    }
+}

@@ -13,8 +13,9 @@ use http::{HeaderMap, Method, StatusCode};
 
 use super::*;
 use crate::clock::now_ms;
-use crate::config::{Config, CookiesConfig};
+use crate::config::Config;
 use crate::event::Event;
+use crate::identity::config::CookiesConfig;
 use crate::identity::CookiePolicy;
 use crate::outbox::config::{FsyncMode, OutboxConfig};
 use crate::outbox::delivery::{
@@ -177,7 +178,7 @@ fn tag_instance(name: &str, url: &str, batch: usize, kind: &'static str) -> Arc<
         name: Arc::from(name),
         trigger: Trigger::build(
             &TriggerConfig::default(),
-            crate::config::ConsentDefault::Granted,
+            crate::identity::config::ConsentDefault::Granted,
         )
         .unwrap(),
         tag: Box::new(TestTag {
