@@ -1,17 +1,17 @@
 //! The benchmarked hits and the per-hit pure path, shared by `hit_path` (time) and
-//! `hit_allocs` (allocations): parse a GA4 hit → first-party cookies → triggers of two tags →
-//! the event payload the outbox stores; then, as the dispatchers do later, encode for the GA4
-//! and Meta CAPI tags. The parts are built from a config exactly as the server builds them
-//! (`Pipeline::build`).
+//! `hit_allocs` (allocations): the server's own `Pipeline::process` (parse a GA4 hit → stamp →
+//! first-party cookies → triggers of two tags → the payloads the outbox stores); then, as the
+//! dispatchers do later, encode for the GA4 and Meta CAPI tags. The pipeline is built from a
+//! config exactly as the server builds it (`Pipeline::build`).
 
 use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
 
 use http::{HeaderMap, HeaderValue, Method};
 use rand::rngs::StdRng;
 use tagrelay::clients::HitRequest;
 use tagrelay::config::load_str;
 use tagrelay::event::Event;
-use tagrelay::identity::IdentityInput;
 use tagrelay::pipeline::Pipeline;
 
 const CONFIG: &str = r#"
@@ -117,54 +117,47 @@ pub fn cases() -> [Case; 4] {
     ]
 }
 
-/// What the hit path does for one hit minus I/O: parse, cookies and their `Set-Cookie`
-/// values, the triggers of every tag, the payload the outbox stores. Returns the events and
-/// the bytes produced, so nothing is optimized away.
+/// What the hit path does for one hit minus I/O: the server's own core
+/// ([`Pipeline::process`]: parse, stamp, cookies, every tag's trigger, the stored payloads),
+/// plus the `Set-Cookie` values the listener renders. Returns the events and the bytes
+/// produced, so nothing is optimized away.
 pub fn take_hit(
     p: &Pipeline,
     rng: &mut StdRng,
     case: &Case,
     headers: &HeaderMap,
-) -> (Vec<Event>, usize) {
+) -> (Vec<Arc<Event>>, usize) {
     let hit = HitRequest {
         method: &case.method,
         path: "/g/collect",
         query: case.query,
         headers,
+        host: "sgtm.shop.example.com",
         body: case.body,
         client_ip: IpAddr::V4(Ipv4Addr::new(203, 0, 113, 77)),
         now_ms: NOW_MS,
     };
-    let client = p.clients.first().expect("one client");
-    let mut parsed = client.parse(&hit).expect("valid hit");
-    for (i, e) in parsed.events.iter_mut().enumerate() {
-        e.event_id = format!("0192b7c4-5e3f-7a00-8000-{i:012}");
-    }
-    let input = IdentityInput {
-        host: "sgtm.shop.example.com",
-        cookie_header: hit.header("cookie"),
-        referer: None,
-        now_ms: NOW_MS,
-    };
-    let cookies = p.cookies.apply(&input, &mut parsed.events, rng);
-    let mut produced = cookies
+    let client = p.claim(&case.method, "/g/collect").expect("the GA4 client");
+    let out = p.process(client, &hit, None, rng, None).expect("valid hit");
+    let produced = out
+        .cookies
         .iter()
         .map(|c| c.header_value().len())
-        .sum::<usize>();
-    for e in &parsed.events {
-        // The non-allocating trigger check the hit path makes for every tag.
-        produced += p.tags.iter().filter(|t| t.trigger.fires(e)).count();
-        produced += e.to_payload().map(|v| v.len()).unwrap_or(0);
-    }
-    (parsed.events, produced)
+        .sum::<usize>()
+        + out.queued.iter().map(|q| q.payload.len()).sum::<usize>();
+    (out.events, produced)
 }
 
 /// What the dispatchers do later, off the hit path: one encoder call per tag over the events
 /// its trigger fired for.
-pub fn encode_for_tags(p: &Pipeline, events: &[Event]) -> usize {
+pub fn encode_for_tags(p: &Pipeline, events: &[Arc<Event>]) -> usize {
     let mut produced = 0;
     for tag in &p.tags {
-        let fired: Vec<&Event> = events.iter().filter(|e| tag.trigger.fires(e)).collect();
+        let fired: Vec<&Event> = events
+            .iter()
+            .map(|e| &**e)
+            .filter(|e| tag.trigger.fires(e))
+            .collect();
         let encoded = tag.tag.encode_batch(&fired, NOW_MS);
         produced += encoded
             .requests

@@ -3,42 +3,64 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use arc_swap::ArcSwap;
+use axum::extract::FromRef;
 use axum::Router;
-use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::admin::throttle::LoginThrottle;
+use crate::admin::AdminState;
 use crate::clients::script_proxy::ScriptCache;
 use crate::config::{self, ConfigError, LoadedConfig, Source};
+use crate::ingress::IngressState;
+use crate::lifecycle::Lifecycle;
 use crate::outbox::delivery::{spawn_dispatchers, DeliveryRuntime, DispatchSettings};
 use crate::outbox::store::embedded::EmbeddedStore;
 use crate::outbox::Outbox;
 use crate::pipeline::Pipeline;
 use crate::trace::Traces;
 
-/// State shared by every handler. Cheap to clone.
+/// Everything the listeners, the dispatchers and reload share. Each listener takes its own
+/// part ([`IngressState`], [`AdminState`]). Cheap to clone.
 #[derive(Clone)]
 pub struct AppState {
-    inner: Arc<Inner>,
-}
-
-struct Inner {
     pipeline: Arc<ArcSwap<Pipeline>>,
     traces: Arc<Traces>,
     outbox: Arc<dyn Outbox>,
     /// Outlives pipeline swaps so a reload keeps proxied scripts warm.
     script_cache: Arc<ScriptCache>,
-    source: Source,
-    shutting_down: AtomicBool,
-    /// Flips to true when shutdown starts; long-lived responses (SSE) end on it.
-    stop: watch::Sender<bool>,
-    admin_logins: crate::admin::throttle::LoginThrottle,
+    lifecycle: Arc<Lifecycle>,
+    admin_logins: Arc<LoginThrottle>,
+    source: Arc<Source>,
+}
+
+impl FromRef<AppState> for IngressState {
+    fn from_ref(s: &AppState) -> Self {
+        IngressState {
+            pipeline: s.pipeline.clone(),
+            traces: s.traces.clone(),
+            outbox: s.outbox.clone(),
+            script_cache: s.script_cache.clone(),
+            lifecycle: s.lifecycle.clone(),
+        }
+    }
+}
+
+impl FromRef<AppState> for AdminState {
+    fn from_ref(s: &AppState) -> Self {
+        AdminState {
+            pipeline: s.pipeline.clone(),
+            traces: s.traces.clone(),
+            outbox: s.outbox.clone(),
+            lifecycle: s.lifecycle.clone(),
+            logins: s.admin_logins.clone(),
+        }
+    }
 }
 
 impl AppState {
@@ -50,65 +72,37 @@ impl AppState {
             admin.trace_sampling,
         );
         AppState {
-            inner: Arc::new(Inner {
-                traces,
-                pipeline: Arc::new(ArcSwap::from_pointee(pipeline)),
-                outbox,
-                script_cache: Arc::new(ScriptCache::default()),
-                source,
-                shutting_down: AtomicBool::new(false),
-                stop: watch::channel(false).0,
-                admin_logins: Default::default(),
-            }),
+            traces,
+            pipeline: Arc::new(ArcSwap::from_pointee(pipeline)),
+            outbox,
+            script_cache: Arc::new(ScriptCache::default()),
+            lifecycle: Arc::default(),
+            admin_logins: Arc::default(),
+            source: Arc::new(source),
         }
     }
 
     /// The pipeline in force now. In-flight requests keep the one they loaded.
     pub fn pipeline(&self) -> Arc<Pipeline> {
-        self.inner.pipeline.load_full()
+        self.pipeline.load_full()
     }
 
     pub fn pipeline_cell(&self) -> Arc<ArcSwap<Pipeline>> {
-        self.inner.pipeline.clone()
-    }
-
-    /// Failed admin authentications per client address.
-    pub fn admin_logins(&self) -> &crate::admin::throttle::LoginThrottle {
-        &self.inner.admin_logins
+        self.pipeline.clone()
     }
 
     pub fn traces(&self) -> &Arc<Traces> {
-        &self.inner.traces
+        &self.traces
     }
 
     pub fn outbox(&self) -> &Arc<dyn Outbox> {
-        &self.inner.outbox
-    }
-
-    pub fn script_cache(&self) -> &Arc<ScriptCache> {
-        &self.inner.script_cache
-    }
-
-    pub fn is_shutting_down(&self) -> bool {
-        self.inner.shutting_down.load(Ordering::Relaxed)
-    }
-
-    /// Resolves when shutdown starts.
-    pub fn stopping(&self) -> impl Future<Output = ()> + Send + 'static {
-        let mut rx = self.inner.stop.subscribe();
-        async move {
-            let _ = rx.wait_for(|v| *v).await;
-        }
-    }
-
-    pub fn metrics(&self) -> PrometheusHandle {
-        crate::telemetry::metrics::metrics_handle()
+        &self.outbox
     }
 
     /// Re-reads and re-validates the configuration and swaps the pipeline atomically.
     /// An invalid configuration leaves the current one serving.
     pub fn reload(&self) -> Result<(), ConfigError> {
-        let path = match &self.inner.source {
+        let path = match &*self.source {
             Source::File(p) => Some(p.as_path()),
             Source::Embedded => None,
         };
@@ -143,15 +137,15 @@ impl AppState {
                 "these settings changed in the config; they take effect after a restart"
             );
         }
-        self.inner.pipeline.store(Arc::new(next));
+        self.pipeline.store(Arc::new(next));
         tracing::info!(source = %loaded.source, "configuration reloaded");
         Ok(())
     }
 }
 
-/// The public tracking router for a state (tests drive it with `oneshot`).
+/// The public tracking router of a state (tests can drive it with `oneshot`).
 pub fn app(state: AppState) -> Router {
-    crate::ingress::router(state)
+    crate::ingress::router(IngressState::from_ref(&state))
 }
 
 pub struct Application {
@@ -215,9 +209,9 @@ impl Application {
 
     /// Serves until SIGTERM/SIGINT; SIGHUP reloads the configuration.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
-        let state = self.state.clone();
-        tokio::spawn(async move { reload_on_sighup(state).await });
-        self.run_until(shutdown_signal()).await
+        let stop = shutdown_signal();
+        tokio::spawn(reload_on_sighup(self.state.clone()));
+        self.run_until(stop).await
     }
 
     /// Serves until `stop` resolves, then stops accepting, lets in-flight requests finish
@@ -226,7 +220,7 @@ impl Application {
         self,
         stop: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        let rx = self.state.inner.stop.subscribe();
+        let lifecycle = self.state.lifecycle.clone();
         let deadline =
             Duration::from_millis(self.state.pipeline().config.server.shutdown_timeout_ms);
         let outbox_cfg = self.state.pipeline().config.outbox.clone();
@@ -245,8 +239,8 @@ impl Application {
 
         // The admin listener closes after the public one has drained, so that while in-flight
         // hits finish, probes get `/readyz` 503 rather than a refused connection.
-        let (admin_stop, admin_rx) = watch::channel(false);
-        let public = serve(self.public, app(self.state.clone()), rx.clone());
+        let (admin_stop, mut admin_rx) = watch::channel(false);
+        let public = serve(self.public, app(self.state.clone()), lifecycle.stopped());
         let public = async move {
             let ended = public.await;
             let _ = admin_stop.send(true);
@@ -254,8 +248,10 @@ impl Application {
         };
         let admin = serve(
             self.admin,
-            crate::admin::router(self.state.clone()),
-            admin_rx,
+            crate::admin::router(AdminState::from_ref(&self.state)),
+            async move {
+                let _ = admin_rx.wait_for(|v| *v).await;
+            },
         );
         let mut servers = tokio::spawn(async move {
             let (a, b) = tokio::join!(public, admin);
@@ -264,11 +260,7 @@ impl Application {
 
         stop.await;
         tracing::info!("shutdown requested: no new connections, finishing in-flight requests");
-        self.state
-            .inner
-            .shutting_down
-            .store(true, Ordering::Relaxed);
-        let _ = self.state.inner.stop.send(true);
+        lifecycle.begin_stop();
         // One deadline for everything: requests in flight, then vendor sends in flight.
         let end = tokio::time::Instant::now() + deadline;
         match tokio::time::timeout_at(end, &mut servers).await {
@@ -295,43 +287,52 @@ impl Application {
 async fn serve(
     listener: TcpListener,
     router: Router,
-    mut stop: watch::Receiver<bool>,
+    stop: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     axum::serve(
         listener,
         router.into_make_service_with_connect_info::<SocketAddr>(),
     )
-    .with_graceful_shutdown(async move {
-        let _ = stop.wait_for(|v| *v).await;
-    })
+    .with_graceful_shutdown(stop)
     .await
 }
 
-async fn shutdown_signal() {
+/// Resolves on SIGTERM or Ctrl-C. The handler is installed when this is called, not when the
+/// future is first polled: a SIGTERM that lands once the listeners serve must never meet the
+/// default action (exit without draining).
+fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot listen for SIGTERM; stop with Ctrl-C");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+    let term = signal(SignalKind::terminate());
+    async move {
+        match term {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {},
+                    _ = tokio::signal::ctrl_c() => {},
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM; stop with Ctrl-C");
+                let _ = tokio::signal::ctrl_c().await;
+            }
         }
-    };
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = tokio::signal::ctrl_c() => {},
     }
 }
 
-async fn reload_on_sighup(state: AppState) {
+/// Reloads the configuration on each SIGHUP. The handler is installed at the call (see
+/// [`shutdown_signal`]; SIGHUP's default action also ends the process).
+fn reload_on_sighup(state: AppState) -> impl Future<Output = ()> + Send + 'static {
     use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut hup) = signal(SignalKind::hangup()) else {
-        tracing::warn!("cannot listen for SIGHUP; reload by restarting");
-        return;
-    };
-    while hup.recv().await.is_some() {
-        if let Err(e) = state.reload() {
-            tracing::error!(problems = ?e.problems, "new configuration rejected; the previous one keeps serving");
+    let hup = signal(SignalKind::hangup());
+    async move {
+        let Ok(mut hup) = hup else {
+            tracing::warn!("cannot listen for SIGHUP; reload by restarting");
+            return;
+        };
+        while hup.recv().await.is_some() {
+            if let Err(e) = state.reload() {
+                tracing::error!(problems = ?e.problems, "new configuration rejected; the previous one keeps serving");
+            }
         }
     }
 }

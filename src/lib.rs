@@ -11,12 +11,15 @@ pub mod event;
 pub mod ga4_limits;
 pub mod identity;
 pub mod ingress;
+pub mod lifecycle;
 pub mod outbox;
 pub mod pipeline;
 pub mod secret;
 pub mod set_cookie;
 pub mod tags;
 pub mod telemetry;
+#[cfg(test)]
+pub(crate) mod test_fixtures;
 #[cfg(test)]
 pub(crate) mod test_metrics;
 pub mod text;

@@ -17,7 +17,7 @@ use sha2::Sha256;
 use subtle::ConstantTimeEq;
 use tokio::sync::broadcast::error::RecvError;
 
-use crate::app::AppState;
+use super::AdminState;
 use crate::trace::StreamMsg;
 
 const PAGE: &str = include_str!("debug_page/index.html");
@@ -26,8 +26,8 @@ const SESSION_COOKIE: &str = "tagrelay_admin";
 /// browser tab stays responsive at thousands of hits per second.
 const STREAM_TRACES_PER_SEC: u32 = 50;
 
-pub async fn page(State(state): State<AppState>) -> Response {
-    let cookie = &state.pipeline().config.admin.debug_cookie;
+pub async fn page(State(state): State<AdminState>) -> Response {
+    let cookie = &state.pipeline.load().config.admin.debug_cookie;
     let html = PAGE.replacen(
         "content=\"tagrelay_debug\"",
         &format!("content=\"{}\"", html_escape(cookie)),
@@ -43,16 +43,16 @@ pub struct TraceQuery {
     tag: Option<String>,
 }
 
-pub async fn traces(State(state): State<AppState>, Query(q): Query<TraceQuery>) -> Response {
+pub async fn traces(State(state): State<AdminState>, Query(q): Query<TraceQuery>) -> Response {
     let limit = q.limit.unwrap_or(200).min(5_000);
     let list = state
-        .traces()
+        .traces
         .recent(limit, q.event.as_deref(), q.tag.as_deref());
     Json(serde_json::json!({ "traces": list })).into_response()
 }
 
-pub async fn trace(State(state): State<AppState>, Path(id): Path<String>) -> Response {
-    match state.traces().get(&id) {
+pub async fn trace(State(state): State<AdminState>, Path(id): Path<String>) -> Response {
+    match state.traces.get(&id) {
         Some(t) => Json(t).into_response(),
         None => (
             StatusCode::NOT_FOUND,
@@ -63,9 +63,9 @@ pub async fn trace(State(state): State<AppState>, Path(id): Path<String>) -> Res
 }
 
 pub async fn stream(
-    State(state): State<AppState>,
+    State(state): State<AdminState>,
 ) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
-    let traces = state.traces().clone();
+    let traces = state.traces.clone();
     let (guard, rx) = traces.watch();
     struct S {
         rx: tokio::sync::broadcast::Receiver<StreamMsg>,
@@ -119,7 +119,7 @@ pub async fn stream(
         }
     });
     // Ends with shutdown, so an open debug tab never holds the admin listener's drain.
-    let s = futures_util::StreamExt::take_until(s, state.stopping());
+    let s = futures_util::StreamExt::take_until(s, state.lifecycle.stopped());
     Sse::new(s).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
 }
 
@@ -184,8 +184,8 @@ fn authorized(headers: &HeaderMap, token: &str) -> bool {
 }
 
 /// Guards the admin surface when `[admin] token` is set. Health probes stay open.
-pub async fn require_token(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let pipeline = state.pipeline();
+pub async fn require_token(State(state): State<AdminState>, req: Request, next: Next) -> Response {
+    let pipeline = state.pipeline.load();
     let Some(token) = pipeline.config.admin.token.as_ref() else {
         // Without a token the admin surface trusts the network path (loopback, a port
         // forward). A web page on another domain can still reach it by DNS rebinding; its
@@ -219,7 +219,7 @@ pub async fn require_token(State(state): State<AppState>, req: Request, next: Ne
         .extensions()
         .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
         .map(|c| c.0.ip());
-    let throttle = state.admin_logins();
+    let throttle = &state.logins;
     let now = std::time::Instant::now();
     let refuse = |wait: std::time::Duration, ip: std::net::IpAddr| {
         tracing::warn!(%ip, "admin: too many failed authentications from this address; refusing for now");
@@ -296,11 +296,11 @@ pub struct Login {
 }
 
 pub async fn login(
-    State(state): State<AppState>,
+    State(state): State<AdminState>,
     headers: HeaderMap,
     Form(form): Form<Login>,
 ) -> Response {
-    let pipeline = state.pipeline();
+    let pipeline = state.pipeline.load();
     let Some(token) = pipeline.config.admin.token.as_ref() else {
         return axum::response::Redirect::to("/debug").into_response();
     };

@@ -1,18 +1,37 @@
-//! The admin listener: health, readiness, Prometheus metrics (and the debug view).
+//! The admin listener: health, readiness, Prometheus metrics and the debug view, guarded by
+//! the admin token when one is configured. Never the public listener.
 
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::Router;
 pub mod debug;
 pub mod throttle;
 
-use crate::app::AppState;
-use crate::telemetry::hot::record_http_metrics;
-use crate::telemetry::metrics::RouteLabel;
+use std::sync::Arc;
 
-pub fn router(state: AppState) -> Router {
+use arc_swap::ArcSwap;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+
+use crate::lifecycle::Lifecycle;
+use crate::outbox::Outbox;
+use crate::pipeline::Pipeline;
+use crate::telemetry::hot::record_http_metrics;
+use crate::telemetry::metrics::{metrics_handle, RouteLabel};
+use crate::trace::Traces;
+use throttle::LoginThrottle;
+
+/// What the admin listener's handlers share. Cheap to clone.
+#[derive(Clone)]
+pub struct AdminState {
+    pub pipeline: Arc<ArcSwap<Pipeline>>,
+    pub traces: Arc<Traces>,
+    pub outbox: Arc<dyn Outbox>,
+    pub lifecycle: Arc<Lifecycle>,
+    /// Failed admin authentications per client address.
+    pub logins: Arc<LoginThrottle>,
+}
+
+pub fn router(state: AdminState) -> Router {
     Router::new()
         .route(
             "/healthz",
@@ -39,26 +58,18 @@ fn labelled(mut r: Response, route: &'static str) -> Response {
     r
 }
 
-/// Whether this instance should get traffic: the outbox takes hits and no shutdown began.
-pub(crate) fn is_ready(state: &AppState) -> bool {
-    state.outbox().is_open() && !state.is_shutting_down()
+async fn readyz(State(state): State<AdminState>) -> Response {
+    state.lifecycle.readiness(state.outbox.is_open())
 }
 
-/// `GET /readyz`, on both listeners (the public one for probes that cannot reach the admin
-/// listener, such as a kubelet's).
-pub(crate) async fn readyz(State(state): State<AppState>) -> Response {
-    let r = if is_ready(&state) {
-        "ready".into_response()
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()
-    };
-    labelled(r, "readyz")
-}
-
-async fn metrics_text(State(state): State<AppState>) -> Response {
+async fn metrics_text(State(state): State<AdminState>) -> Response {
     // Readiness as a metric, so an alert sees what the probes see.
-    metrics::gauge!("tagrelay_ready").set(if is_ready(&state) { 1.0 } else { 0.0 });
-    let body = state.metrics().render();
+    metrics::gauge!("tagrelay_ready").set(if state.lifecycle.is_ready(state.outbox.is_open()) {
+        1.0
+    } else {
+        0.0
+    });
+    let body = metrics_handle().render();
     labelled(
         (
             [(

@@ -20,6 +20,8 @@ pub struct HitRequest<'a> {
     /// Raw query string (without `?`), not yet decoded.
     pub query: &'a str,
     pub headers: &'a HeaderMap,
+    /// `Host` (or the URI's authority), port included if sent.
+    pub host: &'a str,
     pub body: &'a [u8],
     /// Visitor IP after the trusted-proxy rules.
     pub client_ip: IpAddr,
@@ -30,6 +32,28 @@ pub struct HitRequest<'a> {
 impl HitRequest<'_> {
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// All `Cookie` headers as one (HTTP/2 proxies may split them), borrowed when there is
+    /// one.
+    pub fn cookie_header(&self) -> Option<std::borrow::Cow<'_, str>> {
+        let mut values = self
+            .headers
+            .get_all(http::header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok());
+        let first = values.next()?;
+        match values.next() {
+            None => Some(std::borrow::Cow::Borrowed(first)),
+            Some(second) => {
+                let mut joined = format!("{first}; {second}");
+                for v in values {
+                    joined.push_str("; ");
+                    joined.push_str(v);
+                }
+                Some(std::borrow::Cow::Owned(joined))
+            }
+        }
     }
 }
 

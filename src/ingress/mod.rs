@@ -1,7 +1,6 @@
-//! The public tracking listener: health, CORS, client dispatch and the hit path.
-//!
-//! The hit path is: claim → parse (pure) → identity (pure) → triggers (pure) → one outbox
-//! enqueue (awaits the group commit) → answer. It never waits on a vendor.
+//! The public tracking listener, HTTP only: body and header limits, timeouts, client IP,
+//! CORS, the client claim, status and headers of the answer, and the outbox enqueue it awaits.
+//! What a hit becomes is [`Pipeline::process`]'s job; it never waits on a vendor.
 
 pub mod client_ip;
 pub mod cors;
@@ -10,6 +9,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use axum::body::{Body, Bytes};
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
@@ -20,15 +20,28 @@ use http_body_util::BodyExt;
 use tower_http::timeout::TimeoutLayer;
 use tracing::Instrument;
 
-use crate::app::AppState;
-use crate::clients::{ClientError, ClientResponse, HitRequest};
+use crate::clients::script_proxy::ScriptCache;
+use crate::clients::{Client, ClientError, ClientResponse, HitRequest};
 use crate::clock::now_ms;
 use crate::event::Event;
-use crate::identity::{CookieDecision, IdentityInput};
-use crate::outbox::{EnqueueError, NewEvent};
-use crate::pipeline::Pipeline;
+use crate::lifecycle::Lifecycle;
+use crate::outbox::{EnqueueError, Outbox};
+use crate::pipeline::{Pipeline, ProcessError, Processed};
+use crate::set_cookie::CookieDecision;
 use crate::telemetry::metrics::RouteLabel;
-use crate::trace::{self, TagOutcome, TagState, TagTrace, Trace};
+use crate::trace::{Served, TagOutcome, TagState, TraceDraft, Traces};
+
+/// What the public listener's handlers share. Cheap to clone.
+#[derive(Clone)]
+pub struct IngressState {
+    /// The pipeline in force; a reload swaps it, in-flight hits keep the one they loaded.
+    pub pipeline: Arc<ArcSwap<Pipeline>>,
+    pub traces: Arc<Traces>,
+    pub outbox: Arc<dyn Outbox>,
+    /// Outlives pipeline swaps so a reload keeps proxied scripts warm.
+    pub script_cache: Arc<ScriptCache>,
+    pub lifecycle: Arc<Lifecycle>,
+}
 
 /// Why a hit was not accepted. Every variant is a clear 4xx/5xx with a short reason.
 #[derive(Debug, thiserror::Error)]
@@ -82,14 +95,14 @@ impl IntoResponse for HitError {
 
 /// The public router. Tracking routes are resolved at request time against the current
 /// pipeline, so a reload can change clients and `path_prefix` without a restart.
-pub fn router(state: AppState) -> Router {
-    let timeout = Duration::from_millis(state.pipeline().config.server.request_timeout_ms);
+pub fn router(state: IngressState) -> Router {
+    let timeout = Duration::from_millis(state.pipeline.load().config.server.request_timeout_ms);
     Router::new()
         .route("/healthz", get(health))
         .route("/healthy", get(health))
-        .route("/readyz", get(crate::admin::readyz))
+        .route("/readyz", get(readyz))
         .fallback(track)
-        .with_state(state.clone())
+        .with_state(state)
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
             timeout,
@@ -143,12 +156,17 @@ async fn health() -> Response {
     r
 }
 
+/// `GET /readyz` here too: probes that cannot reach the admin listener (a kubelet's) use it.
+async fn readyz(State(state): State<IngressState>) -> Response {
+    state.lifecycle.readiness(state.outbox.is_open())
+}
+
 async fn track(
-    State(state): State<AppState>,
+    State(state): State<IngressState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     req: Request,
 ) -> Response {
-    let pipeline = state.pipeline();
+    let pipeline = state.pipeline.load_full();
     let started = Instant::now();
     let (parts, body) = req.into_parts();
     let host = parts
@@ -160,7 +178,7 @@ async fn track(
         .to_owned();
     let marker = debug_marker(&parts.headers, &pipeline.config.admin.debug_cookie);
     let mut trace = state
-        .traces()
+        .traces
         .wants(marker.is_some())
         .then(TraceDraft::default);
     let ip = client_ip::client_ip(
@@ -170,18 +188,16 @@ async fn track(
         pipeline.config.server.client_ip_header,
     );
     let prefix = pipeline.config.server.path_prefix.as_str();
-    let path = strip_prefix(parts.uri.path(), prefix);
     let mut ctx = HitContext {
         state: &state,
         pipeline: &pipeline,
         client: None,
         parts: &parts,
-        path: path.unwrap_or(""),
         host: &host,
         ip,
-        marker: marker.as_deref(),
+        marker,
     };
-    let resp = match path {
+    let resp = match strip_prefix(parts.uri.path(), prefix) {
         None => not_found(&parts.method, parts.uri.path()),
         Some(path) => route_hit(&mut ctx, path, body, &mut trace).await,
     };
@@ -190,12 +206,27 @@ async fn track(
         crate::telemetry::hot::hit_duration(client.kind()).record(elapsed.as_secs_f64());
     }
     if let Some(draft) = trace {
-        state.traces().record(draft.finish(&ctx, &resp, elapsed));
+        let error = (!resp.status().is_success()).then(|| {
+            resp.extensions()
+                .get::<ErrorText>()
+                .map(|e| e.0.clone())
+                .unwrap_or_default()
+        });
+        state.traces.record(draft.finish(Served {
+            request: &parts,
+            client_ip: ip,
+            host: &host,
+            client: ctx.client.map(|c| c.kind()),
+            debug_marker: marker,
+            status: resp.status().as_u16(),
+            error,
+            elapsed,
+        }));
     }
     resp
 }
 
-/// CORS, preflight, client claim, then the hit itself.
+/// CORS, preflight, script proxies, the client claim, then the hit itself.
 async fn route_hit<'a>(
     ctx: &mut HitContext<'a>,
     path: &'a str,
@@ -224,23 +255,19 @@ async fn route_hit<'a>(
     }
     if parts.method == Method::GET || parts.method == Method::HEAD {
         if let Some(proxy) = pipeline.script_proxies.iter().find(|p| p.path() == path) {
-            let mut resp = proxy.serve(ctx.state.script_cache(), parts).await;
+            let mut resp = proxy.serve(&ctx.state.script_cache, parts).await;
             if let Some(o) = origin {
                 cors::apply(resp.headers_mut(), o);
             }
             return with_route(resp, "script_proxy");
         }
     }
-    let Some(client) = pipeline
-        .clients
-        .iter()
-        .find(|c| c.claims(&parts.method, path))
-    else {
+    let Some(client) = pipeline.claim(&parts.method, path) else {
         return not_found(&parts.method, parts.uri.path());
     };
-    ctx.client = Some(client.as_ref());
+    ctx.client = Some(client);
     let route = client.kind();
-    let mut resp = match handle_hit(ctx, client.as_ref(), body, trace).await {
+    let mut resp = match handle_hit(ctx, client, path, body, trace).await {
         Ok(r) => r,
         Err(e) => {
             metrics::counter!("tagrelay_hits_rejected_total", "client" => route, "reason" => e.metric_reason())
@@ -256,85 +283,14 @@ async fn route_hit<'a>(
 
 /// The per-hit facts every step needs.
 struct HitContext<'a> {
-    state: &'a AppState,
+    state: &'a IngressState,
     pipeline: &'a Pipeline,
     /// The client that claimed the request, once one has.
-    client: Option<&'a dyn crate::clients::Client>,
+    client: Option<&'a dyn Client>,
     parts: &'a http::request::Parts,
-    path: &'a str,
     host: &'a str,
     ip: std::net::IpAddr,
     marker: Option<&'a str>,
-}
-
-/// What the hit path learns for the debug view, filled only when the hit is traced.
-#[derive(Default)]
-struct TraceDraft {
-    body: Bytes,
-    events: Vec<Arc<Event>>,
-    events_bytes: usize,
-    cookies: Vec<CookieDecision>,
-    tags: Vec<TagTrace>,
-}
-
-impl TraceDraft {
-    fn finish(self, ctx: &HitContext<'_>, resp: &Response, elapsed: Duration) -> Trace {
-        let parts = ctx.parts;
-        let (body, body_truncated) =
-            trace::truncate(&String::from_utf8_lossy(&self.body), trace::MAX_BODY_CHARS);
-        let headers = parts
-            .headers
-            .iter()
-            .map(|(k, v)| {
-                let v = String::from_utf8_lossy(v.as_bytes());
-                let v = if k == header::COOKIE {
-                    trace::shorten_cookie_header(&v)
-                } else if matches!(
-                    k.as_str(),
-                    "authorization" | "proxy-authorization" | "x-api-key"
-                ) {
-                    "[redacted]".to_owned()
-                } else {
-                    v.into_owned()
-                };
-                (k.as_str().to_owned(), v)
-            })
-            .collect();
-        let error = (!resp.status().is_success()).then(|| {
-            resp.extensions()
-                .get::<ErrorText>()
-                .map(|e| e.0.clone())
-                .unwrap_or_default()
-        });
-        Trace {
-            id: uuid::Uuid::now_v7().to_string(),
-            time_ms: now_ms(),
-            method: parts.method.to_string(),
-            scheme: parts
-                .headers
-                .get("x-forwarded-proto")
-                .and_then(|v| v.to_str().ok())
-                .filter(|v| matches!(*v, "http" | "https"))
-                .unwrap_or("http")
-                .to_owned(),
-            path: parts.uri.path().to_owned(),
-            query: trace::redact_query(parts.uri.query().unwrap_or("")),
-            body,
-            body_truncated,
-            headers,
-            client_ip: ctx.ip.to_string(),
-            host: ctx.host.to_owned(),
-            client: ctx.client.map(|c| c.kind()),
-            status: resp.status().as_u16(),
-            error,
-            debug_marker: ctx.marker.map(str::to_owned),
-            latency_us: elapsed.as_micros() as u64,
-            events: self.events,
-            cookies: self.cookies,
-            tags: self.tags,
-            events_bytes: self.events_bytes,
-        }
-    }
 }
 
 /// The reason text of an error response, kept for the debug view.
@@ -343,7 +299,7 @@ struct ErrorText(String);
 
 /// The debug marker from the `x-tagrelay-debug` header or the configured cookie: a short name
 /// (letters, digits, `_`, `-`, `.`; at most 64), anything else is ignored.
-fn debug_marker(headers: &HeaderMap, cookie_name: &str) -> Option<String> {
+fn debug_marker<'a>(headers: &'a HeaderMap, cookie_name: &str) -> Option<&'a str> {
     let raw = match headers
         .get("x-tagrelay-debug")
         .and_then(|v| v.to_str().ok())
@@ -360,27 +316,7 @@ fn debug_marker(headers: &HeaderMap, cookie_name: &str) -> Option<String> {
         && v.len() <= 64
         && v.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
-    ok.then(|| v.to_owned())
-}
-
-/// All `Cookie` headers as one (HTTP/2 proxies may split them), borrowed when there is one.
-fn cookie_header(headers: &HeaderMap) -> Option<std::borrow::Cow<'_, str>> {
-    let mut values = headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok());
-    let first = values.next()?;
-    match values.next() {
-        None => Some(std::borrow::Cow::Borrowed(first)),
-        Some(second) => {
-            let mut joined = format!("{first}; {second}");
-            for v in values {
-                joined.push_str("; ");
-                joined.push_str(v);
-            }
-            Some(std::borrow::Cow::Owned(joined))
-        }
-    }
+    ok.then_some(v)
 }
 
 impl HitError {
@@ -402,128 +338,56 @@ impl HitError {
 
 async fn handle_hit(
     ctx: &HitContext<'_>,
-    client: &dyn crate::clients::Client,
+    client: &dyn Client,
+    path: &str,
     body: Body,
     trace: &mut Option<TraceDraft>,
 ) -> Result<Response, HitError> {
     let (pipeline, parts) = (ctx.pipeline, ctx.parts);
-    let limit = pipeline.config.server.max_body_bytes;
-    let body = read_body(body, &parts.headers, limit).await?;
+    let body = read_body(body, &parts.headers, pipeline.config.server.max_body_bytes).await?;
     if let Some(t) = trace.as_mut() {
         t.body = body.clone();
     }
-    let now_ms = now_ms();
     let hit = HitRequest {
         method: &parts.method,
-        path: ctx.path,
+        path,
         query: parts.uri.query().unwrap_or(""),
         headers: &parts.headers,
+        host: ctx.host,
         body: &body,
         client_ip: ctx.ip,
-        now_ms,
+        now_ms: now_ms(),
     };
-    let mut parsed = client.parse(&hit)?;
-
-    for e in &mut parsed.events {
-        if e.event_id.is_empty() {
-            e.event_id = uuid::Uuid::now_v7().to_string();
-        }
-        if e.source.is_empty() {
-            e.source = client.kind().into();
-        }
-        // A sender's clock far ahead would make vendors refuse the event later.
-        if e.timestamp_ms == 0 || e.timestamp_ms > now_ms + 60_000 {
-            e.timestamp_ms = now_ms;
-        }
-        if let Some(m) = ctx.marker {
-            e.identity.debug_marker = Some(m.to_owned());
-        }
-    }
-    let cookies: Vec<CookieDecision> = if parsed.set_cookies {
-        let cookie = cookie_header(&parts.headers);
-        let input = IdentityInput {
-            host: ctx.host,
-            cookie_header: cookie.as_deref(),
-            referer: hit.header("referer"),
-            now_ms,
-        };
-        let mut rng = rand::thread_rng();
-        pipeline.cookies.apply(&input, &mut parsed.events, &mut rng)
-    } else {
-        Vec::new()
-    };
-
-    // Shared with the dispatchers, which then never re-parse what was just stored.
-    let events: Vec<Arc<Event>> = std::mem::take(&mut parsed.events)
-        .into_iter()
-        .map(Arc::new)
-        .collect();
-    let mut queued: Vec<NewEvent> = Vec::with_capacity(events.len());
-    for e in &events {
-        let mut fired_tags: Vec<Arc<str>> = Vec::new();
-        for tag in &pipeline.tags {
-            // Explanations are only built for traced hits; the hot path asks yes or no.
-            let fired = match trace.as_mut() {
-                None => tag.trigger.fires(e),
-                Some(t) => {
-                    let decision = tag.trigger.evaluate(e);
-                    t.tags.push(TagTrace {
-                        tag: tag.name.to_string(),
-                        kind: tag.tag.kind(),
-                        event_id: e.event_id.clone(),
-                        event_name: e.event_name.clone(),
-                        fired: decision.fired,
-                        outcome: if decision.fired {
-                            TagOutcome::new(TagState::Queued, "in the outbox")
-                        } else {
-                            TagOutcome::new(TagState::NotFired, decision.reason.clone())
-                        },
-                        reason: decision.reason,
-                        attempts: Vec::new(),
-                    });
-                    decision.fired
-                }
-            };
-            if fired {
-                fired_tags.push(tag.name.clone());
-            }
-        }
-        if fired_tags.is_empty() {
-            if let Some(t) = trace.as_mut() {
-                // Not serialized just to be measured.
-                t.events_bytes += crate::event::TYPICAL_PAYLOAD_BYTES;
-            }
-        } else {
-            let payload = Bytes::from(e.to_payload().map_err(|err| {
+    let processed = pipeline
+        .process(
+            client,
+            &hit,
+            ctx.marker,
+            &mut rand::thread_rng(),
+            trace.as_mut(),
+        )
+        .map_err(|e| match e {
+            ProcessError::Client(e) => HitError::Client(e),
+            ProcessError::Payload(err) => {
                 tracing::error!(error = %err, "could not serialize an event; hit answered 500");
                 HitError::Store
-            })?);
-            if let Some(t) = trace.as_mut() {
-                t.events_bytes += payload.len();
             }
-            queued.push(NewEvent {
-                event_id: e.event_id.clone(),
-                payload,
-                event: Some(e.clone()),
-                tags: fired_tags,
-                enqueued_at_ms: now_ms,
-            });
-        }
-    }
-    if let Some(t) = trace.as_mut() {
-        // The same events the outbox and dispatchers share: a trace costs no copy of them.
-        t.events = events.clone();
-        t.cookies = cookies.clone();
-    }
+        })?;
+    let Processed {
+        events,
+        queued,
+        cookies,
+        response,
+    } = processed;
     if !queued.is_empty() {
         if trace.is_some() {
             // Deliveries can finish before this hit's trace is recorded (it waits for the
             // fsync, they need not): their updates are kept for it.
             ctx.state
-                .traces()
+                .traces
                 .expect(queued.iter().map(|q| q.event_id.as_str()));
         }
-        let stored = ctx.state.outbox().enqueue(queued).await.map_err(|e| match e {
+        let stored = ctx.state.outbox.enqueue(queued).await.map_err(|e| match e {
             EnqueueError::Full { retry_after_secs } => HitError::Full(retry_after_secs),
             EnqueueError::Closed => HitError::Closed,
             EnqueueError::Failed(_) => HitError::StoreFailed,
@@ -541,8 +405,16 @@ async fn handle_hit(
         stored?;
     }
     crate::telemetry::hot::events(client.kind()).increment(events.len() as u64);
+    Ok(respond(response, &events, &cookies))
+}
 
-    let mut resp = match parsed.response {
+/// The answer to a stored hit: the client's shape, plus the cookies.
+fn respond(
+    response: ClientResponse,
+    events: &[Arc<Event>],
+    cookies: &[CookieDecision],
+) -> Response {
+    let mut resp = match response {
         ClientResponse::NoContent => StatusCode::NO_CONTENT.into_response(),
         ClientResponse::EventIds => {
             let events: Vec<serde_json::Value> = events
@@ -571,13 +443,13 @@ async fn handle_hit(
             r
         }
     };
-    for c in &cookies {
+    for c in cookies {
         // Takes the String's buffer (same validation as `from_str`, without copying it).
         if let Ok(v) = HeaderValue::try_from(c.header_value()) {
             resp.headers_mut().append(header::SET_COOKIE, v);
         }
     }
-    Ok(resp)
+    resp
 }
 
 async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes, HitError> {

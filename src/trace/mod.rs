@@ -15,9 +15,11 @@ use crate::event::Event;
 use crate::set_cookie::CookieDecision;
 
 mod delivery;
+mod draft;
 mod redact;
 
 pub use delivery::{AttemptOutcome, DeliveryObserver, NoopObserver, Settled};
+pub use draft::{Served, TraceDraft};
 pub use redact::{redact_query, shorten_cookie_header, truncate};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]

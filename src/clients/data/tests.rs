@@ -32,6 +32,7 @@ fn call(
         path,
         query,
         headers: &map,
+        host: "sgtm.example.com",
         body,
         client_ip: IP,
         now_ms: NOW_MS,

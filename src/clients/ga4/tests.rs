@@ -3,7 +3,7 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 
-use http::{HeaderMap, HeaderName, HeaderValue, Method};
+use http::{HeaderMap, Method};
 use proptest::prelude::*;
 use serde_json::{json, Map, Value};
 
@@ -15,46 +15,7 @@ const IP: IpAddr = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 7));
 const CHROME_UA: &str = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/136.0.0.0 Safari/537.36";
 const SAFARI_UA: &str = "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.4 Safari/605.1.15";
 
-/// A request parsed from a fixture in the reference's notation: request line (continued on
-/// lines indented by two spaces), headers, blank line, body with `<CRLF>` marking CR LF.
-struct Fixture {
-    method: Method,
-    path: String,
-    query: String,
-    headers: HeaderMap,
-    body: Vec<u8>,
-}
-
-fn load(text: &str) -> Fixture {
-    let (head, body) = text.split_once("\n\n").unwrap_or((text, ""));
-    let mut lines = head.lines();
-    let mut request_line = lines.next().unwrap().to_owned();
-    let mut headers = HeaderMap::new();
-    for line in lines {
-        if let Some(cont) = line.strip_prefix("  ") {
-            request_line.push_str(cont);
-        } else {
-            let (name, value) = line.split_once(": ").unwrap();
-            headers.insert(
-                HeaderName::from_bytes(name.as_bytes()).unwrap(),
-                HeaderValue::from_str(value).unwrap(),
-            );
-        }
-    }
-    let (method, rest) = request_line.split_once(' ').unwrap();
-    let target = rest.strip_suffix(" HTTP/1.1").unwrap();
-    let (path, query) = target.split_once('?').unwrap_or((target, ""));
-    Fixture {
-        method: method.parse().unwrap(),
-        path: path.to_owned(),
-        query: query.to_owned(),
-        headers,
-        body: body
-            .trim_end_matches('\n')
-            .replace("<CRLF>\n", "\r\n")
-            .into_bytes(),
-    }
-}
+use crate::test_fixtures::load;
 
 fn parse_fixture(text: &str) -> Result<Parsed, ClientError> {
     let f = load(text);
@@ -65,6 +26,7 @@ fn parse_fixture(text: &str) -> Result<Parsed, ClientError> {
         path: &f.path,
         query: &f.query,
         headers: &f.headers,
+        host: "sgtm.example.com",
         body: &f.body,
         client_ip: IP,
         now_ms: NOW,
@@ -78,6 +40,7 @@ fn hit(method: Method, query: &str, body: &[u8]) -> Result<Vec<Event>, ClientErr
         path: "/g/collect",
         query,
         headers: &headers,
+        host: "sgtm.example.com",
         body,
         client_ip: IP,
         now_ms: NOW,

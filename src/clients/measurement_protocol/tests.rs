@@ -46,6 +46,7 @@ fn call(
         path,
         query,
         headers: &headers,
+        host: "sgtm.example.com",
         body,
         client_ip: IpAddr::V4(Ipv4Addr::new(198, 51, 100, 1)),
         now_ms: NOW_MS,

@@ -1,4 +1,11 @@
-//! A validated, immutable configuration turned into running parts. Swapped atomically on reload.
+//! A validated, immutable configuration turned into running parts, swapped atomically on
+//! reload; and the hit's core that runs them ([`process`]).
+
+mod process;
+#[cfg(test)]
+mod tests;
+
+pub use process::{ProcessError, Processed};
 
 use std::sync::Arc;
 
