@@ -3,6 +3,7 @@
 
 pub mod ga4;
 pub mod http;
+pub mod match_keys;
 pub mod meta_capi;
 pub mod trigger;
 
