@@ -16,6 +16,7 @@ use crate::clients::data::DataClientConfig;
 use crate::clients::ga4::Ga4ClientConfig;
 use crate::clients::measurement_protocol::MeasurementProtocolClientConfig;
 use crate::clients::script_proxy::ScriptProxyConfig;
+use crate::identity::ClickIdsConfig;
 use crate::tags::ga4::Ga4TagConfig;
 use crate::tags::http::HttpTagConfig;
 use crate::tags::meta_capi::MetaCapiTagConfig;
@@ -130,10 +131,12 @@ pub struct CookiesConfig {
     pub keep_meta: bool,
     pub meta_max_age_days: u32,
     /// Gate cookies on Consent Mode: analytics_storage for the visitor id and `_ga`,
-    /// ad_storage for `_fbp`/`_fbc`.
+    /// ad_storage for `_fbp`/`_fbc` and the click-id cookies.
     pub require_consent: bool,
     /// Consent assumed when a hit carries no consent signals.
     pub consent_default: ConsentDefault,
+    /// Ad platforms' click-id cookies (`gclid` → `_gcl_aw`, `ttclid`, …), gated by ad_storage.
+    pub click_ids: ClickIdsConfig,
 }
 
 impl Default for CookiesConfig {
@@ -151,6 +154,7 @@ impl Default for CookiesConfig {
             meta_max_age_days: 90,
             require_consent: false,
             consent_default: ConsentDefault::Granted,
+            click_ids: ClickIdsConfig::default(),
         }
     }
 }

@@ -33,8 +33,16 @@ fn google_forms() {
         Policy::Google,
         &[
             // gmail / googlemail: `+tag` dropped, then every dot of the local part.
-            (Key::Em, " Jane.Doe+shop@Gmail.com ", Some("janedoe@gmail.com")),
-            (Key::Em, "j.a.n.e.doe@googlemail.com", Some("janedoe@googlemail.com")),
+            (
+                Key::Em,
+                " Jane.Doe+shop@Gmail.com ",
+                Some("janedoe@gmail.com"),
+            ),
+            (
+                Key::Em,
+                "j.a.n.e.doe@googlemail.com",
+                Some("janedoe@googlemail.com"),
+            ),
             // Other domains keep dots and tags; only case and surrounding space change.
             (
                 Key::Em,
@@ -93,9 +101,17 @@ fn tiktok_forms() {
     check(
         Policy::TikTok,
         &[
-            (Key::Em, "  John.Doe@Example.COM ", Some("john.doe@example.com")),
+            (
+                Key::Em,
+                "  John.Doe@Example.COM ",
+                Some("john.doe@example.com"),
+            ),
             // No gmail rule at TikTok.
-            (Key::Em, "Jane.Doe+x@gmail.com", Some("jane.doe+x@gmail.com")),
+            (
+                Key::Em,
+                "Jane.Doe+x@gmail.com",
+                Some("jane.doe+x@gmail.com"),
+            ),
             (Key::Ph, "+1 (213) 373-4253", Some("+12133734253")),
             (Key::ExternalId, "  User123 ", Some("User123")),
             (Key::Fn, "Jane", None),
@@ -122,8 +138,16 @@ fn meta_forms_are_unchanged() {
     check(
         Policy::Meta,
         &[
-            (Key::Em, "  John.Doe@Example.COM ", Some("john.doe@example.com")),
-            (Key::Em, "Jane.Doe+x@gmail.com", Some("jane.doe+x@gmail.com")),
+            (
+                Key::Em,
+                "  John.Doe@Example.COM ",
+                Some("john.doe@example.com"),
+            ),
+            (
+                Key::Em,
+                "Jane.Doe+x@gmail.com",
+                Some("jane.doe+x@gmail.com"),
+            ),
             (Key::Ph, "+1 (650) 555-1212", Some("16505551212")),
             (Key::Fn, "  Mary-Jane ", Some("maryjane")),
             (Key::ExternalId, " User 123 ", Some("user123")),

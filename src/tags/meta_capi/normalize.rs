@@ -1,8 +1,8 @@
 //! Meta customer-information normalisation and hashing: the shared match-key normaliser
 //! (`tags::match_keys`) under Meta's policy. The rules and the decisions per key are there.
 
-pub use crate::tags::match_keys::{as_prehashed, sha256_hex, year_of, Hashed, Hex64, Key};
 use crate::tags::match_keys::{self, Policy};
+pub use crate::tags::match_keys::{as_prehashed, sha256_hex, year_of, Hashed, Hex64, Key};
 
 /// Normalises `input` for `key` by Meta's rules and hashes it, or passes an existing SHA-256
 /// through.
