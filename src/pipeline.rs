@@ -12,6 +12,7 @@ use crate::identity::CookiePolicy;
 use crate::tags::ga4::Ga4Tag;
 use crate::tags::http::HttpTag;
 use crate::tags::meta_capi::MetaCapiTag;
+use crate::tags::tiktok::TikTokTag;
 use crate::tags::trigger::Trigger;
 use crate::tags::{Tag, TagInstance};
 
@@ -195,6 +196,7 @@ impl Pipeline {
                 TagConfig::Ga4(c) => (&c.trigger, Ga4Tag::from_config(c).map(boxed)),
                 TagConfig::MetaCapi(c) => (&c.trigger, MetaCapiTag::from_config(c).map(boxed)),
                 TagConfig::Http(c) => (&c.trigger, HttpTag::from_config(c).map(boxed)),
+                TagConfig::TikTok(c) => (&c.trigger, TikTokTag::from_config(c).map(boxed)),
             };
             let trigger = Trigger::build(trigger_cfg, config.cookies.consent_default);
             match (built, trigger) {

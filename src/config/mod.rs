@@ -20,6 +20,7 @@ use crate::identity::ClickIdsConfig;
 use crate::tags::ga4::Ga4TagConfig;
 use crate::tags::http::HttpTagConfig;
 use crate::tags::meta_capi::MetaCapiTagConfig;
+use crate::tags::tiktok::TikTokTagConfig;
 
 /// The embedded default configuration (`config/tagrelay.toml`).
 pub const DEFAULT_CONFIG: &str = include_str!("../../config/tagrelay.toml");
@@ -298,7 +299,7 @@ impl<'de> Deserialize<'de> for ClientConfig {
 }
 
 const CLIENT_TYPES: &[&str] = &["ga4", "measurement_protocol", "data", "script_proxy"];
-const TAG_TYPES: &[&str] = &["ga4", "meta_capi", "http"];
+const TAG_TYPES: &[&str] = &["ga4", "meta_capi", "http", "tiktok"];
 
 /// Reads a `type = "..."` table. Internally tagged serde enums lose the path of errors inside
 /// the variant, so the variant is deserialized separately and its inner path is carried in
@@ -378,6 +379,7 @@ pub enum TagConfig {
     Ga4(Ga4TagConfig),
     MetaCapi(MetaCapiTagConfig),
     Http(HttpTagConfig),
+    TikTok(TikTokTagConfig),
 }
 
 impl<'de> Deserialize<'de> for TagConfig {
@@ -387,6 +389,7 @@ impl<'de> Deserialize<'de> for TagConfig {
             "ga4" => tagged_variant::<D, _>(table).map(TagConfig::Ga4),
             "meta_capi" => tagged_variant::<D, _>(table).map(TagConfig::MetaCapi),
             "http" => tagged_variant::<D, _>(table).map(TagConfig::Http),
+            "tiktok" => tagged_variant::<D, _>(table).map(TagConfig::TikTok),
             _ => unreachable_type::<D, _>(&kind),
         }
     }
@@ -398,6 +401,7 @@ impl TagConfig {
             TagConfig::Ga4(c) => &c.name,
             TagConfig::MetaCapi(c) => &c.name,
             TagConfig::Http(c) => &c.name,
+            TagConfig::TikTok(c) => &c.name,
         }
     }
 
@@ -406,6 +410,7 @@ impl TagConfig {
             TagConfig::Ga4(_) => "ga4",
             TagConfig::MetaCapi(_) => "meta_capi",
             TagConfig::Http(_) => "http",
+            TagConfig::TikTok(_) => "tiktok",
         }
     }
 }

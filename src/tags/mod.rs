@@ -5,7 +5,9 @@ pub mod ga4;
 pub mod http;
 pub mod match_keys;
 pub mod meta_capi;
+pub mod tiktok;
 pub mod trigger;
+pub(crate) mod values;
 
 use std::sync::Arc;
 use std::time::Duration;
