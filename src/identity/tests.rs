@@ -1264,8 +1264,10 @@ fn explicit_click_ids_win_and_lifetimes_are_validated() {
             "{err}"
         );
     }
-    let mut cfg = CookiesConfig::default();
-    cfg.visitor_cookie = "_gcl_aw".into();
+    let cfg = CookiesConfig {
+        visitor_cookie: "_gcl_aw".into(),
+        ..Default::default()
+    };
     let err = CookiePolicy::build(&cfg).unwrap_err().join("\n");
     assert!(err.contains("click-id cookie"), "{err}");
 }
