@@ -10,6 +10,7 @@ use crate::clients::Client;
 use crate::config::{ClientConfig, Config, TagConfig};
 use crate::identity::CookiePolicy;
 use crate::tags::ga4::Ga4Tag;
+use crate::tags::google_ads::GoogleAdsTag;
 use crate::tags::http::HttpTag;
 use crate::tags::meta_capi::MetaCapiTag;
 use crate::tags::tiktok::TikTokTag;
@@ -197,6 +198,7 @@ impl Pipeline {
                 TagConfig::MetaCapi(c) => (&c.trigger, MetaCapiTag::from_config(c).map(boxed)),
                 TagConfig::Http(c) => (&c.trigger, HttpTag::from_config(c).map(boxed)),
                 TagConfig::TikTok(c) => (&c.trigger, TikTokTag::from_config(c).map(boxed)),
+                TagConfig::GoogleAds(c) => (&c.trigger, GoogleAdsTag::from_config(c).map(boxed)),
             };
             let trigger = Trigger::build(trigger_cfg, config.cookies.consent_default);
             match (built, trigger) {

@@ -637,6 +637,9 @@ impl crate::outbox::DeliveryObserver for Traces {
             )
         } else if let Some(r) = outcome.strip_prefix("retry: ") {
             TagOutcome::new("retrying", r)
+        } else if let Some(r) = outcome.strip_prefix("pending: ") {
+            // Accepted by a vendor that reports its processing later (a status check follows).
+            TagOutcome::new("pending", r)
         } else {
             TagOutcome::new("dead_lettered", outcome.trim_start_matches("rejected: "))
         };

@@ -18,6 +18,7 @@ use crate::clients::measurement_protocol::MeasurementProtocolClientConfig;
 use crate::clients::script_proxy::ScriptProxyConfig;
 use crate::identity::ClickIdsConfig;
 use crate::tags::ga4::Ga4TagConfig;
+use crate::tags::google_ads::GoogleAdsTagConfig;
 use crate::tags::http::HttpTagConfig;
 use crate::tags::meta_capi::MetaCapiTagConfig;
 use crate::tags::tiktok::TikTokTagConfig;
@@ -299,7 +300,7 @@ impl<'de> Deserialize<'de> for ClientConfig {
 }
 
 const CLIENT_TYPES: &[&str] = &["ga4", "measurement_protocol", "data", "script_proxy"];
-const TAG_TYPES: &[&str] = &["ga4", "meta_capi", "http", "tiktok"];
+const TAG_TYPES: &[&str] = &["ga4", "meta_capi", "http", "tiktok", "google_ads"];
 
 /// Reads a `type = "..."` table. Internally tagged serde enums lose the path of errors inside
 /// the variant, so the variant is deserialized separately and its inner path is carried in
@@ -380,6 +381,7 @@ pub enum TagConfig {
     MetaCapi(MetaCapiTagConfig),
     Http(HttpTagConfig),
     TikTok(TikTokTagConfig),
+    GoogleAds(GoogleAdsTagConfig),
 }
 
 impl<'de> Deserialize<'de> for TagConfig {
@@ -390,6 +392,7 @@ impl<'de> Deserialize<'de> for TagConfig {
             "meta_capi" => tagged_variant::<D, _>(table).map(TagConfig::MetaCapi),
             "http" => tagged_variant::<D, _>(table).map(TagConfig::Http),
             "tiktok" => tagged_variant::<D, _>(table).map(TagConfig::TikTok),
+            "google_ads" => tagged_variant::<D, _>(table).map(TagConfig::GoogleAds),
             _ => unreachable_type::<D, _>(&kind),
         }
     }
@@ -402,6 +405,7 @@ impl TagConfig {
             TagConfig::MetaCapi(c) => &c.name,
             TagConfig::Http(c) => &c.name,
             TagConfig::TikTok(c) => &c.name,
+            TagConfig::GoogleAds(c) => &c.name,
         }
     }
 
@@ -411,6 +415,7 @@ impl TagConfig {
             TagConfig::MetaCapi(_) => "meta_capi",
             TagConfig::Http(_) => "http",
             TagConfig::TikTok(_) => "tiktok",
+            TagConfig::GoogleAds(_) => "google_ads",
         }
     }
 }

@@ -22,7 +22,9 @@ use super::{
 use crate::config::OutboxConfig;
 use crate::event::Event;
 use crate::pipeline::Pipeline;
-use crate::tags::{Encoded, OutboundRequest, Outcome, TagInstance};
+use crate::tags::{
+    Credential, Encoded, OutboundRequest, Outcome, StatusCheck, StatusOutcome, TagInstance,
+};
 
 /// Longest a `Retry-After` pauses a whole tag.
 const MAX_TAG_PAUSE: Duration = Duration::from_secs(3600);
@@ -1025,7 +1027,8 @@ async fn bisect(
     out
 }
 
-/// Sends one request and classifies the answer.
+/// Sends one request and classifies the answer; for a vendor that processes asynchronously,
+/// also waits (bounded) for the request's real outcome.
 async fn send(
     inner: &Inner,
     tag: &TagInstance,
@@ -1033,7 +1036,49 @@ async fn send(
     records: &[usize],
     batch: &[LeasedRecord],
 ) -> Fate {
+    let credential = tag.tag.credential();
+    let (status, body, fate, latency) = attempt(inner, tag, request, credential.as_deref()).await;
+    let check = match fate {
+        Fate::Done => tag.tag.status_check(&body),
+        _ => None,
+    };
+    let outcome = match check {
+        // Accepted for later processing: pending until its status is known.
+        Some(_) => "pending: accepted; checking its processing status".to_string(),
+        None => fate_outcome(&fate),
+    };
+    observe(
+        inner, tag, request, records, batch, status, &body, latency, &outcome,
+    );
+    match check {
+        Some(check) => check_status(inner, tag, check, credential.as_deref(), records, batch).await,
+        None => fate,
+    }
+}
+
+/// One HTTP exchange: `(status, response body, fate, latency)`. With a credential, its
+/// `Authorization` goes on the request; failing to get one is retried like a network error.
+async fn attempt(
+    inner: &Inner,
+    tag: &TagInstance,
+    request: &OutboundRequest,
+    credential: Option<&dyn Credential>,
+) -> (Option<u16>, Bytes, Fate, Duration) {
     let started = Instant::now();
+    let authorization = match credential {
+        None => None,
+        Some(c) => match c.authorization().await {
+            Ok(v) => Some(v),
+            Err(e) => {
+                let fate = Fate::Retry {
+                    after: None,
+                    reason: tag.tag.redact(&format!("credentials: {e}")),
+                    label: "auth",
+                };
+                return (None, Bytes::new(), fate, started.elapsed());
+            }
+        },
+    };
     let mut builder = inner
         .http
         .request(request.method.clone(), &request.url)
@@ -1041,6 +1086,9 @@ async fn send(
         .body(request.body.clone());
     for (k, v) in &request.headers {
         builder = builder.header(k.as_str(), v.as_str());
+    }
+    if let Some(a) = &authorization {
+        builder = builder.header(reqwest::header::AUTHORIZATION, a.expose());
     }
     let (status, body, fate) = match builder.send().await {
         Ok(resp) => {
@@ -1097,31 +1145,159 @@ async fn send(
     let latency = started.elapsed();
     metrics::histogram!("tagrelay_tag_request_duration_seconds", "tag" => tag.name.to_string())
         .record(latency.as_secs_f64());
-    if inner.observer.enabled() {
-        let event_ids: Vec<String> = records
-            .iter()
-            .filter_map(|r| batch.get(*r).map(|rec| rec.event_id.clone()))
-            .collect();
-        let redacted = OutboundRequest {
-            method: request.method.clone(),
-            url: tag.tag.redact(&request.url),
-            headers: request
-                .headers
-                .iter()
-                .map(|(k, v)| (k.clone(), tag.tag.redact(v)))
-                .collect(),
-            body: Bytes::from(tag.tag.redact(&String::from_utf8_lossy(&request.body))),
+    (status, body, fate, latency)
+}
+
+/// Polls a vendor's status for a request it accepted, every `interval`, until the tag gives a
+/// final outcome or the wait ends (the check's `max_wait`, at most half the lease, so the
+/// records are never handed out again while their status is awaited). The records stay leased
+/// meanwhile and the delivery slot stays taken: the request is not done until its status is
+/// known. A wait that ends undecided leaves the accepted request delivered.
+async fn check_status(
+    inner: &Inner,
+    tag: &TagInstance,
+    check: StatusCheck,
+    credential: Option<&dyn Credential>,
+    records: &[usize],
+    batch: &[LeasedRecord],
+) -> Fate {
+    let budget = check.max_wait.min(inner.settings.lease_timeout / 2);
+    let deadline = Instant::now() + budget;
+    let mut shutdown = inner.shutdown.subscribe();
+    let mut last = String::from("no answer");
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(check.interval.min(left)) => {}
+            // Stopping: the request was accepted, its outcome is not awaited any longer.
+            _ = shutdown.changed() => break,
+        }
+        let (status, body, fate, latency) = attempt(inner, tag, &check.request, credential).await;
+        let fate = match (fate, status) {
+            (Fate::Done, Some(code)) => {
+                let code = http::StatusCode::from_u16(code).unwrap_or(http::StatusCode::OK);
+                match tag.tag.classify_status(code, &body, records.len()) {
+                    StatusOutcome::Pending(what) => {
+                        last = what;
+                        observe(
+                            inner,
+                            tag,
+                            &check.request,
+                            records,
+                            batch,
+                            status,
+                            &body,
+                            latency,
+                            &format!("pending: {}", tag.tag.redact(&last)),
+                        );
+                        continue;
+                    }
+                    StatusOutcome::Final(Outcome::Delivered) => Fate::Done,
+                    StatusOutcome::Final(Outcome::Rejected { reason }) => {
+                        Fate::Rejected(tag.tag.redact(&reason))
+                    }
+                    StatusOutcome::Final(Outcome::Retry { after, reason }) => Fate::Retry {
+                        after,
+                        reason: tag.tag.redact(&reason),
+                        label: "vendor",
+                    },
+                }
+            }
+            // The status request itself failed: the accepted request stands; ask again.
+            (failed, _) => {
+                last = match &failed {
+                    Fate::Retry { reason, .. } | Fate::Rejected(reason) => reason.clone(),
+                    _ => String::from("no answer"),
+                };
+                observe(
+                    inner,
+                    tag,
+                    &check.request,
+                    records,
+                    batch,
+                    status,
+                    &body,
+                    latency,
+                    &format!("pending: status check failed: {last}"),
+                );
+                continue;
+            }
         };
-        let outcome = match &fate {
-            Fate::Done | Fate::Undecided | Fate::Settled | Fate::Skipped => "delivered".to_string(),
-            Fate::Rejected(r) => format!("rejected: {r}"),
-            Fate::Retry { reason, .. } => format!("retry: {reason}"),
-        };
-        inner.observer.attempt(
-            &tag.name, &event_ids, &redacted, status, &body, latency, &outcome,
+        let outcome = fate_outcome(&fate);
+        observe(
+            inner,
+            tag,
+            &check.request,
+            records,
+            batch,
+            status,
+            &body,
+            latency,
+            &outcome,
         );
+        return fate;
     }
-    fate
+    metrics::counter!("tagrelay_tag_status_unknown_total", "tag" => tag.name.to_string())
+        .increment(1);
+    tracing::info!(
+        tag = %tag.name,
+        events = records.len(),
+        last = %tag.tag.redact(&last),
+        "the vendor accepted a request whose processing outcome was not known in time; counted as delivered"
+    );
+    Fate::Done
+}
+
+/// A fate as the debug view's outcome line: `delivered`, `retry: …` or `rejected: …`.
+fn fate_outcome(fate: &Fate) -> String {
+    match fate {
+        Fate::Done | Fate::Undecided | Fate::Settled | Fate::Skipped => "delivered".to_string(),
+        Fate::Rejected(r) => format!("rejected: {r}"),
+        Fate::Retry { reason, .. } => format!("retry: {reason}"),
+    }
+}
+
+/// Shows one exchange to the debug view with its outcome line.
+#[allow(clippy::too_many_arguments)]
+fn observe(
+    inner: &Inner,
+    tag: &TagInstance,
+    request: &OutboundRequest,
+    records: &[usize],
+    batch: &[LeasedRecord],
+    status: Option<u16>,
+    body: &[u8],
+    latency: Duration,
+    outcome: &str,
+) {
+    if !inner.observer.enabled() {
+        return;
+    }
+    let event_ids: Vec<String> = records
+        .iter()
+        .filter_map(|r| batch.get(*r).map(|rec| rec.event_id.clone()))
+        .collect();
+    let mut headers: Vec<(String, String)> = request
+        .headers
+        .iter()
+        .map(|(k, v)| (k.clone(), tag.tag.redact(v)))
+        .collect();
+    if tag.tag.credential().is_some() {
+        // What the dispatcher added, without its value.
+        headers.push(("authorization".into(), "Bearer [redacted]".into()));
+    }
+    let redacted = OutboundRequest {
+        method: request.method.clone(),
+        url: tag.tag.redact(&request.url),
+        headers,
+        body: Bytes::from(tag.tag.redact(&String::from_utf8_lossy(&request.body))),
+    };
+    inner.observer.attempt(
+        &tag.name, &event_ids, &redacted, status, body, latency, outcome,
+    );
 }
 
 /// Reads at most [`MAX_RESPONSE_BODY`] bytes; a body that breaks off is classified as read.

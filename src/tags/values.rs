@@ -60,3 +60,23 @@ impl Serialize for Currency {
         s.serialize_str(std::str::from_utf8(&self.0).unwrap_or_default())
     }
 }
+
+/// `endpoint` must be a plain `http(s)://host[:port][/path]` base URL.
+pub(crate) fn endpoint_problem(key: &str, endpoint: &str, example: &str) -> Option<String> {
+    let ep = endpoint.trim_end_matches('/');
+    match ep
+        .strip_prefix("https://")
+        .or_else(|| ep.strip_prefix("http://"))
+    {
+        Some(rest) if !rest.is_empty() && !rest.starts_with('/') => {
+            (rest.contains(['?', '#']) || rest.contains(char::is_whitespace)).then(|| {
+                format!(
+                    "{key}: `{endpoint}` must be a plain base URL without query, fragment or spaces"
+                )
+            })
+        }
+        _ => Some(format!(
+            "{key}: `{endpoint}` must be an http(s) URL, e.g. \"{example}\""
+        )),
+    }
+}

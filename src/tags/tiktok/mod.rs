@@ -21,6 +21,7 @@ use serde::Deserialize;
 use crate::config::Secret;
 use crate::event::Event;
 use crate::tags::trigger::TriggerConfig;
+use crate::tags::values::endpoint_problem;
 use crate::tags::{classify_http, retry_after, truncate_chars, Encoded, OutboundRequest};
 use crate::tags::{Outcome, Tag};
 use mapping::{Mapper, NotSent};
@@ -102,26 +103,6 @@ impl std::fmt::Debug for TikTokTag {
             .field("url", &self.url)
             .field("batch_max", &self.batch_max)
             .finish_non_exhaustive()
-    }
-}
-
-/// `endpoint` must be a plain `http(s)://host[:port][/path]` base URL.
-pub(crate) fn endpoint_problem(key: &str, endpoint: &str, example: &str) -> Option<String> {
-    let ep = endpoint.trim_end_matches('/');
-    match ep
-        .strip_prefix("https://")
-        .or_else(|| ep.strip_prefix("http://"))
-    {
-        Some(rest) if !rest.is_empty() && !rest.starts_with('/') => {
-            (rest.contains(['?', '#']) || rest.contains(char::is_whitespace)).then(|| {
-                format!(
-                    "{key}: `{endpoint}` must be a plain base URL without query, fragment or spaces"
-                )
-            })
-        }
-        _ => Some(format!(
-            "{key}: `{endpoint}` must be an http(s) URL, e.g. \"{example}\""
-        )),
     }
 }
 
