@@ -246,6 +246,12 @@ pub fn is_click_id(id: &str) -> bool {
         })
 }
 
+/// The click id `param` (`gclid`, `ttclid`, …) of a URL's query, when well-formed: for tags
+/// that get events the keeper did not see (clients that set no cookies).
+pub fn click_id_in_url(url: &str, param: &str) -> Option<String> {
+    crate::urlenc::param(url, param).filter(|id| is_click_id(id))
+}
+
 /// The click id held by a cookie value in `format`, if the value is well-formed.
 fn id_in_cookie(format: Format, value: &str) -> Option<&str> {
     let id = match format {

@@ -22,7 +22,7 @@ use serde::Serialize;
 use crate::config::CookiesConfig;
 use crate::event::Event;
 
-pub use click_ids::{is_click_id, ClickIdsConfig};
+pub use click_ids::{click_id_in_url, is_click_id, ClickIdsConfig};
 pub use cookies::{cookie_value, is_cookie_octet, parse_cookie_header};
 pub use domain::{
     domain_matches, host_without_port, is_ip_literal, normalized_host, registrable_domain,

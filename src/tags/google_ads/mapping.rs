@@ -1,6 +1,8 @@
 //! Event → Data Manager `Event` (ad-platforms §1.5; `google/ads/datamanager/v1/event.proto`,
 //! `user_data.proto`, `consent.proto`, `device_info.proto`, proto3 JSON names).
 
+use std::borrow::Cow;
+
 use serde::Serialize;
 
 use crate::event::{ConsentState, Event};
@@ -81,15 +83,26 @@ impl Mapper {
 
 /// One click id: Google Ads takes one of `gclid`, `gbraid`, `wbraid` per conversion (the Ads
 /// API says so; Data Manager's proto has three fields and says nothing): `gclid` first, then
-/// `gbraid`, then `wbraid`, as Stape's tag sends them.
+/// `gbraid`, then `wbraid`, as Stape's tag sends them. From the click-id keeper, else (events
+/// of clients that set no cookies) from the page URL.
 fn ad_identifiers(e: &Event) -> Option<AdIdentifiers<'_>> {
     let id = &e.identity;
+    fn from<'a>(e: &'a Event, kept: &'a Option<String>, param: &str) -> Option<Cow<'a, str>> {
+        match non_empty(kept) {
+            Some(v) => Some(Cow::Borrowed(v)),
+            None => e
+                .page_location
+                .as_deref()
+                .and_then(|u| crate::identity::click_id_in_url(u, param))
+                .map(Cow::Owned),
+        }
+    }
     let mut out = AdIdentifiers::default();
-    if let Some(g) = non_empty(&id.gclid) {
+    if let Some(g) = from(e, &id.gclid, "gclid") {
         out.gclid = Some(g);
-    } else if let Some(g) = non_empty(&id.gbraid) {
+    } else if let Some(g) = from(e, &id.gbraid, "gbraid") {
         out.gbraid = Some(g);
-    } else if let Some(w) = non_empty(&id.wbraid) {
+    } else if let Some(w) = from(e, &id.wbraid, "wbraid") {
         out.wbraid = Some(w);
     } else {
         return None;
@@ -290,11 +303,11 @@ pub struct Consent {
 #[derive(Debug, Default, Serialize)]
 pub struct AdIdentifiers<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub gclid: Option<&'a str>,
+    pub gclid: Option<Cow<'a, str>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub gbraid: Option<&'a str>,
+    pub gbraid: Option<Cow<'a, str>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub wbraid: Option<&'a str>,
+    pub wbraid: Option<Cow<'a, str>>,
 }
 
 #[derive(Debug, Serialize)]

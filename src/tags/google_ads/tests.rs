@@ -484,3 +484,25 @@ fn secrets_of_the_file_are_redacted() {
         "x [redacted] y [redacted]"
     );
 }
+
+#[test]
+fn a_click_id_in_the_page_url_counts_when_no_cookie_was_kept() {
+    // Clients that set no cookies (Measurement Protocol, data client) never meet the keeper.
+    let (t, _dir) = tag_with(|_| {});
+    let mut e = purchase();
+    e.identity = Default::default();
+    e.user_data = Default::default();
+    e.page_location = Some("https://shop.example.com/thanks?x=1&gbraid=0AAAA-gb".into());
+    let enc = t.encode(&[e.clone()], NOW);
+    let body: Value = serde_json::from_slice(&enc.requests[0].0.body).unwrap();
+    assert_eq!(
+        body["events"][0]["adIdentifiers"],
+        json!({"gbraid": "0AAAA-gb"})
+    );
+    e.page_location = Some("https://shop.example.com/thanks?gclid=bad%20id".into());
+    let enc = t.encode(&[e], NOW);
+    assert!(
+        enc.rejected[0].1.contains("NO_IDENTIFIERS_PROVIDED"),
+        "{enc:?}"
+    );
+}

@@ -1,5 +1,6 @@
 //! GA4 event → TikTok Events API 2.0 event (ad-platforms §2.2, §2.5).
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 use serde::Serialize;
@@ -172,7 +173,15 @@ fn user<'a>(e: &'a Event, max_year: i32, scratch: &mut String) -> User<'a> {
             max_year,
             scratch,
         ),
-        ttclid: non_empty(&id.ttclid),
+        // From the click-id keeper, else (clients that set no cookies) the page URL.
+        ttclid: match non_empty(&id.ttclid) {
+            Some(t) => Some(Cow::Borrowed(t)),
+            None => e
+                .page_location
+                .as_deref()
+                .and_then(|u| crate::identity::click_id_in_url(u, "ttclid"))
+                .map(Cow::Owned),
+        },
         ttp: non_empty(&id.ttp),
         ip,
         user_agent: non_empty(&e.user_agent),
@@ -247,7 +256,7 @@ pub struct User<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub external_id: Option<Hex64>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub ttclid: Option<&'a str>,
+    pub ttclid: Option<Cow<'a, str>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ttp: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]

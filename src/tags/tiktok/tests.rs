@@ -317,3 +317,13 @@ fn build_errors_name_the_key() {
         assert!(err.contains(key), "{key} in {err}");
     }
 }
+
+#[test]
+fn ttclid_from_the_page_url_when_no_cookie_was_kept() {
+    let t = tag(&cfg());
+    let mut e = purchase();
+    e.identity.ttclid = None;
+    e.page_location = Some("https://shop.example.com/p?ttclid=E.C.P.fromurl".into());
+    let b = body(&t.encode(&[e], NOW));
+    assert_eq!(b["data"][0]["user"]["ttclid"], "E.C.P.fromurl");
+}
