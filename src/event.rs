@@ -212,8 +212,8 @@ pub struct Identity {
     /// Value of the debug marker cookie/header, so the debug view can filter to one browser.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub debug_marker: Option<String>,
-    /// Ad platforms' click ids, raw (as in the landing URL), from the page URL or the
-    /// platform's first-party cookie (the click-id keeper, `identity/click_ids.rs`).
+    // Ad platforms' click ids, raw (as in the landing URL), from the page URL or the platform's
+    // first-party cookie (the click-id keeper, `identity/click_ids.rs`).
     /// Google Ads `gclid` (`_gcl_aw`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gclid: Option<String>,

@@ -9,7 +9,7 @@ use axum::body::Bytes;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
-use serde_json::json;
+use serde_json::{json, Value};
 
 use crate::helpers::{spawn_app, FakeVendor, Received, TestApp};
 
@@ -461,5 +461,104 @@ async fn google_failures_and_a_tiktok_error_code_end_as_dead_letters_with_the_ve
         polls >= 4,
         "two accepted requests, each PROCESSING then final: {polls}"
     );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn the_debug_view_shows_the_ingest_its_status_checks_and_the_click_cookies_without_secrets() {
+    let token = token_server().await;
+    let dm = FakeDataManager::start().await;
+    let tiktok = FakeVendor::start().await;
+    tiktok.respond(&[(200, r#"{"code":0,"message":"OK"}"#)]);
+    let creds_dir = tempfile::tempdir().unwrap();
+    let creds = credentials_file(creds_dir.path(), &token);
+    let app = spawn_app(&format!(
+        "[admin]\ntrace_sampling = \"all\"\n{}",
+        tags_config(&creds, &dm, &tiktok, "")
+    ))
+    .await;
+    let page = "https://shop.example.com/thanks?gclid=Cj0-debug&ttclid=E.C.P.debug";
+    ga4(
+        &app,
+        &format!("en=purchase&dl={}&ep.transaction_id=T-DBG", enc(page)),
+        "",
+    )
+    .await;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    let trace = loop {
+        let all: Value = app
+            .http
+            .get(app.admin_url("/debug/api/traces?limit=10"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let t = all["traces"][0].clone();
+        let state = |tag: &str| {
+            t["tags"]
+                .as_array()
+                .and_then(|tags| tags.iter().find(|x| x["tag"] == tag))
+                .map(|x| x["outcome"]["state"].clone())
+        };
+        if state("google_ads") == Some("delivered".into())
+            && state("tiktok") == Some("delivered".into())
+        {
+            break t;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not delivered: {all}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    let text = trace.to_string();
+    for secret in [
+        ACCESS_TOKEN,
+        REFRESH_TOKEN,
+        TIKTOK_TOKEN,
+        "test-client-secret",
+    ] {
+        assert!(!text.contains(secret), "the trace leaks {secret}: {text}");
+    }
+    // The click cookies with their reason.
+    let cookies = trace["cookies"].as_array().unwrap();
+    let gcl = cookies.iter().find(|c| c["name"] == "_gcl_aw").unwrap();
+    assert_eq!(gcl["reason"], "new");
+    assert!(cookies
+        .iter()
+        .any(|c| c["name"] == "ttclid" && c["reason"] == "new"));
+    // Google: the ingest (accepted, pending), a status check still processing, the final one.
+    let google = trace["tags"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["tag"] == "google_ads")
+        .unwrap();
+    let attempts = google["attempts"].as_array().unwrap();
+    let outcomes: Vec<&str> = attempts
+        .iter()
+        .map(|a| a["outcome"].as_str().unwrap())
+        .collect();
+    assert_eq!(outcomes.len(), 3, "{attempts:#?}");
+    assert!(outcomes[0].starts_with("pending: accepted"), "{outcomes:?}");
+    assert!(outcomes[1].contains("PROCESSING"), "{outcomes:?}");
+    assert_eq!(outcomes[2], "delivered");
+    let ingest = &attempts[0];
+    assert!(ingest["request"]["url"]
+        .as_str()
+        .unwrap()
+        .ends_with("/v1/events:ingest"));
+    assert!(ingest["response_body"]
+        .as_str()
+        .unwrap()
+        .contains("requestId"));
+    let headers = ingest["request"]["headers"].to_string();
+    assert!(headers.contains("Bearer [redacted]"), "{headers}");
+    assert!(attempts[2]["request"]["url"]
+        .as_str()
+        .unwrap()
+        .contains("/v1/requestStatus:retrieve?requestId=req-1"));
     app.stop().await;
 }
