@@ -1176,57 +1176,33 @@ async fn check_status(
             _ = shutdown.changed() => break,
         }
         let (status, body, fate, latency) = attempt(inner, tag, &check.request, credential).await;
-        let fate = match (fate, status) {
+        // `Err(what)`: still pending, because the vendor says so or the status request failed
+        // (the accepted request stands either way; ask again).
+        let decided = match (fate, status) {
             (Fate::Done, Some(code)) => {
                 let code = http::StatusCode::from_u16(code).unwrap_or(http::StatusCode::OK);
                 match tag.tag.classify_status(code, &body, records.len()) {
-                    StatusOutcome::Pending(what) => {
-                        last = what;
-                        observe(
-                            inner,
-                            tag,
-                            &check.request,
-                            records,
-                            batch,
-                            status,
-                            &body,
-                            latency,
-                            &format!("pending: {}", tag.tag.redact(&last)),
-                        );
-                        continue;
-                    }
-                    StatusOutcome::Final(Outcome::Delivered) => Fate::Done,
+                    StatusOutcome::Pending(what) => Err(tag.tag.redact(&what)),
+                    StatusOutcome::Final(Outcome::Delivered) => Ok(Fate::Done),
                     StatusOutcome::Final(Outcome::Rejected { reason }) => {
-                        Fate::Rejected(tag.tag.redact(&reason))
+                        Ok(Fate::Rejected(tag.tag.redact(&reason)))
                     }
-                    StatusOutcome::Final(Outcome::Retry { after, reason }) => Fate::Retry {
+                    StatusOutcome::Final(Outcome::Retry { after, reason }) => Ok(Fate::Retry {
                         after,
                         reason: tag.tag.redact(&reason),
                         label: "vendor",
-                    },
+                    }),
                 }
             }
-            // The status request itself failed: the accepted request stands; ask again.
-            (failed, _) => {
-                last = match &failed {
-                    Fate::Retry { reason, .. } | Fate::Rejected(reason) => reason.clone(),
-                    _ => String::from("no answer"),
-                };
-                observe(
-                    inner,
-                    tag,
-                    &check.request,
-                    records,
-                    batch,
-                    status,
-                    &body,
-                    latency,
-                    &format!("pending: status check failed: {last}"),
-                );
-                continue;
+            (Fate::Retry { reason, .. } | Fate::Rejected(reason), _) => {
+                Err(format!("status check failed: {reason}"))
             }
+            (_, _) => Err("status check failed: no answer".to_string()),
         };
-        let outcome = fate_outcome(&fate);
+        let outcome = match &decided {
+            Ok(fate) => fate_outcome(fate),
+            Err(what) => format!("pending: {what}"),
+        };
         observe(
             inner,
             tag,
@@ -1238,14 +1214,17 @@ async fn check_status(
             latency,
             &outcome,
         );
-        return fate;
+        match decided {
+            Ok(fate) => return fate,
+            Err(what) => last = what,
+        }
     }
     metrics::counter!("tagrelay_tag_status_unknown_total", "tag" => tag.name.to_string())
         .increment(1);
     tracing::info!(
         tag = %tag.name,
         events = records.len(),
-        last = %tag.tag.redact(&last),
+        last = %last,
         "the vendor accepted a request whose processing outcome was not known in time; counted as delivered"
     );
     Fate::Done

@@ -22,6 +22,8 @@ pub mod tools;
 mod writer;
 
 #[cfg(test)]
+mod status_tests;
+#[cfg(test)]
 mod stress_tests;
 #[cfg(test)]
 mod tests;

@@ -1,6 +1,7 @@
 //! Tags are encoders: a batch of events in, HTTP requests out; a vendor response in, an
 //! outcome out. Sending, retrying and durability are the outbox's job.
 
+pub(crate) mod batch;
 pub mod ga4;
 pub mod google_ads;
 pub mod http;

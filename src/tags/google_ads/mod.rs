@@ -34,6 +34,7 @@ use serde_json::Value;
 
 use crate::config::EnvString;
 use crate::event::Event;
+use crate::tags::batch::NotSent;
 use crate::tags::trigger::TriggerConfig;
 use crate::tags::values::endpoint_problem;
 use crate::tags::{
@@ -99,7 +100,6 @@ fn default_status_poll_max_ms() -> u64 {
 /// Data Manager's events per request (`IngestEventsRequest.events`).
 const MAX_BATCH: usize = 2000;
 const MAX_REASON_CHARS: usize = 600;
-const REDACTED: &str = "[redacted]";
 
 pub struct GoogleAdsTag {
     name: String,
@@ -334,47 +334,20 @@ impl Tag for GoogleAdsTag {
     }
 
     fn encode_batch(&self, events: &[&Event], now_ms: i64) -> Encoded {
-        let mut out = Encoded::default();
-        let mut scratch = String::with_capacity(64);
         let max_year = crate::tags::match_keys::year_of(now_ms);
-        let per_request = events.len().min(self.batch_max);
-        let mut body: Vec<u8> = Vec::new();
-        let mut idx: Vec<usize> = Vec::with_capacity(per_request);
-        for (i, e) in events.iter().enumerate() {
-            let ev = match self.mapper.build(e, max_year, &mut scratch) {
-                Ok(ev) => ev,
-                Err(reason) => {
-                    out.rejected.push((i, reason));
-                    continue;
-                }
-            };
-            if body.is_empty() {
-                body.reserve(per_request * 500 + self.body_prefix.len() + 8);
-                body.extend_from_slice(&self.body_prefix);
-            }
-            let start = body.len();
-            if !idx.is_empty() {
-                body.push(b',');
-            }
-            if let Err(err) = serde_json::to_writer(&mut body, &ev) {
-                body.truncate(start);
-                out.rejected
-                    .push((i, format!("cannot encode event as JSON: {err}")));
-                continue;
-            }
-            idx.push(i);
-            if idx.len() == self.batch_max {
-                let req = self.request(std::mem::take(&mut body));
-                out.requests.push((
-                    req,
-                    std::mem::replace(&mut idx, Vec::with_capacity(per_request)),
-                ));
-            }
-        }
-        if !idx.is_empty() {
-            out.requests.push((self.request(body), idx));
-        }
-        out
+        let mut scratch = String::with_capacity(64);
+        crate::tags::batch::json_batches(
+            events,
+            self.batch_max,
+            500,
+            &self.body_prefix,
+            |e| {
+                self.mapper
+                    .build(e, max_year, &mut scratch)
+                    .map_err(NotSent::Rejected)
+            },
+            |body| self.request(body),
+        )
     }
 
     fn classify(&self, status: StatusCode, headers: &HeaderMap, body: &[u8]) -> Outcome {
@@ -408,14 +381,7 @@ impl Tag for GoogleAdsTag {
     }
 
     fn redact(&self, text: &str) -> String {
-        let mut out: Option<String> = None;
-        for secret in &self.secrets {
-            let current = out.as_deref().unwrap_or(text);
-            if current.contains(secret.as_str()) {
-                out = Some(current.replace(secret.as_str(), REDACTED));
-            }
-        }
-        out.unwrap_or_else(|| text.to_owned())
+        crate::tags::batch::redact_secrets(&self.secrets, text)
     }
 
     fn credential(&self) -> Option<Arc<dyn Credential>> {

@@ -37,22 +37,7 @@ pub fn default_meta_name(ga4: &str) -> Option<&'static str> {
     })
 }
 
-/// GA4 events gtag sends on its own that have no meaning as Meta events.
-const GA4_AUTOMATIC: &[&str] = &[
-    "session_start",
-    "first_visit",
-    "user_engagement",
-    "scroll",
-    "form_start",
-    "video_progress",
-];
-
-/// Why an event is not sent.
-#[derive(Debug, Clone, PartialEq)]
-pub enum NotSent {
-    Rejected(String),
-    Skipped(String),
-}
+pub use crate::tags::batch::NotSent;
 
 /// The per-tag mapping settings, prepared once at build time.
 #[derive(Debug, Clone)]
@@ -68,27 +53,13 @@ impl Mapper {
     /// Meta's name for a GA4 event: configured override, then the default table, then the GA4
     /// name itself as a custom event (unless `forward_unmapped` is off).
     pub fn meta_name<'a>(&'a self, ga4: &'a str) -> Result<&'a str, NotSent> {
-        if let Some(n) = self.overrides.get(ga4) {
-            return Ok(n);
-        }
-        if let Some(n) = default_meta_name(ga4) {
-            return Ok(n);
-        }
-        // GA4's own housekeeping events mean nothing to Meta and would flood the pixel's
-        // custom events; they go only when mapped explicitly.
-        if GA4_AUTOMATIC.contains(&ga4) {
-            return Err(NotSent::Skipped(format!(
-                "`{ga4}` is a GA4 automatic event; map it in event_names to send it to Meta"
-            )));
-        }
-        if self.forward_unmapped {
-            Ok(ga4)
-        } else {
-            Err(NotSent::Skipped(format!(
-                "no Meta event is mapped for `{ga4}` and forward_unmapped = false \
-                 (add it to event_names to send it)"
-            )))
-        }
+        crate::tags::batch::vendor_event_name(
+            "Meta",
+            &self.overrides,
+            default_meta_name(ga4),
+            self.forward_unmapped,
+            ga4,
+        )
     }
 
     /// Builds one server event, or says why it must not be sent.

@@ -32,22 +32,7 @@ pub fn default_tiktok_name(ga4: &str) -> Option<&'static str> {
     })
 }
 
-/// GA4 events gtag sends on its own that mean nothing to TikTok (as for Meta).
-const GA4_AUTOMATIC: &[&str] = &[
-    "session_start",
-    "first_visit",
-    "user_engagement",
-    "scroll",
-    "form_start",
-    "video_progress",
-];
-
-/// Why an event is not sent.
-#[derive(Debug, Clone, PartialEq)]
-pub enum NotSent {
-    Rejected(String),
-    Skipped(String),
-}
+pub use crate::tags::batch::NotSent;
 
 #[derive(Debug, Clone)]
 pub struct Mapper {
@@ -59,25 +44,13 @@ impl Mapper {
     /// TikTok's name for a GA4 event: override, default table, then the GA4 name itself as a
     /// custom event (unless `forward_unmapped` is off).
     pub fn tiktok_name<'a>(&'a self, ga4: &'a str) -> Result<&'a str, NotSent> {
-        if let Some(n) = self.overrides.get(ga4) {
-            return Ok(n);
-        }
-        if let Some(n) = default_tiktok_name(ga4) {
-            return Ok(n);
-        }
-        if GA4_AUTOMATIC.contains(&ga4) {
-            return Err(NotSent::Skipped(format!(
-                "`{ga4}` is a GA4 automatic event; map it in event_names to send it to TikTok"
-            )));
-        }
-        if self.forward_unmapped {
-            Ok(ga4)
-        } else {
-            Err(NotSent::Skipped(format!(
-                "no TikTok event is mapped for `{ga4}` and forward_unmapped = false \
-                 (add it to event_names to send it)"
-            )))
-        }
+        crate::tags::batch::vendor_event_name(
+            "TikTok",
+            &self.overrides,
+            default_tiktok_name(ga4),
+            self.forward_unmapped,
+            ga4,
+        )
     }
 
     pub fn build<'a>(

@@ -24,7 +24,7 @@ use crate::tags::trigger::TriggerConfig;
 use crate::tags::values::endpoint_problem;
 use crate::tags::{classify_http, retry_after, truncate_chars, Encoded, OutboundRequest};
 use crate::tags::{Outcome, Tag};
-use mapping::{Mapper, NotSent};
+use mapping::Mapper;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -76,7 +76,6 @@ const CODE_RATE_LIMITED: i64 = 40100;
 const CODES_REJECTED: [i64; 2] = [40001, 40002];
 /// Vendor text quoted in reasons is cut here; reasons end up in dead letters and logs.
 const MAX_REASON_CHARS: usize = 600;
-const REDACTED: &str = "[redacted]";
 
 /// The TikTok encoder. URL, headers and the body's fixed parts are prepared once.
 pub struct TikTokTag {
@@ -264,51 +263,16 @@ impl Tag for TikTokTag {
     }
 
     fn encode_batch(&self, events: &[&Event], now_ms: i64) -> Encoded {
-        let mut out = Encoded::default();
-        let mut scratch = String::with_capacity(64);
         let max_year = crate::tags::match_keys::year_of(now_ms);
-        let per_request = events.len().min(self.batch_max);
-        let mut body: Vec<u8> = Vec::new();
-        let mut idx: Vec<usize> = Vec::with_capacity(per_request);
-        for (i, e) in events.iter().enumerate() {
-            let ev = match self.mapper.build(e, max_year, &mut scratch) {
-                Ok(ev) => ev,
-                Err(NotSent::Rejected(r)) => {
-                    out.rejected.push((i, r));
-                    continue;
-                }
-                Err(NotSent::Skipped(r)) => {
-                    out.skipped.push((i, r));
-                    continue;
-                }
-            };
-            if body.is_empty() {
-                body.reserve(per_request * 600 + self.body_prefix.len() + 64);
-                body.extend_from_slice(&self.body_prefix);
-            }
-            let start = body.len();
-            if !idx.is_empty() {
-                body.push(b',');
-            }
-            if let Err(err) = serde_json::to_writer(&mut body, &ev) {
-                body.truncate(start);
-                out.rejected
-                    .push((i, format!("cannot encode event as JSON: {err}")));
-                continue;
-            }
-            idx.push(i);
-            if idx.len() == self.batch_max {
-                let req = self.request(std::mem::take(&mut body));
-                out.requests.push((
-                    req,
-                    std::mem::replace(&mut idx, Vec::with_capacity(per_request)),
-                ));
-            }
-        }
-        if !idx.is_empty() {
-            out.requests.push((self.request(body), idx));
-        }
-        out
+        let mut scratch = String::with_capacity(64);
+        crate::tags::batch::json_batches(
+            events,
+            self.batch_max,
+            600,
+            &self.body_prefix,
+            |e| self.mapper.build(e, max_year, &mut scratch),
+            |body| self.request(body),
+        )
     }
 
     fn classify(&self, status: StatusCode, headers: &HeaderMap, body: &[u8]) -> Outcome {
@@ -362,9 +326,6 @@ impl Tag for TikTokTag {
     }
 
     fn redact(&self, text: &str) -> String {
-        if self.token.is_empty() || !text.contains(self.token.as_str()) {
-            return text.to_owned();
-        }
-        text.replace(self.token.as_str(), REDACTED)
+        crate::tags::batch::redact_secrets(std::slice::from_ref(&self.token), text)
     }
 }
