@@ -212,6 +212,35 @@ pub struct Identity {
     /// Value of the debug marker cookie/header, so the debug view can filter to one browser.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub debug_marker: Option<String>,
+    // Ad platforms' click ids, raw (as in the landing URL), from the page URL or the platform's
+    // first-party cookie (the click-id keeper, `identity/click_ids.rs`).
+    /// Google Ads `gclid` (`_gcl_aw`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gclid: Option<String>,
+    /// Google Ads `gbraid` (`_gcl_ag`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gbraid: Option<String>,
+    /// Google Ads `wbraid` (`_gcl_gb`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wbraid: Option<String>,
+    /// TikTok `ttclid` (cookie `ttclid`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ttclid: Option<String>,
+    /// TikTok browser id (`_ttp` cookie value).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ttp: Option<String>,
+    /// Snapchat `ScCid` (`_scclid`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sccid: Option<String>,
+    /// Pinterest `epik` (`_epik`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub epik: Option<String>,
+    /// LinkedIn `li_fat_id` (cookie `li_fat_id`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub li_fat_id: Option<String>,
+    /// Microsoft Advertising `msclkid` (`_uetmsclkid`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub msclkid: Option<String>,
 }
 
 impl Identity {
@@ -597,6 +626,15 @@ impl Event {
                 "fbc" => s(&self.identity.fbc),
                 "ga_client_id" => s(&self.identity.ga_client_id),
                 "debug_marker" => s(&self.identity.debug_marker),
+                "gclid" => s(&self.identity.gclid),
+                "gbraid" => s(&self.identity.gbraid),
+                "wbraid" => s(&self.identity.wbraid),
+                "ttclid" => s(&self.identity.ttclid),
+                "ttp" => s(&self.identity.ttp),
+                "sccid" => s(&self.identity.sccid),
+                "epik" => s(&self.identity.epik),
+                "li_fat_id" => s(&self.identity.li_fat_id),
+                "msclkid" => s(&self.identity.msclkid),
                 _ => None,
             },
             _ => None,

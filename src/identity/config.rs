@@ -2,6 +2,8 @@
 
 use serde::Deserialize;
 
+use super::click_ids::ClickIdsConfig;
+
 /// What to assume for a consent signal the hit does not carry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -32,10 +34,12 @@ pub struct CookiesConfig {
     pub keep_meta: bool,
     pub meta_max_age_days: u32,
     /// Gate cookies on Consent Mode: analytics_storage for the visitor id and `_ga`,
-    /// ad_storage for `_fbp`/`_fbc`.
+    /// ad_storage for `_fbp`/`_fbc` and the click-id cookies.
     pub require_consent: bool,
     /// Consent assumed when a hit carries no consent signals.
     pub consent_default: ConsentDefault,
+    /// Ad platforms' click-id cookies (`gclid` → `_gcl_aw`, `ttclid`, …), gated by ad_storage.
+    pub click_ids: ClickIdsConfig,
 }
 
 impl Default for CookiesConfig {
@@ -53,6 +57,7 @@ impl Default for CookiesConfig {
             meta_max_age_days: 90,
             require_consent: false,
             consent_default: ConsentDefault::Granted,
+            click_ids: ClickIdsConfig::default(),
         }
     }
 }

@@ -73,6 +73,7 @@ pub(crate) struct RequestCookies<'a> {
     pub ga: Option<&'a str>,
     pub fbp: Option<&'a str>,
     pub fbc: Option<&'a str>,
+    pub clicks: super::click_ids::ClickCookies<'a>,
 }
 
 impl<'a> RequestCookies<'a> {
@@ -84,7 +85,10 @@ impl<'a> RequestCookies<'a> {
                 "_fbp" => &mut jar.fbp,
                 "_fbc" => &mut jar.fbc,
                 n if n == visitor_name => &mut jar.visitor,
-                _ => continue,
+                n => {
+                    jar.clicks.offer(n, value);
+                    continue;
+                }
             };
             if slot.is_none() {
                 *slot = Some(value);

@@ -5,6 +5,7 @@
 //! identifiers are neither read nor written; identifiers that travel in the hit itself (the JS
 //! `cid`, an `fbclid` in the page URL) may still be used because they involve no storage.
 
+mod click_ids;
 pub mod config;
 mod consent;
 mod cookies;
@@ -22,6 +23,7 @@ use crate::event::Event;
 pub use crate::set_cookie::{CookieDecision, CookieReason};
 use config::CookiesConfig;
 
+pub use click_ids::{click_id_in_url, is_click_id, ClickIdsConfig};
 pub use cookies::{cookie_value, is_cookie_octet, parse_cookie_header};
 pub use domain::{
     domain_matches, host_without_port, is_ip_literal, normalized_host, registrable_domain,
@@ -95,6 +97,10 @@ impl CookiePolicy {
             problems.push(format!(
                 "visitor_cookie: `{name}` is managed separately (keep_ga/keep_meta); pick another name such as \"FPID\""
             ));
+        } else if click_ids::cookie_names().any(|c| c == name) {
+            problems.push(format!(
+                "visitor_cookie: `{name}` is an ad platform's click-id cookie ([cookies.click_ids]); pick another name such as \"FPID\""
+            ));
         } else if name.starts_with("__Host-") {
             problems.push(format!(
                 "visitor_cookie: `{name}`: `__Host-` cookies may not carry a Domain attribute, which tagrelay sets; drop the prefix"
@@ -109,7 +115,10 @@ impl CookiePolicy {
             ("visitor_max_age_days", config.visitor_max_age_days),
             ("ga_max_age_days", config.ga_max_age_days),
             ("meta_max_age_days", config.meta_max_age_days),
-        ] {
+        ]
+        .into_iter()
+        .chain(config.click_ids.lifetimes())
+        {
             if days == 0 || days > MAX_AGE_DAYS_LIMIT {
                 problems.push(format!(
                     "{key}: {days} is out of range; use 1 to {MAX_AGE_DAYS_LIMIT} (browsers cap cookie lifetimes at {MAX_AGE_DAYS_LIMIT} days)"
@@ -262,6 +271,18 @@ impl CookiePolicy {
                 out.push(FBC_COOKIE, v.clone().into_owned(), max_age, false, *reason);
             }
         }
+
+        // --- ad platforms' click ids (`click_ids.rs`) ---
+        click_ids::keep(
+            &cfg.click_ids,
+            cfg.enabled && ads_ok,
+            ads_ok,
+            input.referer,
+            &jar.clicks,
+            now_ms,
+            &mut out,
+            events,
+        );
 
         // --- events ---
         let fbp = fbp.map(|(v, _)| v.into_owned());

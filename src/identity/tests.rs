@@ -1091,3 +1091,270 @@ proptest! {
         prop_assert_eq!(client_id_from_visitor_cookie(&value), Some(id));
     }
 }
+
+// ---------------------------------------------------------------- click ids
+
+const GCLID: &str = "Cj0KCQiA-Abc_123";
+
+fn click_hit(query: &str) -> Event {
+    hit(
+        None,
+        Some(&format!("https://shop.example.com/landing?{query}")),
+    )
+}
+
+fn keeper_only() -> CookiePolicy {
+    // The keeper's cookies alone, so the lists below name nothing else.
+    policy(|c| {
+        c.keep_meta = false;
+        c.keep_ga = false;
+    })
+}
+
+fn click_names(ds: &[CookieDecision]) -> Vec<&str> {
+    names(ds).into_iter().filter(|n| *n != "FPID").collect()
+}
+
+#[test]
+fn every_click_id_gets_its_platforms_cookie_in_its_format() {
+    let p = keeper_only();
+    let mut events = [click_hit(
+        "gclid=Cj0KCQiA-Abc_123&gbraid=0AAAAAB-gb&wbraid=Cl0KCQwb.x&ttclid=E.C.P.CqQB-tt\
+         &ScCid=sc-1&epik=dj0yJnU9ZE5X&li_fat_id=8a1b-4c&msclkid=b4458f42c1b214060f81e89d7a9da3bb",
+    )];
+    let ds = run(&p, &HOST, &mut events);
+    let got: Vec<(&str, &str, i64)> = ds
+        .iter()
+        .filter(|d| d.name != "FPID")
+        .map(|d| (d.name.as_str(), d.value.as_str(), d.max_age_secs / 86_400))
+        .collect();
+    let gcl = |id: &str| format!("GCL.{NOW_S}.{id}");
+    assert_eq!(
+        got,
+        vec![
+            ("_gcl_aw", gcl(GCLID).as_str(), 90),
+            ("_gcl_ag", gcl("0AAAAAB-gb").as_str(), 90),
+            ("_gcl_gb", gcl("Cl0KCQwb.x").as_str(), 90),
+            ("ttclid", "E.C.P.CqQB-tt", 30),
+            ("_scclid", "sc-1", 365),
+            ("_epik", "dj0yJnU9ZE5X", 365),
+            ("li_fat_id", "8a1b-4c", 90),
+            ("_uetmsclkid", "_uetb4458f42c1b214060f81e89d7a9da3bb", 90),
+        ]
+    );
+    for d in ds.iter().filter(|d| d.name != "FPID") {
+        // Readable by the platform's own script, first-party, Lax, as `_fbc`.
+        assert!(!d.http_only, "{}", d.name);
+        assert_eq!(d.domain.as_deref(), Some("example.com"));
+        assert_eq!(d.same_site, "Lax");
+        assert_eq!(d.reason, CookieReason::New, "{}", d.name);
+        assert!(d.header_value().starts_with(&format!("{}=", d.name)));
+    }
+    let id = &events[0].identity;
+    assert_eq!(id.gclid.as_deref(), Some(GCLID));
+    assert_eq!(id.gbraid.as_deref(), Some("0AAAAAB-gb"));
+    assert_eq!(id.wbraid.as_deref(), Some("Cl0KCQwb.x"));
+    assert_eq!(id.ttclid.as_deref(), Some("E.C.P.CqQB-tt"));
+    assert_eq!(id.sccid.as_deref(), Some("sc-1"));
+    assert_eq!(id.epik.as_deref(), Some("dj0yJnU9ZE5X"));
+    assert_eq!(id.li_fat_id.as_deref(), Some("8a1b-4c"));
+    assert_eq!(
+        id.msclkid.as_deref(),
+        Some("b4458f42c1b214060f81e89d7a9da3bb")
+    );
+}
+
+#[test]
+fn click_cookies_are_kept_refreshed_and_replaced() {
+    let p = keeper_only();
+    let stored = format!(
+        "_gcl_aw=GCL.1700000000.{GCLID}; ttclid=E.C.P.old; _ttp=01K5Y2QHK3PRN35DHHJTBYE973_.tt.1; \
+         _uetmsclkid=_uetabc"
+    );
+    // A later hit without a click id: every cookie re-issued unchanged (lifetime refreshed),
+    // and the ids reach the event from the cookies.
+    let req = Req {
+        cookie: Some(&stored),
+        ..HOST
+    };
+    let mut events = [hit(None, Some("https://shop.example.com/checkout"))];
+    let ds = run(&p, &req, &mut events);
+    let gcl = find(&ds, "_gcl_aw").unwrap();
+    assert_eq!(gcl.value, format!("GCL.1700000000.{GCLID}"));
+    assert_eq!(gcl.reason, CookieReason::Kept);
+    assert_eq!(find(&ds, "ttclid").unwrap().reason, CookieReason::Kept);
+    let ttp = find(&ds, "_ttp").unwrap();
+    assert_eq!(ttp.value, "01K5Y2QHK3PRN35DHHJTBYE973_.tt.1");
+    assert_eq!(ttp.max_age_secs, 395 * 86_400);
+    assert_eq!(events[0].identity.gclid.as_deref(), Some(GCLID));
+    assert_eq!(events[0].identity.ttclid.as_deref(), Some("E.C.P.old"));
+    assert_eq!(events[0].identity.msclkid.as_deref(), Some("abc"));
+    assert_eq!(
+        events[0].identity.ttp.as_deref(),
+        Some("01K5Y2QHK3PRN35DHHJTBYE973_.tt.1")
+    );
+
+    // The same click again: kept with its first timestamp. A new click: replaced, now.
+    let mut same = [click_hit(&format!("gclid={GCLID}&ttclid=E.C.P.new"))];
+    let ds = run(&p, &req, &mut same);
+    assert_eq!(find(&ds, "_gcl_aw").unwrap().reason, CookieReason::Kept);
+    let tt = find(&ds, "ttclid").unwrap();
+    assert_eq!(
+        (tt.value.as_str(), tt.reason),
+        ("E.C.P.new", CookieReason::Replaced)
+    );
+    assert_eq!(same[0].identity.ttclid.as_deref(), Some("E.C.P.new"));
+    let mut newer = [click_hit("gclid=NEWCLICK")];
+    let ds = run(&p, &req, &mut newer);
+    let gcl = find(&ds, "_gcl_aw").unwrap();
+    assert_eq!(gcl.value, format!("GCL.{NOW_S}.NEWCLICK"));
+    assert_eq!(gcl.reason, CookieReason::Replaced);
+    assert_eq!(newer[0].identity.gclid.as_deref(), Some("NEWCLICK"));
+}
+
+#[test]
+fn malformed_click_ids_never_become_cookies() {
+    let p = keeper_only();
+    // Ids that could break a Set-Cookie header or are no ids at all.
+    for query in [
+        "gclid=a%3Bb",
+        "gclid=a%20b",
+        "ttclid=%22quoted%22",
+        "msclkid=caf%C3%A9",
+        "epik=",
+    ] {
+        let mut events = [click_hit(query)];
+        let ds = run(&p, &HOST, &mut events);
+        assert!(click_names(&ds).is_empty(), "{query}: {ds:?}");
+        assert!(events[0].identity.gclid.is_none() && events[0].identity.ttclid.is_none());
+    }
+    let long = "x".repeat(501);
+    let mut events = [click_hit(&format!("gclid={long}"))];
+    assert!(click_names(&run(&p, &HOST, &mut events)).is_empty());
+
+    // Malformed cookies are not re-issued nor used; a URL click replaces them.
+    let req = Req {
+        cookie: Some("_gcl_aw=GCL.notanumber.x; ttclid=\"a b\"; _uetmsclkid=nope; _ttp=a\\b"),
+        ..HOST
+    };
+    let mut events = [hit(None, Some("https://shop.example.com/"))];
+    let ds = run(&p, &req, &mut events);
+    assert!(click_names(&ds).is_empty(), "{ds:?}");
+    assert_eq!(events[0].identity, crate::event::Identity::default());
+    let mut events = [click_hit("gclid=FRESH")];
+    let ds = run(&p, &req, &mut events);
+    let gcl = find(&ds, "_gcl_aw").unwrap();
+    assert_eq!(
+        (gcl.value.as_str(), gcl.reason),
+        (
+            format!("GCL.{NOW_S}.FRESH").as_str(),
+            CookieReason::Replaced
+        )
+    );
+}
+
+#[test]
+fn ad_storage_denied_keeps_no_click_cookies_but_the_url_click_still_counts() {
+    use ConsentState::*;
+    let p = policy(|c| c.require_consent = true);
+    let req = Req {
+        cookie: Some("_gcl_aw=GCL.1700000000.STORED; _ttp=ttp-value"),
+        ..HOST
+    };
+    let mut denied = click_hit("ttclid=E.C.P.url");
+    denied.consent.ad_storage = Denied;
+    denied.consent.analytics_storage = Granted;
+    let mut events = [denied];
+    let ds = run(&p, &req, &mut events);
+    assert_eq!(names(&ds), vec!["FPID"], "{ds:?}");
+    let id = &events[0].identity;
+    assert_eq!(
+        id.ttclid.as_deref(),
+        Some("E.C.P.url"),
+        "the URL needs no storage"
+    );
+    assert_eq!(id.gclid, None, "the stored cookie is not read");
+    assert_eq!(id.ttp, None);
+
+    let mut granted = click_hit("ttclid=E.C.P.url");
+    granted.consent.ad_storage = Granted;
+    let mut events = [granted];
+    let ds = run(&p, &req, &mut events);
+    assert!(find(&ds, "ttclid").is_some() && find(&ds, "_gcl_aw").is_some());
+    assert_eq!(events[0].identity.gclid.as_deref(), Some("STORED"));
+}
+
+#[test]
+fn a_platform_switched_off_sets_no_cookie_but_its_id_reaches_the_event() {
+    let p = policy(|c| {
+        c.keep_meta = false;
+        c.click_ids.google = false;
+        c.click_ids.tiktok_max_age_days = 7;
+    });
+    let mut events = [click_hit("gclid=G1&ttclid=T1")];
+    let ds = run(&p, &HOST, &mut events);
+    assert_eq!(click_names(&ds), vec!["ttclid"]);
+    assert_eq!(find(&ds, "ttclid").unwrap().max_age_secs, 7 * 86_400);
+    assert_eq!(events[0].identity.gclid.as_deref(), Some("G1"));
+    // cookies.enabled = false: no cookie at all, the ids still go to the tags.
+    let off = policy(|c| c.enabled = false);
+    let mut events = [click_hit("gclid=G1")];
+    assert!(run(&off, &HOST, &mut events).is_empty());
+    assert_eq!(events[0].identity.gclid.as_deref(), Some("G1"));
+}
+
+#[test]
+fn click_ids_come_from_the_referer_without_a_page_url_and_from_sgtm_cookies() {
+    let p = keeper_only();
+    let req = Req {
+        referer: Some("https://shop.example.com/?li_fat_id=LI-1"),
+        ..HOST
+    };
+    let mut events = [hit(None, None)];
+    let ds = run(&p, &req, &mut events);
+    assert_eq!(click_names(&ds), vec!["li_fat_id"]);
+    assert_eq!(events[0].identity.li_fat_id.as_deref(), Some("LI-1"));
+
+    // A visitor from a GTM-SS setup: the sGTM linker's FPGCLAW holds the click.
+    let req = Req {
+        cookie: Some("FPGCLAW=2.1.kCjwKCAjwBwE$i1755249832"),
+        ..HOST
+    };
+    let mut events = [hit(None, Some("https://shop.example.com/"))];
+    let ds = run(&p, &req, &mut events);
+    let gcl = find(&ds, "_gcl_aw").unwrap();
+    assert_eq!(gcl.value, format!("GCL.{NOW_S}.CjwKCAjwBwE"));
+    assert_eq!(gcl.reason, CookieReason::New);
+    assert_eq!(
+        click_names(&ds),
+        vec!["_gcl_aw"],
+        "FPGCLAW itself is not written"
+    );
+    assert_eq!(events[0].identity.gclid.as_deref(), Some("CjwKCAjwBwE"));
+}
+
+#[test]
+fn explicit_click_ids_win_and_lifetimes_are_validated() {
+    let p = keeper_only();
+    let mut e = click_hit("gclid=FROM_URL");
+    e.identity.gclid = Some("FROM_PAYLOAD".into());
+    let mut events = [e];
+    run(&p, &HOST, &mut events);
+    assert_eq!(events[0].identity.gclid.as_deref(), Some("FROM_PAYLOAD"));
+
+    for days in [0, 401] {
+        let mut cfg = CookiesConfig::default();
+        cfg.click_ids.linkedin_max_age_days = days;
+        let err = CookiePolicy::build(&cfg).unwrap_err().join("\n");
+        assert!(
+            err.contains("click_ids.linkedin_max_age_days") && err.contains("1 to 400"),
+            "{err}"
+        );
+    }
+    let cfg = CookiesConfig {
+        visitor_cookie: "_gcl_aw".into(),
+        ..Default::default()
+    };
+    let err = CookiePolicy::build(&cfg).unwrap_err().join("\n");
+    assert!(err.contains("click-id cookie"), "{err}");
+}

@@ -1,10 +1,15 @@
 //! Tags are encoders: a batch of events in, HTTP requests out; a vendor response in, an
 //! outcome out. Sending, retrying and durability are the outbox's job.
 
+pub(crate) mod batch;
 pub mod ga4;
+pub mod google_ads;
 pub mod http;
+pub mod match_keys;
 pub mod meta_capi;
+pub mod tiktok;
 pub mod trigger;
+pub(crate) mod values;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -60,6 +65,36 @@ pub struct DeliveryRules {
     pub max_event_age: Option<Duration>,
 }
 
+/// A credential the dispatcher puts on a tag's requests as `Authorization`, for vendors whose
+/// tokens expire (OAuth). The implementation caches and refreshes it; only dispatchers ask, so
+/// a token fetch never happens on the hit path. The value never reaches logs or the debug view:
+/// the dispatcher shows `Bearer [redacted]` in its place.
+#[async_trait::async_trait]
+pub trait Credential: Send + Sync + std::fmt::Debug {
+    /// The `Authorization` header value. The error says what to fix and holds no secret.
+    async fn authorization(&self) -> Result<crate::secret::Secret, String>;
+}
+
+/// How to learn what became of a request a vendor accepted but processes later (Google's Data
+/// Manager answers a request id). The dispatcher sends `request` every `interval` until the
+/// tag's [`Tag::classify_status`] gives a final outcome or `max_wait` has passed; then the
+/// accepted request counts as delivered.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StatusCheck {
+    pub request: OutboundRequest,
+    pub interval: Duration,
+    pub max_wait: Duration,
+}
+
+/// A vendor's answer to a status check.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StatusOutcome {
+    /// Still processing: ask again after the interval.
+    Pending(String),
+    /// The request's final outcome, for every event it carried.
+    Final(Outcome),
+}
+
 /// A vendor encoder. Pure: no I/O, no clock except what is passed in.
 pub trait Tag: Send + Sync + std::fmt::Debug {
     /// The tag's type name (`ga4`, `meta_capi`, `http`).
@@ -80,6 +115,19 @@ pub trait Tag: Send + Sync + std::fmt::Debug {
     fn classify(&self, status: StatusCode, headers: &HeaderMap, body: &[u8]) -> Outcome;
     /// Replaces every secret this tag holds (tokens, API secrets, proofs) in `text`.
     fn redact(&self, text: &str) -> String;
+    /// The credential the dispatcher sets as `Authorization` on every request of this tag.
+    fn credential(&self) -> Option<Arc<dyn Credential>> {
+        None
+    }
+    /// For a response classified `Delivered`: the status check that tells the request's real
+    /// outcome, when the vendor processes asynchronously. `None`: delivered is final.
+    fn status_check(&self, _response_body: &[u8]) -> Option<StatusCheck> {
+        None
+    }
+    /// Classifies the answer to a status check of a request carrying `events` events.
+    fn classify_status(&self, _status: StatusCode, _body: &[u8], _events: usize) -> StatusOutcome {
+        StatusOutcome::Final(Outcome::Delivered)
+    }
     /// The vendor's own limits on what it accepts.
     fn delivery_rules(&self) -> DeliveryRules {
         DeliveryRules {
@@ -104,6 +152,8 @@ crate::typed_configs! {
         Ga4("ga4", ga4::Ga4TagConfig),
         MetaCapi("meta_capi", meta_capi::MetaCapiTagConfig),
         Http("http", http::HttpTagConfig),
+        TikTok("tiktok", tiktok::TikTokTagConfig),
+        GoogleAds("google_ads", google_ads::GoogleAdsTagConfig),
     }
 }
 

@@ -179,6 +179,32 @@ pub const METRICS: &[MetricDoc] = &[
         Counter,
         "Meta user_data fields left out because they did not normalise, by field.",
     ),
+    m(
+        "tagrelay_tiktok_user_data_dropped_total",
+        Counter,
+        "TikTok user fields left out because they did not normalise, by field.",
+    ),
+    m(
+        "tagrelay_google_ads_user_data_dropped_total",
+        Counter,
+        "Google Ads user identifiers left out because they did not normalise, by field.",
+    ),
+    m(
+        "tagrelay_google_ads_processing_errors_total",
+        Counter,
+        "Events Google's Data Manager reported failing after it accepted their request, by tag and Google's reason.",
+    ),
+    m(
+        "tagrelay_tag_status_unknown_total",
+        Counter,
+        "Requests a vendor accepted whose processing outcome was not known before the status checks ended (counted as delivered), by tag.",
+    ),
+    // Identity.
+    m(
+        "tagrelay_click_ids_refused_total",
+        Counter,
+        "Click ids in page URLs refused as malformed (never set as a cookie), by URL parameter.",
+    ),
 ];
 
 /// Registers every metric's help text with the installed recorder.

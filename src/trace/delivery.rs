@@ -12,6 +12,8 @@ use super::{Attempt, RequestView, TagOutcome, TagState, Traces, MAX_BODY_CHARS};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AttemptOutcome {
     Delivered,
+    /// Accepted by a vendor that reports its processing later (a status check follows).
+    Pending(String),
     Retry(String),
     Rejected(String),
 }
@@ -21,6 +23,7 @@ impl AttemptOutcome {
     pub fn label(&self) -> String {
         match self {
             AttemptOutcome::Delivered => "delivered".into(),
+            AttemptOutcome::Pending(r) => format!("pending: {r}"),
             AttemptOutcome::Retry(r) => format!("retry: {r}"),
             AttemptOutcome::Rejected(r) => format!("rejected: {r}"),
         }
@@ -115,6 +118,7 @@ impl DeliveryObserver for Traces {
                 TagState::Delivered,
                 status.map(|s| format!("HTTP {s}")).unwrap_or_default(),
             ),
+            AttemptOutcome::Pending(r) => TagOutcome::new(TagState::Pending, r.as_str()),
             AttemptOutcome::Retry(r) => TagOutcome::new(TagState::Retrying, r.as_str()),
             AttemptOutcome::Rejected(r) => TagOutcome::new(TagState::DeadLettered, r.as_str()),
         };

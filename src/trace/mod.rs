@@ -132,6 +132,8 @@ pub enum TagState {
     /// The tag fired but the hit was refused before its events were stored.
     NotQueued,
     Delivered,
+    /// Accepted by a vendor that reports its processing later.
+    Pending,
     Retrying,
     DeadLettered,
     Skipped,

@@ -1,6 +1,8 @@
 //! The one integration-test binary: real server on port 0, real fake vendors on loopback.
 
+mod ad_platforms;
 mod browser;
+mod browser_ads;
 mod browser_ga4;
 mod debug_view;
 mod delivery;

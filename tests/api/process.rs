@@ -185,6 +185,15 @@ fn check_accepts_the_default_and_every_example() {
         }
     }
     assert!(files.len() >= 2, "config/examples/ has examples");
+    // The Google Ads example reads a credentials file (checked at load): give it one.
+    let dir = tempfile::tempdir().unwrap();
+    let creds = dir.path().join("google.json");
+    std::fs::write(
+        &creds,
+        r#"{"type":"authorized_user","client_id":"c","client_secret":"s","refresh_token":"r"}"#,
+    )
+    .unwrap();
+    let creds = creds.display().to_string();
     // Examples reference secrets as ${VAR}; give them values as a deployment would.
     let env = [
         ("GA4_API_SECRET", "test-secret"),
@@ -193,6 +202,8 @@ fn check_accepts_the_default_and_every_example() {
         ("TAGRELAY_ADMIN_TOKEN", "test-admin-token-long-enough"),
         ("WEBHOOK_TOKEN", "test-webhook"),
         ("MP_API_SECRET", "test-mp"),
+        ("GOOGLE_ADS_CREDENTIALS", creds.as_str()),
+        ("TIKTOK_ACCESS_TOKEN", "test-tiktok-token"),
     ];
     for f in files {
         let (ok, out, err) = check(&f, &env);

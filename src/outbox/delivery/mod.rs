@@ -15,6 +15,8 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 
 pub mod retry;
+#[cfg(test)]
+mod status_tests;
 
 use crate::clock::now_ms;
 use crate::event::Event;
@@ -22,7 +24,9 @@ use crate::outbox::config::OutboxConfig;
 use crate::outbox::{
     DeadLetterRequest, DeliveryStore, HotQueue, LeasedRecord, Nack, Settlement, StoreError,
 };
-use crate::tags::{Encoded, OutboundRequest, Outcome, TagInstance};
+use crate::tags::{
+    Credential, Encoded, OutboundRequest, Outcome, StatusCheck, StatusOutcome, TagInstance,
+};
 use crate::trace::{AttemptOutcome, DeliveryObserver, RequestView, Settled};
 use retry::{human_duration, retry_label, RetryDecision, RetryPolicy, MAX_RETRY_AFTER};
 
@@ -978,7 +982,8 @@ async fn bisect(
     out
 }
 
-/// Sends one request and classifies the answer.
+/// Sends one request and classifies the answer; for a vendor that processes asynchronously,
+/// also waits (bounded) for the request's real outcome.
 async fn send(
     inner: &Inner,
     tag: &TagInstance,
@@ -986,7 +991,49 @@ async fn send(
     records: &[usize],
     batch: &[LeasedRecord],
 ) -> Fate {
+    let credential = tag.tag.credential();
+    let (status, body, fate, latency) = attempt(inner, tag, request, credential.as_deref()).await;
+    let check = match fate {
+        Fate::Done => tag.tag.status_check(&body),
+        _ => None,
+    };
+    let outcome = match check {
+        // Accepted for later processing: pending until its status is known.
+        Some(_) => AttemptOutcome::Pending("accepted; checking its processing status".into()),
+        None => fate_outcome(&fate),
+    };
+    observe(
+        inner, tag, request, records, batch, status, &body, latency, &outcome,
+    );
+    match check {
+        Some(check) => check_status(inner, tag, check, credential.as_deref(), records, batch).await,
+        None => fate,
+    }
+}
+
+/// One HTTP exchange: `(status, response body, fate, latency)`. With a credential, its
+/// `Authorization` goes on the request; failing to get one is retried like a network error.
+async fn attempt(
+    inner: &Inner,
+    tag: &TagInstance,
+    request: &OutboundRequest,
+    credential: Option<&dyn Credential>,
+) -> (Option<u16>, Bytes, Fate, Duration) {
     let started = Instant::now();
+    let authorization = match credential {
+        None => None,
+        Some(c) => match c.authorization().await {
+            Ok(v) => Some(v),
+            Err(e) => {
+                let fate = Fate::Retry {
+                    after: None,
+                    reason: tag.tag.redact(&format!("credentials: {e}")),
+                    label: "auth",
+                };
+                return (None, Bytes::new(), fate, started.elapsed());
+            }
+        },
+    };
     let mut builder = inner
         .http
         .request(request.method.clone(), &request.url)
@@ -994,6 +1041,9 @@ async fn send(
         .body(request.body.clone());
     for (k, v) in &request.headers {
         builder = builder.header(k.as_str(), v.as_str());
+    }
+    if let Some(a) = &authorization {
+        builder = builder.header(reqwest::header::AUTHORIZATION, a.expose());
     }
     let (status, body, fate) = match builder.send().await {
         Ok(resp) => {
@@ -1050,33 +1100,138 @@ async fn send(
     let latency = started.elapsed();
     metrics::histogram!("tagrelay_tag_request_duration_seconds", "tag" => tag.name.to_string())
         .record(latency.as_secs_f64());
-    if inner.observer.enabled() {
-        let event_ids: Vec<String> = records
-            .iter()
-            .filter_map(|r| batch.get(*r).map(|rec| rec.event_id.clone()))
-            .collect();
-        let redacted = RequestView {
-            method: request.method.to_string(),
-            url: tag.tag.redact(&request.url),
-            headers: request
-                .headers
-                .iter()
-                .map(|(k, v)| (k.clone(), tag.tag.redact(v)))
-                .collect(),
-            body: tag.tag.redact(&String::from_utf8_lossy(&request.body)),
-        };
-        let outcome = match &fate {
-            Fate::Done | Fate::Undecided | Fate::Settled | Fate::Skipped => {
-                AttemptOutcome::Delivered
+    (status, body, fate, latency)
+}
+
+/// Polls a vendor's status for a request it accepted, every `interval`, until the tag gives a
+/// final outcome or the wait ends (the check's `max_wait`, at most half the lease, so the
+/// records are never handed out again while their status is awaited). The records stay leased
+/// meanwhile and the delivery slot stays taken: the request is not done until its status is
+/// known. A wait that ends undecided leaves the accepted request delivered.
+async fn check_status(
+    inner: &Inner,
+    tag: &TagInstance,
+    check: StatusCheck,
+    credential: Option<&dyn Credential>,
+    records: &[usize],
+    batch: &[LeasedRecord],
+) -> Fate {
+    let budget = check.max_wait.min(inner.settings.lease_timeout / 2);
+    let deadline = Instant::now() + budget;
+    let mut shutdown = inner.shutdown.subscribe();
+    let mut last = String::from("no answer");
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(check.interval.min(left)) => {}
+            // Stopping: the request was accepted, its outcome is not awaited any longer.
+            _ = shutdown.changed() => break,
+        }
+        let (status, body, fate, latency) = attempt(inner, tag, &check.request, credential).await;
+        // `Err(what)`: still pending, because the vendor says so or the status request failed
+        // (the accepted request stands either way; ask again).
+        let decided = match (fate, status) {
+            (Fate::Done, Some(code)) => {
+                let code = http::StatusCode::from_u16(code).unwrap_or(http::StatusCode::OK);
+                match tag.tag.classify_status(code, &body, records.len()) {
+                    StatusOutcome::Pending(what) => Err(tag.tag.redact(&what)),
+                    StatusOutcome::Final(Outcome::Delivered) => Ok(Fate::Done),
+                    StatusOutcome::Final(Outcome::Rejected { reason }) => {
+                        Ok(Fate::Rejected(tag.tag.redact(&reason)))
+                    }
+                    StatusOutcome::Final(Outcome::Retry { after, reason }) => Ok(Fate::Retry {
+                        after,
+                        reason: tag.tag.redact(&reason),
+                        label: "vendor",
+                    }),
+                }
             }
-            Fate::Rejected(r) => AttemptOutcome::Rejected(r.clone()),
-            Fate::Retry { reason, .. } => AttemptOutcome::Retry(reason.clone()),
+            (Fate::Retry { reason, .. } | Fate::Rejected(reason), _) => {
+                Err(format!("status check failed: {reason}"))
+            }
+            (_, _) => Err("status check failed: no answer".to_string()),
         };
-        inner.observer.attempt(
-            &tag.name, &event_ids, redacted, status, &body, latency, &outcome,
+        let outcome = match &decided {
+            Ok(fate) => fate_outcome(fate),
+            Err(what) => AttemptOutcome::Pending(what.clone()),
+        };
+        observe(
+            inner,
+            tag,
+            &check.request,
+            records,
+            batch,
+            status,
+            &body,
+            latency,
+            &outcome,
         );
+        match decided {
+            Ok(fate) => return fate,
+            Err(what) => last = what,
+        }
     }
-    fate
+    metrics::counter!("tagrelay_tag_status_unknown_total", "tag" => tag.name.to_string())
+        .increment(1);
+    tracing::info!(
+        tag = %tag.name,
+        events = records.len(),
+        last = %last,
+        "the vendor accepted a request whose processing outcome was not known in time; counted as delivered"
+    );
+    Fate::Done
+}
+
+/// A fate as the debug view's outcome line: `delivered`, `retry: …` or `rejected: …`.
+fn fate_outcome(fate: &Fate) -> AttemptOutcome {
+    match fate {
+        Fate::Done | Fate::Undecided | Fate::Settled | Fate::Skipped => AttemptOutcome::Delivered,
+        Fate::Rejected(r) => AttemptOutcome::Rejected(r.clone()),
+        Fate::Retry { reason, .. } => AttemptOutcome::Retry(reason.clone()),
+    }
+}
+
+/// Shows one exchange to the debug view with its outcome line.
+#[allow(clippy::too_many_arguments)]
+fn observe(
+    inner: &Inner,
+    tag: &TagInstance,
+    request: &OutboundRequest,
+    records: &[usize],
+    batch: &[LeasedRecord],
+    status: Option<u16>,
+    body: &[u8],
+    latency: Duration,
+    outcome: &AttemptOutcome,
+) {
+    if !inner.observer.enabled() {
+        return;
+    }
+    let event_ids: Vec<String> = records
+        .iter()
+        .filter_map(|r| batch.get(*r).map(|rec| rec.event_id.clone()))
+        .collect();
+    let mut headers: Vec<(String, String)> = request
+        .headers
+        .iter()
+        .map(|(k, v)| (k.clone(), tag.tag.redact(v)))
+        .collect();
+    if tag.tag.credential().is_some() {
+        // What the dispatcher added, without its value.
+        headers.push(("authorization".into(), "Bearer [redacted]".into()));
+    }
+    let redacted = RequestView {
+        method: request.method.to_string(),
+        url: tag.tag.redact(&request.url),
+        headers,
+        body: tag.tag.redact(&String::from_utf8_lossy(&request.body)),
+    };
+    inner.observer.attempt(
+        &tag.name, &event_ids, redacted, status, body, latency, outcome,
+    );
 }
 
 /// Reads at most [`MAX_RESPONSE_BODY`] bytes; a body that breaks off is classified as read.

@@ -3,12 +3,13 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 
-use serde::{Serialize, Serializer};
+use serde::Serialize;
 use serde_json::Value;
 
 use super::normalize::{as_prehashed, normalize_and_hash, Hashed, Hex64, Key};
 use super::ActionSource;
 use crate::event::{Event, Item};
+use crate::tags::values::{currency, finite, is_http_url, non_empty, Currency, Num};
 use crate::urlenc;
 
 /// Meta refuses a request when any event in it is older than 7 days (§3.2).
@@ -36,22 +37,7 @@ pub fn default_meta_name(ga4: &str) -> Option<&'static str> {
     })
 }
 
-/// GA4 events gtag sends on its own that have no meaning as Meta events.
-const GA4_AUTOMATIC: &[&str] = &[
-    "session_start",
-    "first_visit",
-    "user_engagement",
-    "scroll",
-    "form_start",
-    "video_progress",
-];
-
-/// Why an event is not sent.
-#[derive(Debug, Clone, PartialEq)]
-pub enum NotSent {
-    Rejected(String),
-    Skipped(String),
-}
+pub use crate::tags::batch::NotSent;
 
 /// The per-tag mapping settings, prepared once at build time.
 #[derive(Debug, Clone)]
@@ -67,27 +53,13 @@ impl Mapper {
     /// Meta's name for a GA4 event: configured override, then the default table, then the GA4
     /// name itself as a custom event (unless `forward_unmapped` is off).
     pub fn meta_name<'a>(&'a self, ga4: &'a str) -> Result<&'a str, NotSent> {
-        if let Some(n) = self.overrides.get(ga4) {
-            return Ok(n);
-        }
-        if let Some(n) = default_meta_name(ga4) {
-            return Ok(n);
-        }
-        // GA4's own housekeeping events mean nothing to Meta and would flood the pixel's
-        // custom events; they go only when mapped explicitly.
-        if GA4_AUTOMATIC.contains(&ga4) {
-            return Err(NotSent::Skipped(format!(
-                "`{ga4}` is a GA4 automatic event; map it in event_names to send it to Meta"
-            )));
-        }
-        if self.forward_unmapped {
-            Ok(ga4)
-        } else {
-            Err(NotSent::Skipped(format!(
-                "no Meta event is mapped for `{ga4}` and forward_unmapped = false \
-                 (add it to event_names to send it)"
-            )))
-        }
+        crate::tags::batch::vendor_event_name(
+            "Meta",
+            &self.overrides,
+            default_meta_name(ga4),
+            self.forward_unmapped,
+            ga4,
+        )
     }
 
     /// Builds one server event, or says why it must not be sent.
@@ -255,18 +227,6 @@ fn purchase_requirements(e: &Event, cd: &CustomData<'_>) -> Result<(), NotSent> 
         ));
     }
     Ok(())
-}
-
-fn is_http_url(u: &str) -> bool {
-    let b = u.as_bytes();
-    let scheme_len = if b.len() > 8 && b[..8].eq_ignore_ascii_case(b"https://") {
-        8
-    } else if b.len() > 7 && b[..7].eq_ignore_ascii_case(b"http://") {
-        7
-    } else {
-        return false;
-    };
-    !u[scheme_len..].starts_with(['/', '?', '#']) && !u.contains(char::is_whitespace)
 }
 
 fn dropped(field: &'static str) {
@@ -438,28 +398,6 @@ fn is_fb_cookie(v: &str) -> bool {
         && digits(parts.next())
         && parts.next().is_some_and(|p| !p.is_empty())
         && !v.contains(char::is_whitespace)
-}
-
-fn finite(v: Option<f64>) -> Option<f64> {
-    v.filter(|n| n.is_finite())
-}
-
-fn non_empty<T: std::ops::Deref<Target = str>>(v: &Option<T>) -> Option<&str> {
-    v.as_deref().map(str::trim).filter(|s| !s.is_empty())
-}
-
-/// Upper-case ISO 4217 shape (§7.1: the SDKs disagree on case; Meta accepts both; GA4 and the
-/// Node SDK use upper case).
-fn currency(v: Option<&str>) -> Option<Currency> {
-    let b = v?.trim().as_bytes();
-    if b.len() != 3 || !b.iter().all(u8::is_ascii_alphabetic) {
-        return None;
-    }
-    Some(Currency([
-        b[0].to_ascii_uppercase(),
-        b[1].to_ascii_uppercase(),
-        b[2].to_ascii_uppercase(),
-    ]))
 }
 
 fn custom_data(e: &Event) -> CustomData<'_> {
@@ -647,28 +585,4 @@ pub struct Content<'a> {
     pub brand: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub category: Option<&'a str>,
-}
-
-/// A count that Meta types as an integer: whole numbers go out as `2`, not `2.0`.
-#[derive(Debug, Clone, Copy)]
-pub struct Num(pub f64);
-
-impl Serialize for Num {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        if self.0.fract() == 0.0 && self.0.abs() < 9.0e15 {
-            s.serialize_i64(self.0 as i64)
-        } else {
-            s.serialize_f64(self.0)
-        }
-    }
-}
-
-/// Upper-case three-letter currency code.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Currency([u8; 3]);
-
-impl Serialize for Currency {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(std::str::from_utf8(&self.0).unwrap_or_default())
-    }
 }

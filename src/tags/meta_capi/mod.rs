@@ -31,7 +31,9 @@ use crate::tags::trigger::TriggerConfig;
 use crate::tags::{
     classify_http, retry_after, DeliveryRules, Encoded, OutboundRequest, Outcome, Tag,
 };
-use mapping::{Mapper, NotSent};
+use mapping::Mapper;
+#[cfg(test)]
+use mapping::NotSent;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -115,7 +117,6 @@ const TOKEN_ERROR_FIX: &str = "access token invalid or expired: generate a new o
 const TOKEN_LOG_INTERVAL: Duration = Duration::from_secs(60);
 /// Vendor text quoted in reasons is cut here; reasons end up in dead letters and logs.
 const MAX_REASON_CHARS: usize = 600;
-const REDACTED: &str = "[redacted]";
 
 /// The Meta CAPI encoder. Everything derivable from config (URL with token and proof, body
 /// suffix, name mapping, secrets to redact) is prepared once in `from_config`.
@@ -437,51 +438,16 @@ impl Tag for MetaCapiTag {
     }
 
     fn encode_batch(&self, events: &[&Event], now_ms: i64) -> Encoded {
-        let mut out = Encoded::default();
         let max_year = normalize::year_of(now_ms);
         let mut scratch = String::with_capacity(64);
-        let per_request = events.len().min(self.batch_max);
-        let mut body: Vec<u8> = Vec::new();
-        let mut idx: Vec<usize> = Vec::with_capacity(per_request);
-        for (i, e) in events.iter().enumerate() {
-            let ev = match self.mapper.build(e, now_ms, max_year, &mut scratch) {
-                Ok(ev) => ev,
-                Err(NotSent::Rejected(r)) => {
-                    out.rejected.push((i, r));
-                    continue;
-                }
-                Err(NotSent::Skipped(r)) => {
-                    out.skipped.push((i, r));
-                    continue;
-                }
-            };
-            if body.is_empty() {
-                body.reserve(per_request * 700 + 64);
-                body.extend_from_slice(b"{\"data\":[");
-            }
-            let start = body.len();
-            if !idx.is_empty() {
-                body.push(b',');
-            }
-            if let Err(err) = serde_json::to_writer(&mut body, &ev) {
-                body.truncate(start);
-                out.rejected
-                    .push((i, format!("cannot encode event as JSON: {err}")));
-                continue;
-            }
-            idx.push(i);
-            if idx.len() == self.batch_max {
-                let req = self.request(std::mem::take(&mut body));
-                out.requests.push((
-                    req,
-                    std::mem::replace(&mut idx, Vec::with_capacity(per_request)),
-                ));
-            }
-        }
-        if !idx.is_empty() {
-            out.requests.push((self.request(body), idx));
-        }
-        out
+        crate::tags::batch::json_batches(
+            events,
+            self.batch_max,
+            700,
+            b"{\"data\":[",
+            |e| self.mapper.build(e, now_ms, max_year, &mut scratch),
+            |body| self.request(body),
+        )
     }
 
     fn classify(&self, status: StatusCode, headers: &HeaderMap, body: &[u8]) -> Outcome {
@@ -534,14 +500,7 @@ impl Tag for MetaCapiTag {
     }
 
     fn redact(&self, text: &str) -> String {
-        let mut out: Option<String> = None;
-        for secret in &self.secrets {
-            let current = out.as_deref().unwrap_or(text);
-            if current.contains(secret.as_str()) {
-                out = Some(current.replace(secret.as_str(), REDACTED));
-            }
-        }
-        out.unwrap_or_else(|| text.to_owned())
+        crate::tags::batch::redact_secrets(&self.secrets, text)
     }
 
     fn delivery_rules(&self) -> DeliveryRules {
