@@ -17,6 +17,7 @@ use tokio::sync::watch;
 use crate::admin::trace::Traces;
 use crate::clients::script_proxy::ScriptCache;
 use crate::config::{self, ConfigError, LoadedConfig, Source};
+use crate::doctor::itp::{ItpMonitor, ItpSettings};
 use crate::outbox::{spawn_dispatchers, DeliveryRuntime, DispatchSettings, Outbox, SqliteOutbox};
 use crate::pipeline::Pipeline;
 
@@ -37,6 +38,8 @@ struct Inner {
     /// Flips to true when shutdown starts; long-lived responses (SSE) end on it.
     stop: watch::Sender<bool>,
     admin_logins: crate::admin::throttle::LoginThrottle,
+    /// The running ITP check, when `[server] itp_check` is on and it started.
+    itp: std::sync::OnceLock<ItpMonitor>,
 }
 
 impl AppState {
@@ -57,6 +60,7 @@ impl AppState {
                 shutting_down: AtomicBool::new(false),
                 stop: watch::channel(false).0,
                 admin_logins: Default::default(),
+                itp: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -77,6 +81,12 @@ impl AppState {
 
     pub fn traces(&self) -> &Arc<Traces> {
         &self.inner.traces
+    }
+
+    /// The running ITP check (`[server] itp_check = true`), for the hit path's
+    /// `observe(page, tagging_host)` and the debug view.
+    pub fn itp(&self) -> Option<&ItpMonitor> {
+        self.inner.itp.get()
     }
 
     pub fn outbox(&self) -> &Arc<dyn Outbox> {
@@ -128,6 +138,11 @@ impl AppState {
         }
         if old.server.request_timeout_ms != new.server.request_timeout_ms {
             restart.push("server.request_timeout_ms");
+        }
+        if (old.server.itp_check, old.server.itp_resolver)
+            != (new.server.itp_check, new.server.itp_resolver)
+        {
+            restart.push("server.itp_*");
         }
         let (oa, na) = (&old.admin, &new.admin);
         if (oa.trace_capacity, oa.trace_max_bytes, oa.trace_sampling)
@@ -183,6 +198,7 @@ impl Application {
         let admin_addr = admin.local_addr()?;
         let state = AppState::new(pipeline, store.clone(), loaded.source);
         tracing::info!(%public_addr, %admin_addr, "tagrelay listening");
+        start_itp_check(&state);
         Ok(Application {
             state,
             store,
@@ -268,11 +284,40 @@ impl Application {
             }
         }
         let left = end.saturating_duration_since(tokio::time::Instant::now());
+        if let Some(itp) = self.state.itp() {
+            itp.shutdown();
+        }
         dispatchers.shutdown(left).await;
         delivery.shutdown();
         self.store.close().await;
         tracing::info!("tagrelay stopped");
         Ok(())
+    }
+}
+
+/// Starts the running ITP check when `[server] itp_check` is on. A check that cannot start
+/// (no resolver configuration) is reported and the server runs without it: a diagnostic
+/// never keeps hits from being served.
+fn start_itp_check(state: &AppState) {
+    let config = state.pipeline().config.clone();
+    let server = &config.server;
+    if !server.itp_check {
+        return;
+    }
+    let settings = ItpSettings {
+        resolver: server.itp_resolver,
+        allowed_origins: server.allowed_origins.clone(),
+        path_prefix: server.path_prefix.clone(),
+    };
+    match ItpMonitor::start(settings) {
+        Ok(m) => {
+            tracing::info!(resolver = %server.itp_resolver, "ITP check started");
+            let _ = state.inner.itp.set(m);
+        }
+        Err(e) => tracing::warn!(
+            error = %e,
+            "server.itp_check: the ITP check cannot start; serving without it"
+        ),
     }
 }
 

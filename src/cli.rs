@@ -79,6 +79,11 @@ pub fn serve(path: Option<&Path>) -> ExitCode {
     }
 }
 
+/// `tagrelay doctor itp`: DNS against Safari's 7-day cap on cloaked hosts' cookies.
+pub fn doctor_itp(path: Option<&Path>, args: &crate::doctor::itp::cli::ItpArgs) -> ExitCode {
+    crate::doctor::itp::cli::run(path, args)
+}
+
 /// `tagrelay healthcheck`: a self-contained probe for images without a shell.
 pub fn healthcheck(url: &str) -> ExitCode {
     let Ok(rt) = tokio::runtime::Builder::new_current_thread()

@@ -6,6 +6,7 @@ pub mod app;
 pub mod cli;
 pub mod clients;
 pub mod config;
+pub mod doctor;
 pub mod event;
 pub mod ga4_limits;
 pub mod identity;
