@@ -143,6 +143,10 @@ pub struct CookiesConfig {
     pub require_consent: bool,
     /// Consent assumed when a hit carries no consent signals.
     pub consent_default: ConsentDefault,
+    /// Set `<visitor_cookie>_set` beside the visitor cookie (when it was last set) and
+    /// measure, per browser engine, how old the visitor cookies browsers return are: proof of
+    /// Safari's 7-day cap from real visitors.
+    pub measure_cookie_age: bool,
 }
 
 impl Default for CookiesConfig {
@@ -160,6 +164,7 @@ impl Default for CookiesConfig {
             meta_max_age_days: 90,
             require_consent: false,
             consent_default: ConsentDefault::Granted,
+            measure_cookie_age: false,
         }
     }
 }

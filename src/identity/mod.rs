@@ -5,6 +5,7 @@
 //! identifiers are neither read nor written; identifiers that travel in the hit itself (the JS
 //! `cid`, an `fbclid` in the page URL) may still be used because they involve no storage.
 
+mod age;
 mod consent;
 mod cookies;
 mod domain;
@@ -21,6 +22,7 @@ use serde::Serialize;
 use crate::config::CookiesConfig;
 use crate::event::Event;
 
+pub use age::{browser_engine, visitor_set_cookie_name, AGE_METRIC as COOKIE_AGE_METRIC};
 pub use cookies::{cookie_value, is_cookie_octet, parse_cookie_header};
 pub use domain::{
     domain_matches, host_without_port, is_ip_literal, normalized_host, registrable_domain,
@@ -95,6 +97,8 @@ enum DomainMode {
 pub struct CookiePolicy {
     pub config: CookiesConfig,
     domain: DomainMode,
+    /// The visitor cookie's companion (`measure_cookie_age`), empty when off.
+    set_cookie: String,
 }
 
 impl CookiePolicy {
@@ -149,6 +153,11 @@ impl CookiePolicy {
             Ok(CookiePolicy {
                 config: config.clone(),
                 domain,
+                set_cookie: if config.measure_cookie_age {
+                    visitor_set_cookie_name(&config.visitor_cookie)
+                } else {
+                    String::new()
+                },
             })
         } else {
             Err(problems)
@@ -179,7 +188,7 @@ impl CookiePolicy {
     ) -> Vec<CookieDecision> {
         let cfg = &self.config;
         let now_ms = input.now_ms;
-        let jar = RequestCookies::read(input.cookie_header, &cfg.visitor_cookie);
+        let jar = RequestCookies::read(input.cookie_header, &cfg.visitor_cookie, &self.set_cookie);
         let analytics_ok = consent::storage_allowed(cfg, events, |c| c.analytics_storage);
         let ads_ok = consent::storage_allowed(cfg, events, |c| c.ad_storage);
 
@@ -221,6 +230,25 @@ impl CookiePolicy {
                 true,
                 reason,
             );
+            if !self.set_cookie.is_empty() {
+                // Only a returned visitor cookie has an age; its companion came with it.
+                if reason == CookieReason::Kept {
+                    let ua = events.iter().find_map(|e| e.user_agent.as_deref());
+                    age::record(jar.visitor_set, now_ms, ua);
+                }
+                let set_reason = if jar.visitor_set.is_some() {
+                    CookieReason::Replaced
+                } else {
+                    CookieReason::New
+                };
+                out.push(
+                    &self.set_cookie,
+                    age::set_value(now_ms),
+                    days(cfg.visitor_max_age_days),
+                    true,
+                    set_reason,
+                );
+            }
             id
         } else {
             // Nothing may be persisted: use what the hit itself carries. GA4 still wants a

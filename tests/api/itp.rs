@@ -421,3 +421,102 @@ async fn the_startup_check_judges_the_configured_origins_in_path_mode() {
     assert_eq!(pair.report.unwrap().verdict, Verdict::SameOrigin);
     app.stop().await;
 }
+
+/// `[cookies] measure_cookie_age`: a real hit sets the companion beside an unchanged FPID,
+/// and a Safari return is measured in the histogram by engine.
+#[tokio::test]
+async fn visitor_cookie_ages_are_measured_by_engine() {
+    const SAFARI: &str = "Mozilla/5.0 (iPhone; CPU iPhone OS 17_4 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.4 Mobile/15E148 Safari/604.1";
+    let dir = tempfile::tempdir().unwrap();
+    let text = crate::helpers::test_config(dir.path(), "[[clients]]\ntype = \"ga4\"\n").replace(
+        "secure = false",
+        "secure = false\nmeasure_cookie_age = true",
+    );
+    let app = crate::helpers::spawn_with(dir, &text).await;
+    let hit = app.url("/g/collect?v=2&en=page_view&tid=G-1&cid=111.222");
+    let r = app
+        .http
+        .get(&hit)
+        .header("user-agent", SAFARI)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let set: Vec<String> = r
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_owned())
+        .collect();
+    let fpid = set.iter().find(|c| c.starts_with("FPID=")).unwrap();
+    assert!(fpid.starts_with("FPID=FPID2.2.111.222;"), "{fpid}");
+    let companion = set
+        .iter()
+        .find(|c| c.starts_with("FPID_set="))
+        .expect("companion set");
+    assert!(companion.contains("HttpOnly"), "{companion}");
+
+    // The browser comes back eight days later with both cookies.
+    let now_s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let cookie = format!("FPID=FPID2.2.111.222; FPID_set={}", now_s - 8 * 86_400);
+    let r = app
+        .http
+        .get(&hit)
+        .header("user-agent", SAFARI)
+        .header("cookie", cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let fpid_again = r
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_owned())
+        .find(|c| c.starts_with("FPID="))
+        .unwrap();
+    assert!(
+        fpid_again.starts_with("FPID=FPID2.2.111.222;"),
+        "{fpid_again}"
+    );
+    let metrics = app.admin_text("/metrics").await;
+    // The bucket below the 7-day cap stays empty; the 8-day bucket holds the visit.
+    assert!(
+        metrics.contains(
+            "tagrelay_visitor_cookie_age_seconds_bucket{engine=\"webkit\",le=\"604800\"} 0"
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(
+            "tagrelay_visitor_cookie_age_seconds_bucket{engine=\"webkit\",le=\"691200\"} 1"
+        ),
+        "{metrics}"
+    );
+    app.stop().await;
+}
+
+#[test]
+fn check_names_a_bad_itp_resolver_and_the_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tagrelay.toml");
+    std::fs::write(
+        &path,
+        "[server]\nitp_check = true\nitp_resolver = \"dns.example\"\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(crate::process::BIN)
+        .arg("check")
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("`server.itp_resolver`"), "{err}");
+    assert!(err.contains("\"system\""), "{err}");
+    assert!(err.contains("192.0.2.53:5353"), "{err}");
+}
