@@ -395,9 +395,13 @@ async fn the_check_is_off_unless_asked_for() {
 
 #[tokio::test]
 async fn the_startup_check_judges_the_configured_origins_in_path_mode() {
-    // No DNS server at all: path mode is judged by the names alone.
+    // Path mode is judged by the names alone; the resolver is the test's own anyway.
+    let dns = TestDns::start("").await;
     let app = spawn_app_server(
-        "itp_check = true\nitp_resolver = \"127.0.0.1:53\"\npath_prefix = \"/t\"\nallowed_origins = [\"https://www.example.test\"]",
+        &format!(
+            "itp_check = true\nitp_resolver = \"{}\"\npath_prefix = \"/t\"\nallowed_origins = [\"https://www.example.test\"]",
+            dns.resolver()
+        ),
         "",
     )
     .await;
@@ -420,6 +424,7 @@ async fn the_startup_check_judges_the_configured_origins_in_path_mode() {
     );
     assert_eq!(pair.report.unwrap().verdict, Verdict::SameOrigin);
     app.stop().await;
+    dns.stop().await;
 }
 
 /// `[cookies] measure_cookie_age`: a real hit sets the companion beside an unchanged FPID,

@@ -515,11 +515,24 @@ fn set_gauges(counts: &HashMap<Verdict, u64>) {
 mod tests {
     use super::*;
 
-    /// A monitor whose resolver is never asked: these tests only use pairs judged by name.
-    fn monitor(settings: ItpSettings) -> ItpMonitor {
+    /// A monitor whose resolver is a loopback socket of the test's own that never answers:
+    /// these tests only use pairs judged by name, and [`no_dns`] checks nothing was asked.
+    fn monitor(settings: ItpSettings) -> (ItpMonitor, std::net::UdpSocket) {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket.set_nonblocking(true).unwrap();
         let mut settings = settings;
-        settings.resolver = ItpResolver::Server("127.0.0.1:53".parse().unwrap());
-        ItpMonitor::start(settings).unwrap()
+        settings.resolver = ItpResolver::Server(socket.local_addr().unwrap());
+        (ItpMonitor::start(settings).unwrap(), socket)
+    }
+
+    fn no_dns(socket: &std::net::UdpSocket) {
+        let mut buf = [0u8; 512];
+        let got = socket.recv(&mut buf);
+        assert!(
+            got.as_ref()
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock),
+            "a DNS query was sent: {got:?}"
+        );
     }
 
     /// Waits until `done` holds, on the monitor's change signal.
@@ -540,7 +553,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_pair_is_judged_once_however_many_hits_name_it() {
-        let m = monitor(ItpSettings::default());
+        let (m, dns) = monitor(ItpSettings::default());
         for _ in 0..100 {
             m.observe("https://www.shop.test", "www.shop.test:443");
         }
@@ -564,20 +577,22 @@ mod tests {
         assert_eq!(m.pairs()[0].tagging_host, "sgtm.other.test", "worst first");
         assert_eq!(m.summary().len(), 1);
         m.shutdown();
+        no_dns(&dns);
     }
 
     #[tokio::test]
     async fn unusable_hosts_are_ignored() {
-        let m = monitor(ItpSettings::default());
+        let (m, dns) = monitor(ItpSettings::default());
         m.observe("null", "sgtm.shop.test");
         m.observe("https://www.shop.test", "");
         drain(&m).await;
         assert!(m.pairs().is_empty());
+        no_dns(&dns);
     }
 
     #[tokio::test(start_paused = true)]
     async fn pairs_are_bounded_and_idle_ones_forgotten() {
-        let m = monitor(ItpSettings::default());
+        let (m, _dns) = monitor(ItpSettings::default());
         for i in 0..MAX_PAIRS {
             m.observe(&format!("https://p{i}.shop.test"), "sgtm.other.test");
             until(&m, |m| m.pairs().len() == i + 1).await;
@@ -603,7 +618,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn configured_pairs_are_judged_at_start_and_kept() {
-        let m = monitor(ItpSettings {
+        let (m, dns) = monitor(ItpSettings {
             allowed_origins: vec!["https://www.shop.test".into(), "https://shop.test".into()],
             path_prefix: "/t".into(),
             ..ItpSettings::default()
@@ -616,6 +631,7 @@ mod tests {
         let pairs = m.pairs();
         assert_eq!(pairs.len(), 2);
         assert!(pairs.iter().all(|p| p.configured));
+        no_dns(&dns);
     }
 
     #[test]
