@@ -318,6 +318,7 @@ async fn the_cli_takes_sites_and_path_from_the_config() {
     assert_eq!(code, 0, "{out}{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["verdict"], "same-origin");
+    assert_eq!(v["path"], "/t", "from [server] path_prefix");
     let pages: Vec<&str> = v["pairs"]
         .as_array()
         .unwrap()

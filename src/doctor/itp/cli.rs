@@ -55,6 +55,8 @@ pub struct Plan {
     pub sites: Vec<String>,
     /// `None` = same-origin (path mode).
     pub tagging: Option<String>,
+    /// The path of same-origin mode, for the report.
+    pub path: Option<String>,
     pub resolver: ItpResolver,
 }
 
@@ -129,7 +131,11 @@ pub async fn check(plan: &Plan) -> Result<Report, String> {
             evaluate(find(s), tagging)
         })
         .collect();
-    Ok(Report::new(pairs, &plan.resolver.describe()))
+    Ok(Report::new(
+        pairs,
+        &plan.resolver.describe(),
+        plan.path.as_deref(),
+    ))
 }
 
 /// Flags first; what they leave out comes from the config (`allowed_origins`, `path_prefix`).
@@ -162,6 +168,7 @@ pub fn plan(config_path: Option<&Path>, args: &ItpArgs) -> Result<Plan, String> 
             hosts.push(h.into_owned());
         }
     }
+    let mut path = None;
     let tagging = match (&args.tagging, &args.path) {
         (Some(t), _) => Some(
             host_of(t)
@@ -176,6 +183,7 @@ pub fn plan(config_path: Option<&Path>, args: &ItpArgs) -> Result<Plan, String> 
                     "--path `{p}` must be a path such as /t (hits then go to https://SITE/t)"
                 ));
             }
+            path = Some(p.trim_end_matches('/').to_owned());
             None
         }
         (None, None) => {
@@ -186,12 +194,14 @@ pub fn plan(config_path: Option<&Path>, args: &ItpArgs) -> Result<Plan, String> 
                     c.source
                 ));
             }
+            path = Some(c.config.server.path_prefix.clone());
             None
         }
     };
     Ok(Plan {
         sites: hosts,
         tagging,
+        path,
         resolver,
     })
 }

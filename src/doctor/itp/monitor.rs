@@ -139,17 +139,20 @@ impl ItpMonitor {
     /// sent to `tagging_host` (the `Host` or forwarded host, port allowed). Never waits,
     /// resolves or logs; allocates only for a pair it has not seen.
     pub fn observe(&self, page: &str, tagging_host: &str) {
+        // Browsers send lower-case origins and hosts, so the cheap cut finds known pairs;
+        // anything else takes the validating path, which lower-cases and checks every byte.
+        let key = self.key(quick_host(page), quick_host(tagging_host));
+        let table = self.shared.table.load();
+        if let Some(p) = table.pairs.get(&key) {
+            self.stamp(p);
+            return;
+        }
         let (Some(page), Some(tagging)) = (host_of(page), host_of(tagging_host)) else {
             return;
         };
         let key = self.key(&page, &tagging);
-        let table = self.shared.table.load();
         if let Some(p) = table.pairs.get(&key) {
-            let epoch = self.shared.epoch.load(Ordering::Relaxed);
-            // Read first: most hits find it already stamped, and a load does not contend.
-            if p.last_seen.load(Ordering::Relaxed) != epoch {
-                p.last_seen.store(epoch, Ordering::Relaxed);
-            }
+            self.stamp(p);
             return;
         }
         if self.shared.full.load(Ordering::Relaxed) {
@@ -160,6 +163,14 @@ impl ItpMonitor {
             page: page.into_owned(),
             tagging: tagging.into_owned(),
         });
+    }
+
+    fn stamp(&self, p: &Published) {
+        let epoch = self.shared.epoch.load(Ordering::Relaxed);
+        // Read first: most hits find it already stamped, and a load does not contend.
+        if p.last_seen.load(Ordering::Relaxed) != epoch {
+            p.last_seen.store(epoch, Ordering::Relaxed);
+        }
     }
 
     /// The verdict for a pair, if it has one: for the debug view's note on a hit.
@@ -221,27 +232,60 @@ impl ItpMonitor {
     }
 }
 
+/// The host part of an origin, URL or `Host` value, cut without checks: scheme, path and port
+/// removed. Equal to [`host_of`] for what browsers send; only used to find known pairs.
+fn quick_host(value: &str) -> &str {
+    let rest = value
+        .strip_prefix("https://")
+        .or_else(|| value.strip_prefix("http://"))
+        .unwrap_or(value);
+    let rest = match memchr::memchr(b'/', rest.as_bytes()) {
+        Some(i) => &rest[..i],
+        None => rest,
+    };
+    match memchr::memrchr(b':', rest.as_bytes()) {
+        Some(i) => &rest[..i],
+        None => rest,
+    }
+}
+
 /// The host of an `Origin`, a URL or a `Host` value: lower case, no port, no brackets, no
 /// userinfo. `None` for what cannot be a host (`null` origins, empty values, odd bytes).
+/// Runs on every hit the check sees, so it scans the bytes once instead of parsing a URL.
 pub fn host_of(value: &str) -> Option<std::borrow::Cow<'_, str>> {
-    let rest = match value.find("://") {
-        Some(i) => &value[i + 3..],
-        None => value,
-    };
-    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let authority = &rest[..end];
-    let authority = authority.rsplit('@').next().unwrap_or(authority);
+    let rest = value
+        .strip_prefix("https://")
+        .or_else(|| value.strip_prefix("http://"))
+        .unwrap_or_else(|| match memchr::memmem::find(value.as_bytes(), b"://") {
+            Some(i) => &value[i + 3..],
+            None => value,
+        });
+    let end = rest
+        .bytes()
+        .position(|b| matches!(b, b'/' | b'?' | b'#'))
+        .unwrap_or(rest.len());
+    let mut authority = &rest[..end];
+    if let Some(at) = memchr::memrchr(b'@', authority.as_bytes()) {
+        authority = &authority[at + 1..];
+    }
     let host = host_without_port(authority);
-    let plausible = host.contains('.') || is_ip_literal(host);
-    let clean = !host.is_empty()
-        && host.len() <= 253
-        && host
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b':'));
-    if !plausible || !clean {
+    if host.is_empty() || host.len() > 253 {
         return None;
     }
-    Some(if host.bytes().any(|b| b.is_ascii_uppercase()) {
+    let (mut dot, mut upper) = (false, false);
+    for b in host.bytes() {
+        match b {
+            b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b':' => {}
+            b'.' => dot = true,
+            b'A'..=b'Z' => upper = true,
+            _ => return None,
+        }
+    }
+    // A name needs a dot (`localhost`, `null` are not sites); an IPv6 literal has none.
+    if !dot && !is_ip_literal(host) {
+        return None;
+    }
+    Some(if upper {
         std::borrow::Cow::Owned(host.to_ascii_lowercase())
     } else {
         std::borrow::Cow::Borrowed(host)
@@ -632,6 +676,41 @@ mod tests {
         assert_eq!(pairs.len(), 2);
         assert!(pairs.iter().all(|p| p.configured));
         no_dns(&dns);
+    }
+
+    #[test]
+    fn the_quick_cut_equals_host_of_for_what_browsers_send() {
+        for v in [
+            "https://www.shop.test",
+            "http://www.shop.test:8080",
+            "https://www.shop.test/a/b?c=d",
+            "sgtm.shop.test",
+            "sgtm.shop.test:443",
+            "203.0.113.7:8443",
+        ] {
+            assert_eq!(quick_host(v), host_of(v).unwrap(), "{v}");
+        }
+    }
+
+    #[tokio::test]
+    async fn unusual_spellings_of_a_known_pair_find_it() {
+        let (m, _dns) = monitor(ItpSettings::default());
+        m.observe("https://www.shop.test", "www.shop.test");
+        until(&m, |m| {
+            m.report_for("www.shop.test", "www.shop.test").is_some()
+        })
+        .await;
+        for (page, host) in [
+            ("HTTPS://WWW.Shop.test", "WWW.SHOP.TEST"),
+            ("https://user@www.shop.test:443/x", "www.shop.test."),
+        ] {
+            m.observe(page, host);
+            assert_eq!(
+                m.shared.requests.capacity(),
+                QUEUE,
+                "{page} {host}: sent as new"
+            );
+        }
     }
 
     #[test]

@@ -22,13 +22,16 @@ pub struct Report {
     pub pairs: Vec<PairReport>,
     /// The resolver whose answers these are.
     pub resolver: String,
+    /// Same-origin mode: the path hits go to on each page host.
+    pub path: Option<String>,
     pub applies_to: &'static str,
     pub cannot_see: Vec<String>,
 }
 
 impl Report {
-    /// Combines per-page verdicts; `pairs` must not be empty.
-    pub fn new(pairs: Vec<PairReport>, resolver: &str) -> Self {
+    /// Combines per-page verdicts; `pairs` must not be empty. `path` is the same-origin path,
+    /// if that is the mode.
+    pub fn new(pairs: Vec<PairReport>, resolver: &str, path: Option<&str>) -> Self {
         let worst = pairs
             .iter()
             .max_by_key(|p| p.severity)
@@ -50,6 +53,7 @@ impl Report {
             hosts,
             pairs,
             resolver: resolver.to_owned(),
+            path: path.map(str::to_owned),
             applies_to: APPLIES_TO,
             cannot_see: cannot_see(resolver),
         }
@@ -66,7 +70,11 @@ impl Report {
         for p in &self.pairs {
             let _ = writeln!(out);
             let arrow = if p.page_host == p.tagging_host {
-                format!("page {} → hits to the same host", p.page_host)
+                let path = self.path.as_deref().unwrap_or("");
+                format!(
+                    "page {} → hits to {}{path} (the same host)",
+                    p.page_host, p.page_host
+                )
             } else {
                 format!("page {} → hits to {}", p.page_host, p.tagging_host)
             };

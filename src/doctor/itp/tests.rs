@@ -266,7 +266,7 @@ fn a_report_over_several_pages_takes_the_worst_and_lists_each_host_once() {
     let t = host(T, &[], &["203.0.113.77"]);
     let apex = host("example.test", &[], &["198.51.100.1"]);
     let pairs = vec![judge(&site(), &t), judge(&apex, &t)];
-    let report = Report::new(pairs, "the DNS server 127.0.0.1:53");
+    let report = Report::new(pairs, "the DNS server 127.0.0.1:53", None);
     assert_eq!(report.verdict, Verdict::CappedIp);
     assert_eq!(report.severity, Severity::Capped);
     let names: Vec<&str> = report.hosts.iter().map(|h| h.host.as_str()).collect();
