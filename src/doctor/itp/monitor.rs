@@ -124,6 +124,7 @@ impl ItpMonitor {
             pairs: HashMap::new(),
             queue: VecDeque::new(),
             running: JoinSet::new(),
+            tasks: HashMap::new(),
             warned_full: false,
         };
         let handle = tokio::spawn(worker.run(rx));
@@ -313,6 +314,8 @@ struct Worker {
     pairs: HashMap<u64, PairState>,
     queue: VecDeque<u64>,
     running: JoinSet<(u64, PairReport, Duration)>,
+    /// The pair each running check is for, so a check that fails can be tried again.
+    tasks: HashMap<tokio::task::Id, u64>,
     warned_full: bool,
 }
 
@@ -325,9 +328,12 @@ impl Worker {
             self.start_queued();
             tokio::select! {
                 Some(req) = requests.recv() => self.add(req.key, req.page, req.tagging, false),
-                Some(done) = self.running.join_next() => match done {
-                    Ok((key, report, ttl)) => self.finish(key, report, ttl),
-                    Err(e) => tracing::warn!(error = %e, "an ITP check task failed"),
+                Some(done) = self.running.join_next_with_id() => match done {
+                    Ok((id, (key, report, ttl))) => {
+                        self.tasks.remove(&id);
+                        self.finish(key, report, ttl);
+                    }
+                    Err(e) => self.failed(e),
                 },
                 _ = tick.tick() => self.on_tick(),
             }
@@ -409,10 +415,11 @@ impl Worker {
             p.checked_epoch = self.shared.epoch.load(Ordering::Relaxed);
             let (page, tagging) = (p.page.clone(), p.tagging.clone());
             let resolver = self.resolver.clone();
-            self.running.spawn(async move {
+            let task = self.running.spawn(async move {
                 let (report, ttl) = judge(&page, &tagging, &resolver).await;
                 (key, report, ttl)
             });
+            self.tasks.insert(task.id(), key);
         }
     }
 
@@ -431,6 +438,19 @@ impl Worker {
         self.publish();
     }
 
+    /// A check that panicked: its pair is tried again at the next re-check.
+    fn failed(&mut self, e: tokio::task::JoinError) {
+        tracing::warn!(error = %e, "an ITP check failed; it is tried again in a minute");
+        if let Some(p) = self
+            .tasks
+            .remove(&e.id())
+            .and_then(|key| self.pairs.get_mut(&key))
+        {
+            p.in_flight = false;
+            p.recheck_at = Some(Instant::now() + MIN_RECHECK);
+        }
+    }
+
     fn on_tick(&mut self) {
         let epoch = self
             .shared
@@ -441,6 +461,9 @@ impl Worker {
         let idle_epochs = (IDLE.as_secs() / TICK.as_secs()) as u32;
         let mut forget = Vec::new();
         for (key, p) in &self.pairs {
+            if self.queue.contains(key) {
+                continue;
+            }
             if p.in_flight || p.configured {
                 if p.configured && !p.in_flight && p.recheck_at.is_some_and(|t| now >= t) {
                     self.queue.push_back(*key);
