@@ -3,7 +3,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -17,6 +17,7 @@ use crate::admin::throttle::LoginThrottle;
 use crate::admin::AdminState;
 use crate::clients::script_proxy::ScriptCache;
 use crate::config::{self, ConfigError, LoadedConfig, Source};
+use crate::doctor::itp::{ItpMonitor, ItpSettings};
 use crate::ingress::IngressState;
 use crate::lifecycle::Lifecycle;
 use crate::outbox::delivery::{spawn_dispatchers, DeliveryRuntime, DispatchSettings};
@@ -37,6 +38,8 @@ pub struct AppState {
     lifecycle: Arc<Lifecycle>,
     admin_logins: Arc<LoginThrottle>,
     source: Arc<Source>,
+    /// The running ITP check, when `[server] itp_check` is on and it started.
+    itp: Arc<OnceLock<ItpMonitor>>,
 }
 
 impl FromRef<AppState> for IngressState {
@@ -47,6 +50,7 @@ impl FromRef<AppState> for IngressState {
             outbox: s.outbox.clone(),
             script_cache: s.script_cache.clone(),
             lifecycle: s.lifecycle.clone(),
+            itp: s.itp.clone(),
         }
     }
 }
@@ -59,6 +63,7 @@ impl FromRef<AppState> for AdminState {
             outbox: s.outbox.clone(),
             lifecycle: s.lifecycle.clone(),
             logins: s.admin_logins.clone(),
+            itp: s.itp.clone(),
         }
     }
 }
@@ -79,6 +84,7 @@ impl AppState {
             lifecycle: Arc::default(),
             admin_logins: Arc::default(),
             source: Arc::new(source),
+            itp: Arc::default(),
         }
     }
 
@@ -93,6 +99,12 @@ impl AppState {
 
     pub fn traces(&self) -> &Arc<Traces> {
         &self.traces
+    }
+
+    /// The running ITP check (`[server] itp_check = true`), for the hit path's
+    /// `observe(page, tagging_host)` and the debug view.
+    pub fn itp(&self) -> Option<&ItpMonitor> {
+        self.itp.get()
     }
 
     pub fn outbox(&self) -> &Arc<dyn Outbox> {
@@ -124,6 +136,11 @@ impl AppState {
         }
         if old.server.request_timeout_ms != new.server.request_timeout_ms {
             restart.push("server.request_timeout_ms");
+        }
+        if (old.server.itp_check, old.server.itp_resolver)
+            != (new.server.itp_check, new.server.itp_resolver)
+        {
+            restart.push("server.itp_*");
         }
         let (oa, na) = (&old.admin, &new.admin);
         if (oa.trace_capacity, oa.trace_max_bytes, oa.trace_sampling)
@@ -179,6 +196,7 @@ impl Application {
         let admin_addr = admin.local_addr()?;
         let state = AppState::new(pipeline, store.clone(), loaded.source);
         tracing::info!(%public_addr, %admin_addr, "tagrelay listening");
+        start_itp_check(&state);
         Ok(Application {
             state,
             store,
@@ -276,11 +294,40 @@ impl Application {
             }
         }
         let left = end.saturating_duration_since(tokio::time::Instant::now());
+        if let Some(itp) = self.state.itp() {
+            itp.shutdown();
+        }
         dispatchers.shutdown(left).await;
         delivery.shutdown();
         self.store.close().await;
         tracing::info!("tagrelay stopped");
         Ok(())
+    }
+}
+
+/// Starts the running ITP check when `[server] itp_check` is on. A check that cannot start
+/// (no resolver configuration) is reported and the server runs without it: a diagnostic
+/// never keeps hits from being served.
+fn start_itp_check(state: &AppState) {
+    let config = state.pipeline().config.clone();
+    let server = &config.server;
+    if !server.itp_check {
+        return;
+    }
+    let settings = ItpSettings {
+        resolver: server.itp_resolver,
+        allowed_origins: server.allowed_origins.clone(),
+        path_prefix: server.path_prefix.clone(),
+    };
+    match ItpMonitor::start(settings) {
+        Ok(m) => {
+            tracing::info!(resolver = %server.itp_resolver, "ITP check started");
+            let _ = state.itp.set(m);
+        }
+        Err(e) => tracing::warn!(
+            error = %e,
+            "server.itp_check: the ITP check cannot start; serving without it"
+        ),
     }
 }
 

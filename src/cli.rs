@@ -106,6 +106,11 @@ fn health_url(listen: std::net::SocketAddr) -> String {
     format!("http://{addr}/healthz")
 }
 
+/// `tagrelay doctor itp`: DNS against Safari's 7-day cap on cloaked hosts' cookies.
+pub fn doctor_itp(path: Option<&Path>, args: &crate::doctor::itp::cli::ItpArgs) -> ExitCode {
+    crate::doctor::itp::cli::run(path, args)
+}
+
 fn probe(url: &str) -> ExitCode {
     let Ok(rt) = tokio::runtime::Builder::new_current_thread()
         .enable_all()

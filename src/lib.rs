@@ -7,6 +7,7 @@ pub mod cli;
 pub mod clients;
 pub mod clock;
 pub mod config;
+pub mod doctor;
 pub mod event;
 pub mod ga4_limits;
 pub mod identity;

@@ -1,5 +1,5 @@
 #![forbid(unsafe_code)]
-//! `tagrelay`: serve (default), check, outbox tools.
+//! `tagrelay`: serve (default), check, doctor, outbox tools.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -39,13 +39,26 @@ enum Command {
         #[command(subcommand)]
         command: OutboxCommand,
     },
-    /// Exit 0 when /healthz answers 2xx (for container HEALTHCHECKs; no curl needed)
+    /// Check a deployment before and after going live
+    Doctor {
+        #[command(subcommand)]
+        command: DoctorCommand,
+    },
+    /// Exit 0 when the URL answers 2xx (for container HEALTHCHECKs; no curl needed)
     Healthcheck {
         /// Probe this URL instead of `/healthz` on the config's `server.listen` (an
         /// unspecified address such as 0.0.0.0 is probed on loopback)
         #[arg(long)]
         url: Option<String>,
     },
+}
+
+#[derive(Subcommand)]
+enum DoctorCommand {
+    /// Will Safari keep tagrelay's cookies? Checks DNS against WebKit's 7-day cap on cookies
+    /// from hosts that CNAME out of the site or sit outside its address ranges. Exit 0 ok,
+    /// 1 capped or error (or warning with --fail-on warn), 2 the check could not run
+    Itp(tagrelay::doctor::itp::cli::ItpArgs),
 }
 
 #[derive(Subcommand)]
@@ -82,6 +95,9 @@ fn main() -> ExitCode {
         Command::Serve => cli::serve(path),
         Command::Check => cli::check(path),
         Command::Healthcheck { url } => cli::healthcheck(path, url.as_deref()),
+        Command::Doctor { command } => match command {
+            DoctorCommand::Itp(args) => cli::doctor_itp(path, &args),
+        },
         Command::Outbox { command } => match command {
             OutboxCommand::Stats { json } => cli::outbox_stats(path, json),
             OutboxCommand::DeadLetters { tag, limit, json } => {

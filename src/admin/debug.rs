@@ -51,6 +51,20 @@ pub async fn traces(State(state): State<AdminState>, Query(q): Query<TraceQuery>
     Json(serde_json::json!({ "traces": list })).into_response()
 }
 
+/// The running ITP check: its verdict per (page host, tagging host) and the sentences for
+/// what Safari will cap, worst first.
+pub async fn itp(State(state): State<AdminState>) -> Response {
+    let body = match state.itp.get() {
+        None => serde_json::json!({ "enabled": false, "summary": [], "pairs": [] }),
+        Some(itp) => serde_json::json!({
+            "enabled": true,
+            "summary": itp.summary(),
+            "pairs": itp.pairs(),
+        }),
+    };
+    Json(body).into_response()
+}
+
 pub async fn trace(State(state): State<AdminState>, Path(id): Path<String>) -> Response {
     match state.traces.get(&id) {
         Some(t) => Json(t).into_response(),

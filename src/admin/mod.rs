@@ -4,7 +4,7 @@
 pub mod debug;
 pub mod throttle;
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use arc_swap::ArcSwap;
 use axum::extract::State;
@@ -12,6 +12,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 
+use crate::doctor::itp::ItpMonitor;
 use crate::lifecycle::Lifecycle;
 use crate::outbox::Outbox;
 use crate::pipeline::Pipeline;
@@ -29,6 +30,8 @@ pub struct AdminState {
     pub lifecycle: Arc<Lifecycle>,
     /// Failed admin authentications per client address.
     pub logins: Arc<LoginThrottle>,
+    /// The running ITP check, if `[server] itp_check` is on.
+    pub itp: Arc<OnceLock<ItpMonitor>>,
 }
 
 pub fn router(state: AdminState) -> Router {
@@ -45,6 +48,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/debug/api/traces", get(debug::traces))
         .route("/debug/api/traces/{id}", get(debug::trace))
         .route("/debug/api/stream", get(debug::stream))
+        .route("/debug/api/itp", get(debug::itp))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             debug::require_token,

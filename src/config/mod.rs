@@ -11,6 +11,7 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 use crate::clients::ClientConfig;
+use crate::doctor::itp::ItpResolver;
 use crate::identity::config::CookiesConfig;
 use crate::outbox::config::OutboxConfig;
 use crate::secret::{self, Secret};
@@ -60,6 +61,12 @@ pub struct ServerConfig {
     /// How long shutdown waits for in-flight requests and sends.
     pub shutdown_timeout_ms: u64,
     pub log_format: LogFormat,
+    /// Judge each (page host, tagging host) pair the hits name against Safari's 7-day cap on
+    /// cookies from cloaked hosts, resolving in the background. Off by default: a server
+    /// sends no DNS query its operator did not ask for.
+    pub itp_check: bool,
+    /// The resolver of that check: "system" or a DNS server's `IP[:port]`.
+    pub itp_resolver: ItpResolver,
 }
 
 impl Default for ServerConfig {
@@ -75,6 +82,8 @@ impl Default for ServerConfig {
             request_timeout_ms: 5_000,
             shutdown_timeout_ms: 10_000,
             log_format: LogFormat::Pretty,
+            itp_check: false,
+            itp_resolver: ItpResolver::System,
         }
     }
 }

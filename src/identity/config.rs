@@ -40,6 +40,10 @@ pub struct CookiesConfig {
     pub consent_default: ConsentDefault,
     /// Ad platforms' click-id cookies (`gclid` → `_gcl_aw`, `ttclid`, …), gated by ad_storage.
     pub click_ids: ClickIdsConfig,
+    /// Record when the visitor cookie was last set (a companion `<visitor_cookie>_set`) and
+    /// measure, per browser engine, how old the visitor cookies browsers return are: proof of
+    /// Safari's 7-day cap from real visitors.
+    pub measure_cookie_age: bool,
 }
 
 impl Default for CookiesConfig {
@@ -58,6 +62,7 @@ impl Default for CookiesConfig {
             require_consent: false,
             consent_default: ConsentDefault::Granted,
             click_ids: ClickIdsConfig::default(),
+            measure_cookie_age: false,
         }
     }
 }

@@ -70,6 +70,8 @@ pub(crate) fn is_cookie_name(n: &str) -> bool {
 #[derive(Debug, Default, Clone, Copy)]
 pub(crate) struct RequestCookies<'a> {
     pub visitor: Option<&'a str>,
+    /// When the visitor cookie was last set (`[cookies] measure_cookie_age`).
+    pub visitor_set: Option<&'a str>,
     pub ga: Option<&'a str>,
     pub fbp: Option<&'a str>,
     pub fbc: Option<&'a str>,
@@ -77,7 +79,8 @@ pub(crate) struct RequestCookies<'a> {
 }
 
 impl<'a> RequestCookies<'a> {
-    pub fn read(header: Option<&'a str>, visitor_name: &str) -> Self {
+    /// `set_name` is the visitor cookie's companion, or empty when it is not used.
+    pub fn read(header: Option<&'a str>, visitor_name: &str, set_name: &str) -> Self {
         let mut jar = RequestCookies::default();
         for (name, value) in header.into_iter().flat_map(parse_cookie_header) {
             let slot = match name {
@@ -85,6 +88,7 @@ impl<'a> RequestCookies<'a> {
                 "_fbp" => &mut jar.fbp,
                 "_fbc" => &mut jar.fbc,
                 n if n == visitor_name => &mut jar.visitor,
+                n if !set_name.is_empty() && n == set_name => &mut jar.visitor_set,
                 n => {
                     jar.clicks.offer(n, value);
                     continue;

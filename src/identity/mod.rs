@@ -5,6 +5,7 @@
 //! identifiers are neither read nor written; identifiers that travel in the hit itself (the JS
 //! `cid`, an `fbclid` in the page URL) may still be used because they involve no storage.
 
+mod age;
 mod click_ids;
 pub mod config;
 mod consent;
@@ -23,6 +24,7 @@ use crate::event::Event;
 pub use crate::set_cookie::{CookieDecision, CookieReason};
 use config::CookiesConfig;
 
+pub use age::{browser_engine, visitor_set_cookie_name};
 pub use click_ids::{click_id_in_url, is_click_id, ClickIdsConfig};
 pub use cookies::{cookie_value, is_cookie_octet, parse_cookie_header};
 pub use domain::{
@@ -69,6 +71,8 @@ enum DomainMode {
 pub struct CookiePolicy {
     pub config: CookiesConfig,
     domain: DomainMode,
+    /// The visitor cookie's companion (`measure_cookie_age`), empty when off.
+    set_cookie: String,
 }
 
 impl CookiePolicy {
@@ -130,6 +134,11 @@ impl CookiePolicy {
             Ok(CookiePolicy {
                 config: config.clone(),
                 domain,
+                set_cookie: if config.measure_cookie_age {
+                    visitor_set_cookie_name(&config.visitor_cookie)
+                } else {
+                    String::new()
+                },
             })
         } else {
             Err(problems)
@@ -160,7 +169,7 @@ impl CookiePolicy {
     ) -> Vec<CookieDecision> {
         let cfg = &self.config;
         let now_ms = input.now_ms;
-        let jar = RequestCookies::read(input.cookie_header, &cfg.visitor_cookie);
+        let jar = RequestCookies::read(input.cookie_header, &cfg.visitor_cookie, &self.set_cookie);
         let analytics_ok = consent::storage_allowed(cfg, events, |c| c.analytics_storage);
         let ads_ok = consent::storage_allowed(cfg, events, |c| c.ad_storage);
 
@@ -202,6 +211,25 @@ impl CookiePolicy {
                 true,
                 reason,
             );
+            if !self.set_cookie.is_empty() {
+                // Only a returned visitor cookie has an age; its companion came with it.
+                if reason == CookieReason::Kept {
+                    let ua = events.iter().find_map(|e| e.user_agent.as_deref());
+                    age::record(jar.visitor_set, now_ms, ua);
+                }
+                let set_reason = if jar.visitor_set.is_some() {
+                    CookieReason::Replaced
+                } else {
+                    CookieReason::New
+                };
+                out.push(
+                    &self.set_cookie,
+                    age::set_value(now_ms),
+                    days(cfg.visitor_max_age_days),
+                    true,
+                    set_reason,
+                );
+            }
             id
         } else {
             // Nothing may be persisted: use what the hit itself carries. GA4 still wants a

@@ -6,7 +6,7 @@ pub mod client_ip;
 pub mod cors;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -23,13 +23,14 @@ use tracing::Instrument;
 use crate::clients::script_proxy::ScriptCache;
 use crate::clients::{Client, ClientError, ClientResponse, HitRequest};
 use crate::clock::now_ms;
+use crate::doctor::itp::ItpMonitor;
 use crate::event::Event;
 use crate::lifecycle::Lifecycle;
 use crate::outbox::{EnqueueError, Outbox};
 use crate::pipeline::{Pipeline, ProcessError, Processed};
 use crate::set_cookie::CookieDecision;
 use crate::telemetry::metrics::RouteLabel;
-use crate::trace::{Served, TagOutcome, TagState, TraceDraft, Traces};
+use crate::trace::{ItpNote, Served, TagOutcome, TagState, TraceDraft, Traces};
 
 /// What the public listener's handlers share. Cheap to clone.
 #[derive(Clone)]
@@ -41,6 +42,8 @@ pub struct IngressState {
     /// Outlives pipeline swaps so a reload keeps proxied scripts warm.
     pub script_cache: Arc<ScriptCache>,
     pub lifecycle: Arc<Lifecycle>,
+    /// The running ITP check, if `[server] itp_check` is on: told each (page, tagging host).
+    pub itp: Arc<OnceLock<ItpMonitor>>,
 }
 
 /// Why a hit was not accepted. Every variant is a clear 4xx/5xx with a short reason.
@@ -378,7 +381,13 @@ async fn handle_hit(
         queued,
         cookies,
         response,
+        browser,
     } = processed;
+    if browser {
+        if let Some(itp) = ctx.state.itp.get() {
+            observe_itp(itp, &parts.headers, ctx.host, trace.as_mut());
+        }
+    }
     if !queued.is_empty() {
         if trace.is_some() {
             // Deliveries can finish before this hit's trace is recorded (it waits for the
@@ -406,6 +415,32 @@ async fn handle_hit(
     }
     crate::telemetry::hot::events(client.kind()).increment(events.len() as u64);
     Ok(respond(response, &events, &cookies))
+}
+
+/// Tells the ITP check which page host used which tagging host (it resolves new pairs in the
+/// background, never here), and notes its verdict on a traced hit.
+fn observe_itp(
+    itp: &ItpMonitor,
+    headers: &HeaderMap,
+    tagging_host: &str,
+    trace: Option<&mut TraceDraft>,
+) {
+    let Some(page) = headers
+        .get(header::ORIGIN)
+        .or_else(|| headers.get(header::REFERER))
+        .and_then(|v| v.to_str().ok())
+    else {
+        return;
+    };
+    itp.observe(page, tagging_host);
+    if let Some(t) = trace {
+        t.itp = itp.report_for(page, tagging_host).map(|r| ItpNote {
+            verdict: r.verdict.code(),
+            severity: r.severity.code(),
+            summary: r.summary.clone(),
+            fix: r.fix.first().cloned(),
+        });
+    }
 }
 
 /// The answer to a stored hit: the client's shape, plus the cookies.

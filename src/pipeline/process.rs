@@ -29,6 +29,8 @@ pub struct Processed {
     /// The `Set-Cookie`s of the answer.
     pub cookies: Vec<CookieDecision>,
     pub response: ClientResponse,
+    /// A browser's hit (first-party cookies are managed for it), not a server's.
+    pub browser: bool,
 }
 
 /// Why a hit produced nothing to store.
@@ -78,7 +80,8 @@ impl Pipeline {
                 e.identity.debug_marker = Some(m.to_owned());
             }
         }
-        let cookies = if parsed.set_cookies {
+        let browser = parsed.set_cookies;
+        let cookies = if browser {
             let cookie = hit.cookie_header();
             let input = IdentityInput {
                 host: hit.host,
@@ -152,6 +155,7 @@ impl Pipeline {
             queued,
             cookies,
             response: parsed.response,
+            browser,
         })
     }
 }

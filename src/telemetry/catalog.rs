@@ -199,7 +199,17 @@ pub const METRICS: &[MetricDoc] = &[
         Counter,
         "Requests a vendor accepted whose processing outcome was not known before the status checks ended (counted as delivered), by tag.",
     ),
-    // Identity.
+    // Identity and the ITP check.
+    m(
+        "tagrelay_itp_verdict",
+        Gauge,
+        "With [server] itp_check: (page host, tagging host) pairs seen, by Safari's verdict on the cookies tagrelay sets.",
+    ),
+    m(
+        "tagrelay_visitor_cookie_age_seconds",
+        Histogram,
+        "With [cookies] measure_cookie_age: age of the visitor cookie browsers send back, by engine (webkit or other).",
+    ),
     m(
         "tagrelay_click_ids_refused_total",
         Counter,

@@ -10,6 +10,9 @@ pub struct RouteLabel(pub &'static str);
 
 static PROMETHEUS: OnceLock<PrometheusHandle> = OnceLock::new();
 
+/// The histogram of returned visitor cookies' ages, by browser engine (see `identity::age`).
+pub const VISITOR_COOKIE_AGE: &str = "tagrelay_visitor_cookie_age_seconds";
+
 /// Whether [`metrics_handle`] has installed the process-wide recorder.
 pub(crate) fn recorder_installed() -> bool {
     PROMETHEUS.get().is_some()
@@ -23,9 +26,28 @@ pub fn metrics_handle() -> PrometheusHandle {
                 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                 10.0,
             ];
+            // Ages of returned visitor cookies: hours to 400 days, with edges around Safari's
+            // 7-day cap (604800 s) so "WebKit never above 7 days" reads off the buckets.
+            let day = 86_400.0;
+            let cookie_age = [
+                3_600.0,
+                day,
+                3.0 * day,
+                6.0 * day,
+                7.0 * day,
+                8.0 * day,
+                14.0 * day,
+                30.0 * day,
+                90.0 * day,
+                180.0 * day,
+                400.0 * day,
+            ];
             let builder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &latency)
-                .expect("static bucket list is not empty");
+                .and_then(|b| {
+                    b.set_buckets_for_metric(Matcher::Full(VISITOR_COOKIE_AGE.into()), &cookie_age)
+                })
+                .expect("static bucket lists are not empty");
             match builder.install_recorder() {
                 Ok(h) => {
                     super::catalog::describe_all();

@@ -8,7 +8,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header;
 
-use super::{redact_query, shorten_cookie_header, truncate, TagTrace, Trace, MAX_BODY_CHARS};
+use super::{
+    redact_query, shorten_cookie_header, truncate, ItpNote, TagTrace, Trace, MAX_BODY_CHARS,
+};
 use crate::event::Event;
 use crate::set_cookie::CookieDecision;
 
@@ -21,6 +23,7 @@ pub struct TraceDraft {
     pub events_bytes: usize,
     pub cookies: Vec<CookieDecision>,
     pub tags: Vec<TagTrace>,
+    pub itp: Option<ItpNote>,
 }
 
 /// How the hit was received and answered.
@@ -86,6 +89,7 @@ impl TraceDraft {
             events: self.events,
             cookies: self.cookies,
             tags: self.tags,
+            itp: self.itp,
             events_bytes: self.events_bytes,
         }
     }

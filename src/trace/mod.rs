@@ -62,6 +62,9 @@ pub struct Trace {
     pub events: Vec<Arc<Event>>,
     pub cookies: Vec<CookieDecision>,
     pub tags: Vec<TagTrace>,
+    /// What the running ITP check says of this page and tagging host, when it is on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub itp: Option<ItpNote>,
     /// The events' stored size, known from the outbox payloads (MessagePack, ~14 % under
     /// their JSON): the ring's byte budget is kept without serializing traces on the hit path.
     #[serde(skip)]
@@ -121,6 +124,19 @@ pub struct TagTrace {
     pub outcome: TagOutcome,
     /// Shared with the other events of the same vendor request.
     pub attempts: Vec<Arc<Attempt>>,
+}
+
+/// The ITP check's verdict on a traced hit's (page host, tagging host).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ItpNote {
+    /// The verdict's code (`ok-same-range`, `capped-cname`, …).
+    pub verdict: &'static str,
+    /// `ok`, `warn`, `capped` or `error`.
+    pub severity: &'static str,
+    /// One sentence naming the hosts.
+    pub summary: String,
+    /// The recommended fix, when something needs one.
+    pub fix: Option<String>,
 }
 
 /// Where one event stands with one tag.
@@ -628,6 +644,7 @@ mod tests {
                 outcome: TagOutcome::new(TagState::Queued, ""),
                 attempts: vec![],
             }],
+            itp: None,
             events_bytes: 100,
         }
     }
