@@ -118,7 +118,7 @@ impl Frame {
     pub(crate) fn tag_list(&self) -> Option<Vec<Arc<str>>> {
         std::str::from_utf8(&self.tags)
             .ok()
-            .and_then(|c| super::fresh::parse_column(Some(c)))
+            .and_then(|c| parse_column(Some(c)))
     }
 }
 
@@ -611,6 +611,17 @@ fn read_some(file: &File, buf: &mut [u8], pos: u64, size: u64) -> io::Result<usi
     let part = buf.get_mut(..n).unwrap_or_default();
     file.read_exact_at(part, pos)?;
     Ok(n)
+}
+
+/// The tags a `fresh` column lists (`Some(empty)` for none); `None` if it cannot be read,
+/// which the caller must treat as "may still owe deliveries" (never written so by us).
+pub(crate) fn parse_column(column: Option<&str>) -> Option<Vec<Arc<str>>> {
+    match column {
+        None => Some(Vec::new()),
+        Some(c) => serde_json::from_str::<Vec<String>>(c)
+            .ok()
+            .map(|tags| tags.into_iter().map(Arc::from).collect()),
+    }
 }
 
 #[cfg(test)]

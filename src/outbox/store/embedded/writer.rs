@@ -17,6 +17,7 @@ use rusqlite::{Connection, OptionalExtension};
 use tokio::sync::oneshot;
 
 use super::fresh::{self, FreshSet, Held};
+use super::log::parse_column;
 use super::log_state::LogState;
 use super::schema::INSERT_COPY;
 use super::shared::Shared;
@@ -949,7 +950,7 @@ fn snapshot(tx: &Tx<'_>, state: &mut State) -> rusqlite::Result<Vec<DeliveryStat
         rows.push((f.row, f.event_id, Some(column), f.enqueued_ms));
     }
     for (row, event_id, column, enqueued_ms) in rows {
-        let tags = fresh::parse_column(column.as_deref()).unwrap_or_default();
+        let tags = parse_column(column.as_deref()).unwrap_or_default();
         for (k, tag) in tags.iter().enumerate() {
             if fresh_set.lags(tag).is_some_and(|lag| lag <= row) {
                 out.push((tag.to_string(), event_id.clone(), 0, enqueued_ms, 0));
@@ -1137,7 +1138,7 @@ fn scan(
                     row,
                     event_id,
                     payload,
-                    fresh::parse_column(column.as_deref()),
+                    parse_column(column.as_deref()),
                     enqueued_ms,
                     None,
                     out,
@@ -1311,7 +1312,7 @@ fn settle(
             let Some(listed) = listed else { continue };
             if state
                 .fresh
-                .all_passed(fresh::parse_column(listed.as_deref()).as_deref(), row)
+                .all_passed(parse_column(listed.as_deref()).as_deref(), row)
             {
                 // In `events`, so `drop_done` deletes it and counts its bytes.
                 done.push((row, 0));
