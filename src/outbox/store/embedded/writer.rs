@@ -446,7 +446,7 @@ impl<'c> Tx<'c> {
         }
     }
 
-    fn c(&self) -> rusqlite::Result<&'c Connection> {
+    fn c(&self) -> WriteResult<&'c Connection> {
         if !self.open.get() {
             self.conn.execute_batch("BEGIN IMMEDIATE")?;
             self.open.set(true);
@@ -458,7 +458,7 @@ impl<'c> Tx<'c> {
         self.open.get()
     }
 
-    fn commit(&self) -> rusqlite::Result<()> {
+    fn commit(&self) -> WriteResult<()> {
         if self.open.replace(false) {
             self.conn.execute_batch("COMMIT")?;
         }
@@ -472,10 +472,18 @@ impl<'c> Tx<'c> {
     }
 }
 
-/// An I/O error of the log, failing the commit like a SQLite one.
-fn io_err(e: std::io::Error) -> rusqlite::Error {
-    rusqlite::Error::ToSqlConversionFailure(Box::new(e))
+/// Why a commit (or a step of the writer's upkeep) failed: the database or the outbox log.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error(transparent)]
+    Sql(#[from] rusqlite::Error),
+    #[error("outbox log: {0}")]
+    Log(#[from] std::io::Error),
+    #[error("cannot write an event's tag list: {0}")]
+    Tags(#[from] serde_json::Error),
 }
+
+type WriteResult<T> = Result<T, WriteError>;
 
 fn commit(conn: &mut Connection, batch: &mut Vec<Op>, shared: &Shared, state: &mut State) {
     let mut delta = Delta::default();
@@ -484,7 +492,7 @@ fn commit(conn: &mut Connection, batch: &mut Vec<Op>, shared: &Shared, state: &m
     let tx = Tx::new(conn);
     let mut unsaved = state.unsaved;
     let mut release_bound = None;
-    let result = (|| -> rusqlite::Result<Applied> {
+    let result = (|| -> WriteResult<Applied> {
         let recounted = state.fresh.take_recount();
         if recounted {
             unsaved = (0, 0);
@@ -496,9 +504,9 @@ fn commit(conn: &mut Connection, batch: &mut Vec<Op>, shared: &Shared, state: &m
         }
         #[cfg(test)]
         if state.log.has_unwritten() && shared.fail_log.load(Ordering::Acquire) {
-            return Err(io_err(std::io::Error::other("injected log failure")));
+            return Err(std::io::Error::other("injected log failure").into());
         }
-        state.log.flush(&mut state.fresh).map_err(io_err)?;
+        state.log.flush(&mut state.fresh)?;
         // Segments every tag has read past go after this commit; deliveries of theirs still
         // out (a slow send) are copied into `events` first, so they never hold the log up.
         release_bound = state.log.release_bound(state.fresh.lowest_lag());
@@ -680,7 +688,7 @@ fn apply(
     delta: &mut Delta,
     shared: &Shared,
     state: &mut State,
-) -> rusqlite::Result<Reply> {
+) -> WriteResult<Reply> {
     match op {
         Op::Enqueue {
             events,
@@ -702,18 +710,14 @@ fn apply(
                     0
                 };
                 state.column.clear();
-                serde_json::to_writer(&mut state.column, &e.tags[..listed])
-                    .map_err(|err| rusqlite::Error::ToSqlConversionFailure(err.into()))?;
-                let off = state
-                    .log
-                    .push(
-                        row,
-                        e.enqueued_at_ms,
-                        &state.column,
-                        &e.event_id,
-                        &e.payload,
-                    )
-                    .map_err(io_err)?;
+                serde_json::to_writer(&mut state.column, &e.tags[..listed])?;
+                let off = state.log.push(
+                    row,
+                    e.enqueued_at_ms,
+                    &state.column,
+                    &e.event_id,
+                    &e.payload,
+                )?;
                 state.fresh.inserted(row);
                 if listed < e.tags.len() {
                     // Delivery rows for the tags past what fresh ids name need the event in
@@ -875,7 +879,7 @@ fn drop_done(
     state: &mut State,
     delta: &mut Delta,
     done: Vec<(i64, u32)>,
-) -> rusqlite::Result<()> {
+) -> WriteResult<()> {
     let mut rows: Vec<Value> = Vec::new();
     for (row, bytes) in done {
         if state.log.in_events(row) {
@@ -897,14 +901,14 @@ fn drop_done(
 }
 
 #[cfg(test)]
-fn held(tx: &Tx<'_>, state: &mut State) -> rusqlite::Result<i64> {
+fn held(tx: &Tx<'_>, state: &mut State) -> WriteResult<i64> {
     let mut n: i64 = tx
         .c()?
         .query_row("SELECT count(*) FROM events", [], |r| r.get(0))?;
-    state.log.flush(&mut state.fresh).map_err(io_err)?;
+    state.log.flush(&mut state.fresh)?;
     let lags = state.fresh.lagging();
     for f in state.log.log.frames(None) {
-        let f = f.map_err(io_err)?;
+        let f = f?;
         if state.log.copied.contains(&f.row) {
             continue;
         }
@@ -921,9 +925,9 @@ fn held(tx: &Tx<'_>, state: &mut State) -> rusqlite::Result<i64> {
 }
 
 #[cfg(test)]
-fn snapshot(tx: &Tx<'_>, state: &mut State) -> rusqlite::Result<Vec<DeliveryState>> {
+fn snapshot(tx: &Tx<'_>, state: &mut State) -> WriteResult<Vec<DeliveryState>> {
     let conn = tx.c()?;
-    state.log.flush(&mut state.fresh).map_err(io_err)?;
+    state.log.flush(&mut state.fresh)?;
     let fresh_set = &state.fresh;
     let mut out: Vec<DeliveryState> = conn
         .prepare(
@@ -945,7 +949,7 @@ fn snapshot(tx: &Tx<'_>, state: &mut State) -> rusqlite::Result<Vec<DeliveryStat
         .collect::<rusqlite::Result<_>>()?;
     // First deliveries of log rows, from the log (a copy in `events` is the same event).
     for f in state.log.log.frames(None) {
-        let f = f.map_err(io_err)?;
+        let f = f?;
         let column = String::from_utf8_lossy(&f.tags).into_owned();
         rows.push((f.row, f.event_id, Some(column), f.enqueued_ms));
     }
@@ -970,7 +974,7 @@ fn lease_rows(
     now_ms: i64,
     limit: usize,
     lease_until_ms: i64,
-) -> rusqlite::Result<Vec<LeasedRecord>> {
+) -> WriteResult<Vec<LeasedRecord>> {
     let mut stmt = conn.prepare_cached(LEASE)?;
     let rows = stmt.query_map(
         rusqlite::params![
@@ -1039,7 +1043,7 @@ fn scan(
     state: &mut State,
     out: &mut Vec<LeasedRecord>,
     passed_over: &mut Vec<PassedOver>,
-) -> rusqlite::Result<bool> {
+) -> WriteResult<bool> {
     let Some(mut from) = state.fresh.lags(tag) else {
         return Ok(false);
     };
@@ -1049,7 +1053,7 @@ fn scan(
     let mut examined = 0usize;
     let max_examined = want.saturating_mul(4).saturating_add(SCAN_MAX_SKIP);
     // Frames of this commit not written yet are read like the others.
-    state.log.flush(&mut state.fresh).map_err(io_err)?;
+    state.log.flush(&mut state.fresh)?;
     let first_log_row = state.log.start_row();
     // One event read back, from either place.
     let mut take = |state: &mut State,
@@ -1237,12 +1241,7 @@ fn scan(
     }
 }
 
-fn settle(
-    tx: &Tx<'_>,
-    s: &Settlement,
-    delta: &mut Delta,
-    state: &mut State,
-) -> rusqlite::Result<()> {
+fn settle(tx: &Tx<'_>, s: &Settlement, delta: &mut Delta, state: &mut State) -> WriteResult<()> {
     // Events every tag is done with (their last first delivery settled).
     let mut done: Vec<(i64, u32)> = Vec::new();
     // Delivery rows that go (acked or dead).
@@ -1339,12 +1338,12 @@ fn copy_in(
     state: &mut State,
     row: i64,
     at: Option<super::log::Pos>,
-) -> rusqlite::Result<()> {
+) -> WriteResult<()> {
     if state.log.in_events(row) {
         return Ok(());
     }
     // Its frame may be in this commit's, not written yet.
-    state.log.flush(&mut state.fresh).map_err(io_err)?;
+    state.log.flush(&mut state.fresh)?;
     // Not readable (a damaged file) or not there (never seen: rows are released only once
     // passed): the delivery row finds no event, and its dispatcher dead-letters it as
     // invalid. One event's loss, never a failed commit for every hit in it.
@@ -1379,7 +1378,7 @@ fn insert_copy(
     payload: &[u8],
     tags: &[u8],
     enqueued_ms: i64,
-) -> rusqlite::Result<()> {
+) -> WriteResult<()> {
     tx.c()?
         .prepare_cached(INSERT_COPY)?
         .execute(rusqlite::params![
@@ -1401,7 +1400,7 @@ fn materialize(
     attempts: i64,
     next_attempt_ms: i64,
     last_error: Option<&str>,
-) -> rusqlite::Result<()> {
+) -> WriteResult<()> {
     copy_in(tx, state, t.row, t.at)?;
     tx.c()?
         .prepare_cached(MATERIALIZE)?
@@ -1418,12 +1417,7 @@ fn materialize(
 
 /// `tag`'s deliveries out in memory whose lease ended by `now_ms` get delivery rows, due
 /// from their lease's end, as a delivery row's lease that ends.
-fn end_expired_leases(
-    tx: &Tx<'_>,
-    tag: &str,
-    state: &mut State,
-    now_ms: i64,
-) -> rusqlite::Result<()> {
+fn end_expired_leases(tx: &Tx<'_>, tag: &str, state: &mut State, now_ms: i64) -> WriteResult<()> {
     let expired = state.fresh.expire(tag, now_ms);
     if expired.is_empty() {
         return Ok(());
@@ -1441,7 +1435,7 @@ fn end_expired_leases(
 
 /// Deletes dead letters past their retention (age, then count), at most `PURGE_STEP` of
 /// each per call. Returns whether a rule filled its step (there may be more).
-fn purge_dead_letters(conn: &Connection, s: &Settings) -> rusqlite::Result<bool> {
+fn purge_dead_letters(conn: &Connection, s: &Settings) -> WriteResult<bool> {
     let mut purged = 0usize;
     let mut full = false;
     if let Some(age) = s.dead_letter_max_age {
@@ -1478,7 +1472,7 @@ fn purge_dead_letters(conn: &Connection, s: &Settings) -> rusqlite::Result<bool>
 /// After a reset every tag resumes from its written position, so deliveries it settled past
 /// it are owed again: the record and byte counts and the gauges are taken from the store
 /// (`events` below the log's first row, then the log).
-fn recount(tx: &Tx<'_>, state: &mut State) -> rusqlite::Result<()> {
+fn recount(tx: &Tx<'_>, state: &mut State) -> WriteResult<()> {
     let conn = tx.c()?;
     let mut total: u64 = conn.query_row("SELECT count(*) FROM pending", [], |r| {
         r.get::<_, i64>(0).map(|n| u64::try_from(n).unwrap_or(0))
@@ -1498,7 +1492,7 @@ fn recount(tx: &Tx<'_>, state: &mut State) -> rusqlite::Result<()> {
     fresh_set.set_skips(super::schema::rows_with_delivery_rows(conn)?);
     let mut waiting: std::collections::HashMap<Arc<str>, (u64, Option<i64>)> =
         std::collections::HashMap::new();
-    state.log.flush(fresh_set).map_err(io_err)?;
+    state.log.flush(fresh_set)?;
     let bound = state.log.start_row();
     for (tag, n, oldest) in super::schema::waiting(conn, bound)? {
         waiting.insert(Arc::from(tag.as_str()), (n, oldest));
@@ -1544,10 +1538,7 @@ fn recount(tx: &Tx<'_>, state: &mut State) -> rusqlite::Result<()> {
 /// Writes every position that changed, in the commit that moved it: with events in the log,
 /// a tag's written position is all that tells a restart which of them it has had (where the
 /// SQLite store deleted each event row as its last delivery settled).
-fn write_positions(
-    tx: &Tx<'_>,
-    fresh_set: &mut FreshSet,
-) -> rusqlite::Result<Vec<(Arc<str>, i64)>> {
+fn write_positions(tx: &Tx<'_>, fresh_set: &mut FreshSet) -> WriteResult<Vec<(Arc<str>, i64)>> {
     let positions = fresh_set.positions_to_write();
     if !positions.is_empty() {
         let mut stmt = tx.c()?.prepare_cached(POSITION)?;
@@ -1560,7 +1551,7 @@ fn write_positions(
 
 /// At a clean close: every delivery still out gets a row, and the positions are written.
 /// First deliveries still owed from the log stay there: the next start copies them in.
-fn give_rows_to_all_out(conn: &Connection, state: &mut State) -> rusqlite::Result<()> {
+fn give_rows_to_all_out(conn: &Connection, state: &mut State) -> WriteResult<()> {
     let tx = Tx::new(conn);
     let result = (|| {
         for t in state.fresh.take_all() {
