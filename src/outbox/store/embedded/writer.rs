@@ -112,9 +112,7 @@ impl Op {
 /// steady stream of hits keeps arriving and fills the group. Requests that come during a
 /// commit's fsync are grouped into the next commit anyway. The writer naps instead of
 /// blocking on the channel, because a send wakes a blocked receiver: under load that was a
-/// context switch into this thread per hit. `bench/run` (A/B, same machine, alternating
-/// runs): max hits/s 19.4k–23.7k blocking, 21.7k–26.6k with 100 µs naps, 20.0k–29.3k (four of
-/// five runs ≥ 28k) with 50 µs naps.
+/// context switch into this thread per hit (docs/performance-log.md has the measurements).
 const ARRIVAL_GAP: Duration = Duration::from_micros(50);
 
 #[derive(Debug, Clone, Copy)]
@@ -209,14 +207,13 @@ fn dispatch_budget(hit_records: usize, closing: bool, commit_max_records: usize)
 /// are worth waiting for, only while they keep arriving, and never past `commit_interval`
 /// (`left`). With a syncer (`syncing` is `Some`), only while it is inside an fsync: hits
 /// committed now would wait for that fsync to end anyway, while with no fsync in flight a
-/// commit now starts theirs at once. `bench/run`, four alternating pairs: p99 at 25 % of max
-/// 2.9–3.4 ms against 3.5–5.3 ms, max 30.6k–35.5k hits/s against 27.2k–32.5k, for 7.0 KiB
-/// written per hit against 5.6 KiB (smaller groups when the disk is quick).
+/// commit now starts theirs at once: lower p99 and a higher max, for somewhat smaller groups
+/// when the disk is quick (docs/performance-log.md).
 ///
 /// With no hits yet (`empty`: only dispatcher work), the writer waits only while an fsync is
 /// in flight: hits arriving meanwhile would commit after it anyway, so the dispatcher work
-/// shares their commit instead of paying for one of its own (a commit costs the writer
-/// ~100 µs whatever it holds; at full load half the commits were dispatcher work alone).
+/// shares their commit instead of paying for one of its own (a commit has a fixed cost
+/// whatever it holds, and at full load many commits were dispatcher work alone).
 fn keep_gathering(arrived: bool, left: Duration, empty: bool, syncing: Option<bool>) -> bool {
     if left.is_zero() {
         false
