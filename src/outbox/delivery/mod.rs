@@ -20,7 +20,8 @@ use crate::clock::now_ms;
 use crate::event::Event;
 use crate::outbox::config::OutboxConfig;
 use crate::outbox::{
-    DeadLetterRequest, DeliveryStore, HotQueue, LeasedRecord, Nack, Settlement, StoreError,
+    DeadLetterRequest, DeliveryStore, HotQueue, LeasedRecord, Nack, RecordId, Settlement,
+    StoreError,
 };
 use crate::tags::{Encoded, OutboundRequest, Outcome, TagInstance};
 use crate::trace::{AttemptOutcome, DeliveryObserver, RequestView, Settled};
@@ -390,7 +391,11 @@ async fn run_tag(inner: Arc<Inner>, name: Arc<str>) {
             },
             _ = shutdown.changed() => continue,
         };
-        let paused_ms = pause.load(Ordering::Acquire).saturating_sub(now_ms());
+        // Paused by this dispatcher, or by another process sharing the store.
+        let paused_until = pause
+            .load(Ordering::Acquire)
+            .max(inner.store.paused_until(&name));
+        let paused_ms = paused_until.saturating_sub(now_ms());
         if paused_ms > 0 {
             drop(permit);
             let wait = Duration::from_millis(u64::try_from(paused_ms).unwrap_or(0));
@@ -417,7 +422,12 @@ async fn run_tag(inner: Arc<Inner>, name: Arc<str>) {
                 Ok(b) => b,
                 Err(StoreError::Closed) => break,
                 Err(e) => {
-                    tracing::warn!(tag = %name, error = %e, "outbox: lease failed; retrying");
+                    if matches!(e, StoreError::Unavailable(_)) {
+                        // The store logs its outage once; delivery waits for it quietly.
+                        tracing::debug!(tag = %name, error = %e, "outbox: store unavailable; delivery waits");
+                    } else {
+                        tracing::warn!(tag = %name, error = %e, "outbox: lease failed; retrying");
+                    }
                     drop(permit);
                     if !idle(&inner, &wake, &mut shutdown).await {
                         break;
@@ -539,7 +549,7 @@ fn after_failure(
 
 /// A record as a delivery task took it.
 struct Carried {
-    id: i64,
+    id: RecordId,
     attempts: u32,
     first_enqueued_ms: i64,
 }
@@ -739,9 +749,9 @@ async fn deliver(
             .iter()
             .filter_map(|i| owners.get(*i).copied())
             .collect();
-        let fate = send(&inner, &tag, request, &records, &batch).await;
+        let fate = send(&inner, &tag, request, &records, &batch, &pause).await;
         if matches!(fate, Fate::Rejected(_)) && idxs.len() > 1 {
-            let found = bisect(&inner, &tag, &events, idxs, now, &batch, &owners).await;
+            let found = bisect(&inner, &tag, &events, idxs, now, &batch, &owners, &pause).await;
             for (i, fate) in found {
                 if let Some(f) = owners.get(i).and_then(|&r| fates.get_mut(r)) {
                     f.merge(fate);
@@ -829,15 +839,6 @@ async fn deliver(
                     reason,
                     label,
                 } => {
-                    if let Some(after) = after {
-                        // The vendor asked the whole tag to wait, not just this request
-                        // (within reason, whatever it says).
-                        let wait = after.min(MAX_TAG_PAUSE);
-                        pause.fetch_max(
-                            now.saturating_add(retry::duration_ms(wait)),
-                            Ordering::AcqRel,
-                        );
-                    }
                     let carried = Carried {
                         id: rec.id,
                         attempts: rec.attempts,
@@ -920,7 +921,11 @@ async fn deliver(
         futures_util::future::join_all(parts.into_iter().map(|p| inner.store.settle(p))).await;
     if let Some(e) = results.into_iter().find_map(Result::err) {
         // The leases expire and these records are sent again: at-least-once, never lost.
-        tracing::error!(tag = %name, error = %e, "outbox: could not record delivery results");
+        if matches!(e, StoreError::Unavailable(_)) {
+            tracing::warn!(tag = %name, error = %e, "outbox: could not record delivery results while the store is unavailable; these deliveries will be sent again");
+        } else {
+            tracing::error!(tag = %name, error = %e, "outbox: could not record delivery results");
+        }
     }
 }
 
@@ -930,6 +935,7 @@ async fn deliver(
 /// error is about the request (an invalid token), not an event: stop splitting and reject
 /// them all, so a bad token costs two extra requests, not one per event.
 /// Returns (event index, fate) for every event of `idxs`.
+#[allow(clippy::too_many_arguments)]
 async fn bisect(
     inner: &Inner,
     tag: &TagInstance,
@@ -938,6 +944,7 @@ async fn bisect(
     now: i64,
     batch: &[LeasedRecord],
     owners: &[usize],
+    pause: &AtomicI64,
 ) -> Vec<(usize, Fate)> {
     let mut out = Vec::with_capacity(idxs.len());
     let mut stack = vec![idxs.to_vec()];
@@ -961,7 +968,7 @@ async fn bisect(
                 let ev: Vec<usize> = subs.iter().filter_map(|s| half.get(*s).copied()).collect();
                 let records: Vec<usize> =
                     ev.iter().filter_map(|i| owners.get(*i).copied()).collect();
-                let fate = send(inner, tag, request, &records, batch).await;
+                let fate = send(inner, tag, request, &records, batch, pause).await;
                 fates.extend(ev.into_iter().map(|i| (i, fate.clone())));
             }
             results.push((half, fates));
@@ -981,13 +988,15 @@ async fn bisect(
     out
 }
 
-/// Sends one request and classifies the answer.
+/// Sends one request and classifies the answer. A `Retry-After` pauses the whole tag at
+/// once: for this dispatcher, and through the store for every process that shares it.
 async fn send(
     inner: &Inner,
     tag: &TagInstance,
     request: &OutboundRequest,
     records: &[usize],
     batch: &[LeasedRecord],
+    pause: &AtomicI64,
 ) -> Fate {
     let started = Instant::now();
     let mut builder = inner
@@ -1051,6 +1060,21 @@ async fn send(
         }
     };
     let latency = started.elapsed();
+    if let Fate::Retry {
+        after: Some(after), ..
+    } = &fate
+    {
+        // The vendor asked the whole tag to wait, not just this request (within reason,
+        // whatever it says).
+        let wait = (*after).min(MAX_TAG_PAUSE);
+        pause.fetch_max(
+            now_ms().saturating_add(retry::duration_ms(wait)),
+            Ordering::AcqRel,
+        );
+        if let Err(e) = inner.store.pause_tag(&tag.name, wait).await {
+            tracing::warn!(tag = %tag.name, error = %e, "outbox: could not share a vendor's Retry-After with the other replicas");
+        }
+    }
     metrics::histogram!("tagrelay_tag_request_duration_seconds", "tag" => tag.name.to_string())
         .record(latency.as_secs_f64());
     if inner.observer.enabled() {

@@ -510,7 +510,10 @@ impl DeliveryStore for EmbeddedStore {
         if records.is_empty() {
             return Ok(());
         }
-        let leases = records.iter().map(|r| (r.id, r.lease_until_ms)).collect();
+        let leases = records
+            .iter()
+            .map(|r| (r.id.as_row(), r.lease_until_ms))
+            .collect();
         let (done, wait) = oneshot::channel();
         if !self.send(Op::Release { leases, done }) {
             return Err(StoreError::Closed);

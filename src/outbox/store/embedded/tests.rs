@@ -1171,7 +1171,7 @@ mod model {
                         prop_assert_eq!(&got_ids, &expected, "lease at {}", now);
                         for r in got {
                             let key = (r.event_id.clone(), tag.to_string());
-                            ids.insert(key.clone(), r.id);
+                            ids.insert(key.clone(), r.id.as_row());
                             if !held.contains(&key) {
                                 held.push(key);
                             }
@@ -1186,7 +1186,7 @@ mod model {
                         let key = held.remove(usize::from(pick) % held.len());
                         let id = ids[&key];
                         let applies = valid(&model, id, &key);
-                        outbox.ack(vec![id], now).await.unwrap();
+                        outbox.ack(vec![RecordId::row(id)], now).await.unwrap();
                         if applies {
                             model.retain(|_, (e, r)| !(*e == key.0 && r.tag == key.1));
                         }
@@ -1198,7 +1198,7 @@ mod model {
                         outbox
                             .dead_letter(
                                 vec![DeadLetterRequest {
-                                    id,
+                                    id: RecordId::row(id),
                                     reason: "test".into(),
                                     attempted: true,
                                 }],
@@ -1219,7 +1219,7 @@ mod model {
                         outbox
                             .nack(
                                 vec![Nack {
-                                    id,
+                                    id: RecordId::row(id),
                                     next_attempt_ms: at,
                                     error: "x".into(),
                                 }],
@@ -1419,7 +1419,9 @@ async fn subscribed_dispatchers_get_records_already_leased_and_parsed() {
         5,
         "each event lists the tag it owes a delivery to"
     );
-    assert!(hot.iter().all(|r| r.id < 0 && r.lease_until_ms > now_ms()));
+    assert!(hot
+        .iter()
+        .all(|r| r.id.as_row() < 0 && r.lease_until_ms > now_ms()));
     let leased = outbox.lease("t", now_ms(), 10, 60_000).await.unwrap();
     let ids: Vec<&str> = leased.iter().map(|r| r.event_id.as_str()).collect();
     assert_eq!(
@@ -1538,7 +1540,7 @@ async fn a_version_1_store_is_migrated_with_its_records() {
     assert_eq!(n[0].event_id, "n0");
     assert!(n[0].id != ga4[0].id && n[0].id != meta[0].id);
     assert!(
-        super::fresh::decode(n[0].id).unwrap().0 > 2,
+        super::fresh::decode(n[0].id.as_row()).unwrap().0 > 2,
         "a row after both"
     );
     outbox.close().await;
@@ -1654,14 +1656,14 @@ async fn the_wal_is_copied_back_off_the_writer_thread() {
 #[test]
 fn settlements_split_in_order_and_keep_their_time() {
     let s = Settlement {
-        ack: (0..100).collect(),
+        ack: (0..100).map(RecordId::row).collect(),
         nack: vec![Nack {
-            id: 100,
+            id: RecordId::row(100),
             next_attempt_ms: 5,
             error: "HTTP 503".into(),
         }],
         dead: vec![DeadLetterRequest {
-            id: 101,
+            id: RecordId::row(101),
             reason: "rejected".into(),
             attempted: true,
         }],
@@ -1675,7 +1677,7 @@ fn settlements_split_in_order_and_keep_their_time() {
     assert!(parts.iter().all(|p| p.now_ms == 42));
     assert_eq!(parts[1].nack.len(), 1);
     assert_eq!(parts[1].dead.len(), 1);
-    let acks: Vec<i64> = parts.iter().flat_map(|p| p.ack.clone()).collect();
+    let acks: Vec<RecordId> = parts.iter().flat_map(|p| p.ack.clone()).collect();
     assert_eq!(acks, s.ack);
     assert_eq!(s.clone().chunks(500), vec![s]);
 }
@@ -2061,7 +2063,7 @@ async fn a_fresh_delivery_whose_lease_ends_is_due_again() {
     }
     let ids: Vec<&str> = again.iter().map(|r| r.event_id.as_str()).collect();
     assert_eq!(ids, vec!["e0", "e1"]);
-    assert!(again.iter().all(|r| r.id > 0 && r.attempts == 0));
+    assert!(again.iter().all(|r| r.id.as_row() > 0 && r.attempts == 0));
     // The hung dispatcher wakes up and acks: the new lease's rows stay.
     outbox
         .ack(held.iter().map(|r| r.id).collect(), now_ms())
