@@ -17,8 +17,7 @@ use tokio::sync::watch;
 use crate::clients::script_proxy::ScriptCache;
 use crate::config::{self, ConfigError, LoadedConfig, Source};
 use crate::outbox::delivery::{spawn_dispatchers, DeliveryRuntime, DispatchSettings};
-use crate::outbox::store::embedded::EmbeddedStore;
-use crate::outbox::Outbox;
+use crate::outbox::{DeliveryStore, Outbox};
 use crate::pipeline::Pipeline;
 use crate::trace::Traces;
 
@@ -156,10 +155,11 @@ pub fn app(state: AppState) -> Router {
 
 pub struct Application {
     state: AppState,
-    store: Arc<EmbeddedStore>,
-    public: TcpListener,
+    store: Arc<dyn DeliveryStore>,
+    /// `None` with `[outbox] role = "deliver"`: such a process takes no hits.
+    public: Option<TcpListener>,
     admin: TcpListener,
-    public_addr: SocketAddr,
+    public_addr: Option<SocketAddr>,
     admin_addr: SocketAddr,
 }
 
@@ -170,21 +170,33 @@ impl Application {
             Pipeline::build(&loaded.config).map_err(|p| ConfigError::new(&loaded.source, p))?;
         crate::admin::metrics_handle();
         metrics::gauge!("tagrelay_build_info", "version" => crate::build_info::VERSION, "commit" => crate::build_info::COMMIT).set(1.0);
-        let store = EmbeddedStore::open(&loaded.config.outbox)
+        let store = crate::outbox::store::open(&loaded.config.outbox)
             .await
-            .map_err(anyhow::Error::msg)
-            .with_context(|| format!("opening the outbox at {}", loaded.config.outbox.path))?;
+            .map_err(anyhow::Error::msg)?;
         let server = &loaded.config.server;
-        let public = TcpListener::bind(server.listen)
-            .await
-            .with_context(|| format!("binding server.listen {}", server.listen))?;
+        let public = if loaded.config.outbox.role.takes_hits() {
+            Some(
+                TcpListener::bind(server.listen)
+                    .await
+                    .with_context(|| format!("binding server.listen {}", server.listen))?,
+            )
+        } else {
+            None
+        };
         let admin = TcpListener::bind(server.admin_listen)
             .await
             .with_context(|| format!("binding server.admin_listen {}", server.admin_listen))?;
-        let public_addr = public.local_addr()?;
+        let public_addr = public.as_ref().map(|p| p.local_addr()).transpose()?;
         let admin_addr = admin.local_addr()?;
-        let state = AppState::new(pipeline, store.clone(), loaded.source);
-        tracing::info!(%public_addr, %admin_addr, "tagrelay listening");
+        let state = AppState::new(pipeline, store.clone() as Arc<dyn Outbox>, loaded.source);
+        // With a shared store, the debug page of any replica shows the hits of all.
+        store.share_traces(state.traces());
+        match public_addr {
+            Some(public_addr) => tracing::info!(%public_addr, %admin_addr, "tagrelay listening"),
+            None => {
+                tracing::info!(%admin_addr, role = "deliver", "tagrelay listening (admin only: this process delivers and takes no hits)")
+            }
+        }
         Ok(Application {
             state,
             store,
@@ -195,7 +207,8 @@ impl Application {
         })
     }
 
-    pub fn public_addr(&self) -> SocketAddr {
+    /// The public listener's address; `None` for a process that only delivers.
+    pub fn public_addr(&self) -> Option<SocketAddr> {
         self.public_addr
     }
 
@@ -224,28 +237,44 @@ impl Application {
         let deadline =
             Duration::from_millis(self.state.pipeline().config.server.shutdown_timeout_ms);
         let outbox_cfg = self.state.pipeline().config.outbox.clone();
-        let delivery = DeliveryRuntime::start(&outbox_cfg).map_err(anyhow::Error::msg)?;
-        let dispatchers = {
-            let _on_delivery_threads = delivery.handle().map(|h| h.enter());
-            spawn_dispatchers(
-                self.store.clone(),
-                self.state.pipeline_cell(),
-                DispatchSettings::from_config(&outbox_cfg),
-                self.state.traces().clone(),
-            )
-            .map_err(anyhow::Error::msg)?
+        // `role = "ingest"`: other processes sharing the store deliver.
+        let delivery = match outbox_cfg.role.delivers() {
+            true => Some(DeliveryRuntime::start(&outbox_cfg).map_err(anyhow::Error::msg)?),
+            false => None,
+        };
+        let dispatchers = match &delivery {
+            Some(delivery) => {
+                let _on_delivery_threads = delivery.handle().map(|h| h.enter());
+                Some(
+                    spawn_dispatchers(
+                        self.store.clone(),
+                        self.state.pipeline_cell(),
+                        DispatchSettings::from_config(&outbox_cfg),
+                        self.state.traces().clone(),
+                    )
+                    .map_err(anyhow::Error::msg)?,
+                )
+            }
+            None => None,
         };
         crate::admin::spawn_metrics_upkeep();
 
-        let public = serve(self.public, app(self.state.clone()), rx.clone());
+        let public = self
+            .public
+            .map(|p| serve(p, app(self.state.clone()), rx.clone()));
         let admin = serve(
             self.admin,
             crate::admin::router(self.state.clone()),
             rx.clone(),
         );
         let mut servers = tokio::spawn(async move {
-            let (a, b) = tokio::join!(public, admin);
-            a.and(b)
+            match public {
+                Some(public) => {
+                    let (a, b) = tokio::join!(public, admin);
+                    a.and(b)
+                }
+                None => admin.await,
+            }
         });
 
         stop.await;
@@ -270,8 +299,12 @@ impl Application {
             }
         }
         let left = end.saturating_duration_since(tokio::time::Instant::now());
-        dispatchers.shutdown(left).await;
-        delivery.shutdown();
+        if let Some(d) = dispatchers {
+            d.shutdown(left).await;
+        }
+        if let Some(d) = delivery {
+            d.shutdown();
+        }
         self.store.close().await;
         tracing::info!("tagrelay stopped");
         Ok(())

@@ -129,10 +129,14 @@ fn probe(url: &str) -> ExitCode {
     }
 }
 
-fn outbox_dir(path: Option<&Path>) -> Result<std::path::PathBuf, ExitCode> {
-    config::load(path)
-        .map(|l| std::path::PathBuf::from(l.config.outbox.path))
-        .map_err(|e| report(&e))
+/// The `[outbox]` of the configuration, checked as `tagrelay check` would.
+fn outbox_config(path: Option<&Path>) -> Result<crate::outbox::config::OutboxConfig, ExitCode> {
+    let loaded = config::load(path).map_err(|e| report(&e))?;
+    let problems = loaded.config.outbox.validate();
+    if !problems.is_empty() {
+        return Err(report(&ConfigError::new(&loaded.source, problems)));
+    }
+    Ok(loaded.config.outbox)
 }
 
 fn tool_failed(e: impl std::fmt::Display) -> ExitCode {
@@ -152,11 +156,11 @@ fn print_json(v: &impl serde::Serialize) -> ExitCode {
 
 /// `tagrelay outbox stats`
 pub fn outbox_stats(path: Option<&Path>, json: bool) -> ExitCode {
-    let dir = match outbox_dir(path) {
-        Ok(d) => d,
+    let cfg = match outbox_config(path) {
+        Ok(c) => c,
         Err(code) => return code,
     };
-    match crate::outbox::store::embedded::tools::stats(&dir) {
+    match crate::outbox::store::tools::stats(&cfg) {
         Ok(s) if json => print_json(&s),
         Ok(s) => {
             print!("{s}");
@@ -173,11 +177,11 @@ pub fn outbox_dead_letters(
     limit: usize,
     json: bool,
 ) -> ExitCode {
-    let dir = match outbox_dir(path) {
-        Ok(d) => d,
+    let cfg = match outbox_config(path) {
+        Ok(c) => c,
         Err(code) => return code,
     };
-    match crate::outbox::store::embedded::tools::dead_letters(&dir, tag, limit) {
+    match crate::outbox::store::tools::dead_letters(&cfg, tag, limit) {
         Ok(list) if json => print_json(&list),
         Ok(list) => {
             if list.is_empty() {
@@ -198,11 +202,11 @@ pub fn outbox_replay(path: Option<&Path>, tag: Option<&str>, all: bool) -> ExitC
         eprintln!("tagrelay outbox replay: say which dead letters: --tag NAME or --all");
         return ExitCode::FAILURE;
     }
-    let dir = match outbox_dir(path) {
-        Ok(d) => d,
+    let cfg = match outbox_config(path) {
+        Ok(c) => c,
         Err(code) => return code,
     };
-    match crate::outbox::store::embedded::tools::replay(&dir, tag) {
+    match crate::outbox::store::tools::replay(&cfg, tag) {
         Ok(n) => {
             println!("{n} dead letter{} moved back to pending", plural(n));
             ExitCode::SUCCESS

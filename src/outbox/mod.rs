@@ -93,7 +93,12 @@ pub struct RecordId(RecordKey);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 enum RecordKey {
     Row(i64),
-    Entry { partition: u16, ms: u64, seq: u64 },
+    Entry {
+        tag: u32,
+        partition: u16,
+        ms: u64,
+        seq: u64,
+    },
 }
 
 impl RecordId {
@@ -110,15 +115,26 @@ impl RecordId {
         }
     }
 
-    /// A stream entry `ms-seq` of a partition of the shared store.
-    pub const fn entry(partition: u16, ms: u64, seq: u64) -> RecordId {
-        RecordId(RecordKey::Entry { partition, ms, seq })
+    /// Stream entry `ms-seq` of a partition of a tag (numbered by the store) of the shared
+    /// store.
+    pub const fn entry(tag: u32, partition: u16, ms: u64, seq: u64) -> RecordId {
+        RecordId(RecordKey::Entry {
+            tag,
+            partition,
+            ms,
+            seq,
+        })
     }
 
-    /// `(partition, ms, seq)` of a stream entry; `None` for another engine's id.
-    pub const fn as_entry(self) -> Option<(u16, u64, u64)> {
+    /// `(tag number, partition, ms, seq)` of a stream entry; `None` for another engine's id.
+    pub const fn as_entry(self) -> Option<(u32, u16, u64, u64)> {
         match self.0 {
-            RecordKey::Entry { partition, ms, seq } => Some((partition, ms, seq)),
+            RecordKey::Entry {
+                tag,
+                partition,
+                ms,
+                seq,
+            } => Some((tag, partition, ms, seq)),
             RecordKey::Row(_) => None,
         }
     }
@@ -128,7 +144,12 @@ impl std::fmt::Display for RecordId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self.0 {
             RecordKey::Row(r) => write!(f, "{r}"),
-            RecordKey::Entry { partition, ms, seq } => write!(f, "{partition}/{ms}-{seq}"),
+            RecordKey::Entry {
+                tag,
+                partition,
+                ms,
+                seq,
+            } => write!(f, "{tag}/{partition}/{ms}-{seq}"),
         }
     }
 }

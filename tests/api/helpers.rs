@@ -145,7 +145,11 @@ pub async fn spawn_with(dir: tempfile::TempDir, text: &str) -> TestApp {
         source: Source::File(path),
     };
     let app = Application::build(loaded).await.expect("app builds");
-    let (addr, admin, state) = (app.public_addr(), app.admin_addr(), app.state());
+    let (addr, admin, state) = (
+        app.public_addr().expect("a process that takes hits"),
+        app.admin_addr(),
+        app.state(),
+    );
     let (tx, rx) = oneshot::channel::<()>();
     let done = tokio::spawn(app.run_until(async move {
         let _ = rx.await;
