@@ -63,7 +63,7 @@ mod writer;
 #[cfg(test)]
 mod stress_tests;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use crate::outbox::config::{FsyncMode, OutboxConfig};
 use crate::outbox::{

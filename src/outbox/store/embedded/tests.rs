@@ -49,7 +49,7 @@ fn logged(dir: &std::path::Path) -> Vec<(String, String)> {
         .collect()
 }
 
-fn payload(event_id: &str, name: &str) -> Bytes {
+pub(crate) fn payload(event_id: &str, name: &str) -> Bytes {
     let ev = Event {
         event_name: name.into(),
         event_id: event_id.into(),
@@ -94,7 +94,7 @@ fn pending_rows(path: &std::path::Path) -> Vec<(String, String, i64, i64, i64)> 
     rows.collect::<Result<_, _>>().unwrap()
 }
 
-async fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+pub(crate) async fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     let start = Instant::now();
     while !f() {
         assert!(start.elapsed() < timeout, "timed out waiting for {what}");
@@ -172,7 +172,12 @@ impl Tag for TestTag {
     }
 }
 
-fn tag_instance(name: &str, url: &str, batch: usize, kind: &'static str) -> Arc<TagInstance> {
+pub(crate) fn tag_instance(
+    name: &str,
+    url: &str,
+    batch: usize,
+    kind: &'static str,
+) -> Arc<TagInstance> {
     Arc::new(TagInstance {
         name: Arc::from(name),
         trigger: Trigger::build(
@@ -189,7 +194,7 @@ fn tag_instance(name: &str, url: &str, batch: usize, kind: &'static str) -> Arc<
     })
 }
 
-fn pipeline(tags: Vec<Arc<TagInstance>>) -> Pipeline {
+pub(crate) fn pipeline(tags: Vec<Arc<TagInstance>>) -> Pipeline {
     let config: Config = toml::from_str("").unwrap();
     Pipeline {
         config: Arc::new(config),
@@ -200,7 +205,7 @@ fn pipeline(tags: Vec<Arc<TagInstance>>) -> Pipeline {
     }
 }
 
-fn fast_settings(cfg: &OutboxConfig) -> DispatchSettings {
+pub(crate) fn fast_settings(cfg: &OutboxConfig) -> DispatchSettings {
     DispatchSettings {
         idle_poll: Duration::from_millis(50),
         linger: Duration::from_millis(5),
@@ -210,22 +215,22 @@ fn fast_settings(cfg: &OutboxConfig) -> DispatchSettings {
 }
 
 /// (received at, status answered, event ids, request headers)
-type Hit = (Instant, u16, Vec<String>, HeaderMap);
+pub(crate) type Hit = (Instant, u16, Vec<String>, HeaderMap);
 /// (tag, event ids, redacted request, status, outcome)
 type SeenAttempt = (String, Vec<String>, RequestView, Option<u16>, String);
 
-type Script = Box<dyn Fn(usize, &[String]) -> (u16, Option<&'static str>) + Send + Sync>;
+pub(crate) type Script = Box<dyn Fn(usize, &[String]) -> (u16, Option<&'static str>) + Send + Sync>;
 
 /// A loopback vendor: answers each request per `script(request_number, event_ids)` and
 /// records what it received and when.
-struct Vendor {
+pub(crate) struct Vendor {
     script: Script,
     count: AtomicUsize,
     hits: Mutex<Vec<Hit>>,
 }
 
 impl Vendor {
-    async fn start(script: Script) -> (Arc<Vendor>, String) {
+    pub(crate) async fn start(script: Script) -> (Arc<Vendor>, String) {
         let vendor = Arc::new(Vendor {
             script,
             count: AtomicUsize::new(0),
@@ -245,12 +250,12 @@ impl Vendor {
         (vendor, url)
     }
 
-    fn hits(&self) -> Vec<Hit> {
+    pub(crate) fn hits(&self) -> Vec<Hit> {
         self.hits.lock().unwrap().clone()
     }
 
     /// Event ids the vendor accepted (2xx), with multiplicity.
-    fn delivered(&self) -> Vec<String> {
+    pub(crate) fn delivered(&self) -> Vec<String> {
         let mut ids: Vec<String> = self
             .hits()
             .into_iter()

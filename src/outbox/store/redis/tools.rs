@@ -66,6 +66,13 @@ async fn connect(cfg: &OutboxConfig) -> Result<Ctx, String> {
 pub async fn stats(cfg: &OutboxConfig) -> Result<Stats, String> {
     let mut c = connect(cfg).await?;
     let now = now_ms();
+    if c.tags.is_empty() {
+        return Ok(Stats {
+            tags: Vec::new(),
+            pending: 0,
+            dead_letters: 0,
+        });
+    }
     let backlog = backlog_of(&mut c.conn, &c.keys, c.tags.clone(), c.partitions)
         .await
         .map_err(|e| e.to_string())?;
@@ -121,6 +128,9 @@ pub async fn dead_letters(
         .iter()
         .filter(|t| tag.is_none_or(|w| w == t.as_str()))
         .collect();
+    if tags.is_empty() {
+        return Ok(Vec::new());
+    }
     let mut pipe = redis::pipe();
     for t in &tags {
         for p in 0..c.partitions {
