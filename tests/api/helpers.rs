@@ -175,6 +175,9 @@ pub struct Received {
     pub uri: Uri,
     pub headers: HeaderMap,
     pub body: Bytes,
+    /// When it arrived, and the status it was answered.
+    pub at: std::time::Instant,
+    pub status: u16,
 }
 
 impl Received {
@@ -296,28 +299,33 @@ async fn record(
     headers: HeaderMap,
     body: Bytes,
 ) -> axum::response::Response {
+    let at = std::time::Instant::now();
     let refuse = fake
         .reject_containing
         .lock()
         .unwrap()
         .as_deref()
         .is_some_and(|n| String::from_utf8_lossy(&body).contains(n));
+    let reply = if refuse {
+        None
+    } else {
+        let mut script = fake.script.lock().unwrap();
+        Some(if script.len() > 1 {
+            script.remove(0)
+        } else {
+            script[0].clone()
+        })
+    };
     fake.received.lock().unwrap().push(Received {
         method,
         uri,
         headers,
         body,
+        at,
+        status: reply.as_ref().map_or(400, |r| r.status.as_u16()),
     });
-    if refuse {
+    let Some(reply) = reply else {
         return (StatusCode::BAD_REQUEST, "invalid event in batch").into_response();
-    }
-    let reply = {
-        let mut script = fake.script.lock().unwrap();
-        if script.len() > 1 {
-            script.remove(0)
-        } else {
-            script[0].clone()
-        }
     };
     let delay = fake.delay_ms.load(std::sync::atomic::Ordering::Relaxed);
     if delay > 0 {

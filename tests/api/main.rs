@@ -10,4 +10,7 @@ mod more_clients;
 mod operations;
 mod pipeline;
 mod process;
+#[path = "../../src/outbox/store/redis/test_server.rs"]
+mod redis_server;
+mod scale_out;
 mod script_proxy;
