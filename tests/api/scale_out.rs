@@ -49,12 +49,14 @@ impl Node {
                 kept.lock().unwrap().push(line);
             }
         });
-        let line = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_else(|_| {
-            panic!(
-                "{name} did not start; it logged:\n{}",
-                logs.lock().unwrap().join("\n")
-            )
-        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| {
+                panic!(
+                    "{name} did not start; it logged:\n{}",
+                    logs.lock().unwrap().join("\n")
+                )
+            });
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
         let addr = |k: &str| {
             v.get(k)
@@ -239,9 +241,17 @@ async fn killing_a_replica_mid_send_loses_no_answered_event() {
     vendor.set_delay(300);
     let dir = tempfile::tempdir().unwrap();
     let two = "dispatch_concurrency = 2";
-    let a = Node::start(dir.path(), "a", &node_config("a", &vendor, two, &url_line(&redis)));
+    let a = Node::start(
+        dir.path(),
+        "a",
+        &node_config("a", &vendor, two, &url_line(&redis)),
+    );
     let mut a = Some(a);
-    let b = Node::start(dir.path(), "b", &node_config("b", &vendor, two, &url_line(&redis)));
+    let b = Node::start(
+        dir.path(),
+        "b",
+        &node_config("b", &vendor, two, &url_line(&redis)),
+    );
     let http = reqwest::Client::new();
     let (a_url, b_url) = (a.as_ref().unwrap().url(""), b.url(""));
     let answered = Arc::new(Mutex::new(BTreeSet::new()));
@@ -268,7 +278,10 @@ async fn killing_a_replica_mid_send_loses_no_answered_event() {
     };
     // Mid-load, with A's sends in flight: kill -9 A.
     until("A has sends in flight", 30, async || {
-        vendor.received().iter().any(|r| r.headers["x-replica"] == "a")
+        vendor
+            .received()
+            .iter()
+            .any(|r| r.headers["x-replica"] == "a")
             && answered.lock().unwrap().len() >= 100
     })
     .await;
@@ -289,7 +302,11 @@ async fn killing_a_replica_mid_send_loses_no_answered_event() {
         .filter(|r| r.headers["x-replica"] == "a" && r.at <= killed_at)
         .flat_map(event_ids)
         .collect();
-    let dups: Vec<&String> = got.iter().filter(|(_, n)| **n > 1).map(|(id, _)| id).collect();
+    let dups: Vec<&String> = got
+        .iter()
+        .filter(|(_, n)| **n > 1)
+        .map(|(id, _)| id)
+        .collect();
     assert!(
         dups.iter().all(|d| sent_by_a_before_kill.contains(*d)),
         "a duplicate no crash interrupted: {dups:?}"
@@ -364,7 +381,11 @@ async fn redis_down_for_ten_seconds_then_back_from_its_aof() {
     let vendor = FakeVendor::start().await;
     vendor.respond(&[(503, "down")]);
     let dir = tempfile::tempdir().unwrap();
-    let a = Node::start(dir.path(), "a", &node_config("a", &vendor, "", &url_line(&redis)));
+    let a = Node::start(
+        dir.path(),
+        "a",
+        &node_config("a", &vendor, "", &url_line(&redis)),
+    );
     let http = reqwest::Client::new();
     let mut answered = BTreeSet::new();
     for i in 0..100 {
@@ -411,7 +432,12 @@ async fn redis_down_for_ten_seconds_then_back_from_its_aof() {
     vendor.respond(&[(200, "{}")]);
     all_accounted_for(&vendor, &a.config, &answered, 60).await;
     // The outage was logged once each way, not once per refused hit.
-    assert_eq!(a.logged("Redis is unreachable"), 1, "{:?}", a.logs.lock().unwrap());
+    assert_eq!(
+        a.logged("Redis is unreachable"),
+        1,
+        "{:?}",
+        a.logs.lock().unwrap()
+    );
     assert_eq!(a.logged("Redis is reachable again"), 1);
 }
 
@@ -426,7 +452,8 @@ async fn a_429_pauses_the_tag_on_every_replica_and_400s_are_dead_letters_to_repl
     // replica has in flight when the pause falls is one request.
     let one = "dispatch_concurrency = 1";
     let config = |name: &str| {
-        node_config(name, &vendor, one, &url_line(&redis)).replace("batch_max = 10", "batch_max = 1")
+        node_config(name, &vendor, one, &url_line(&redis))
+            .replace("batch_max = 10", "batch_max = 1")
     };
     let a = Node::start(dir.path(), "a", &config("a"));
     let b = Node::start(dir.path(), "b", &config("b"));
@@ -483,7 +510,8 @@ async fn a_429_pauses_the_tag_on_every_replica_and_400s_are_dead_letters_to_repl
         .await;
         at.unwrap()
     };
-    let (good_now, dead) = all_accounted_for(&vendor, &a.config, &good.union(&bad).cloned().collect(), 60).await;
+    let (good_now, dead) =
+        all_accounted_for(&vendor, &a.config, &good.union(&bad).cloned().collect(), 60).await;
     assert_eq!(dead, bad, "the dead letters are exactly the 400s");
     assert!(good.iter().all(|id| good_now.contains_key(id)));
     // No replica sent to the tag during the pause: only what was already in flight when the
@@ -515,7 +543,11 @@ async fn a_429_pauses_the_tag_on_every_replica_and_400s_are_dead_letters_to_repl
         .arg(&a.config)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(
         said.starts_with(&format!("{} dead letters moved back", bad.len())),
@@ -575,13 +607,22 @@ async fn ingest_and_deliver_roles_split_the_work() {
         "deliver",
         &node_config("deliver", &vendor, "role = \"deliver\"", &url_line(&redis)),
     );
-    assert!(deliver.public.is_none(), "a delivering process takes no hits");
+    assert!(
+        deliver.public.is_none(),
+        "a delivering process takes no hits"
+    );
     let http = reqwest::Client::new();
-    assert_eq!(status(&http, &deliver.admin_url("/readyz")).await, Some(200));
+    assert_eq!(
+        status(&http, &deliver.admin_url("/readyz")).await,
+        Some(200)
+    );
     let mut answered = BTreeSet::new();
     for i in 0..30 {
         let id = format!("r-{i}");
-        assert_eq!(post(&http, &ingest.url(""), &id, "purchase").await, Some(200));
+        assert_eq!(
+            post(&http, &ingest.url(""), &id, "purchase").await,
+            Some(200)
+        );
         answered.insert(id);
     }
     all_accounted_for(&vendor, &deliver.config, &answered, 30).await;
@@ -636,7 +677,10 @@ async fn the_debug_page_of_one_replica_shows_hits_and_deliveries_of_another() {
             .any(|t| t["events"][0]["event_id"] == "dbg-probe")
     })
     .await;
-    assert_eq!(post(&http, &ingest.url(""), "dbg-1", "purchase").await, Some(200));
+    assert_eq!(
+        post(&http, &ingest.url(""), "dbg-1", "purchase").await,
+        Some(200)
+    );
     until("the delivery outcome shows on the page", 20, async || {
         let list: serde_json::Value = http
             .get(deliver.admin_url("/debug/api/traces"))
@@ -647,34 +691,37 @@ async fn the_debug_page_of_one_replica_shows_hits_and_deliveries_of_another() {
             .await
             .unwrap();
         list["traces"].as_array().unwrap().iter().any(|t| {
-            t["events"][0]["event_id"] == "dbg-1"
-                && t["tags"][0]["outcome"]["state"] == "delivered"
+            t["events"][0]["event_id"] == "dbg-1" && t["tags"][0]["outcome"]["state"] == "delivered"
         })
     })
     .await;
     // And on the ingest process's own page (it delivers nothing itself), the attempt the other
     // process made, redacted as the tag redacts it.
-    until("the outcome reaches the process that took the hit", 20, async || {
-        let list: serde_json::Value = http
-            .get(ingest.admin_url("/debug/api/traces"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        list["traces"].as_array().unwrap().iter().any(|t| {
-            t["events"][0]["event_id"] == "dbg-1"
-                && t["tags"][0]["outcome"]["state"] == "delivered"
-                && t["tags"][0]["attempts"][0]["status"] == 200
-                && t["tags"][0]["attempts"][0]["request"]["headers"]
-                    .as_array()
-                    .is_some_and(|h| {
-                        h.iter()
-                            .any(|kv| kv[0] == "X-Replica" && kv[1] == "[redacted]")
-                    })
-        })
-    })
+    until(
+        "the outcome reaches the process that took the hit",
+        20,
+        async || {
+            let list: serde_json::Value = http
+                .get(ingest.admin_url("/debug/api/traces"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            list["traces"].as_array().unwrap().iter().any(|t| {
+                t["events"][0]["event_id"] == "dbg-1"
+                    && t["tags"][0]["outcome"]["state"] == "delivered"
+                    && t["tags"][0]["attempts"][0]["status"] == 200
+                    && t["tags"][0]["attempts"][0]["request"]["headers"]
+                        .as_array()
+                        .is_some_and(|h| {
+                            h.iter()
+                                .any(|kv| kv[0] == "X-Replica" && kv[1] == "[redacted]")
+                        })
+            })
+        },
+    )
     .await;
     drop(stream);
 }
@@ -724,5 +771,8 @@ fn check_validates_the_redis_settings_offline() {
     }
     assert!(!err.contains("pw-never-printed"), "{err}");
     let (ok, err) = run("[outbox]\nrole = \"deliver\"\n", &[]);
-    assert!(!ok && err.contains("outbox.role: `deliver` needs backend"), "{err}");
+    assert!(
+        !ok && err.contains("outbox.role: `deliver` needs backend"),
+        "{err}"
+    );
 }

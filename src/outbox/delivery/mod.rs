@@ -297,6 +297,11 @@ async fn refresh_gauges(inner: &Inner, gauged: &mut HashSet<String>) {
     let now = now_ms();
     let backlog = match inner.store.backlog(now).await {
         Ok(b) => b,
+        // An unreachable store reports its outage itself, once.
+        Err(e @ StoreError::Unavailable(_)) => {
+            tracing::debug!(error = %e, "outbox: cannot read backlog for gauges");
+            return;
+        }
         Err(e) => {
             tracing::warn!(error = %e, "outbox: cannot read backlog for gauges");
             return;

@@ -254,9 +254,7 @@ async fn dead_letters_are_listed_counted_and_replayed(kind: Kind) {
         .await
         .unwrap();
     store.ack(vec![live.id], now_ms()).await.unwrap();
-    let list = engine
-        .tool(|c| tools::dead_letters(c, None, 10))
-        .await;
+    let list = engine.tool(|c| tools::dead_letters(c, None, 10)).await;
     assert_eq!(list.len(), 1);
     let d = &list[0];
     assert_eq!((d.tag.as_str(), d.event_id.as_str()), ("t", "e1"));
@@ -412,7 +410,10 @@ async fn dispatchers_deliver_retry_and_dead_letter_on_either_engine(kind: Kind) 
         if d == good {
             break;
         }
-        assert!(Instant::now() < deadline, "delivered {d:?}, expected {good:?}");
+        assert!(
+            Instant::now() < deadline,
+            "delivered {d:?}, expected {good:?}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(vendor.hits().iter().any(|h| h.1 == 503), "retries happened");

@@ -13,6 +13,9 @@
 //! | `P:meta`              | hash   | `partitions`: the most this deployment ever wrote to   |
 //! | `P:wake`, `P:pause`, `P:debug` | channels | wake-ups, pauses, debug-view traces     |
 
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
 /// The consumer group of every delivery stream. One per stream: replicas are its consumers.
 pub const GROUP: &str = "tagrelay";
 
@@ -26,20 +29,52 @@ pub struct PartitionKeys {
     pub pause: String,
 }
 
-/// Names derived from the configured prefix.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Names derived from the configured prefix; a partition's names are made once and kept
+/// (commits, leases and settles name them every time).
+#[derive(Debug)]
 pub struct Keys {
     prefix: String,
+    tags: String,
+    meta: String,
+    wake: String,
+    pause: String,
+    debug: String,
+    /// Per tag, per partition.
+    made: RwLock<HashMap<Arc<str>, Vec<Arc<PartitionKeys>>>>,
 }
 
 impl Keys {
     pub fn new(prefix: &str) -> Keys {
         Keys {
             prefix: prefix.to_owned(),
+            tags: format!("{prefix}:tags"),
+            meta: format!("{prefix}:meta"),
+            wake: format!("{prefix}:wake"),
+            pause: format!("{prefix}:pause"),
+            debug: format!("{prefix}:debug"),
+            made: RwLock::default(),
         }
     }
 
-    pub fn partition(&self, tag: &str, p: u16) -> PartitionKeys {
+    pub fn partition(&self, tag: &str, p: u16) -> Arc<PartitionKeys> {
+        let i = usize::from(p);
+        if let Ok(made) = self.made.read() {
+            if let Some(k) = made.get(tag).and_then(|v| v.get(i)) {
+                return k.clone();
+            }
+        }
+        let Ok(mut made) = self.made.write() else {
+            return Arc::new(self.make(tag, p));
+        };
+        let list = made.entry(Arc::from(tag)).or_default();
+        while list.len() <= i {
+            let next = u16::try_from(list.len()).unwrap_or(u16::MAX);
+            list.push(Arc::new(self.make(tag, next)));
+        }
+        list[i].clone()
+    }
+
+    fn make(&self, tag: &str, p: u16) -> PartitionKeys {
         let base = format!("{}:{{{tag}:{p}}}", self.prefix);
         PartitionKeys {
             queue: format!("{base}:q"),
@@ -50,24 +85,24 @@ impl Keys {
         }
     }
 
-    pub fn tags(&self) -> String {
-        format!("{}:tags", self.prefix)
+    pub fn tags(&self) -> &str {
+        &self.tags
     }
 
-    pub fn meta(&self) -> String {
-        format!("{}:meta", self.prefix)
+    pub fn meta(&self) -> &str {
+        &self.meta
     }
 
-    pub fn wake_channel(&self) -> String {
-        format!("{}:wake", self.prefix)
+    pub fn wake_channel(&self) -> &str {
+        &self.wake
     }
 
-    pub fn pause_channel(&self) -> String {
-        format!("{}:pause", self.prefix)
+    pub fn pause_channel(&self) -> &str {
+        &self.pause
     }
 
-    pub fn debug_channel(&self) -> String {
-        format!("{}:debug", self.prefix)
+    pub fn debug_channel(&self) -> &str {
+        &self.debug
     }
 }
 

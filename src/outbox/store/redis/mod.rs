@@ -300,6 +300,13 @@ impl Inner {
         }
     }
 
+    /// What `P:tags` holds now (it may have lost tags, e.g. with a Redis that lost its data).
+    pub fn registered_are(&self, tags: &[String]) {
+        if let Ok(mut r) = self.registered.write() {
+            *r = tags.iter().cloned().collect();
+        }
+    }
+
     pub fn reject_full(&self, memory: bool) -> EnqueueError {
         metrics::counter!("tagrelay_outbox_rejected_full_total").increment(1);
         if self.log_due(&self.last_full_log_ms) {
@@ -588,7 +595,7 @@ impl Inner {
             pipe.cmd("EVALSHA")
                 .arg(PAUSE_SCRIPT.get_hash())
                 .arg(1)
-                .arg(self.keys.partition(tag, p).pause)
+                .arg(&self.keys.partition(tag, p).pause)
                 .arg(ms)
                 .ignore();
         }

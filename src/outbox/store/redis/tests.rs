@@ -113,7 +113,7 @@ async fn a_delivery_that_stops_every_replica_is_dead_lettered_as_such() {
     let taken = a.lease("t", now_ms(), 1, 1_000).await.unwrap();
     let (_, p, ms, seq) = taken[0].id.as_entry().unwrap();
     // As if ten replicas had taken it and died.
-    let q = Keys::new("tagrelay").partition("t", p).queue;
+    let q = Keys::new("tagrelay").partition("t", p).queue.clone();
     server.cli(&[
         "XCLAIM",
         &q,
@@ -173,7 +173,7 @@ async fn a_pause_reaches_every_replica() {
     assert!(c.paused_until("t") > now_ms());
     // A shorter pause never cuts a longer one short.
     a.pause_tag("t", Duration::from_millis(10)).await.unwrap();
-    let k = Keys::new("tagrelay").partition("t", 0).pause;
+    let k = Keys::new("tagrelay").partition("t", 0).pause.clone();
     let pttl: i64 = server.cli(&["PTTL", &k]).trim().parse().unwrap();
     assert!(pttl > 20_000, "{pttl}");
     for s in [a, b, c] {
@@ -194,7 +194,7 @@ async fn a_record_of_a_newer_schema_is_left_for_a_newer_replica() {
         .await
         .unwrap();
     let p = keys::partition_of("first", 4);
-    let q = Keys::new("tagrelay").partition("t", p).queue;
+    let q = Keys::new("tagrelay").partition("t", p).queue.clone();
     // JSON: a stored payload may be either format, and redis-cli takes text.
     let body = r#"{"event_name":"purchase","event_id":"same"}"#;
     let t = now_ms().to_string();
@@ -426,7 +426,7 @@ async fn dead_letters_are_trimmed_by_age_count_and_bytes() {
         .await
         .unwrap()
         .is_empty());
-    let n = Keys::new("tagrelay").partition("t", 0).counts;
+    let n = Keys::new("tagrelay").partition("t", 0).counts.clone();
     assert_eq!(server.cli(&["HGET", &n, "dead_bytes"]).trim(), "0");
     for s in [store, s2, s3] {
         s.close().await;

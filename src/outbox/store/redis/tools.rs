@@ -79,7 +79,7 @@ pub async fn stats(cfg: &OutboxConfig) -> Result<Stats, String> {
     let mut pipe = redis::pipe();
     for t in &c.tags {
         for p in 0..c.partitions {
-            pipe.cmd("XLEN").arg(c.keys.partition(t, p).dead);
+            pipe.cmd("XLEN").arg(&c.keys.partition(t, p).dead);
         }
     }
     let dead: Vec<i64> = pipe
@@ -135,7 +135,7 @@ pub async fn dead_letters(
     for t in &tags {
         for p in 0..c.partitions {
             pipe.cmd("XREVRANGE")
-                .arg(c.keys.partition(t, p).dead)
+                .arg(&c.keys.partition(t, p).dead)
                 .arg("+")
                 .arg("-")
                 .arg("COUNT")

@@ -57,8 +57,8 @@ pub(crate) async fn prepare(inner: &Inner) {
     }
     inner.read_partitions.store(most, Ordering::Release);
     if let Ok(tags) = inner.all_tags().await {
+        inner.registered_are(&tags);
         for t in &tags {
-            inner.register(t);
             inner.totals.tag(t);
         }
     }
@@ -79,7 +79,7 @@ async fn refresh_counts(inner: &Inner) {
     for t in &tags {
         for p in 0..parts {
             pipe.cmd("HMGET")
-                .arg(inner.keys.partition(t, p).counts)
+                .arg(&inner.keys.partition(t, p).counts)
                 .arg("records")
                 .arg("bytes");
         }
@@ -225,7 +225,7 @@ async fn forget_consumers(inner: &Inner) {
     let parts = inner.read_partitions.load(Ordering::Acquire).max(1);
     for t in inner.totals.tag_names() {
         for p in 0..parts {
-            let q = inner.keys.partition(&t, p).queue;
+            let q = inner.keys.partition(&t, p).queue.clone();
             let list: Value = match redis::cmd("XINFO")
                 .arg("CONSUMERS")
                 .arg(&q)
