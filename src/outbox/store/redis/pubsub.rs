@@ -7,7 +7,7 @@
 //!
 //! Traces are shared bounded and redacted: they are redacted where they are made (the same
 //! copy the local page shows), only traced hits are sent (sampling decides), every message is
-//! capped in size, and a full queue drops rather than waits. A debug page open on any replica
+//! capped in size and their rate per replica too, and a full queue drops rather than waits. A debug page open on any replica
 //! makes every replica trace with `watching` sampling, so watching a visitor works behind a
 //! load balancer.
 
@@ -26,6 +26,9 @@ use crate::trace::{Attempt, TagOutcome, Trace, TraceShare, Traces};
 const MAX_DEBUG_MESSAGE: usize = 512 * 1024;
 /// Debug messages waiting to be published at most; more are dropped.
 const DEBUG_QUEUE: usize = 1_024;
+/// Debug messages one replica publishes per second at most (a page shows 50 new hits a
+/// second): sampling every hit on a busy site must not flood Redis or the other replicas.
+const DEBUG_PER_SEC: u32 = 500;
 /// How often a replica with a debug page open says so, and how long others believe it.
 const WATCH_EVERY: Duration = Duration::from_secs(2);
 const WATCH_FOR: Duration = Duration::from_secs(6);
@@ -140,8 +143,9 @@ pub(crate) fn share_traces(inner: &Arc<Inner>, traces: &Arc<Traces>) {
 }
 
 async fn publish(inner: Arc<Inner>, traces: Arc<Traces>, mut rx: mpsc::Receiver<Outgoing>) {
-    let channel = inner.keys.debug_channel();
+    let channel = inner.keys.debug_channel().to_owned();
     let mut heartbeat = tokio::time::interval(WATCH_EVERY);
+    let (mut window, mut sent, mut dropped) = (Instant::now(), 0u32, 0u64);
     loop {
         let m = tokio::select! {
             m = rx.recv() => match m {
@@ -155,6 +159,22 @@ async fn publish(inner: Arc<Inner>, traces: Arc<Traces>, mut rx: mpsc::Receiver<
                 Outgoing::Watch
             }
         };
+        if window.elapsed() >= Duration::from_secs(1) {
+            if dropped > 0 {
+                tracing::debug!(
+                    dropped,
+                    "outbox: debug-view messages over the rate were not shared"
+                );
+            }
+            (window, sent, dropped) = (Instant::now(), 0, 0);
+        }
+        if !matches!(m, Outgoing::Watch) {
+            if sent >= DEBUG_PER_SEC {
+                dropped += 1;
+                continue;
+            }
+            sent += 1;
+        }
         let o = inner.consumer.as_str();
         let mut out = Out {
             o,
@@ -215,9 +235,9 @@ async fn publish(inner: Arc<Inner>, traces: Arc<Traces>, mut rx: mpsc::Receiver<
 pub(crate) async fn run(inner: Arc<Inner>) {
     let mut backoff = Duration::from_millis(200);
     let channels = [
-        inner.keys.wake_channel(),
-        inner.keys.pause_channel(),
-        inner.keys.debug_channel(),
+        inner.keys.wake_channel().to_owned(),
+        inner.keys.pause_channel().to_owned(),
+        inner.keys.debug_channel().to_owned(),
     ];
     let mut watched_at: Option<Instant> = None;
     while !inner.link.is_closed() {

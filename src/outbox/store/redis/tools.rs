@@ -177,7 +177,7 @@ pub async fn dead_letters(
             }
         }
     }
-    out.sort_by(|a, b| b.dead_at_ms.cmp(&a.dead_at_ms));
+    out.sort_by_key(|d| std::cmp::Reverse(d.dead_at_ms));
     out.truncate(limit);
     Ok(out)
 }
