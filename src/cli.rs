@@ -81,11 +81,14 @@ pub fn serve(path: Option<&Path>) -> ExitCode {
 
 /// `tagrelay healthcheck`: a self-contained probe for images without a shell. Without a URL
 /// it probes the public listener of the config (`--config`, `$TAGRELAY_CONFIG`, …), as
-/// `serve` with the same config and environment would bind it.
+/// `serve` with the same config and environment would bind it (the admin listener for
+/// `[outbox] role = "deliver"`, which has no public one).
 pub fn healthcheck(path: Option<&Path>, url: Option<&str>) -> ExitCode {
     let url = match url {
         Some(u) => u.to_owned(),
         None => match config::load(path) {
+            // A process that only delivers has no public listener: its admin one answers.
+            Ok(l) if !l.config.outbox.role.takes_hits() => health_url(l.config.server.admin_listen),
             Ok(l) => health_url(l.config.server.listen),
             Err(e) => return report(&e),
         },

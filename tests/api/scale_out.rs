@@ -619,6 +619,32 @@ async fn ingest_and_deliver_roles_split_the_work() {
         status(&http, &deliver.admin_url("/readyz")).await,
         Some(200)
     );
+    // The image's health check probes the admin listener of a process without a public one.
+    let probe = dir.path().join("probe.toml");
+    let closed = crate::redis_server::free_port();
+    std::fs::write(
+        &probe,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{closed}\"\nadmin_listen = \"0.0.0.0:{}\"\n[outbox]\nbackend = \"redis\"\nrole = \"deliver\"\n[outbox.redis]\n{}\n",
+            deliver.admin.port(),
+            url_line(&redis)
+        ),
+    )
+    .unwrap();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(BIN)
+            .args(["healthcheck", "--config"])
+            .arg(&probe)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let mut answered = BTreeSet::new();
     for i in 0..30 {
         let id = format!("r-{i}");
