@@ -54,7 +54,7 @@ use conn::{Connector, Link};
 use keys::{Keys, GROUP};
 use record::{int, READ_VERSION};
 use scripts::{LEASE_SCRIPT, PAUSE_SCRIPT, SETTLE_SCRIPT};
-use state::{Signals, TagLease, Totals};
+use state::{LocalEvents, Signals, TagLease, Totals};
 
 /// Deliveries taken this many times without being settled are dead-lettered: each time, the
 /// replica that took it stopped (crashed, was killed) before it could settle it.
@@ -122,6 +122,8 @@ pub(crate) struct Inner {
     pub link: Arc<Link>,
     pub totals: Totals,
     pub signals: Signals,
+    /// Events committed here, parsed, for this process's dispatchers.
+    pub local: LocalEvents,
     /// Tags by the number record ids carry.
     tag_numbers: RwLock<TagNumbers>,
     leases: Mutex<HashMap<Arc<str>, TagLease>>,
@@ -182,6 +184,7 @@ impl RedisStore {
             link: link.clone(),
             totals: Totals::default(),
             signals: Signals::default(),
+            local: LocalEvents::default(),
             tag_numbers: RwLock::default(),
             leases: Mutex::default(),
             read_partitions: AtomicU16::new(settings.partitions),
@@ -481,14 +484,17 @@ impl Inner {
             for list in [parts_of.get(2), parts_of.get(3)].into_iter().flatten() {
                 for e in record::entries(list) {
                     let Some(id) = e.id else { continue };
+                    let event_id = e.event_id.unwrap_or_default();
+                    // An entry without a payload fails to parse and is dead-lettered as
+                    // invalid by the dispatcher, like any unreadable record.
+                    let payload = e.payload.unwrap_or_else(Bytes::new);
+                    let event = self.local.take(&event_id, &payload);
                     out.push(LeasedRecord {
                         id: RecordId::entry(tag_n, p, id.ms, id.seq),
                         tag: tag_arc.clone(),
-                        event_id: e.event_id.unwrap_or_default(),
-                        // An entry without a payload fails to parse and is dead-lettered
-                        // as invalid by the dispatcher, like any unreadable record.
-                        payload: e.payload.unwrap_or_else(Bytes::new),
-                        event: None,
+                        event_id,
+                        payload,
+                        event,
                         attempts: e.attempts,
                         first_enqueued_ms: e
                             .first_ms

@@ -2,12 +2,15 @@
 //! reported them, plus what is on its way), wake-ups, tag pauses and where each tag's leases
 //! stand.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
+use bytes::Bytes;
 use tokio::sync::Notify;
+
+use crate::event::Event;
 
 /// One tag's share of the counters.
 #[derive(Debug, Default)]
@@ -206,9 +209,100 @@ impl Signals {
     }
 }
 
+/// Events this process committed lately, parsed, by event id: when its own dispatchers lease
+/// them back from Redis (in one replica, all of them; in several, their share), they take
+/// the parsed event instead of decoding the payload again — the in-memory hand-over the
+/// embedded store does, without taking the delivery away from the other replicas. Bounded by
+/// count (the oldest go first); an entry goes once every tag it fired has leased it.
+#[derive(Debug, Default)]
+pub(crate) struct LocalEvents {
+    inner: Mutex<LocalInner>,
+}
+
+#[derive(Debug, Default)]
+struct LocalInner {
+    /// event id → (event, payload it was stored with, tags still to lease it).
+    by_id: HashMap<String, (Arc<Event>, Bytes, usize)>,
+    order: VecDeque<String>,
+}
+
+/// Events kept for the hand-over at most (a few MiB).
+const LOCAL_EVENTS: usize = 4_096;
+
+impl LocalEvents {
+    /// After a commit: `(event id, event, payload, tags)` of what it stored.
+    pub fn keep<'a>(
+        &self,
+        events: impl Iterator<Item = (&'a str, &'a Arc<Event>, &'a Bytes, usize)>,
+    ) {
+        let Ok(mut g) = self.inner.lock() else {
+            return;
+        };
+        let g = &mut *g;
+        for (id, ev, payload, tags) in events {
+            if g.by_id
+                .insert(id.to_owned(), (ev.clone(), payload.clone(), tags))
+                .is_none()
+            {
+                g.order.push_back(id.to_owned());
+            }
+        }
+        while g.order.len() > LOCAL_EVENTS {
+            if let Some(old) = g.order.pop_front() {
+                g.by_id.remove(&old);
+            }
+        }
+        if g.order.len() > 2 * g.by_id.len() + 64 {
+            let by_id = &g.by_id;
+            g.order.retain(|id| by_id.contains_key(id));
+        }
+    }
+
+    /// The parsed event for a delivery read back, if this process stored exactly that payload.
+    pub fn take(&self, event_id: &str, payload: &[u8]) -> Option<Arc<Event>> {
+        let Ok(mut g) = self.inner.lock() else {
+            return None;
+        };
+        let (ev, stored, left) = g.by_id.get_mut(event_id)?;
+        if stored[..] != *payload {
+            return None;
+        }
+        let ev = ev.clone();
+        *left = left.saturating_sub(1);
+        if *left == 0 {
+            g.by_id.remove(event_id);
+        }
+        Some(ev)
+    }
+
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.inner.lock().map(|g| g.by_id.len()).unwrap_or(0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn local_events_are_handed_over_once_per_tag_and_bounded() {
+        let l = LocalEvents::default();
+        let ev = Arc::new(Event::default());
+        let p = Bytes::from_static(b"payload");
+        l.keep([("a", &ev, &p, 2)].into_iter());
+        assert!(
+            l.take("a", b"other payload").is_none(),
+            "not the stored one"
+        );
+        assert!(l.take("a", b"payload").is_some());
+        assert!(l.take("a", b"payload").is_some());
+        assert!(l.take("a", b"payload").is_none(), "each tag once");
+        let ids: Vec<String> = (0..LOCAL_EVENTS + 10).map(|i| i.to_string()).collect();
+        l.keep(ids.iter().map(|i| (i.as_str(), &ev, &p, 1)));
+        assert_eq!(l.len(), LOCAL_EVENTS);
+        assert!(l.take("0", b"payload").is_none(), "the oldest went first");
+    }
 
     #[test]
     fn totals_follow_what_redis_reports_per_partition() {

@@ -145,6 +145,43 @@ async fn a_delivery_that_stops_every_replica_is_dead_lettered_as_such() {
 }
 
 #[tokio::test]
+async fn a_replica_leasing_what_it_committed_takes_the_parsed_event() {
+    let server = RedisServer::start(&[]);
+    let cfg = config(&server);
+    let (a, b) = (
+        RedisStore::open(&cfg).await.unwrap(),
+        RedisStore::open(&cfg).await.unwrap(),
+    );
+    let mut mine = event(&["t", "u"], "mine");
+    let parsed = Arc::new(Event::from_payload(&mine.payload).unwrap());
+    mine.event = Some(parsed.clone());
+    a.enqueue(vec![mine]).await.unwrap();
+    // Each tag's delivery comes back with the very event the hit parsed: no second decode.
+    for tag in ["t", "u"] {
+        let got = a.lease(tag, now_ms(), 10, 60_000).await.unwrap();
+        assert_eq!(got.len(), 1);
+        assert!(got[0]
+            .event
+            .as_ref()
+            .is_some_and(|e| Arc::ptr_eq(e, &parsed)));
+    }
+    assert_eq!(
+        a.inner.local.len(),
+        0,
+        "handed over once per tag, then forgotten"
+    );
+    // Another replica reads it from its payload.
+    let mut theirs = event(&["t"], "theirs");
+    theirs.event = Some(Arc::new(Event::from_payload(&theirs.payload).unwrap()));
+    a.enqueue(vec![theirs]).await.unwrap();
+    let got = b.lease("t", now_ms(), 10, 60_000).await.unwrap();
+    assert_eq!(ids(&got), vec!["theirs".to_string()]);
+    assert!(got[0].event.is_none() && !got[0].payload.is_empty());
+    a.close().await;
+    b.close().await;
+}
+
+#[tokio::test]
 async fn a_pause_reaches_every_replica() {
     let server = RedisServer::start(&[]);
     let cfg = config(&server);

@@ -188,6 +188,14 @@ async fn write(inner: &Inner, jobs: &[Job]) -> Result<(), EnqueueError> {
     for ((tag, _), events) in &groups {
         *per_tag.entry(tag).or_default() += events.len() as u64;
     }
+    // Before the wake-ups: this process's dispatchers find them parsed.
+    inner
+        .local
+        .keep(jobs.iter().flat_map(|j| j.events.iter()).filter_map(|e| {
+            e.event
+                .as_ref()
+                .map(|ev| (e.event_id.as_str(), ev, &e.payload, e.tags.len()))
+        }));
     for (tag, n) in per_tag {
         metrics::counter!("tagrelay_outbox_enqueued_total", "tag" => tag.to_string()).increment(n);
         inner.signals.notify(tag);
