@@ -21,8 +21,7 @@ use crate::doctor::itp::{ItpMonitor, ItpSettings};
 use crate::ingress::IngressState;
 use crate::lifecycle::Lifecycle;
 use crate::outbox::delivery::{spawn_dispatchers, DeliveryRuntime, DispatchSettings};
-use crate::outbox::store::embedded::EmbeddedStore;
-use crate::outbox::Outbox;
+use crate::outbox::{DeliveryStore, Outbox};
 use crate::pipeline::Pipeline;
 use crate::trace::Traces;
 
@@ -167,10 +166,11 @@ pub fn app(state: AppState) -> Router {
 
 pub struct Application {
     state: AppState,
-    store: Arc<EmbeddedStore>,
-    public: TcpListener,
+    store: Arc<dyn DeliveryStore>,
+    /// `None` with `[outbox] role = "deliver"`: such a process takes no hits.
+    public: Option<TcpListener>,
     admin: TcpListener,
-    public_addr: SocketAddr,
+    public_addr: Option<SocketAddr>,
     admin_addr: SocketAddr,
 }
 
@@ -179,22 +179,42 @@ impl Application {
     pub async fn build(loaded: LoadedConfig) -> anyhow::Result<Self> {
         let pipeline =
             Pipeline::build(&loaded.config).map_err(|p| ConfigError::new(&loaded.source, p))?;
+        let store = crate::outbox::store::open(&loaded.config.outbox).await?;
+        Self::with_store(loaded, pipeline, store).await
+    }
+
+    /// [`build`](Self::build) with a store already open (tests inject its faults).
+    pub(crate) async fn with_store(
+        loaded: LoadedConfig,
+        pipeline: Pipeline,
+        store: Arc<dyn DeliveryStore>,
+    ) -> anyhow::Result<Self> {
         crate::telemetry::metrics::metrics_handle();
         metrics::gauge!("tagrelay_build_info", "version" => crate::telemetry::build_info::VERSION, "commit" => crate::telemetry::build_info::COMMIT).set(1.0);
-        let store = EmbeddedStore::open(&loaded.config.outbox)
-            .await
-            .with_context(|| format!("opening the outbox at {}", loaded.config.outbox.path))?;
         let server = &loaded.config.server;
-        let public = TcpListener::bind(server.listen)
-            .await
-            .with_context(|| format!("binding server.listen {}", server.listen))?;
+        let public = if loaded.config.outbox.role.takes_hits() {
+            Some(
+                TcpListener::bind(server.listen)
+                    .await
+                    .with_context(|| format!("binding server.listen {}", server.listen))?,
+            )
+        } else {
+            None
+        };
         let admin = TcpListener::bind(server.admin_listen)
             .await
             .with_context(|| format!("binding server.admin_listen {}", server.admin_listen))?;
-        let public_addr = public.local_addr()?;
+        let public_addr = public.as_ref().map(|p| p.local_addr()).transpose()?;
         let admin_addr = admin.local_addr()?;
-        let state = AppState::new(pipeline, store.clone(), loaded.source);
-        tracing::info!(%public_addr, %admin_addr, "tagrelay listening");
+        let state = AppState::new(pipeline, store.clone() as Arc<dyn Outbox>, loaded.source);
+        // With a shared store, the debug page of any replica shows the hits of all.
+        store.share_traces(state.traces());
+        match public_addr {
+            Some(public_addr) => tracing::info!(%public_addr, %admin_addr, "tagrelay listening"),
+            None => {
+                tracing::info!(%admin_addr, role = "deliver", "tagrelay listening (admin only: this process delivers and takes no hits)")
+            }
+        }
         start_itp_check(&state);
         Ok(Application {
             state,
@@ -206,7 +226,8 @@ impl Application {
         })
     }
 
-    pub fn public_addr(&self) -> SocketAddr {
+    /// The public listener's address; `None` for a process that only delivers.
+    pub fn public_addr(&self) -> Option<SocketAddr> {
         self.public_addr
     }
 
@@ -216,12 +237,6 @@ impl Application {
 
     pub fn state(&self) -> AppState {
         self.state.clone()
-    }
-
-    /// The embedded store, for tests that inject its faults.
-    #[cfg(test)]
-    pub(crate) fn store(&self) -> &Arc<EmbeddedStore> {
-        &self.store
     }
 
     /// Serves until SIGTERM/SIGINT; SIGHUP reloads the configuration.
@@ -241,28 +256,51 @@ impl Application {
         let deadline =
             Duration::from_millis(self.state.pipeline().config.server.shutdown_timeout_ms);
         let outbox_cfg = self.state.pipeline().config.outbox.clone();
-        let delivery =
-            DeliveryRuntime::start(&outbox_cfg).context("starting the delivery threads")?;
-        let dispatchers = {
-            let _on_delivery_threads = delivery.handle().map(|h| h.enter());
-            spawn_dispatchers(
-                self.store.clone(),
-                self.state.pipeline_cell(),
-                DispatchSettings::from_config(&outbox_cfg),
-                self.state.traces().clone(),
-            )
-            .context("building the HTTP client for dispatchers")?
+        // `role = "ingest"`: other processes sharing the store deliver.
+        let delivery = match outbox_cfg.role.delivers() {
+            true => {
+                Some(DeliveryRuntime::start(&outbox_cfg).context("starting the delivery threads")?)
+            }
+            false => None,
+        };
+        let dispatchers = match &delivery {
+            Some(delivery) => {
+                let _on_delivery_threads = delivery.handle().map(|h| h.enter());
+                Some(
+                    spawn_dispatchers(
+                        self.store.clone(),
+                        self.state.pipeline_cell(),
+                        DispatchSettings::from_config(&outbox_cfg),
+                        self.state.traces().clone(),
+                    )
+                    .context("building the HTTP client for dispatchers")?,
+                )
+            }
+            None => None,
         };
         crate::telemetry::metrics::spawn_metrics_upkeep();
 
         // The admin listener closes after the public one has drained, so that while in-flight
-        // hits finish, probes get `/readyz` 503 rather than a refused connection.
+        // hits finish, probes get `/readyz` 503 rather than a refused connection. A process
+        // without a public listener (`role = "deliver"`) closes it when the stop begins.
         let (admin_stop, mut admin_rx) = watch::channel(false);
-        let public = serve(self.public, app(self.state.clone()), lifecycle.stopped());
-        let public = async move {
-            let ended = public.await;
-            let _ = admin_stop.send(true);
-            ended
+        let public = match self.public {
+            Some(listener) => {
+                let public = serve(listener, app(self.state.clone()), lifecycle.stopped());
+                Some(async move {
+                    let ended = public.await;
+                    let _ = admin_stop.send(true);
+                    ended
+                })
+            }
+            None => {
+                let stopped = lifecycle.stopped();
+                tokio::spawn(async move {
+                    stopped.await;
+                    let _ = admin_stop.send(true);
+                });
+                None
+            }
         };
         let admin = serve(
             self.admin,
@@ -272,8 +310,13 @@ impl Application {
             },
         );
         let mut servers = tokio::spawn(async move {
-            let (a, b) = tokio::join!(public, admin);
-            a.and(b)
+            match public {
+                Some(public) => {
+                    let (a, b) = tokio::join!(public, admin);
+                    a.and(b)
+                }
+                None => admin.await,
+            }
         });
 
         stop.await;
@@ -297,8 +340,12 @@ impl Application {
         if let Some(itp) = self.state.itp() {
             itp.shutdown();
         }
-        dispatchers.shutdown(left).await;
-        delivery.shutdown();
+        if let Some(d) = dispatchers {
+            d.shutdown(left).await;
+        }
+        if let Some(d) = delivery {
+            d.shutdown();
+        }
         self.store.close().await;
         tracing::info!("tagrelay stopped");
         Ok(())

@@ -81,11 +81,14 @@ pub fn serve(path: Option<&Path>) -> ExitCode {
 
 /// `tagrelay healthcheck`: a self-contained probe for images without a shell. Without a URL
 /// it probes the public listener of the config (`--config`, `$TAGRELAY_CONFIG`, …), as
-/// `serve` with the same config and environment would bind it.
+/// `serve` with the same config and environment would bind it (the admin listener for
+/// `[outbox] role = "deliver"`, which has no public one).
 pub fn healthcheck(path: Option<&Path>, url: Option<&str>) -> ExitCode {
     let url = match url {
         Some(u) => u.to_owned(),
         None => match config::load(path) {
+            // A process that only delivers has no public listener: its admin one answers.
+            Ok(l) if !l.config.outbox.role.takes_hits() => health_url(l.config.server.admin_listen),
             Ok(l) => health_url(l.config.server.listen),
             Err(e) => return report(&e),
         },
@@ -141,10 +144,14 @@ fn probe(url: &str) -> ExitCode {
     }
 }
 
-fn outbox_dir(path: Option<&Path>) -> Result<std::path::PathBuf, ExitCode> {
-    config::load(path)
-        .map(|l| std::path::PathBuf::from(l.config.outbox.path))
-        .map_err(|e| report(&e))
+/// The `[outbox]` of the configuration, checked as `tagrelay check` would.
+fn outbox_config(path: Option<&Path>) -> Result<crate::outbox::config::OutboxConfig, ExitCode> {
+    let loaded = config::load(path).map_err(|e| report(&e))?;
+    let problems = loaded.config.outbox.validate();
+    if !problems.is_empty() {
+        return Err(report(&ConfigError::new(&loaded.source, problems)));
+    }
+    Ok(loaded.config.outbox)
 }
 
 fn tool_failed(e: impl std::fmt::Display) -> ExitCode {
@@ -164,11 +171,11 @@ fn print_json(v: &impl serde::Serialize) -> ExitCode {
 
 /// `tagrelay outbox stats`
 pub fn outbox_stats(path: Option<&Path>, json: bool) -> ExitCode {
-    let dir = match outbox_dir(path) {
-        Ok(d) => d,
+    let cfg = match outbox_config(path) {
+        Ok(c) => c,
         Err(code) => return code,
     };
-    match crate::outbox::store::embedded::tools::stats(&dir) {
+    match crate::outbox::store::tools::stats(&cfg) {
         Ok(s) if json => print_json(&s),
         Ok(s) => {
             print!("{s}");
@@ -185,11 +192,11 @@ pub fn outbox_dead_letters(
     limit: usize,
     json: bool,
 ) -> ExitCode {
-    let dir = match outbox_dir(path) {
-        Ok(d) => d,
+    let cfg = match outbox_config(path) {
+        Ok(c) => c,
         Err(code) => return code,
     };
-    match crate::outbox::store::embedded::tools::dead_letters(&dir, tag, limit) {
+    match crate::outbox::store::tools::dead_letters(&cfg, tag, limit) {
         Ok(list) if json => print_json(&list),
         Ok(list) => {
             if list.is_empty() {
@@ -210,11 +217,11 @@ pub fn outbox_replay(path: Option<&Path>, tag: Option<&str>, all: bool) -> ExitC
         eprintln!("tagrelay outbox replay: say which dead letters: --tag NAME or --all");
         return ExitCode::FAILURE;
     }
-    let dir = match outbox_dir(path) {
-        Ok(d) => d,
+    let cfg = match outbox_config(path) {
+        Ok(c) => c,
         Err(code) => return code,
     };
-    match crate::outbox::store::embedded::tools::replay(&dir, tag) {
+    match crate::outbox::store::tools::replay(&cfg, tag) {
         Ok(n) => {
             println!("{n} dead letter{} moved back to pending", plural(n));
             ExitCode::SUCCESS

@@ -4,10 +4,10 @@
 use std::fmt::Write as _;
 
 use cookie::{Cookie, SameSite};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Why a cookie is being set, for the debug view.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum CookieReason {
     /// No usable value existed; a fresh one was minted.
@@ -21,7 +21,8 @@ pub enum CookieReason {
 }
 
 /// One cookie tagrelay sets, kept structured for the debug view.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// Deserialized only for traces another process shares with the debug view.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CookieDecision {
     pub name: String,
     pub value: String,
@@ -30,7 +31,9 @@ pub struct CookieDecision {
     pub max_age_secs: i64,
     pub http_only: bool,
     pub secure: bool,
+    #[serde(deserialize_with = "crate::text::de_interned")]
     pub same_site: &'static str,
+    #[serde(deserialize_with = "crate::text::de_interned")]
     pub path: &'static str,
     pub reason: CookieReason,
 }

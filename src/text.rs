@@ -50,3 +50,80 @@ pub fn human_duration(d: Duration) -> String {
         format!("{major}{unit} {minor}{minor_unit}")
     }
 }
+
+/// Most distinct strings [`interned`] keeps; past it, new ones read as `"other"`.
+const MAX_INTERNED: usize = 256;
+
+/// `'static` copies of strings, at most `max` of them.
+struct Interner {
+    seen: std::sync::Mutex<std::collections::HashSet<&'static str>>,
+    max: usize,
+}
+
+impl Interner {
+    fn get(&self, s: &str) -> &'static str {
+        let s = truncate_chars(s, 64);
+        let Ok(mut seen) = self.seen.lock() else {
+            return "other";
+        };
+        if let Some(&k) = seen.get(s) {
+            return k;
+        }
+        if seen.len() >= self.max {
+            return "other";
+        }
+        let k: &'static str = Box::leak(s.to_owned().into_boxed_str());
+        seen.insert(k);
+        k
+    }
+}
+
+/// A `'static` copy of `s`, for the few fields that name a kind (a client's, a tag's, a
+/// cookie attribute) and are `&'static str` because they are constants where they are made,
+/// when such a value is read back (a trace from another process). Bounded: at most
+/// [`MAX_INTERNED`] strings of 64 characters are ever kept; past that, `"other"`.
+pub fn interned(s: &str) -> &'static str {
+    static INTERNER: std::sync::OnceLock<Interner> = std::sync::OnceLock::new();
+    INTERNER
+        .get_or_init(|| Interner {
+            seen: Default::default(),
+            max: MAX_INTERNED,
+        })
+        .get(s)
+}
+
+/// Reads a `&'static str` field through [`interned`] (`#[serde(deserialize_with)]`).
+pub fn de_interned<'de, D: serde::Deserializer<'de>>(d: D) -> Result<&'static str, D::Error> {
+    let s = <std::borrow::Cow<'de, str> as serde::Deserialize>::deserialize(d)?;
+    Ok(interned(&s))
+}
+
+/// [`de_interned`] for an optional field.
+pub fn de_interned_opt<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<&'static str>, D::Error> {
+    let s = <Option<std::borrow::Cow<'de, str>> as serde::Deserialize>::deserialize(d)?;
+    Ok(s.map(|s| interned(&s)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interned_strings_are_shared_and_bounded() {
+        let a = interned("meta_capi");
+        assert!(std::ptr::eq(a, interned(&String::from("meta_capi"))));
+        assert_eq!(interned(&"x".repeat(100)).chars().count(), 64);
+        let small = Interner {
+            seen: Default::default(),
+            max: 3,
+        };
+        for k in ["a", "b", "c"] {
+            assert_eq!(small.get(k), k);
+        }
+        assert_eq!(small.get("d"), "other");
+        // Kinds seen before the bound was reached still read as themselves.
+        assert_eq!(small.get("a"), "a");
+    }
+}

@@ -38,9 +38,14 @@ url = "http://{}/hook"
         config: load_str(&text, &path.display().to_string(), false).unwrap(),
         source: Source::File(path),
     };
-    let app = Application::build(loaded).await.unwrap();
-    let store = app.store().clone();
-    let (public, admin) = (app.public_addr(), app.admin_addr());
+    let store = crate::outbox::store::embedded::EmbeddedStore::open(&loaded.config.outbox)
+        .await
+        .unwrap();
+    let pipeline = Pipeline::build(&loaded.config).unwrap();
+    let app = Application::with_store(loaded, pipeline, store.clone())
+        .await
+        .unwrap();
+    let (public, admin) = (app.public_addr().unwrap(), app.admin_addr());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let running = tokio::spawn(app.run_until(async move {
         let _ = stopped.await;

@@ -61,6 +61,9 @@ pub enum HitError {
     Origin(String),
     #[error("outbox is full, retry later")]
     Full(u64),
+    /// The shared outbox cannot be reached for now (it logs the outage once, not per hit).
+    #[error("event storage is unavailable, retry later")]
+    Unavailable(u64),
     #[error("service is shutting down")]
     Closed,
     #[error("could not store events")]
@@ -80,15 +83,16 @@ impl IntoResponse for HitError {
             HitError::Body(_) | HitError::Unstorable(_) => StatusCode::BAD_REQUEST,
             HitError::NotClaimed(..) => StatusCode::NOT_FOUND,
             HitError::Origin(_) => StatusCode::FORBIDDEN,
-            HitError::Full(_) | HitError::Closed | HitError::StoreFailed => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            HitError::Full(_)
+            | HitError::Unavailable(_)
+            | HitError::Closed
+            | HitError::StoreFailed => StatusCode::SERVICE_UNAVAILABLE,
             HitError::Store => StatusCode::INTERNAL_SERVER_ERROR,
         };
         let text = self.to_string();
         let mut resp = (status, format!("{text}\n")).into_response();
         resp.extensions_mut().insert(ErrorText(text));
-        if let HitError::Full(secs) = self {
+        if let HitError::Full(secs) | HitError::Unavailable(secs) = self {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
@@ -331,6 +335,7 @@ impl HitError {
             HitError::NotClaimed(..) => "not_claimed",
             HitError::Origin(_) => "origin",
             HitError::Full(_) => "outbox_full",
+            HitError::Unavailable(_) => "store_unavailable",
             HitError::Closed => "shutting_down",
             HitError::Store => "store",
             HitError::StoreFailed => "store_failed",
@@ -398,6 +403,9 @@ async fn handle_hit(
         }
         let stored = ctx.state.outbox.enqueue(queued).await.map_err(|e| match e {
             EnqueueError::Full { retry_after_secs } => HitError::Full(retry_after_secs),
+            EnqueueError::Unavailable {
+                retry_after_secs, ..
+            } => HitError::Unavailable(retry_after_secs),
             EnqueueError::Closed => HitError::Closed,
             EnqueueError::Failed(_) => HitError::StoreFailed,
             EnqueueError::Invalid(msg) => HitError::Unstorable(msg),

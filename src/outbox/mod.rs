@@ -1,11 +1,14 @@
 //! The durable outbox: every event for every fired tag is written here before the hit is
 //! answered, then delivered by per-tag dispatchers with retries and dead letters.
 //!
-//! Two traits split the surface, so that storage engines (`store/`) can change without
-//! touching clients, tags or delivery (`delivery/`):
+//! Two traits split the surface so that the storage engine (`store::embedded`, log + SQLite
+//! on this machine, or `store::redis`, Streams shared by every replica) can change without
+//! touching clients, tags or delivery:
 //! - [`Outbox`] is the hit path's view: enqueue and readiness.
 //! - [`DeliveryStore`] adds what dispatchers need: lease, settle (ack / nack / dead-letter),
-//!   wake-ups, backlog for gauges, and close.
+//!   wake-ups, tag pauses, backlog for gauges, and close.
+//!
+//! Operator tools (stats, dead letters, replay) for either engine are in `store::tools`.
 
 pub mod config;
 pub mod delivery;
@@ -49,6 +52,13 @@ impl NewEvent {
 pub enum EnqueueError {
     #[error("outbox is full")]
     Full { retry_after_secs: u64 },
+    /// A shared store cannot be reached (or did not confirm the write) for now; it reports the
+    /// outage itself, once. The sender should retry after `retry_after_secs`.
+    #[error("outbox unavailable: {reason}")]
+    Unavailable {
+        retry_after_secs: u64,
+        reason: String,
+    },
     #[error("outbox is closed")]
     Closed,
     #[error("outbox write failed: {0}")]
@@ -68,6 +78,80 @@ pub enum StoreError {
     Closed,
     #[error("outbox store error: {0}")]
     Io(String),
+    /// A shared store cannot be reached for now. It logs the outage once and recovers on its
+    /// own; callers wait and try again without logging each failure.
+    #[error("outbox unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Which record a lease, a settlement or a release names. Opaque to delivery: each engine
+/// makes and reads its own (a row of the embedded store; a stream entry of a partition of
+/// the shared one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RecordId(RecordKey);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum RecordKey {
+    Row(i64),
+    Entry {
+        tag: u32,
+        partition: u16,
+        ms: u64,
+        seq: u64,
+    },
+}
+
+impl RecordId {
+    /// A row of the embedded store.
+    pub const fn row(row: i64) -> RecordId {
+        RecordId(RecordKey::Row(row))
+    }
+
+    /// The embedded store's row; `i64::MIN` (no row) for another engine's id.
+    pub const fn as_row(self) -> i64 {
+        match self.0 {
+            RecordKey::Row(r) => r,
+            RecordKey::Entry { .. } => i64::MIN,
+        }
+    }
+
+    /// Stream entry `ms-seq` of a partition of a tag (numbered by the store) of the shared
+    /// store.
+    pub const fn entry(tag: u32, partition: u16, ms: u64, seq: u64) -> RecordId {
+        RecordId(RecordKey::Entry {
+            tag,
+            partition,
+            ms,
+            seq,
+        })
+    }
+
+    /// `(tag number, partition, ms, seq)` of a stream entry; `None` for another engine's id.
+    pub const fn as_entry(self) -> Option<(u32, u16, u64, u64)> {
+        match self.0 {
+            RecordKey::Entry {
+                tag,
+                partition,
+                ms,
+                seq,
+            } => Some((tag, partition, ms, seq)),
+            RecordKey::Row(_) => None,
+        }
+    }
+}
+
+impl std::fmt::Display for RecordId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            RecordKey::Row(r) => write!(f, "{r}"),
+            RecordKey::Entry {
+                tag,
+                partition,
+                ms,
+                seq,
+            } => write!(f, "{tag}/{partition}/{ms}-{seq}"),
+        }
+    }
 }
 
 /// The hit path's view of the outbox. `enqueue` resolves once the records are committed.
@@ -82,7 +166,7 @@ pub trait Outbox: Send + Sync + 'static {
 /// it is settled or `lease_until_ms` passes (then it is due again: at-least-once).
 #[derive(Debug, Clone, PartialEq)]
 pub struct LeasedRecord {
-    pub id: i64,
+    pub id: RecordId,
     pub tag: Arc<str>,
     pub event_id: String,
     pub payload: Bytes,
@@ -100,7 +184,7 @@ impl LeasedRecord {
     /// A first delivery of an event, read from its row or handed over by the writer: no
     /// attempts yet, no error, first seen when the event was enqueued.
     pub(crate) fn first_delivery(
-        id: i64,
+        id: RecordId,
         tag: Arc<str>,
         event_id: String,
         payload: Bytes,
@@ -125,7 +209,7 @@ impl LeasedRecord {
 /// Try again later.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Nack {
-    pub id: i64,
+    pub id: RecordId,
     pub next_attempt_ms: i64,
     pub error: String,
 }
@@ -133,7 +217,7 @@ pub struct Nack {
 /// Give up on a record: it moves to the dead-letter store with `reason`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeadLetterRequest {
-    pub id: i64,
+    pub id: RecordId,
     pub reason: String,
     /// Whether the failure that killed it was a delivery attempt (counted in `attempts`).
     pub attempted: bool,
@@ -142,7 +226,7 @@ pub struct DeadLetterRequest {
 /// The fate of a leased batch, applied in one store transaction.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Settlement {
-    pub ack: Vec<i64>,
+    pub ack: Vec<RecordId>,
     pub nack: Vec<Nack>,
     pub dead: Vec<DeadLetterRequest>,
     pub now_ms: i64,
@@ -210,8 +294,7 @@ pub struct TagBacklog {
     pub oldest_enqueued_ms: Option<i64>,
 }
 
-/// What dispatchers need from a store. Implemented by [`EmbeddedStore`]; a shared broker
-/// backend implements the same.
+/// What dispatchers need from a store: implemented by each engine in `store`.
 #[async_trait]
 pub trait DeliveryStore: Outbox {
     /// Leases up to `limit` due records of `tag` (due: `next_attempt_ms <= now_ms` and not
@@ -246,7 +329,22 @@ pub trait DeliveryStore: Outbox {
     /// Stops accepting writes, flushes everything queued, and releases the store.
     async fn close(&self);
 
-    async fn ack(&self, ids: Vec<i64>, now_ms: i64) -> Result<(), StoreError> {
+    /// A vendor asked (`Retry-After`) that nothing be sent to `tag` for `wait`. A store that
+    /// several processes share passes it on, so that none of them sends to the tag until
+    /// then; the dispatcher that got the answer holds off by itself in any case.
+    async fn pause_tag(&self, _tag: &str, _wait: std::time::Duration) -> Result<(), StoreError> {
+        Ok(())
+    }
+    /// Until when (ms since the epoch, this process's clock) another process sharing the
+    /// store paused `tag`; 0 when it is not paused. Cheap: dispatchers ask before each lease.
+    fn paused_until(&self, _tag: &str) -> i64 {
+        0
+    }
+    /// Shares the traces of the debug view with the other processes of a shared store, so
+    /// the debug page of any of them shows hits and deliveries of all. Nothing to do alone.
+    fn share_traces(&self, _traces: &Arc<crate::trace::Traces>) {}
+
+    async fn ack(&self, ids: Vec<RecordId>, now_ms: i64) -> Result<(), StoreError> {
         self.settle(Settlement {
             ack: ids,
             now_ms,

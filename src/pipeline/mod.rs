@@ -132,6 +132,7 @@ impl Pipeline {
             (0..=19).contains(&o.dispatch_nice),
             "dispatch_nice: must be between 0 (same priority as answering hits) and 19 (lowest)",
         );
+        problems.extend(o.validate());
 
         let cookies = CookiePolicy::build(&config.cookies)
             .map_err(|p| problems.extend(p.into_iter().map(|m| format!("cookies.{m}"))))

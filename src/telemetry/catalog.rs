@@ -65,7 +65,7 @@ pub const METRICS: &[MetricDoc] = &[
     m(
         "tagrelay_hits_rejected_total",
         Counter,
-        "Hits a client claimed but that were refused, by client and reason (outbox_full, store_failed, invalid, ...).",
+        "Hits a client claimed but that were refused, by client and reason (outbox_full, store_unavailable, store_failed, invalid, ...).",
     ),
     m(
         "tagrelay_cookie_domain_mismatch_total",
@@ -157,12 +157,28 @@ pub const METRICS: &[MetricDoc] = &[
     m(
         "tagrelay_outbox_dead_lettered_total",
         Counter,
-        "Deliveries given up on (rejected, expired, invalid), by tag and reason.",
+        "Deliveries given up on (rejected, expired, invalid; crashed: every replica that took it stopped), by tag and reason.",
     ),
     m(
         "tagrelay_outbox_dead_letters_purged_total",
         Counter,
         "Dead letters deleted for their age or the dead-letter cap.",
+    ),
+    // Outbox on Redis (`backend = "redis"`).
+    m(
+        "tagrelay_outbox_redis_connected",
+        Gauge,
+        "1 while Redis is reachable and usable as the outbox, else 0 (hits get 503, delivery waits).",
+    ),
+    m(
+        "tagrelay_outbox_redis_reconnects_total",
+        Counter,
+        "Times the connection to Redis came back after an outage (or a failover).",
+    ),
+    m(
+        "tagrelay_outbox_redis_lag",
+        Gauge,
+        "Deliveries in a tag's streams that no replica has read yet (consumer-group lag, Redis 7+), by tag.",
     ),
     m(
         "tagrelay_tag_request_duration_seconds",

@@ -5,8 +5,8 @@
 //! says so (by default: only while someone watches, or for hits marked with the debug cookie).
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
@@ -40,7 +40,7 @@ pub const MAX_BODY_CHARS: usize = 8 * 1024;
 /// Delivery attempts kept per (event, tag); older ones are dropped.
 const MAX_ATTEMPTS_KEPT: usize = 10;
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Trace {
     pub id: String,
     pub time_ms: i64,
@@ -54,6 +54,7 @@ pub struct Trace {
     pub headers: Vec<(String, String)>,
     pub client_ip: String,
     pub host: String,
+    #[serde(deserialize_with = "crate::text::de_interned_opt")]
     pub client: Option<&'static str>,
     pub status: u16,
     pub error: Option<String>,
@@ -113,9 +114,10 @@ impl TagTrace {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TagTrace {
     pub tag: String,
+    #[serde(deserialize_with = "crate::text::de_interned")]
     pub kind: &'static str,
     pub event_id: String,
     pub event_name: String,
@@ -127,11 +129,13 @@ pub struct TagTrace {
 }
 
 /// The ITP check's verdict on a traced hit's (page host, tagging host).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ItpNote {
     /// The verdict's code (`ok-same-range`, `capped-cname`, …).
+    #[serde(deserialize_with = "crate::text::de_interned")]
     pub verdict: &'static str,
     /// `ok`, `warn`, `capped` or `error`.
+    #[serde(deserialize_with = "crate::text::de_interned")]
     pub severity: &'static str,
     /// One sentence naming the hosts.
     pub summary: String,
@@ -140,7 +144,7 @@ pub struct ItpNote {
 }
 
 /// Where one event stands with one tag.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TagState {
     NotFired,
@@ -155,7 +159,7 @@ pub enum TagState {
     Skipped,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TagOutcome {
     pub state: TagState,
     pub detail: String,
@@ -172,7 +176,7 @@ impl TagOutcome {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Attempt {
     pub time_ms: i64,
     pub request: RequestView,
@@ -183,7 +187,7 @@ pub struct Attempt {
 }
 
 /// An outbound request as shown to people: secrets already redacted by the tag.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RequestView {
     pub method: String,
     pub url: String,
@@ -340,6 +344,28 @@ pub struct Traces {
     /// Size of the event index (events whose deliveries a trace shows).
     indexed: AtomicUsize,
     tx: broadcast::Sender<StreamMsg>,
+    /// Other processes that show these traces (a shared outbox's replicas).
+    share: OnceLock<Arc<dyn TraceShare>>,
+    /// A debug page is open on another process: `watching` sampling traces here too.
+    remote_watching: AtomicBool,
+}
+
+/// Where traces go beyond this process: the replicas of a shared outbox show each other's
+/// hits, and delivery outcomes from whichever replica delivered. Called on hit and delivery
+/// paths: implementations only queue (they serialize and send elsewhere).
+pub trait TraceShare: Send + Sync {
+    /// A traced hit's events are about to be stored.
+    fn expect(&self, event_ids: Vec<String>);
+    fn recorded(&self, trace: Arc<Trace>);
+    fn updated(
+        &self,
+        tag: &str,
+        event_ids: Vec<String>,
+        attempt: Option<Arc<Attempt>>,
+        outcome: TagOutcome,
+    );
+    /// A debug page opened here (then again every few seconds while one is open).
+    fn watching(&self);
 }
 
 impl std::fmt::Debug for Traces {
@@ -368,7 +394,24 @@ impl Traces {
             watchers: AtomicUsize::new(0),
             indexed: AtomicUsize::new(0),
             tx,
+            share: OnceLock::new(),
+            remote_watching: AtomicBool::new(false),
         })
+    }
+
+    /// Shares traces with other processes from now on (once; later calls are ignored).
+    pub fn share_with(&self, share: Arc<dyn TraceShare>) {
+        let _ = self.share.set(share);
+    }
+
+    /// Debug pages open on this process now.
+    pub fn watchers_here(&self) -> usize {
+        self.watchers.load(Ordering::Relaxed)
+    }
+
+    /// Whether a debug page is open on another process sharing traces with this one.
+    pub fn set_remote_watching(&self, on: bool) {
+        self.remote_watching.store(on, Ordering::Relaxed);
     }
 
     /// Whether a hit should be traced. Cheap: called on every hit.
@@ -376,14 +419,22 @@ impl Traces {
         match self.sampling {
             TraceSampling::None => false,
             TraceSampling::All => true,
-            TraceSampling::Watching => marked || self.watchers.load(Ordering::Relaxed) > 0,
+            TraceSampling::Watching => {
+                marked
+                    || self.watchers.load(Ordering::Relaxed) > 0
+                    || self.remote_watching.load(Ordering::Relaxed)
+            }
             TraceSampling::Marked => marked,
         }
     }
 
     /// Registers a live watcher (SSE stream); dropping the guard unregisters it.
     pub fn watch(self: &Arc<Self>) -> (WatchGuard, broadcast::Receiver<StreamMsg>) {
-        self.watchers.fetch_add(1, Ordering::Relaxed);
+        if self.watchers.fetch_add(1, Ordering::Relaxed) == 0 {
+            if let Some(s) = self.share.get() {
+                s.watching();
+            }
+        }
         (
             WatchGuard {
                 traces: self.clone(),
@@ -395,6 +446,17 @@ impl Traces {
     /// Called before a traced hit's events are stored: updates for them that come before the
     /// trace is recorded are kept for it.
     pub fn expect<'a>(&self, event_ids: impl IntoIterator<Item = &'a str>) {
+        match self.share.get() {
+            None => self.expect_here(event_ids),
+            Some(share) => {
+                let ids: Vec<String> = event_ids.into_iter().map(str::to_owned).collect();
+                self.expect_here(ids.iter().map(String::as_str));
+                share.expect(ids);
+            }
+        }
+    }
+
+    fn expect_here<'a>(&self, event_ids: impl IntoIterator<Item = &'a str>) {
         let Ok(mut guard) = self.ring.lock() else {
             return;
         };
@@ -405,10 +467,37 @@ impl Traces {
         self.indexed.store(ring.indexed(), Ordering::Relaxed);
     }
 
-    pub fn record(&self, mut trace: Trace) {
+    /// [`expect`](Self::expect) for a hit another process took.
+    pub fn receive_expect(&self, event_ids: &[String]) {
+        self.expect_here(event_ids.iter().map(String::as_str));
+    }
+
+    pub fn record(&self, trace: Trace) {
+        let shared = self.record_here(trace);
+        if let (Some(share), Some(t)) = (self.share.get(), shared) {
+            share.recorded(t);
+        }
+    }
+
+    /// [`record`](Self::record) for a hit another process took.
+    pub fn receive_trace(&self, mut trace: Trace) {
+        if self.get(&trace.id).is_some() {
+            return;
+        }
+        trace.events_bytes = trace
+            .events
+            .iter()
+            .map(|_| crate::event::TYPICAL_PAYLOAD_BYTES)
+            .sum();
+        self.record_here(trace);
+    }
+
+    /// Records a trace; returns it (shared) when someone else may want it.
+    fn record_here(&self, mut trace: Trace) -> Option<Arc<Trace>> {
+        let share = self.share.get().is_some();
         let seq = {
             let Ok(mut guard) = self.ring.lock() else {
-                return;
+                return None;
             };
             let ring = &mut *guard;
             let seq = ring.first_seq + ring.traces.len() as u64;
@@ -443,12 +532,15 @@ impl Traces {
             }
             let size = trace.estimated_bytes() + early_bytes;
             ring.bytes += size;
-            ring.traces.push_back((Arc::new(trace), size));
+            let trace = Arc::new(trace);
+            let out = share.then(|| trace.clone());
+            ring.traces.push_back((trace, size));
             self.trim(ring);
-            seq
+            (seq, out)
         };
         // Fails only when no stream listens.
-        let _ = self.tx.send(StreamMsg::Trace(seq));
+        let _ = self.tx.send(StreamMsg::Trace(seq.0));
+        seq.1
     }
 
     /// A trace of the live stream as JSON, unless it has left the ring since.
@@ -475,11 +567,39 @@ impl Traces {
         attempt: Option<Arc<Attempt>>,
         outcome: &TagOutcome,
     ) {
+        let share = self.share.get();
+        let shared = self.update_here(tag, event_ids, attempt.clone(), outcome, share.is_some());
+        if let Some(share) = share.filter(|_| !shared.is_empty()) {
+            share.updated(tag, shared, attempt, outcome.clone());
+        }
+    }
+
+    /// [`update_many`](Self::update_many) for a delivery another process made.
+    pub fn receive_update(
+        &self,
+        tag: &str,
+        event_ids: &[String],
+        attempt: Option<Attempt>,
+        outcome: &TagOutcome,
+    ) {
+        self.update_here(tag, event_ids, attempt.map(Arc::new), outcome, false);
+    }
+
+    /// Applies an update; returns the events it concerned (when `collect`): those traced here.
+    fn update_here<S: AsRef<str>>(
+        &self,
+        tag: &str,
+        event_ids: &[S],
+        attempt: Option<Arc<Attempt>>,
+        outcome: &TagOutcome,
+        collect: bool,
+    ) -> Vec<String> {
+        let mut concerned = Vec::new();
         let attempt_size = attempt.as_deref().map_or(0, attempt_bytes);
         let mut msgs = Vec::new();
         {
             let Ok(mut guard) = self.ring.lock() else {
-                return;
+                return concerned;
             };
             let ring = &mut *guard;
             let mut charged: Vec<u64> = Vec::new();
@@ -492,6 +612,9 @@ impl Traces {
                     .early
                     .push(event_id, tag, attempt.as_ref(), outcome, self.max_bytes / 4)
                 {
+                    if collect {
+                        concerned.push(event_id.to_owned());
+                    }
                     continue;
                 }
                 let Some(&seq) = ring.by_event.get(event_id) else {
@@ -508,6 +631,9 @@ impl Traces {
                 else {
                     continue;
                 };
+                if collect {
+                    concerned.push(event_id.to_owned());
+                }
                 let trace = Arc::make_mut(trace);
                 let tt = &mut trace.tags[k];
                 if let Some(a) = &attempt {
@@ -539,6 +665,7 @@ impl Traces {
         for m in msgs {
             let _ = self.tx.send(StreamMsg::Update(m.into()));
         }
+        concerned
     }
 
     /// Drops the oldest traces until the ring is within its count and byte budgets.

@@ -168,7 +168,11 @@ pub async fn spawn_with(dir: tempfile::TempDir, text: &str) -> TestApp {
         source: Source::File(path),
     };
     let app = Application::build(loaded).await.expect("app builds");
-    let (addr, admin, state) = (app.public_addr(), app.admin_addr(), app.state());
+    let (addr, admin, state) = (
+        app.public_addr().expect("a process that takes hits"),
+        app.admin_addr(),
+        app.state(),
+    );
     let (tx, rx) = oneshot::channel::<()>();
     let done = tokio::spawn(app.run_until(async move {
         let _ = rx.await;
@@ -194,6 +198,9 @@ pub struct Received {
     pub uri: Uri,
     pub headers: HeaderMap,
     pub body: Bytes,
+    /// When it arrived, and the status it was answered.
+    pub at: std::time::Instant,
+    pub status: u16,
 }
 
 impl Received {
@@ -315,28 +322,33 @@ async fn record(
     headers: HeaderMap,
     body: Bytes,
 ) -> axum::response::Response {
+    let at = std::time::Instant::now();
     let refuse = fake
         .reject_containing
         .lock()
         .unwrap()
         .as_deref()
         .is_some_and(|n| String::from_utf8_lossy(&body).contains(n));
+    let reply = if refuse {
+        None
+    } else {
+        let mut script = fake.script.lock().unwrap();
+        Some(if script.len() > 1 {
+            script.remove(0)
+        } else {
+            script[0].clone()
+        })
+    };
     fake.received.lock().unwrap().push(Received {
         method,
         uri,
         headers,
         body,
+        at,
+        status: reply.as_ref().map_or(400, |r| r.status.as_u16()),
     });
-    if refuse {
+    let Some(reply) = reply else {
         return (StatusCode::BAD_REQUEST, "invalid event in batch").into_response();
-    }
-    let reply = {
-        let mut script = fake.script.lock().unwrap();
-        if script.len() > 1 {
-            script.remove(0)
-        } else {
-            script[0].clone()
-        }
     };
     let delay = fake.delay_ms.load(std::sync::atomic::Ordering::Relaxed);
     if delay > 0 {

@@ -15,5 +15,8 @@ mod more_clients;
 mod operations;
 mod pipeline;
 mod process;
+#[path = "../../src/outbox/store/redis/test_server.rs"]
+mod redis_server;
+mod scale_out;
 mod script_proxy;
 mod secrets;

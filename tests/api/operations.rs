@@ -603,6 +603,68 @@ fn the_compose_file_matches_the_compose_spec_and_its_files_exist() {
 }
 
 #[test]
+fn the_scale_out_compose_file_runs_two_replicas_on_one_redis_that_keeps_events() {
+    let compose = deploy("compose.redis.yaml");
+    run_ok(
+        Command::new(tool("check-jsonschema"))
+            .args(["--builtin-schema", "vendor.compose-spec"])
+            .arg(&compose),
+    );
+    let doc = yaml(&compose);
+    let base = deploy("");
+    let services = doc["services"].as_object().unwrap();
+    let replicas: Vec<&String> = services
+        .keys()
+        .filter(|k| k.starts_with("tagrelay"))
+        .collect();
+    assert_eq!(replicas.len(), 2, "{replicas:?}");
+    // Redis keeps what it acknowledged and never evicts a queue.
+    let redis = services["redis"]["command"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect::<Vec<_>>()
+        .join(" ");
+    assert!(redis.contains("--appendonly yes"), "{redis}");
+    assert!(redis.contains("--maxmemory-policy noeviction"), "{redis}");
+    let mut configs = BTreeSet::new();
+    for name in replicas {
+        let svc = &services[name.as_str()];
+        assert_eq!(
+            svc["depends_on"]["redis"]["condition"], "service_healthy",
+            "{name} waits for Redis"
+        );
+        for p in svc["ports"].as_array().unwrap() {
+            assert!(p.as_str().unwrap().starts_with("127.0.0.1:"), "{name}: {p}");
+        }
+        let vols: Vec<&str> = svc["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        assert_eq!(
+            vols.len(),
+            1,
+            "{name} is stateless: only its config: {vols:?}"
+        );
+        let mounted = vols[0].split(':').next().unwrap();
+        assert!(vols[0].ends_with(":/etc/tagrelay/tagrelay.toml:ro"));
+        assert!(base.join(mounted).is_file());
+        configs.insert(mounted.to_owned());
+    }
+    assert_eq!(configs.len(), 1, "both replicas run one config");
+    let config = base.join(configs.first().unwrap());
+    tagrelay_check(
+        &config,
+        &[("TAGRELAY_ADMIN_TOKEN", "a-token-of-enough-characters")],
+    );
+    let text = read(&config);
+    assert!(text.contains("backend = \"redis\"") && text.contains("redis://redis:6379"));
+}
+
+#[test]
 fn the_image_keeps_its_defaults_in_a_config_file_that_a_mounted_one_replaces() {
     let dockerfile = read(&Path::new(ROOT).join("Dockerfile"));
     // Joined continuation lines, so an ENV spread over several lines is one.

@@ -22,7 +22,8 @@ use crate::clock::now_ms;
 use crate::event::Event;
 use crate::outbox::config::OutboxConfig;
 use crate::outbox::{
-    DeadLetterRequest, DeliveryStore, HotQueue, LeasedRecord, Nack, Settlement, StoreError,
+    DeadLetterRequest, DeliveryStore, HotQueue, LeasedRecord, Nack, RecordId, Settlement,
+    StoreError,
 };
 use crate::tags::{
     Credential, Encoded, OutboundRequest, Outcome, StatusCheck, StatusOutcome, TagInstance,
@@ -295,6 +296,11 @@ async fn refresh_gauges(inner: &Inner, gauged: &mut HashSet<String>) {
     let now = now_ms();
     let backlog = match inner.store.backlog(now).await {
         Ok(b) => b,
+        // An unreachable store reports its outage itself, once.
+        Err(e @ StoreError::Unavailable(_)) => {
+            tracing::debug!(error = %e, "outbox: cannot read backlog for gauges");
+            return;
+        }
         Err(e) => {
             tracing::warn!(error = %e, "outbox: cannot read backlog for gauges");
             return;
@@ -389,7 +395,11 @@ async fn run_tag(inner: Arc<Inner>, name: Arc<str>) {
             },
             _ = shutdown.changed() => continue,
         };
-        let paused_ms = pause.load(Ordering::Acquire).saturating_sub(now_ms());
+        // Paused by this dispatcher, or by another process sharing the store.
+        let paused_until = pause
+            .load(Ordering::Acquire)
+            .max(inner.store.paused_until(&name));
+        let paused_ms = paused_until.saturating_sub(now_ms());
         if paused_ms > 0 {
             drop(permit);
             let wait = Duration::from_millis(u64::try_from(paused_ms).unwrap_or(0));
@@ -416,7 +426,12 @@ async fn run_tag(inner: Arc<Inner>, name: Arc<str>) {
                 Ok(b) => b,
                 Err(StoreError::Closed) => break,
                 Err(e) => {
-                    tracing::warn!(tag = %name, error = %e, "outbox: lease failed; retrying");
+                    if matches!(e, StoreError::Unavailable(_)) {
+                        // The store logs its outage once; delivery waits for it quietly.
+                        tracing::debug!(tag = %name, error = %e, "outbox: store unavailable; delivery waits");
+                    } else {
+                        tracing::warn!(tag = %name, error = %e, "outbox: lease failed; retrying");
+                    }
                     drop(permit);
                     if !idle(&inner, &wake, &mut shutdown).await {
                         break;
@@ -538,7 +553,7 @@ fn after_failure(
 
 /// A record as a delivery task took it.
 struct Carried {
-    id: i64,
+    id: RecordId,
     attempts: u32,
     first_enqueued_ms: i64,
 }
@@ -738,9 +753,9 @@ async fn deliver(
             .iter()
             .filter_map(|i| owners.get(*i).copied())
             .collect();
-        let fate = send(&inner, &tag, request, &records, &batch).await;
+        let fate = send(&inner, &tag, request, &records, &batch, &pause).await;
         if matches!(fate, Fate::Rejected(_)) && idxs.len() > 1 {
-            let found = bisect(&inner, &tag, &events, idxs, now, &batch, &owners).await;
+            let found = bisect(&inner, &tag, &events, idxs, now, &batch, &owners, &pause).await;
             for (i, fate) in found {
                 if let Some(f) = owners.get(i).and_then(|&r| fates.get_mut(r)) {
                     f.merge(fate);
@@ -828,15 +843,6 @@ async fn deliver(
                     reason,
                     label,
                 } => {
-                    if let Some(after) = after {
-                        // The vendor asked the whole tag to wait, not just this request
-                        // (within reason, whatever it says).
-                        let wait = after.min(MAX_RETRY_AFTER);
-                        pause.fetch_max(
-                            now.saturating_add(retry::duration_ms(wait)),
-                            Ordering::AcqRel,
-                        );
-                    }
                     let carried = Carried {
                         id: rec.id,
                         attempts: rec.attempts,
@@ -919,7 +925,11 @@ async fn deliver(
         futures_util::future::join_all(parts.into_iter().map(|p| inner.store.settle(p))).await;
     if let Some(e) = results.into_iter().find_map(Result::err) {
         // The leases expire and these records are sent again: at-least-once, never lost.
-        tracing::error!(tag = %name, error = %e, "outbox: could not record delivery results");
+        if matches!(e, StoreError::Unavailable(_)) {
+            tracing::warn!(tag = %name, error = %e, "outbox: could not record delivery results while the store is unavailable; these deliveries will be sent again");
+        } else {
+            tracing::error!(tag = %name, error = %e, "outbox: could not record delivery results");
+        }
     }
 }
 
@@ -929,6 +939,7 @@ async fn deliver(
 /// error is about the request (an invalid token), not an event: stop splitting and reject
 /// them all, so a bad token costs two extra requests, not one per event.
 /// Returns (event index, fate) for every event of `idxs`.
+#[allow(clippy::too_many_arguments)]
 async fn bisect(
     inner: &Inner,
     tag: &TagInstance,
@@ -937,6 +948,7 @@ async fn bisect(
     now: i64,
     batch: &[LeasedRecord],
     owners: &[usize],
+    pause: &AtomicI64,
 ) -> Vec<(usize, Fate)> {
     let mut out = Vec::with_capacity(idxs.len());
     let mut stack = vec![idxs.to_vec()];
@@ -960,7 +972,7 @@ async fn bisect(
                 let ev: Vec<usize> = subs.iter().filter_map(|s| half.get(*s).copied()).collect();
                 let records: Vec<usize> =
                     ev.iter().filter_map(|i| owners.get(*i).copied()).collect();
-                let fate = send(inner, tag, request, &records, batch).await;
+                let fate = send(inner, tag, request, &records, batch, pause).await;
                 fates.extend(ev.into_iter().map(|i| (i, fate.clone())));
             }
             results.push((half, fates));
@@ -981,16 +993,33 @@ async fn bisect(
 }
 
 /// Sends one request and classifies the answer; for a vendor that processes asynchronously,
-/// also waits (bounded) for the request's real outcome.
+/// also waits (bounded) for the request's real outcome. A `Retry-After` pauses the whole tag
+/// at once: for this dispatcher, and through the store for every process that shares it.
 async fn send(
     inner: &Inner,
     tag: &TagInstance,
     request: &OutboundRequest,
     records: &[usize],
     batch: &[LeasedRecord],
+    pause: &AtomicI64,
 ) -> Fate {
     let credential = tag.tag.credential();
     let (status, body, fate, latency) = attempt(inner, tag, request, credential.as_deref()).await;
+    if let Fate::Retry {
+        after: Some(after), ..
+    } = &fate
+    {
+        // The vendor asked the whole tag to wait, not just this request (within reason,
+        // whatever it says).
+        let wait = (*after).min(MAX_RETRY_AFTER);
+        pause.fetch_max(
+            now_ms().saturating_add(retry::duration_ms(wait)),
+            Ordering::AcqRel,
+        );
+        if let Err(e) = inner.store.pause_tag(&tag.name, wait).await {
+            tracing::warn!(tag = %tag.name, error = %e, "outbox: could not share a vendor's Retry-After with the other replicas");
+        }
+    }
     let check = match fate {
         Fate::Done => tag.tag.status_check(&body),
         _ => None,

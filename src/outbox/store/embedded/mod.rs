@@ -63,7 +63,7 @@ mod writer;
 #[cfg(test)]
 mod stress_tests;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use crate::outbox::config::{FsyncMode, OutboxConfig};
 use crate::outbox::{
@@ -562,7 +562,10 @@ impl DeliveryStore for EmbeddedStore {
         if records.is_empty() {
             return Ok(());
         }
-        let leases = records.iter().map(|r| (r.id, r.lease_until_ms)).collect();
+        let leases = records
+            .iter()
+            .map(|r| (r.id.as_row(), r.lease_until_ms))
+            .collect();
         let (done, wait) = oneshot::channel();
         if !self.send(Op::Release { leases, done }) {
             return Err(StoreError::Closed);

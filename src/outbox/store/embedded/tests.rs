@@ -50,7 +50,7 @@ fn logged(dir: &std::path::Path) -> Vec<(String, String)> {
         .collect()
 }
 
-fn payload(event_id: &str, name: &str) -> Bytes {
+pub(crate) fn payload(event_id: &str, name: &str) -> Bytes {
     let ev = Event {
         event_name: name.into(),
         event_id: event_id.into(),
@@ -95,7 +95,7 @@ fn pending_rows(path: &std::path::Path) -> Vec<(String, String, i64, i64, i64)> 
     rows.collect::<Result<_, _>>().unwrap()
 }
 
-async fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+pub(crate) async fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     let start = Instant::now();
     while !f() {
         assert!(start.elapsed() < timeout, "timed out waiting for {what}");
@@ -173,7 +173,12 @@ impl Tag for TestTag {
     }
 }
 
-fn tag_instance(name: &str, url: &str, batch: usize, kind: &'static str) -> Arc<TagInstance> {
+pub(crate) fn tag_instance(
+    name: &str,
+    url: &str,
+    batch: usize,
+    kind: &'static str,
+) -> Arc<TagInstance> {
     Arc::new(TagInstance {
         name: Arc::from(name),
         trigger: Trigger::build(
@@ -190,7 +195,7 @@ fn tag_instance(name: &str, url: &str, batch: usize, kind: &'static str) -> Arc<
     })
 }
 
-fn pipeline(tags: Vec<Arc<TagInstance>>) -> Pipeline {
+pub(crate) fn pipeline(tags: Vec<Arc<TagInstance>>) -> Pipeline {
     let config: Config = toml::from_str("").unwrap();
     Pipeline {
         config: Arc::new(config),
@@ -201,7 +206,7 @@ fn pipeline(tags: Vec<Arc<TagInstance>>) -> Pipeline {
     }
 }
 
-fn fast_settings(cfg: &OutboxConfig) -> DispatchSettings {
+pub(crate) fn fast_settings(cfg: &OutboxConfig) -> DispatchSettings {
     DispatchSettings {
         idle_poll: Duration::from_millis(50),
         linger: Duration::from_millis(5),
@@ -211,22 +216,22 @@ fn fast_settings(cfg: &OutboxConfig) -> DispatchSettings {
 }
 
 /// (received at, status answered, event ids, request headers)
-type Hit = (Instant, u16, Vec<String>, HeaderMap);
+pub(crate) type Hit = (Instant, u16, Vec<String>, HeaderMap);
 /// (tag, event ids, redacted request, status, outcome)
 type SeenAttempt = (String, Vec<String>, RequestView, Option<u16>, String);
 
-type Script = Box<dyn Fn(usize, &[String]) -> (u16, Option<&'static str>) + Send + Sync>;
+pub(crate) type Script = Box<dyn Fn(usize, &[String]) -> (u16, Option<&'static str>) + Send + Sync>;
 
 /// A loopback vendor: answers each request per `script(request_number, event_ids)` and
 /// records what it received and when.
-struct Vendor {
+pub(crate) struct Vendor {
     script: Script,
     count: AtomicUsize,
     hits: Mutex<Vec<Hit>>,
 }
 
 impl Vendor {
-    async fn start(script: Script) -> (Arc<Vendor>, String) {
+    pub(crate) async fn start(script: Script) -> (Arc<Vendor>, String) {
         let vendor = Arc::new(Vendor {
             script,
             count: AtomicUsize::new(0),
@@ -246,12 +251,12 @@ impl Vendor {
         (vendor, url)
     }
 
-    fn hits(&self) -> Vec<Hit> {
+    pub(crate) fn hits(&self) -> Vec<Hit> {
         self.hits.lock().unwrap().clone()
     }
 
     /// Event ids the vendor accepted (2xx), with multiplicity.
-    fn delivered(&self) -> Vec<String> {
+    pub(crate) fn delivered(&self) -> Vec<String> {
         let mut ids: Vec<String> = self
             .hits()
             .into_iter()
@@ -1172,7 +1177,7 @@ mod model {
                         prop_assert_eq!(&got_ids, &expected, "lease at {}", now);
                         for r in got {
                             let key = (r.event_id.clone(), tag.to_string());
-                            ids.insert(key.clone(), r.id);
+                            ids.insert(key.clone(), r.id.as_row());
                             if !held.contains(&key) {
                                 held.push(key);
                             }
@@ -1187,7 +1192,7 @@ mod model {
                         let key = held.remove(usize::from(pick) % held.len());
                         let id = ids[&key];
                         let applies = valid(&model, id, &key);
-                        outbox.ack(vec![id], now).await.unwrap();
+                        outbox.ack(vec![RecordId::row(id)], now).await.unwrap();
                         if applies {
                             model.retain(|_, (e, r)| !(*e == key.0 && r.tag == key.1));
                         }
@@ -1199,7 +1204,7 @@ mod model {
                         outbox
                             .dead_letter(
                                 vec![DeadLetterRequest {
-                                    id,
+                                    id: RecordId::row(id),
                                     reason: "test".into(),
                                     attempted: true,
                                 }],
@@ -1220,7 +1225,7 @@ mod model {
                         outbox
                             .nack(
                                 vec![Nack {
-                                    id,
+                                    id: RecordId::row(id),
                                     next_attempt_ms: at,
                                     error: "x".into(),
                                 }],
@@ -1454,7 +1459,9 @@ async fn subscribed_dispatchers_get_records_already_leased_and_parsed() {
         5,
         "each event lists the tag it owes a delivery to"
     );
-    assert!(hot.iter().all(|r| r.id < 0 && r.lease_until_ms > now_ms()));
+    assert!(hot
+        .iter()
+        .all(|r| r.id.as_row() < 0 && r.lease_until_ms > now_ms()));
     let leased = outbox.lease("t", now_ms(), 10, 60_000).await.unwrap();
     let ids: Vec<&str> = leased.iter().map(|r| r.event_id.as_str()).collect();
     assert_eq!(
@@ -1573,7 +1580,7 @@ async fn a_version_1_store_is_migrated_with_its_records() {
     assert_eq!(n[0].event_id, "n0");
     assert!(n[0].id != ga4[0].id && n[0].id != meta[0].id);
     assert!(
-        super::fresh::decode(n[0].id).unwrap().0 > 2,
+        super::fresh::decode(n[0].id.as_row()).unwrap().0 > 2,
         "a row after both"
     );
     outbox.close().await;
@@ -1689,14 +1696,14 @@ async fn the_wal_is_copied_back_off_the_writer_thread() {
 #[test]
 fn settlements_split_in_order_and_keep_their_time() {
     let s = Settlement {
-        ack: (0..100).collect(),
+        ack: (0..100).map(RecordId::row).collect(),
         nack: vec![Nack {
-            id: 100,
+            id: RecordId::row(100),
             next_attempt_ms: 5,
             error: "HTTP 503".into(),
         }],
         dead: vec![DeadLetterRequest {
-            id: 101,
+            id: RecordId::row(101),
             reason: "rejected".into(),
             attempted: true,
         }],
@@ -1710,7 +1717,7 @@ fn settlements_split_in_order_and_keep_their_time() {
     assert!(parts.iter().all(|p| p.now_ms == 42));
     assert_eq!(parts[1].nack.len(), 1);
     assert_eq!(parts[1].dead.len(), 1);
-    let acks: Vec<i64> = parts.iter().flat_map(|p| p.ack.clone()).collect();
+    let acks: Vec<RecordId> = parts.iter().flat_map(|p| p.ack.clone()).collect();
     assert_eq!(acks, s.ack);
     assert_eq!(s.clone().chunks(500), vec![s]);
 }
@@ -2096,7 +2103,7 @@ async fn a_fresh_delivery_whose_lease_ends_is_due_again() {
     }
     let ids: Vec<&str> = again.iter().map(|r| r.event_id.as_str()).collect();
     assert_eq!(ids, vec!["e0", "e1"]);
-    assert!(again.iter().all(|r| r.id > 0 && r.attempts == 0));
+    assert!(again.iter().all(|r| r.id.as_row() > 0 && r.attempts == 0));
     // The hung dispatcher wakes up and acks: the new lease's rows stay.
     outbox
         .ack(held.iter().map(|r| r.id).collect(), now_ms())

@@ -22,7 +22,9 @@ use super::log_state::LogState;
 use super::schema::INSERT_COPY;
 use super::shared::Shared;
 use super::syncer::{Job, Syncer, Waiter};
-use crate::outbox::{EnqueueError, HotQueue, LeasedRecord, NewEvent, Settlement, StoreError};
+use crate::outbox::{
+    EnqueueError, HotQueue, LeasedRecord, NewEvent, RecordId, Settlement, StoreError,
+};
 
 pub(crate) enum Op {
     Enqueue {
@@ -771,7 +773,7 @@ fn apply(
                                 handed = true;
                                 h.promised += 1;
                                 h.records.push(LeasedRecord::first_delivery(
-                                    id,
+                                    RecordId::row(id),
                                     tag.clone(),
                                     e.event_id.clone(),
                                     e.payload.clone(),
@@ -1005,7 +1007,7 @@ fn lease_rows(
             .optional()?
             .unwrap_or_default();
         out.push(LeasedRecord {
-            id,
+            id: RecordId::row(id),
             tag: tag.clone(),
             event_id,
             payload: Bytes::from(payload),
@@ -1093,7 +1095,7 @@ fn scan(
             return false;
         }
         out.push(LeasedRecord::first_delivery(
-            id,
+            RecordId::row(id),
             tag.clone(),
             event_id,
             payload,
@@ -1244,16 +1246,17 @@ fn settle(tx: &Tx<'_>, s: &Settlement, delta: &mut Delta, state: &mut State) -> 
     // Delivery rows that go (acked or dead).
     let mut gone: Vec<Value> = Vec::with_capacity(s.ack.len());
     for d in &s.dead {
-        if fresh::decode(d.id).is_none() {
+        let id = d.id.as_row();
+        if fresh::decode(id).is_none() {
             // Copied out before their delivery rows or events go.
             tx.c()?.prepare_cached(BURY)?.execute(rusqlite::params![
-                d.id,
+                id,
                 i64::from(d.attempted),
                 d.reason,
                 s.now_ms
             ])?;
-            gone.push(Value::Integer(d.id));
-        } else if let Some(t) = state.fresh.take(d.id) {
+            gone.push(Value::Integer(id));
+        } else if let Some(t) = state.fresh.take(id) {
             copy_in(tx, state, t.row, t.at)?;
             tx.c()?
                 .prepare_cached(BURY_FRESH)?
@@ -1273,7 +1276,7 @@ fn settle(tx: &Tx<'_>, s: &Settlement, delta: &mut Delta, state: &mut State) -> 
         // A fresh id no longer out: its lease ended and it has a delivery row now,
         // which is sent again (at-least-once, as for any lease that ends).
     }
-    for &id in &s.ack {
+    for id in s.ack.iter().map(|id| id.as_row()) {
         if fresh::decode(id).is_none() {
             gone.push(Value::Integer(id));
         } else if let Some(t) = state.fresh.take(id) {
@@ -1316,13 +1319,14 @@ fn settle(tx: &Tx<'_>, s: &Settlement, delta: &mut Delta, state: &mut State) -> 
         }
     }
     for n in &s.nack {
-        if fresh::decode(n.id).is_none() {
+        let id = n.id.as_row();
+        if fresh::decode(id).is_none() {
             tx.c()?.prepare_cached(NACK)?.execute(rusqlite::params![
-                n.id,
+                id,
                 n.next_attempt_ms,
                 n.error
             ])?;
-        } else if let Some(t) = state.fresh.take(n.id) {
+        } else if let Some(t) = state.fresh.take(id) {
             materialize(tx, state, &t, 1, n.next_attempt_ms, Some(&n.error))?;
         }
     }
@@ -1586,7 +1590,7 @@ mod tests {
         let (done, _) = oneshot::channel();
         Op::Settle {
             settlement: Settlement {
-                ack: (0..records as i64).collect(),
+                ack: (0..records as i64).map(RecordId::row).collect(),
                 ..Settlement::default()
             },
             done,
