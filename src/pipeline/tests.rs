@@ -57,8 +57,15 @@ fn run(p: &Pipeline, f: &Fixture, trace: Option<&mut TraceDraft>) -> Processed {
         now_ms: NOW,
     };
     let client = p.claim(&f.method, &f.path).expect("a client claims it");
-    p.process(client, &hit, None, &mut StdRng::seed_from_u64(1), trace)
-        .expect("a valid hit")
+    p.process(
+        client,
+        &hit,
+        None,
+        None,
+        &mut StdRng::seed_from_u64(1),
+        trace,
+    )
+    .expect("a valid hit")
 }
 
 fn names(p: &Processed) -> Vec<&str> {
@@ -316,6 +323,7 @@ fn a_marked_browser_marks_its_events() {
             client,
             &hit,
             Some("qa-anna"),
+            None,
             &mut StdRng::seed_from_u64(1),
             None,
         )
@@ -324,6 +332,46 @@ fn a_marked_browser_marks_its_events() {
         out.events[0].identity.debug_marker.as_deref(),
         Some("qa-anna")
     );
+    assert_eq!(out.events[0].traceparent, None);
+}
+
+/// A hit traced by OpenTelemetry stamps its span's context on its events and their stored
+/// payloads, so deliveries link to it.
+#[test]
+fn a_traced_hit_stamps_its_trace_context_on_what_it_stores() {
+    let p = pipeline();
+    let f = load(include_str!("../clients/ga4/fixtures/a_page_view_get.http"));
+    let hit = HitRequest {
+        method: &f.method,
+        path: &f.path,
+        query: &f.query,
+        headers: &f.headers,
+        host: HOST,
+        body: &f.body,
+        client_ip: IP,
+        now_ms: NOW,
+    };
+    let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let client = p.claim(&f.method, &f.path).unwrap();
+    let out = p
+        .process(
+            client,
+            &hit,
+            None,
+            Some(tp),
+            &mut StdRng::seed_from_u64(1),
+            None,
+        )
+        .unwrap();
+    assert!(!out.queued.is_empty());
+    for q in &out.queued {
+        let stored = crate::event::Event::from_payload(&q.payload).unwrap();
+        assert_eq!(stored.traceparent.as_deref(), Some(tp));
+    }
+    assert!(out
+        .events
+        .iter()
+        .all(|e| e.traceparent.as_deref() == Some(tp)));
 }
 
 #[test]
@@ -348,7 +396,14 @@ fn a_bad_hit_is_the_clients_error() {
     };
     let client = p.claim(&f.method, &f.path).unwrap();
     let err = p
-        .process(client, &hit, None, &mut StdRng::seed_from_u64(1), None)
+        .process(
+            client,
+            &hit,
+            None,
+            None,
+            &mut StdRng::seed_from_u64(1),
+            None,
+        )
         .unwrap_err();
     assert!(matches!(err, ProcessError::Client(_)), "{err:?}");
 }
