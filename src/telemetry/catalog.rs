@@ -206,6 +206,12 @@ pub const METRICS: &[MetricDoc] = &[
         Counter,
         "Requests a vendor accepted whose processing outcome was not known before the status checks ended (counted as delivered), by tag.",
     ),
+    // Traces.
+    m(
+        "tagrelay_trace_spans_dropped_total",
+        Counter,
+        "With [telemetry] otlp_endpoint: trace spans the collector did not take (the export failed); they are dropped.",
+    ),
     // Identity and the ITP check.
     m(
         "tagrelay_itp_verdict",

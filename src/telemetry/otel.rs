@@ -14,8 +14,8 @@
 //! request or a vendor's answer — only names, counts, statuses and bounded labels.
 
 use std::net::IpAddr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ipnet::IpNet;
@@ -27,9 +27,11 @@ use opentelemetry::trace::{
 use opentelemetry::{Array, Context, KeyValue, StringValue, Value};
 use opentelemetry_http::{HttpClient, HttpError};
 use opentelemetry_otlp::{Protocol, WithExportConfig, WithHttpConfig};
+use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{
-    BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracer, SdkTracerProvider,
+    BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracer, SdkTracerProvider, SpanData,
+    SpanExporter,
 };
 use serde::Deserialize;
 
@@ -137,6 +139,11 @@ impl Otel {
         if std::env::var_os("OTEL_BSP_SCHEDULE_DELAY").is_none() {
             batch = batch.with_scheduled_delay(EXPORT_EVERY);
         }
+        metrics::counter!("tagrelay_trace_spans_dropped_total").increment(0);
+        let exporter = Reported {
+            inner: exporter,
+            last_logged: Mutex::new(None),
+        };
         let processor = BatchSpanProcessor::builder(exporter)
             .with_batch_config(batch.build())
             .build();
@@ -172,8 +179,8 @@ impl Otel {
     /// address is trusted, else the root of a new trace.
     pub fn hit(&self, peer: IpAddr, headers: &http::HeaderMap) -> HitSpan {
         let builder = self.tracer.span_builder("hit").with_kind(SpanKind::Server);
-        let trusted = headers.contains_key("traceparent")
-            && self.trusted.iter().any(|net| net.contains(&peer));
+        let trusted = self.trusted.iter().any(|net| net.contains(&peer))
+            && headers.contains_key("traceparent");
         let span = if trusted {
             let parent = TraceContextPropagator::new().extract(&Headers(headers));
             self.tracer.build_with_context(builder, &parent)
@@ -423,6 +430,49 @@ impl DeliverySpan {
     }
 }
 
+/// The exporter, with failures counted (`tagrelay_trace_spans_dropped_total`) and logged at
+/// most once a minute: the batch processor would log an ERROR for every failed batch, every
+/// second while a collector is down. The spans of a failed export are dropped (the processor
+/// does not retry), which is all a trace can lose.
+#[derive(Debug)]
+struct Reported<E> {
+    inner: E,
+    last_logged: Mutex<Option<Instant>>,
+}
+
+impl<E: SpanExporter> SpanExporter for Reported<E> {
+    async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+        let n = batch.len() as u64;
+        if let Err(e) = self.inner.export(batch).await {
+            metrics::counter!("tagrelay_trace_spans_dropped_total").increment(n);
+            let now = Instant::now();
+            if let Ok(mut last) = self.last_logged.lock() {
+                if last.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(60)) {
+                    *last = Some(now);
+                    tracing::warn!(
+                        spans = n,
+                        error = %e,
+                        "telemetry: the collector did not take a batch of trace spans; they are dropped (tagrelay_trace_spans_dropped_total counts them; logged at most once a minute)"
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &opentelemetry_sdk::Resource) {
+        self.inner.set_resource(resource);
+    }
+}
+
 /// Sends the exporter's requests with the project's reqwest (rustls), blocking: the batch
 /// processor runs each export on its own thread, away from the async runtimes.
 #[derive(Debug)]
@@ -462,7 +512,8 @@ impl HttpClient for BlockingHttp {
             .request(parts.method, parts.uri.to_string())
             .headers(parts.headers)
             .body(body.to_vec())
-            .send()?;
+            .send()
+            .map_err(|e| e.without_url())?;
         let status = resp.status();
         let headers = resp.headers().clone();
         let mut answer = Vec::new();

@@ -417,3 +417,64 @@ url = "{}/hook"
         "{spans:#?}"
     );
 }
+
+/// A collector that refuses the exports: the spans are dropped and counted, and said once
+/// (WARN) rather than as an ERROR for every batch while it is down.
+#[tokio::test]
+async fn a_collector_that_refuses_costs_the_spans_not_the_log() {
+    let collector = FakeVendor::start().await;
+    collector.respond(&[(503, "overloaded")]);
+    let dir = tempfile::tempdir().unwrap();
+    let path = process::write_config(
+        dir.path(),
+        &format!(
+            "[telemetry]\notlp_endpoint = \"{}\"\n[[clients]]\ntype = \"ga4\"\n",
+            collector.url()
+        ),
+    );
+    let proc = process::start(&path);
+    let http = reqwest::Client::new();
+    for round in 0..3 {
+        let url = proc.url(&format!(
+            "/g/collect?v=2&tid=G-TEST1&cid=1.2&en=page_view&ep.event_id=r{round}"
+        ));
+        assert_eq!(http.get(url).send().await.unwrap().status(), 204);
+        // Each round's span goes in an export of its own.
+        collector.wait_for(15, |r| r.len() > round).await;
+    }
+    let dropped = || async {
+        let text = http
+            .get(proc.admin_url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix("tagrelay_trace_spans_dropped_total "))
+            .map(|v| v.trim().parse::<f64>().unwrap())
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while dropped().await.unwrap_or(0.0) < 3.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{:?}",
+            dropped().await
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let out = proc.output();
+    let warned: Vec<&str> = out
+        .lines()
+        .filter(|l| l.contains("did not take a batch of trace spans"))
+        .collect();
+    assert_eq!(warned.len(), 1, "{out}");
+    assert!(warned[0].contains("\"level\":\"WARN\""), "{}", warned[0]);
+    assert!(!out.contains("\"level\":\"ERROR\""), "{out}");
+    assert!(
+        collector.received()[0].uri.path() == "/v1/traces",
+        "{:?}",
+        collector.received()[0].uri
+    );
+}
