@@ -303,8 +303,11 @@ fn a_clock_far_ahead_is_replaced_by_the_receipt_time() {
     assert_eq!(out.events[0].timestamp_ms, NOW);
 }
 
+/// A browser's debug mark, and the trace context of a hit OpenTelemetry samples, are stamped
+/// on its events; the trace context reaches their stored payloads too, so deliveries link to
+/// the hit.
 #[test]
-fn a_marked_browser_marks_its_events() {
+fn a_marked_or_traced_hit_stamps_its_events() {
     let p = pipeline();
     let f = load(include_str!("../clients/ga4/fixtures/a_page_view_get.http"));
     let hit = HitRequest {
@@ -318,60 +321,35 @@ fn a_marked_browser_marks_its_events() {
         now_ms: NOW,
     };
     let client = p.claim(&f.method, &f.path).unwrap();
-    let out = p
-        .process(
+    let run = |marker, traceparent| {
+        p.process(
             client,
             &hit,
-            Some("qa-anna"),
-            None,
+            marker,
+            traceparent,
             &mut StdRng::seed_from_u64(1),
             None,
         )
-        .unwrap();
+        .unwrap()
+    };
+    let marked = run(Some("qa-anna"), None);
     assert_eq!(
-        out.events[0].identity.debug_marker.as_deref(),
+        marked.events[0].identity.debug_marker.as_deref(),
         Some("qa-anna")
     );
-    assert_eq!(out.events[0].traceparent, None);
-}
+    assert_eq!(marked.events[0].traceparent, None);
 
-/// A hit traced by OpenTelemetry stamps its span's context on its events and their stored
-/// payloads, so deliveries link to it.
-#[test]
-fn a_traced_hit_stamps_its_trace_context_on_what_it_stores() {
-    let p = pipeline();
-    let f = load(include_str!("../clients/ga4/fixtures/a_page_view_get.http"));
-    let hit = HitRequest {
-        method: &f.method,
-        path: &f.path,
-        query: &f.query,
-        headers: &f.headers,
-        host: HOST,
-        body: &f.body,
-        client_ip: IP,
-        now_ms: NOW,
-    };
     let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
-    let client = p.claim(&f.method, &f.path).unwrap();
-    let out = p
-        .process(
-            client,
-            &hit,
-            None,
-            Some(tp),
-            &mut StdRng::seed_from_u64(1),
-            None,
-        )
-        .unwrap();
-    assert!(!out.queued.is_empty());
-    for q in &out.queued {
+    let traced = run(None, Some(tp));
+    assert!(!traced.queued.is_empty());
+    for q in &traced.queued {
         let stored = crate::event::Event::from_payload(&q.payload).unwrap();
         assert_eq!(stored.traceparent.as_deref(), Some(tp));
     }
-    assert!(out
+    assert!(traced
         .events
         .iter()
-        .all(|e| e.traceparent.as_deref() == Some(tp)));
+        .all(|e| e.traceparent.as_deref() == Some(tp) && e.identity.debug_marker.is_none()));
 }
 
 #[test]
