@@ -513,16 +513,10 @@ fn record_span(
             }
         })
         .collect();
-    let reason = |r: crate::set_cookie::CookieReason| match r {
-        crate::set_cookie::CookieReason::New => "new",
-        crate::set_cookie::CookieReason::Kept => "kept",
-        crate::set_cookie::CookieReason::MigratedFromGa => "migrated_from_ga",
-        crate::set_cookie::CookieReason::Replaced => "replaced",
-    };
     span.record_events(
         &list,
         pipeline.tags.iter().map(|t| &*t.name),
-        cookies.iter().map(|c| (c.name.as_str(), reason(c.reason))),
+        cookies.iter().map(|c| (c.name.as_str(), c.reason.label())),
     );
 }
 
