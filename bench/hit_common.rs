@@ -138,7 +138,9 @@ pub fn take_hit(
         now_ms: NOW_MS,
     };
     let client = p.claim(&case.method, "/g/collect").expect("the GA4 client");
-    let out = p.process(client, &hit, None, rng, None).expect("valid hit");
+    let out = p
+        .process(client, &hit, None, None, rng, None)
+        .expect("valid hit");
     let produced = out
         .cookies
         .iter()

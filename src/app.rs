@@ -1,5 +1,7 @@
 //! Application wiring: listeners, the swappable pipeline, the outbox and its dispatchers,
-//! signals (SIGTERM/SIGINT stop gracefully, SIGHUP reloads).
+//! traces, and the life of the process: SIGTERM/SIGINT stop gracefully (after
+//! `server.shutdown_delay_ms`; a second one skips the delay), SIGHUP, `POST /admin/reload` or
+//! a changed config file reload, `POST /admin/drain` delivers what the outbox holds and stops.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -13,6 +15,7 @@ use axum::Router;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::admin::control::Reloader;
 use crate::admin::throttle::LoginThrottle;
 use crate::admin::AdminState;
 use crate::clients::script_proxy::ScriptCache;
@@ -20,9 +23,10 @@ use crate::config::{self, ConfigError, LoadedConfig, Source};
 use crate::doctor::itp::{ItpMonitor, ItpSettings};
 use crate::ingress::IngressState;
 use crate::lifecycle::Lifecycle;
-use crate::outbox::delivery::{spawn_dispatchers, DeliveryRuntime, DispatchSettings};
+use crate::outbox::delivery::{spawn_dispatchers_with, DeliveryRuntime, DispatchSettings};
 use crate::outbox::{DeliveryStore, Outbox};
 use crate::pipeline::Pipeline;
+use crate::telemetry::otel::Otel;
 use crate::trace::Traces;
 
 /// Everything the listeners, the dispatchers and reload share. Each listener takes its own
@@ -39,6 +43,8 @@ pub struct AppState {
     source: Arc<Source>,
     /// The running ITP check, when `[server] itp_check` is on and it started.
     itp: Arc<OnceLock<ItpMonitor>>,
+    /// OpenTelemetry traces, when `[telemetry] otlp_endpoint` is set.
+    otel: Option<Arc<Otel>>,
 }
 
 impl FromRef<AppState> for IngressState {
@@ -50,6 +56,7 @@ impl FromRef<AppState> for IngressState {
             script_cache: s.script_cache.clone(),
             lifecycle: s.lifecycle.clone(),
             itp: s.itp.clone(),
+            otel: s.otel.clone(),
         }
     }
 }
@@ -63,7 +70,14 @@ impl FromRef<AppState> for AdminState {
             lifecycle: s.lifecycle.clone(),
             logins: s.admin_logins.clone(),
             itp: s.itp.clone(),
+            reloader: Arc::new(s.clone()),
         }
+    }
+}
+
+impl Reloader for AppState {
+    fn reload(&self) -> Result<String, ConfigError> {
+        AppState::reload(self)
     }
 }
 
@@ -84,7 +98,13 @@ impl AppState {
             admin_logins: Arc::default(),
             source: Arc::new(source),
             itp: Arc::default(),
+            otel: None,
         }
+    }
+
+    /// Serving, draining or stopping; stop and drain requests go here.
+    pub fn lifecycle(&self) -> &Arc<Lifecycle> {
+        &self.lifecycle
     }
 
     /// The pipeline in force now. In-flight requests keep the one they loaded.
@@ -111,15 +131,15 @@ impl AppState {
     }
 
     /// Re-reads and re-validates the configuration and swaps the pipeline atomically.
-    /// An invalid configuration leaves the current one serving.
-    pub fn reload(&self) -> Result<(), ConfigError> {
+    /// An invalid configuration leaves the current one serving. Returns what is in force
+    /// now, in a line.
+    pub fn reload(&self) -> Result<String, ConfigError> {
         let path = match &*self.source {
             Source::File(p) => Some(p.as_path()),
             Source::Embedded => None,
         };
         let loaded = config::load(path)?;
-        let next =
-            Pipeline::build(&loaded.config).map_err(|p| ConfigError::new(&loaded.source, p))?;
+        let next = Pipeline::build(&loaded.config).map_err(|p| loaded.invalid(p))?;
         let current = self.pipeline();
         let (old, new) = (&current.config, &next.config);
         if old.server.listen != new.server.listen
@@ -147,15 +167,32 @@ impl AppState {
         {
             restart.push("admin.trace_*");
         }
+        if old.telemetry != new.telemetry {
+            restart.push("[telemetry]");
+        }
+        if old.server.config_watch_interval_ms != new.server.config_watch_interval_ms {
+            restart.push("server.config_watch_interval_ms");
+        }
         if !restart.is_empty() {
             tracing::warn!(
                 keys = restart.join(", "),
                 "these settings changed in the config; they take effect after a restart"
             );
         }
+        crate::ingress::register_metrics(&next);
+        let (clients, tags) = in_force(&next);
         self.pipeline.store(Arc::new(next));
-        tracing::info!(source = %loaded.source, "configuration reloaded");
-        Ok(())
+        tracing::info!(
+            source = %loaded.source,
+            env_overrides = %env_names(&loaded.config),
+            clients = %clients,
+            tags = %tags,
+            "configuration reloaded"
+        );
+        Ok(format!(
+            "{} (clients: {clients}; tags: {tags})",
+            loaded.source
+        ))
     }
 }
 
@@ -175,10 +212,12 @@ pub struct Application {
 }
 
 impl Application {
-    /// Validates the config, opens the outbox and binds both listeners (port 0 works).
+    /// Validates the config, opens the outbox, starts the trace exporter and binds both
+    /// listeners (port 0 works).
     pub async fn build(loaded: LoadedConfig) -> anyhow::Result<Self> {
-        let pipeline =
-            Pipeline::build(&loaded.config).map_err(|p| ConfigError::new(&loaded.source, p))?;
+        let pipeline = Pipeline::build(&loaded.config).map_err(|p| loaded.invalid(p))?;
+        // Before the store: it registers its counters as it opens.
+        crate::telemetry::metrics::metrics_handle();
         let store = crate::outbox::store::open(&loaded.config.outbox).await?;
         Self::with_store(loaded, pipeline, store).await
     }
@@ -206,15 +245,24 @@ impl Application {
             .with_context(|| format!("binding server.admin_listen {}", server.admin_listen))?;
         let public_addr = public.as_ref().map(|p| p.local_addr()).transpose()?;
         let admin_addr = admin.local_addr()?;
-        let state = AppState::new(pipeline, store.clone() as Arc<dyn Outbox>, loaded.source);
+        let otel = Otel::start(&loaded.config.telemetry).map_err(anyhow::Error::msg)?;
+        crate::ingress::register_metrics(&pipeline);
+        let (clients, tags) = in_force(&pipeline);
+        // What an operator checks first when something behaves unexpectedly: which file, which
+        // variables over it, where the outbox is, what runs.
+        tracing::info!(
+            config = %loaded.source,
+            env_overrides = %env_names(&loaded.config),
+            outbox = %outbox_place(&loaded.config.outbox),
+            clients = %clients,
+            tags = %tags,
+            traces = %traces_to(&loaded.config.telemetry.otlp_endpoint),
+            "configuration in force"
+        );
+        let mut state = AppState::new(pipeline, store.clone() as Arc<dyn Outbox>, loaded.source);
+        state.otel = otel;
         // With a shared store, the debug page of any replica shows the hits of all.
         store.share_traces(state.traces());
-        match public_addr {
-            Some(public_addr) => tracing::info!(%public_addr, %admin_addr, "tagrelay listening"),
-            None => {
-                tracing::info!(%admin_addr, role = "deliver", "tagrelay listening (admin only: this process delivers and takes no hits)")
-            }
-        }
         start_itp_check(&state);
         Ok(Application {
             state,
@@ -239,22 +287,24 @@ impl Application {
         self.state.clone()
     }
 
-    /// Serves until SIGTERM/SIGINT; SIGHUP reloads the configuration.
+    /// Serves until SIGTERM/SIGINT (or the end of a drain); SIGHUP reloads the configuration.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
-        let stop = shutdown_signal();
+        tokio::spawn(forward_stop_signals(self.state.lifecycle.clone()));
         tokio::spawn(reload_on_sighup(self.state.clone()));
-        self.run_until(stop).await
+        self.run_until(std::future::pending()).await
     }
 
-    /// Serves until `stop` resolves, then stops accepting, lets in-flight requests finish
-    /// (bounded by `server.shutdown_timeout_ms`), stops the dispatchers and closes the outbox.
+    /// Serves until `stop` resolves or a stop is requested ([`Lifecycle::request_stop`], the
+    /// end of a drain). Then: readiness fails, both listeners keep serving for
+    /// `server.shutdown_delay_ms` (unless a second stop request comes, or a drain already
+    /// took the instance out of rotation), the public listener stops accepting, in-flight
+    /// requests and vendor sends get `server.shutdown_timeout_ms`, the outbox closes and the
+    /// queued trace spans are sent.
     pub async fn run_until(
         self,
         stop: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let lifecycle = self.state.lifecycle.clone();
-        let deadline =
-            Duration::from_millis(self.state.pipeline().config.server.shutdown_timeout_ms);
         let outbox_cfg = self.state.pipeline().config.outbox.clone();
         // `role = "ingest"`: other processes sharing the store deliver.
         let delivery = match outbox_cfg.role.delivers() {
@@ -267,11 +317,12 @@ impl Application {
             Some(delivery) => {
                 let _on_delivery_threads = delivery.handle().map(|h| h.enter());
                 Some(
-                    spawn_dispatchers(
+                    spawn_dispatchers_with(
                         self.store.clone(),
                         self.state.pipeline_cell(),
                         DispatchSettings::from_config(&outbox_cfg),
                         self.state.traces().clone(),
+                        self.state.otel.clone(),
                     )
                     .context("building the HTTP client for dispatchers")?,
                 )
@@ -280,13 +331,17 @@ impl Application {
         };
         crate::telemetry::metrics::spawn_metrics_upkeep();
 
-        // The admin listener closes after the public one has drained, so that while in-flight
-        // hits finish, probes get `/readyz` 503 rather than a refused connection. A process
-        // without a public listener (`role = "deliver"`) closes it when the stop begins.
+        // The public listener closes when told, after the shutdown delay; the admin listener
+        // after the public one has drained, so that while in-flight hits finish, probes get
+        // `/readyz` 503 rather than a refused connection. A process without a public listener
+        // (`role = "deliver"`) closes the admin listener when told instead.
+        let (close_public, mut close_rx) = watch::channel(false);
         let (admin_stop, mut admin_rx) = watch::channel(false);
         let public = match self.public {
             Some(listener) => {
-                let public = serve(listener, app(self.state.clone()), lifecycle.stopped());
+                let public = serve(listener, app(self.state.clone()), async move {
+                    let _ = close_rx.wait_for(|v| *v).await;
+                });
                 Some(async move {
                     let ended = public.await;
                     let _ = admin_stop.send(true);
@@ -294,9 +349,8 @@ impl Application {
                 })
             }
             None => {
-                let stopped = lifecycle.stopped();
                 tokio::spawn(async move {
-                    stopped.await;
+                    let _ = close_rx.wait_for(|v| *v).await;
                     let _ = admin_stop.send(true);
                 });
                 None
@@ -318,11 +372,48 @@ impl Application {
                 None => admin.await,
             }
         });
+        // Said once serving (and, from `run_until_stopped`, once stop signals are handled).
+        match self.public_addr {
+            Some(public_addr) => {
+                tracing::info!(%public_addr, admin_addr = %self.admin_addr, "tagrelay listening")
+            }
+            None => {
+                tracing::info!(admin_addr = %self.admin_addr, role = "deliver", "tagrelay listening (admin only: this process delivers and takes no hits)")
+            }
+        }
+        let mut helpers = vec![tokio::spawn(drain_when_asked(
+            self.state.clone(),
+            self.store.clone(),
+        ))];
+        helpers.extend(watch_config_file(&self.state).map(tokio::spawn));
 
-        stop.await;
-        tracing::info!("shutdown requested: no new connections, finishing in-flight requests");
+        let requested = lifecycle.stop_requested();
+        tokio::select! {
+            _ = stop => {}
+            _ = requested => {}
+        }
+        let server = self.state.pipeline().config.server.clone();
+        let drained = lifecycle.is_draining();
         lifecycle.begin_stop();
+        let delay = Duration::from_millis(server.shutdown_delay_ms);
+        if !delay.is_zero() && !drained {
+            tracing::info!(
+                delay_ms = server.shutdown_delay_ms,
+                "shutdown requested: not ready; still serving for server.shutdown_delay_ms while load balancers stop sending hits (a second stop signal skips the wait)"
+            );
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = lifecycle.hurried() => {
+                    tracing::info!("a second stop request: not waiting any longer");
+                }
+            }
+            tracing::info!("no new connections, finishing in-flight requests");
+        } else {
+            tracing::info!("shutdown requested: no new connections, finishing in-flight requests");
+        }
+        let _ = close_public.send(true);
         // One deadline for everything: requests in flight, then vendor sends in flight.
+        let deadline = Duration::from_millis(server.shutdown_timeout_ms);
         let end = tokio::time::Instant::now() + deadline;
         match tokio::time::timeout_at(end, &mut servers).await {
             Ok(Ok(Ok(()))) => {}
@@ -336,6 +427,9 @@ impl Application {
                 );
             }
         }
+        for h in helpers {
+            h.abort();
+        }
         let left = end.saturating_duration_since(tokio::time::Instant::now());
         if let Some(itp) = self.state.itp() {
             itp.shutdown();
@@ -347,9 +441,145 @@ impl Application {
             d.shutdown();
         }
         self.store.close().await;
+        if let Some(otel) = self.state.otel.clone() {
+            // Sends what is queued; blocking, so off the runtime's threads.
+            let _ = tokio::task::spawn_blocking(move || otel.shutdown()).await;
+        }
         tracing::info!("tagrelay stopped");
         Ok(())
     }
+}
+
+/// The clients and tags of a pipeline, for logs: `ga4, data` and `ga4 (ga4), meta (meta_capi)`.
+fn in_force(p: &Pipeline) -> (String, String) {
+    let mut clients: Vec<&str> = p.clients.iter().map(|c| c.kind()).collect();
+    clients.extend(p.script_proxies.iter().map(|_| "script_proxy"));
+    let tags: Vec<String> = p
+        .tags
+        .iter()
+        .map(|t| format!("{} ({})", t.name, t.tag.kind()))
+        .collect();
+    let none = |s: String| if s.is_empty() { "none".to_owned() } else { s };
+    (none(clients.join(", ")), none(tags.join(", ")))
+}
+
+/// The `TAGRELAY__…` variables that set keys (names only: their values may be secrets).
+fn env_names(c: &config::Config) -> String {
+    if c.env_overrides.is_empty() {
+        return "none".into();
+    }
+    c.env_overrides
+        .iter()
+        .map(|o| o.var.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Where the outbox is, for the log: the directory, or the Redis engine (never its URL, which
+/// may carry a password).
+fn outbox_place(o: &crate::outbox::config::OutboxConfig) -> String {
+    match o.backend {
+        crate::outbox::config::Backend::Embedded => o.path.clone(),
+        crate::outbox::config::Backend::Redis => {
+            format!("redis (key prefix {})", o.redis.key_prefix)
+        }
+    }
+}
+
+/// Where traces go, for the log: the collector's address only (a URL may carry credentials).
+fn traces_to(endpoint: &str) -> String {
+    if endpoint.is_empty() {
+        return "off".into();
+    }
+    endpoint
+        .parse::<http::Uri>()
+        .ok()
+        .and_then(|u| {
+            u.authority()
+                .map(|a| a.as_str().rsplit('@').next().unwrap_or("").to_owned())
+        })
+        .unwrap_or_else(|| "?".into())
+}
+
+/// Once a drain begins: waits until the outbox owes nothing to a configured tag, or the
+/// drain's time limit passes, then asks for the stop.
+async fn drain_when_asked(state: AppState, store: Arc<dyn DeliveryStore>) {
+    let limit = state.lifecycle.drain_started().await;
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let pipeline = state.pipeline();
+        let owed = match store.backlog(crate::clock::now_ms()).await {
+            Ok(backlog) => Some(
+                backlog
+                    .iter()
+                    .filter(|b| pipeline.tag(&b.tag).is_some())
+                    .map(|b| b.pending)
+                    .sum::<u64>(),
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "drain: cannot read the outbox's backlog; trying again");
+                None
+            }
+        };
+        if owed == Some(0) {
+            tracing::info!("drain: the outbox owes nothing to any tag; stopping");
+            break;
+        }
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            tracing::warn!(
+                pending = owed,
+                "drain: time limit reached; what is still pending stays in the outbox and is delivered after the next start"
+            );
+            break;
+        }
+        tokio::time::sleep((deadline - now).min(Duration::from_millis(250))).await;
+    }
+    state.lifecycle.request_stop();
+}
+
+/// With `server.config_watch_interval_ms`, a task that reloads when the config file's
+/// content changes (a ConfigMap's mounted file is replaced in place, and a distroless pod has
+/// no shell to send SIGHUP from).
+fn watch_config_file(state: &AppState) -> Option<impl Future<Output = ()> + Send + 'static> {
+    let every = state.pipeline().config.server.config_watch_interval_ms;
+    let Source::File(path) = &*state.source else {
+        if every > 0 {
+            tracing::warn!("server.config_watch_interval_ms: there is no config file to watch (the embedded default is in use)");
+        }
+        return None;
+    };
+    if every == 0 {
+        return None;
+    }
+    let (state, path) = (state.clone(), path.clone());
+    // Read now, as serving begins, not when the task first runs: a change in between counts.
+    let mut last = std::fs::read(&path).ok();
+    Some(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(every));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            // A file missing for a moment (being replaced) is no change.
+            let Ok(now) = tokio::fs::read(&path).await else {
+                continue;
+            };
+            if last.as_ref() == Some(&now) {
+                continue;
+            }
+            last = Some(now);
+            tracing::info!(file = %path.display(), "the config file changed; reloading");
+            let s = state.clone();
+            match tokio::task::spawn_blocking(move || s.reload()).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    tracing::error!(problems = ?e.problems, "new configuration rejected; the previous one keeps serving")
+                }
+                Err(e) => tracing::error!(error = %e, "reload failed"),
+            }
+        }
+    })
 }
 
 /// Starts the running ITP check when `[server] itp_check` is on. A check that cannot start
@@ -391,30 +621,34 @@ async fn serve(
     .await
 }
 
-/// Resolves on SIGTERM or Ctrl-C. The handler is installed when this is called, not when the
-/// future is first polled: a SIGTERM that lands once the listeners serve must never meet the
-/// default action (exit without draining).
-fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
+/// Turns each SIGTERM or Ctrl-C into a stop request (the second skips the shutdown delay).
+/// The handler is installed when this is called, not when the future is first polled: a
+/// SIGTERM that lands once the listeners serve must never meet the default action (exit
+/// without draining).
+fn forward_stop_signals(lifecycle: Arc<Lifecycle>) -> impl Future<Output = ()> + Send + 'static {
     use tokio::signal::unix::{signal, SignalKind};
     let term = signal(SignalKind::terminate());
     async move {
         match term {
-            Ok(mut term) => {
+            Ok(mut term) => loop {
                 tokio::select! {
-                    _ = term.recv() => {},
-                    _ = tokio::signal::ctrl_c() => {},
+                    r = term.recv() => if r.is_none() { return },
+                    r = tokio::signal::ctrl_c() => if r.is_err() { return },
                 }
-            }
+                lifecycle.request_stop();
+            },
             Err(e) => {
                 tracing::error!(error = %e, "cannot listen for SIGTERM; stop with Ctrl-C");
-                let _ = tokio::signal::ctrl_c().await;
+                while tokio::signal::ctrl_c().await.is_ok() {
+                    lifecycle.request_stop();
+                }
             }
         }
     }
 }
 
 /// Reloads the configuration on each SIGHUP. The handler is installed at the call (see
-/// [`shutdown_signal`]; SIGHUP's default action also ends the process).
+/// [`forward_stop_signals`]; SIGHUP's default action also ends the process).
 fn reload_on_sighup(state: AppState) -> impl Future<Output = ()> + Send + 'static {
     use tokio::signal::unix::{signal, SignalKind};
     let hup = signal(SignalKind::hangup());

@@ -34,7 +34,7 @@ pub fn check(path: Option<&Path>) -> ExitCode {
             );
             ExitCode::SUCCESS
         }
-        Err(problems) => report(&ConfigError::new(&loaded.source, problems)),
+        Err(problems) => report(&loaded.invalid(problems)),
     }
 }
 
@@ -98,6 +98,12 @@ pub fn healthcheck(path: Option<&Path>, url: Option<&str>) -> ExitCode {
 
 /// `/healthz` on `listen`; a wildcard address (0.0.0.0, ::) is reached on loopback.
 fn health_url(listen: std::net::SocketAddr) -> String {
+    format!("http://{}/healthz", reachable(listen))
+}
+
+/// Where a process on this machine reaches a listener bound to `listen`: a wildcard address
+/// (0.0.0.0, ::) on loopback.
+fn reachable(listen: std::net::SocketAddr) -> std::net::SocketAddr {
     use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
     let mut addr = listen;
     if addr.ip().is_unspecified() {
@@ -106,7 +112,126 @@ fn health_url(listen: std::net::SocketAddr) -> String {
             IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
         });
     }
-    format!("http://{addr}/healthz")
+    addr
+}
+
+/// The admin listener of a config as a URL, and its token.
+fn admin_of(
+    path: Option<&Path>,
+    url: Option<&str>,
+) -> Result<(String, Option<crate::secret::Secret>), ExitCode> {
+    let loaded = config::load(path).map_err(|e| report(&e))?;
+    let base = match url {
+        Some(u) => u.trim_end_matches('/').to_owned(),
+        None => format!("http://{}", reachable(loaded.config.server.admin_listen)),
+    };
+    Ok((base, loaded.config.admin.token))
+}
+
+/// POSTs to the admin listener; prints the answer. `Ok(status)` when it answered.
+fn admin_post(
+    base: &str,
+    token: Option<&crate::secret::Secret>,
+    path_and_query: &str,
+) -> Result<u16, String> {
+    let url = format!("{base}{path_and_query}");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        let client = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(60))
+            .build()
+            .map_err(|e| e.to_string())?;
+        let mut req = client.post(&url);
+        if let Some(t) = token {
+            req = req.bearer_auth(t.expose());
+        }
+        let r = req
+            .send()
+            .await
+            .map_err(|e| format!("cannot reach {url}: {}", e.without_url()))?;
+        let status = r.status().as_u16();
+        let text = r.text().await.unwrap_or_default();
+        if (200..300).contains(&status) {
+            print!("{text}");
+        } else {
+            eprint!("{url}: HTTP {status}: {text}");
+        }
+        Ok(status)
+    })
+}
+
+/// `tagrelay reload`: the running server re-reads its config (as SIGHUP does), through its
+/// admin listener (the config's `admin_listen` and token, or `--url`). Exit 0 when the new
+/// config is in force, 1 with its problems when it was refused.
+pub fn reload(path: Option<&Path>, url: Option<&str>) -> ExitCode {
+    let (base, token) = match admin_of(path, url) {
+        Ok(a) => a,
+        Err(code) => return code,
+    };
+    match admin_post(&base, token.as_ref(), "/admin/reload") {
+        Ok(200) => ExitCode::SUCCESS,
+        Ok(_) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("tagrelay reload: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `tagrelay drain`: the running server stops taking hits, delivers what its outbox holds and
+/// stops when it owes nothing or after `timeout_secs` (default `server.drain_timeout_ms`).
+/// With `wait`, returns once the server has stopped.
+pub fn drain(
+    path: Option<&Path>,
+    url: Option<&str>,
+    timeout_secs: Option<u64>,
+    wait: bool,
+) -> ExitCode {
+    let (base, token) = match admin_of(path, url) {
+        Ok(a) => a,
+        Err(code) => return code,
+    };
+    let query = timeout_secs
+        .map(|s| format!("?timeout_ms={}", s.saturating_mul(1000)))
+        .unwrap_or_default();
+    match admin_post(&base, token.as_ref(), &format!("/admin/drain{query}")) {
+        Ok(202) => {}
+        Ok(_) => return ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("tagrelay drain: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    if !wait {
+        return ExitCode::SUCCESS;
+    }
+    // Stopped once the admin listener no longer answers.
+    let health = format!("{base}/healthz");
+    loop {
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        if answers(&health).is_none() {
+            println!("tagrelay stopped");
+            return ExitCode::SUCCESS;
+        }
+    }
+}
+
+/// Whether anything answers `url` (any status), `None` when nothing does.
+fn answers(url: &str) -> Option<u16> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .ok()?;
+    rt.block_on(async {
+        let client = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(2))
+            .build()
+            .ok()?;
+        Some(client.get(url).send().await.ok()?.status().as_u16())
+    })
 }
 
 /// `tagrelay doctor itp`: DNS against Safari's 7-day cap on cloaked hosts' cookies.

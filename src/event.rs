@@ -70,6 +70,12 @@ pub struct Event {
     /// so the GA4 tag passes them through unchanged.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub passthrough: Vec<(String, String)>,
+    /// The W3C `traceparent` of the span of the hit that took this event, when the hit was
+    /// traced (`[telemetry]`): stored with the event so that its deliveries, even after a
+    /// restart, link to that span. Payloads from before it, or from untraced hits, have none.
+    /// Not event data: tags do not send it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 /// GA4 session and protocol state carried by the hit.
@@ -828,6 +834,22 @@ mod tests {
         ] {
             assert!(Event::from_payload(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn the_hit_trace_context_travels_in_the_payload_and_old_payloads_have_none() {
+        let mut e = sample();
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        e.traceparent = Some(tp.into());
+        let back = Event::from_payload(&e.to_payload().unwrap()).unwrap();
+        assert_eq!(back.traceparent.as_deref(), Some(tp));
+        // A payload written before the field existed (MessagePack or JSON) reads as none.
+        e.traceparent = None;
+        let stored = e.to_payload().unwrap();
+        assert!(!String::from_utf8_lossy(&stored).contains("traceparent"));
+        assert_eq!(Event::from_payload(&stored).unwrap().traceparent, None);
+        let json = serde_json::to_vec(&e).unwrap();
+        assert_eq!(Event::from_payload(&json).unwrap().traceparent, None);
     }
 
     #[test]

@@ -1,5 +1,5 @@
 #![forbid(unsafe_code)]
-//! `tagrelay`: serve (default), check, doctor, outbox tools.
+//! `tagrelay`: serve (default), check, reload, drain, doctor, outbox tools.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -43,6 +43,26 @@ enum Command {
     Doctor {
         #[command(subcommand)]
         command: DoctorCommand,
+    },
+    /// Make the running server reload its config (through its admin listener; as SIGHUP)
+    Reload {
+        /// The admin listener's base URL instead of the config's `server.admin_listen`
+        #[arg(long)]
+        url: Option<String>,
+    },
+    /// Make the running server stop taking hits, deliver what its outbox holds, and stop
+    /// when it owes nothing (or at the time limit). For scale-downs and rollbacks
+    Drain {
+        /// Stop after this many seconds even with deliveries pending (default:
+        /// server.drain_timeout_ms); what is left stays in the outbox
+        #[arg(long)]
+        timeout_secs: Option<u64>,
+        /// Return only once the server has stopped
+        #[arg(long)]
+        wait: bool,
+        /// The admin listener's base URL instead of the config's `server.admin_listen`
+        #[arg(long)]
+        url: Option<String>,
     },
     /// Exit 0 when the URL answers 2xx (for container HEALTHCHECKs; no curl needed)
     Healthcheck {
@@ -95,6 +115,12 @@ fn main() -> ExitCode {
         Command::Serve => cli::serve(path),
         Command::Check => cli::check(path),
         Command::Healthcheck { url } => cli::healthcheck(path, url.as_deref()),
+        Command::Reload { url } => cli::reload(path, url.as_deref()),
+        Command::Drain {
+            timeout_secs,
+            wait,
+            url,
+        } => cli::drain(path, url.as_deref(), timeout_secs, wait),
         Command::Doctor { command } => match command {
             DoctorCommand::Itp(args) => cli::doctor_itp(path, &args),
         },

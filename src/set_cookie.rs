@@ -20,6 +20,18 @@ pub enum CookieReason {
     Replaced,
 }
 
+impl CookieReason {
+    /// As serde writes it (`new`, `kept`, `migrated_from_ga`, `replaced`), for trace spans.
+    pub fn label(self) -> &'static str {
+        match self {
+            CookieReason::New => "new",
+            CookieReason::Kept => "kept",
+            CookieReason::MigratedFromGa => "migrated_from_ga",
+            CookieReason::Replaced => "replaced",
+        }
+    }
+}
+
 /// One cookie tagrelay sets, kept structured for the debug view.
 /// Deserialized only for traces another process shares with the debug view.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -95,4 +107,21 @@ pub fn is_cookie_name(n: &str) -> bool {
                         | b'~'
                 )
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::CookieReason;
+
+    #[test]
+    fn a_reasons_label_is_what_serde_writes() {
+        for r in [
+            CookieReason::New,
+            CookieReason::Kept,
+            CookieReason::MigratedFromGa,
+            CookieReason::Replaced,
+        ] {
+            assert_eq!(serde_json::to_value(r).unwrap(), r.label());
+        }
+    }
 }

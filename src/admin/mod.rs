@@ -1,6 +1,7 @@
 //! The admin listener: health, readiness, Prometheus metrics and the debug view, guarded by
 //! the admin token when one is configured. Never the public listener.
 
+pub mod control;
 pub mod debug;
 pub mod throttle;
 
@@ -9,7 +10,7 @@ use std::sync::{Arc, OnceLock};
 use arc_swap::ArcSwap;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::Router;
 
 use crate::doctor::itp::ItpMonitor;
@@ -32,6 +33,8 @@ pub struct AdminState {
     pub logins: Arc<LoginThrottle>,
     /// The running ITP check, if `[server] itp_check` is on.
     pub itp: Arc<OnceLock<ItpMonitor>>,
+    /// What `POST /admin/reload` calls.
+    pub reloader: Arc<dyn control::Reloader>,
 }
 
 pub fn router(state: AdminState) -> Router {
@@ -49,6 +52,8 @@ pub fn router(state: AdminState) -> Router {
         .route("/debug/api/traces/{id}", get(debug::trace))
         .route("/debug/api/stream", get(debug::stream))
         .route("/debug/api/itp", get(debug::itp))
+        .route("/admin/reload", post(control::reload))
+        .route("/admin/drain", post(control::drain))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             debug::require_token,
@@ -73,6 +78,7 @@ async fn metrics_text(State(state): State<AdminState>) -> Response {
     } else {
         0.0
     });
+    crate::telemetry::metrics::collect_process_metrics();
     let body = metrics_handle().render();
     labelled(
         (

@@ -31,6 +31,65 @@ pub struct LoadedConfig {
     pub source: Source,
 }
 
+impl LoadedConfig {
+    /// The error for problems found validating this configuration: each caused by an
+    /// environment variable names it (see [`Config::env_overrides`]).
+    pub fn invalid(&self, problems: Vec<String>) -> ConfigError {
+        ConfigError::new(&self.source, self.config.name_env_causes(problems))
+    }
+}
+
+/// A key of the configuration that a `TAGRELAY__SECTION__KEY` environment variable set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnvOverride {
+    /// The variable, e.g. `TAGRELAY__SERVER__TRUSTED_PROXIES`.
+    pub var: String,
+    /// The key it set, dotted: `server.trusted_proxies`.
+    pub key: String,
+}
+
+impl Config {
+    /// The environment variable that set `path` (a key, or anything below it such as
+    /// `server.trusted_proxies[0]`), if one did.
+    pub fn env_cause(&self, path: &str) -> Option<&EnvOverride> {
+        env_cause(&self.env_overrides, path)
+    }
+
+    /// Appends to each problem that starts with a key an environment variable set which
+    /// variable it was: the file does not say that value, so naming the file alone misleads.
+    pub fn name_env_causes(&self, problems: Vec<String>) -> Vec<String> {
+        problems
+            .into_iter()
+            .map(|p| {
+                let key = p.split([':', ' ']).next().unwrap_or("").trim_matches('`');
+                match self.env_cause(key) {
+                    Some(o) => format!(
+                        "{p} (set by the environment variable {}, not the file)",
+                        o.var
+                    ),
+                    None => p,
+                }
+            })
+            .collect()
+    }
+}
+
+/// The variable that set `path` or a key below it (an unknown key the environment added).
+fn env_within<'a>(overrides: &'a [EnvOverride], path: &str) -> Option<&'a EnvOverride> {
+    overrides.iter().find(|o| {
+        o.key
+            .strip_prefix(path)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
+    })
+}
+
+fn env_cause<'a>(overrides: &'a [EnvOverride], path: &str) -> Option<&'a EnvOverride> {
+    overrides.iter().find(|o| {
+        path.strip_prefix(o.key.as_str())
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with(['.', '[']))
+    })
+}
+
 /// Every problem found in one configuration, each naming the file and key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
@@ -88,28 +147,139 @@ fn read(p: &Path) -> Result<String, ConfigError> {
         .map_err(|e| ConfigError::new(p.display(), vec![format!("cannot read file: {e}")]))
 }
 
-/// Parses TOML text (named `source_name` in messages), optionally with environment overrides.
+/// The prefix of environment variables that override keys: `TAGRELAY__SECTION__KEY`.
+pub const ENV_PREFIX: &str = "TAGRELAY__";
+
+/// Parses TOML text (named `source_name` in messages), optionally with the
+/// `TAGRELAY__SECTION__KEY` overrides of this process's environment.
 pub fn load_str(text: &str, source_name: &str, env: bool) -> Result<Config, ConfigError> {
-    let mut builder = config::Config::builder()
-        .add_source(config::File::from_str(text, config::FileFormat::Toml));
-    if env {
-        builder = builder.add_source(
-            config::Environment::with_prefix("TAGRELAY")
-                .prefix_separator("__")
-                .separator("__")
-                .try_parsing(true),
-        );
-    }
-    let raw: serde_json::Value = builder
+    let vars: Vec<(String, String)> = if env {
+        std::env::vars_os()
+            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+            .filter(|(k, _)| k.starts_with(ENV_PREFIX))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    load_str_with_env(text, source_name, &vars)
+}
+
+/// [`load_str`] with these `TAGRELAY__…` variables as the environment.
+pub fn load_str_with_env(
+    text: &str,
+    source_name: &str,
+    vars: &[(String, String)],
+) -> Result<Config, ConfigError> {
+    let raw: serde_json::Value = config::Config::builder()
+        .add_source(config::File::from_str(text, config::FileFormat::Toml))
         .build()
         .and_then(|c| c.try_deserialize())
         .map_err(|e| ConfigError::new(source_name, vec![clean_toml_error(&e.to_string())]))?;
-    deserialize_all(raw, source_name).map_err(|p| ConfigError::new(source_name, p))
+    let (raw, overrides) = apply_env(raw, vars).map_err(|p| ConfigError::new(source_name, p))?;
+    deserialize_all(raw, source_name, &overrides)
+        .map(|mut c| {
+            c.env_overrides = overrides;
+            c
+        })
+        .map_err(|p| ConfigError::new(source_name, p))
+}
+
+/// Sets each `TAGRELAY__SECTION__KEY` variable's value at `section.key` of the parsed file.
+/// A value is read as a TOML value when it is one (`8080`, `true`, `["10.0.0.0/8"]`,
+/// `{ a = 1 }`), else taken as text (`0.0.0.0:8080`, `json`), so list keys can be set from
+/// the environment too.
+fn apply_env(
+    mut raw: serde_json::Value,
+    vars: &[(String, String)],
+) -> Result<(serde_json::Value, Vec<EnvOverride>), Vec<String>> {
+    use serde_json::Value;
+    let mut problems = Vec::new();
+    let mut overrides = Vec::new();
+    let mut vars: Vec<&(String, String)> = vars.iter().collect();
+    // Deterministic, and a parent before its children.
+    vars.sort();
+    for (var, value) in vars {
+        let Some(rest) = var.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
+        let path: Vec<String> = rest.split("__").map(str::to_ascii_lowercase).collect();
+        if path.iter().any(String::is_empty) {
+            problems.push(format!(
+                "environment variable {var}: name the key as TAGRELAY__SECTION__KEY (e.g. TAGRELAY__SERVER__LISTEN)"
+            ));
+            continue;
+        }
+        if matches!(path[0].as_str(), "clients" | "tags") {
+            problems.push(format!(
+                "environment variable {var}: [[{}]] entries cannot be set from the environment (only keys of [server], [cookies], [outbox], [admin] and [telemetry]); write `${{VAR}}` in the file for a value that varies",
+                path[0]
+            ));
+            continue;
+        }
+        let key = path.join(".");
+        let mut at = &mut raw;
+        let mut ok = true;
+        for (i, seg) in path.iter().enumerate() {
+            if !at.is_object() {
+                if at.is_null() {
+                    *at = Value::Object(serde_json::Map::new());
+                } else {
+                    problems.push(format!(
+                        "environment variable {var}: `{}` is not a table, so it has no key `{seg}`; only keys of sections such as [server] can be set from the environment",
+                        path[..i].join(".")
+                    ));
+                    ok = false;
+                    break;
+                }
+            }
+            let Value::Object(map) = at else {
+                unreachable!("made an object above")
+            };
+            at = map.entry(seg.clone()).or_insert(Value::Null);
+        }
+        if ok {
+            *at = env_value(value);
+            overrides.push(EnvOverride {
+                var: var.clone(),
+                key,
+            });
+        }
+    }
+    if problems.is_empty() {
+        Ok((raw, overrides))
+    } else {
+        Err(problems)
+    }
+}
+
+/// An environment variable's value: the TOML value it spells, or else its text.
+fn env_value(text: &str) -> serde_json::Value {
+    let parsed = toml::from_str::<toml::Table>(&format!("v = {text}"))
+        .ok()
+        .filter(|t| t.len() == 1)
+        .and_then(|mut t| t.remove("v"))
+        .filter(|v| !contains_datetime(v))
+        .and_then(|v| serde_json::to_value(v).ok());
+    parsed.unwrap_or_else(|| serde_json::Value::String(text.to_owned()))
+}
+
+/// TOML dates are text to tagrelay's config.
+fn contains_datetime(v: &toml::Value) -> bool {
+    match v {
+        toml::Value::Datetime(_) => true,
+        toml::Value::Array(a) => a.iter().any(contains_datetime),
+        toml::Value::Table(t) => t.values().any(contains_datetime),
+        _ => false,
+    }
 }
 
 /// Deserializes section by section and entry by entry, so one run reports every problem
 /// rather than stopping at the first.
-fn deserialize_all(raw: serde_json::Value, source_name: &str) -> Result<Config, Vec<String>> {
+fn deserialize_all(
+    raw: serde_json::Value,
+    source_name: &str,
+    env: &[EnvOverride],
+) -> Result<Config, Vec<String>> {
     use serde_json::Value;
     let mut problems = Vec::new();
     let serde_json::Value::Object(mut top) = raw else {
@@ -118,7 +288,7 @@ fn deserialize_all(raw: serde_json::Value, source_name: &str) -> Result<Config, 
         )]);
     };
     let mut probe = serde_json::Map::new();
-    for key in ["server", "cookies", "outbox", "admin"] {
+    for key in ["server", "cookies", "outbox", "admin", "telemetry"] {
         if let Some(v) = top.remove(key) {
             probe.insert(key.to_owned(), v);
         }
@@ -126,13 +296,27 @@ fn deserialize_all(raw: serde_json::Value, source_name: &str) -> Result<Config, 
     let clients = top.remove("clients");
     let tags = top.remove("tags");
     for key in top.keys() {
-        let known = ["server", "cookies", "outbox", "admin", "clients", "tags"];
+        let known = [
+            "server",
+            "cookies",
+            "outbox",
+            "admin",
+            "telemetry",
+            "clients",
+            "tags",
+        ];
         let hint = suggestion(key, &known)
             .map(|s| format!("; did you mean `{s}`?"))
             .unwrap_or_else(|| format!(" (known keys: {})", known.join(", ")));
-        problems.push(format!(
-            "unknown key `{key}` in the top level of {source_name}{hint}"
-        ));
+        match env_within(env, key) {
+            Some(o) => problems.push(format!(
+                "unknown section `{key}` set by the environment variable {}{hint}",
+                o.var
+            )),
+            None => problems.push(format!(
+                "unknown key `{key}` in the top level of {source_name}{hint}"
+            )),
+        }
     }
     let mut config = match serde_path_to_error::deserialize::<_, Config>(Value::Object(probe)) {
         Ok(c) => Some(c),
@@ -141,6 +325,7 @@ fn deserialize_all(raw: serde_json::Value, source_name: &str) -> Result<Config, 
                 e.path().to_string(),
                 &e.inner().to_string(),
                 source_name,
+                env,
             ));
             None
         }
@@ -168,6 +353,7 @@ fn deserialize_all(raw: serde_json::Value, source_name: &str) -> Result<Config, 
                 format!("clients[{i}]{}", sub(e.path().to_string())),
                 &e.inner().to_string(),
                 source_name,
+                env,
             )),
         }
     }
@@ -184,6 +370,7 @@ fn deserialize_all(raw: serde_json::Value, source_name: &str) -> Result<Config, 
                 format!("tags[{i}]{name}{}", sub(e.path().to_string())),
                 &e.inner().to_string(),
                 source_name,
+                env,
             )),
         }
     }
@@ -210,8 +397,9 @@ fn clean_toml_error(msg: &str) -> String {
 }
 
 /// Turns a serde error with its path into "unknown key `listn` in [server] of FILE; did you
-/// mean `listen`?" style messages.
-fn describe(mut path: String, inner: &str, source_name: &str) -> String {
+/// mean `listen`?" style messages. A value an environment variable set is reported under the
+/// variable's name, not the file's.
+fn describe(mut path: String, inner: &str, source_name: &str, env: &[EnvOverride]) -> String {
     let mut inner = strip_config_location(inner);
     // Errors from inside `type = …` tables carry their own sub-path (see config::tagged).
     if let Some(rest) = inner.strip_prefix("at `") {
@@ -234,7 +422,24 @@ fn describe(mut path: String, inner: &str, source_name: &str) -> String {
                     format!(" (known keys: {})", expected.join(", "))
                 }
             });
+        // The path ends with the unknown key itself (`server.listn`).
+        if let Some(o) = env_within(env, &path) {
+            return format!(
+                "unknown key `{key}` in {section}, set by the environment variable {}{hint}",
+                o.var
+            );
+        }
         return format!("unknown key `{key}` in {section} of {source_name}{hint}");
+    }
+    if let Some(o) = env_cause(env, &path) {
+        let mut msg = format!("environment variable {} (sets `{}`): {inner}", o.var, o.key);
+        if inner.contains("expected a sequence") {
+            msg.push_str(&format!(
+                "; write a list as TOML, e.g. {}='[\"a\", \"b\"]'",
+                o.var
+            ));
+        }
+        return msg;
     }
     if let Some(rest) = inner.strip_prefix("unknown variant `") {
         let (val, tail) = rest.split_once('`').unwrap_or((rest, ""));
@@ -294,6 +499,110 @@ mod tests {
         assert!(msg.contains("[server]"), "{msg}");
         assert!(msg.contains("x.toml"), "{msg}");
         assert!(msg.contains("did you mean `listen`?"), "{msg}");
+    }
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn list_keys_and_typed_values_come_from_the_environment() {
+        let cfg = load_str_with_env(
+            "[server]\nlisten = \"127.0.0.1:1\"\n",
+            "x.toml",
+            &env(&[
+                (
+                    "TAGRELAY__SERVER__TRUSTED_PROXIES",
+                    r#"["10.0.0.0/8", "192.168.0.0/16"]"#,
+                ),
+                ("TAGRELAY__SERVER__LISTEN", "0.0.0.0:8080"),
+                ("TAGRELAY__SERVER__MAX_BODY_BYTES", "1024"),
+                ("TAGRELAY__SERVER__ITP_CHECK", "true"),
+                ("TAGRELAY__SERVER__LOG_FORMAT", "json"),
+                ("TAGRELAY__TELEMETRY__SAMPLING_RATIO", "0.25"),
+                ("TAGRELAY__ADMIN__TOKEN", "1234567890123456"),
+            ]),
+        )
+        .unwrap();
+        let s = &cfg.server;
+        assert_eq!(
+            s.trusted_proxies,
+            vec![
+                "10.0.0.0/8".parse::<ipnet::IpNet>().unwrap(),
+                "192.168.0.0/16".parse().unwrap()
+            ]
+        );
+        assert_eq!(s.listen, "0.0.0.0:8080".parse().unwrap());
+        assert_eq!(s.max_body_bytes, 1024);
+        assert!(s.itp_check);
+        assert_eq!(s.log_format, crate::telemetry::LogFormat::Json);
+        assert_eq!(cfg.telemetry.sampling_ratio, 0.25);
+        assert_eq!(
+            cfg.admin.token.as_ref().unwrap().expose(),
+            "1234567890123456"
+        );
+        assert_eq!(
+            cfg.env_cause("server.trusted_proxies[1]")
+                .map(|o| o.var.as_str()),
+            Some("TAGRELAY__SERVER__TRUSTED_PROXIES")
+        );
+        assert!(cfg.env_cause("server.listen_x").is_none());
+    }
+
+    #[test]
+    fn an_error_from_the_environment_names_the_variable_not_the_file() {
+        let problems = |vars: &[(&str, &str)]| {
+            load_str_with_env("[server]\n", "x.toml", &env(vars))
+                .unwrap_err()
+                .problems
+                .join("\n")
+        };
+        let p = problems(&[("TAGRELAY__SERVER__TRUSTED_PROXIES", "10.0.0.0/8")]);
+        assert!(p.contains("TAGRELAY__SERVER__TRUSTED_PROXIES"), "{p}");
+        assert!(p.contains("write a list as TOML"), "{p}");
+        assert!(!p.contains("x.toml"), "{p}");
+        let p = problems(&[("TAGRELAY__SERVER__LISTN", "0.0.0.0:1")]);
+        assert!(p.contains("TAGRELAY__SERVER__LISTN"), "{p}");
+        assert!(p.contains("did you mean `listen`?"), "{p}");
+        assert!(!p.contains("x.toml"), "{p}");
+        let p = problems(&[("TAGRELAY__SERVR__LISTEN", "0.0.0.0:1")]);
+        assert!(
+            p.contains("TAGRELAY__SERVR__LISTEN") && p.contains("`server`"),
+            "{p}"
+        );
+        let p = problems(&[("TAGRELAY__CLIENTS__TYPE", "ga4")]);
+        assert!(p.contains("TAGRELAY__CLIENTS__TYPE"), "{p}");
+        // The same mistake in the file names the file.
+        let p = load_str_with_env(
+            "[server]\ntrusted_proxies = \"10.0.0.0/8\"\n",
+            "x.toml",
+            &[],
+        )
+        .unwrap_err()
+        .problems
+        .join("\n");
+        assert!(p.contains("x.toml") && !p.contains("TAGRELAY__"), "{p}");
+        // A validation problem of a key the environment set names the variable too.
+        let cfg = load_str_with_env(
+            "",
+            "x.toml",
+            &env(&[("TAGRELAY__SERVER__PATH_PREFIX", "no-slash")]),
+        )
+        .unwrap();
+        let named = cfg.name_env_causes(vec![
+            "server.path_prefix: `no-slash` must start with `/`".into(),
+            "server.listen: fine".into(),
+        ]);
+        assert!(
+            named[0].ends_with(
+                "(set by the environment variable TAGRELAY__SERVER__PATH_PREFIX, not the file)"
+            ),
+            "{named:?}"
+        );
+        assert_eq!(named[1], "server.listen: fine");
     }
 
     #[test]

@@ -3,7 +3,9 @@
 
 mod load;
 
-pub use load::{load, load_str, ConfigError, LoadedConfig, Source};
+pub use load::{
+    load, load_str, load_str_with_env, ConfigError, EnvOverride, LoadedConfig, Source, ENV_PREFIX,
+};
 
 use std::net::SocketAddr;
 
@@ -16,6 +18,7 @@ use crate::identity::config::CookiesConfig;
 use crate::outbox::config::OutboxConfig;
 use crate::secret::{self, Secret};
 use crate::tags::TagConfig;
+use crate::telemetry::otel::TelemetryConfig;
 use crate::telemetry::LogFormat;
 use crate::trace::TraceSampling;
 
@@ -35,9 +38,14 @@ pub struct Config {
     #[serde(default)]
     pub admin: AdminConfig,
     #[serde(default)]
+    pub telemetry: TelemetryConfig,
+    #[serde(default)]
     pub clients: Vec<ClientConfig>,
     #[serde(default)]
     pub tags: Vec<TagConfig>,
+    /// The keys `TAGRELAY__…` environment variables set (not a key of the file).
+    #[serde(skip)]
+    pub env_overrides: Vec<EnvOverride>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -60,6 +68,17 @@ pub struct ServerConfig {
     pub request_timeout_ms: u64,
     /// How long shutdown waits for in-flight requests and sends.
     pub shutdown_timeout_ms: u64,
+    /// After a stop signal, how long `/readyz` fails while both listeners keep serving, before
+    /// the public one stops accepting: time for load balancers and Kubernetes endpoints to
+    /// stop sending hits (a preStop sleep without a shell).
+    pub shutdown_delay_ms: u64,
+    /// How long `tagrelay drain` (or `POST /admin/drain`) waits for the outbox to empty
+    /// before stopping anyway, unless the request names its own limit.
+    pub drain_timeout_ms: u64,
+    /// Reload when the config file's content changes, looked at this often (a mounted
+    /// ConfigMap is updated in place); 0: only on SIGHUP, `tagrelay reload` or
+    /// `POST /admin/reload`.
+    pub config_watch_interval_ms: u64,
     pub log_format: LogFormat,
     /// Judge each (page host, tagging host) pair the hits name against Safari's 7-day cap on
     /// cookies from cloaked hosts, resolving in the background. Off by default: a server
@@ -81,6 +100,9 @@ impl Default for ServerConfig {
             max_body_bytes: 64 * 1024,
             request_timeout_ms: 5_000,
             shutdown_timeout_ms: 10_000,
+            shutdown_delay_ms: 0,
+            drain_timeout_ms: 300_000,
+            config_watch_interval_ms: 0,
             log_format: LogFormat::Pretty,
             itp_check: false,
             itp_resolver: ItpResolver::System,

@@ -30,6 +30,7 @@ use crate::outbox::{EnqueueError, Outbox};
 use crate::pipeline::{Pipeline, ProcessError, Processed};
 use crate::set_cookie::CookieDecision;
 use crate::telemetry::metrics::RouteLabel;
+use crate::telemetry::otel::{HitEvent, HitSpan, Otel};
 use crate::trace::{ItpNote, Served, TagOutcome, TagState, TraceDraft, Traces};
 
 /// What the public listener's handlers share. Cheap to clone.
@@ -44,6 +45,8 @@ pub struct IngressState {
     pub lifecycle: Arc<Lifecycle>,
     /// The running ITP check, if `[server] itp_check` is on: told each (page, tagging host).
     pub itp: Arc<OnceLock<ItpMonitor>>,
+    /// OpenTelemetry traces, when `[telemetry] otlp_endpoint` is set.
+    pub otel: Option<Arc<Otel>>,
 }
 
 /// Why a hit was not accepted. Every variant is a clear 4xx/5xx with a short reason.
@@ -66,6 +69,9 @@ pub enum HitError {
     Unavailable(u64),
     #[error("service is shutting down")]
     Closed,
+    /// `tagrelay drain`: this instance delivers what it holds and takes nothing new.
+    #[error("this instance is draining and takes no new hits; send them to another")]
+    Draining,
     #[error("could not store events")]
     Store,
     /// Logged once where it happened, not per hit.
@@ -86,15 +92,23 @@ impl IntoResponse for HitError {
             HitError::Full(_)
             | HitError::Unavailable(_)
             | HitError::Closed
+            | HitError::Draining
             | HitError::StoreFailed => StatusCode::SERVICE_UNAVAILABLE,
             HitError::Store => StatusCode::INTERNAL_SERVER_ERROR,
         };
         let text = self.to_string();
         let mut resp = (status, format!("{text}\n")).into_response();
         resp.extensions_mut().insert(ErrorText(text));
-        if let HitError::Full(secs) | HitError::Unavailable(secs) = self {
-            resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        match self {
+            HitError::Full(secs) | HitError::Unavailable(secs) => {
+                resp.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            }
+            HitError::Draining => {
+                resp.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            }
+            _ => {}
         }
         resp
     }
@@ -195,6 +209,12 @@ async fn track(
         pipeline.config.server.client_ip_header,
     );
     let prefix = pipeline.config.server.path_prefix.as_str();
+    // `None` unless OpenTelemetry is on: then no work and no allocation here.
+    let mut span = state.otel.as_deref().map(|o| {
+        let mut s = o.hit(peer.ip(), &parts.headers);
+        s.record_request(&parts.method, parts.uri.path());
+        s
+    });
     let mut ctx = HitContext {
         state: &state,
         pipeline: &pipeline,
@@ -206,8 +226,16 @@ async fn track(
     };
     let resp = match strip_prefix(parts.uri.path(), prefix) {
         None => not_found(&parts.method, parts.uri.path()),
-        Some(path) => route_hit(&mut ctx, path, body, &mut trace).await,
+        Some(path) => route_hit(&mut ctx, path, body, &mut trace, &mut span).await,
     };
+    if let Some(s) = span.as_mut() {
+        let refused = resp.extensions().get::<Refused>().map(|r| r.0);
+        s.record_outcome(
+            ctx.client.map(|c| c.kind()),
+            resp.status().as_u16(),
+            refused,
+        );
+    }
     let elapsed = started.elapsed();
     if let Some(client) = ctx.client {
         crate::telemetry::hot::hit_duration(client.kind()).record(elapsed.as_secs_f64());
@@ -239,6 +267,7 @@ async fn route_hit<'a>(
     path: &'a str,
     body: Body,
     trace: &mut Option<TraceDraft>,
+    span: &mut Option<HitSpan>,
 ) -> Response {
     let (parts, pipeline) = (ctx.parts, ctx.pipeline);
     let origin = parts.headers.get(header::ORIGIN);
@@ -274,12 +303,15 @@ async fn route_hit<'a>(
     };
     ctx.client = Some(client);
     let route = client.kind();
-    let mut resp = match handle_hit(ctx, client, path, body, trace).await {
+    let mut resp = match handle_hit(ctx, client, path, body, trace, span).await {
         Ok(r) => r,
         Err(e) => {
-            metrics::counter!("tagrelay_hits_rejected_total", "client" => route, "reason" => e.metric_reason())
+            let reason = e.metric_reason();
+            metrics::counter!("tagrelay_hits_rejected_total", "client" => route, "reason" => reason)
                 .increment(1);
-            e.into_response()
+            let mut r = e.into_response();
+            r.extensions_mut().insert(Refused(reason));
+            r
         }
     };
     if let Some(o) = origin {
@@ -304,6 +336,10 @@ struct HitContext<'a> {
 #[derive(Clone)]
 struct ErrorText(String);
 
+/// The bounded reason of a refused hit (its metric label), for its trace span.
+#[derive(Clone, Copy)]
+struct Refused(&'static str);
+
 /// The debug marker from the `x-tagrelay-debug` header or the configured cookie: a short name
 /// (letters, digits, `_`, `-`, `.`; at most 64), anything else is ignored.
 fn debug_marker<'a>(headers: &'a HeaderMap, cookie_name: &str) -> Option<&'a str> {
@@ -326,6 +362,32 @@ fn debug_marker<'a>(headers: &'a HeaderMap, cookie_name: &str) -> Option<&'a str
     ok.then_some(v)
 }
 
+/// The reasons `tagrelay_hits_rejected_total` counts for a claimed hit.
+pub const REFUSED_REASONS: [&str; 8] = [
+    "invalid",
+    "too_large",
+    "body",
+    "outbox_full",
+    "shutting_down",
+    "draining",
+    "store",
+    "store_failed",
+];
+
+/// Registers the hit counters of every configured client at 0 (see
+/// `outbox::delivery::register_tag_metrics`): an alert on a reason's `increase` then sees its
+/// first count, and dashboards list every client from the start.
+pub fn register_metrics(pipeline: &Pipeline) {
+    for client in &pipeline.clients {
+        let kind = client.kind();
+        crate::telemetry::hot::events(kind).increment(0);
+        for reason in REFUSED_REASONS {
+            metrics::counter!("tagrelay_hits_rejected_total", "client" => kind, "reason" => reason)
+                .increment(0);
+        }
+    }
+}
+
 impl HitError {
     fn metric_reason(&self) -> &'static str {
         match self {
@@ -337,6 +399,7 @@ impl HitError {
             HitError::Full(_) => "outbox_full",
             HitError::Unavailable(_) => "store_unavailable",
             HitError::Closed => "shutting_down",
+            HitError::Draining => "draining",
             HitError::Store => "store",
             HitError::StoreFailed => "store_failed",
             HitError::Unstorable(_) => "invalid",
@@ -350,8 +413,13 @@ async fn handle_hit(
     path: &str,
     body: Body,
     trace: &mut Option<TraceDraft>,
+    span: &mut Option<HitSpan>,
 ) -> Result<Response, HitError> {
     let (pipeline, parts) = (ctx.pipeline, ctx.parts);
+    if ctx.state.lifecycle.is_draining() {
+        return Err(HitError::Draining);
+    }
+    let traceparent = span.as_ref().and_then(HitSpan::traceparent);
     let body = read_body(body, &parts.headers, pipeline.config.server.max_body_bytes).await?;
     if let Some(t) = trace.as_mut() {
         t.body = body.clone();
@@ -371,6 +439,7 @@ async fn handle_hit(
             client,
             &hit,
             ctx.marker,
+            traceparent.as_deref(),
             &mut rand::thread_rng(),
             trace.as_mut(),
         )
@@ -388,6 +457,9 @@ async fn handle_hit(
         response,
         browser,
     } = processed;
+    if let Some(s) = span.as_mut().filter(|s| s.is_recording()) {
+        record_span(s, pipeline, &events, &queued, &cookies);
+    }
     if browser {
         if let Some(itp) = ctx.state.itp.get() {
             observe_itp(itp, &parts.headers, ctx.host, trace.as_mut());
@@ -423,6 +495,38 @@ async fn handle_hit(
     }
     crate::telemetry::hot::events(client.kind()).increment(events.len() as u64);
     Ok(respond(response, &events, &cookies))
+}
+
+/// A traced hit's events, what fired for each and the cookies set, on its span.
+fn record_span(
+    span: &mut HitSpan,
+    pipeline: &Pipeline,
+    events: &[Arc<Event>],
+    queued: &[crate::outbox::NewEvent],
+    cookies: &[CookieDecision],
+) {
+    // `queued` keeps the events' order and skips those that fired nothing.
+    let mut queued = queued.iter().peekable();
+    let list: Vec<HitEvent<'_>> = events
+        .iter()
+        .map(|e| {
+            let fired = match queued.peek() {
+                Some(q) if q.event.as_ref().is_some_and(|qe| Arc::ptr_eq(qe, e)) => {
+                    queued.next().map_or(&[][..], |q| &q.tags[..])
+                }
+                _ => &[][..],
+            };
+            HitEvent {
+                name: &e.event_name,
+                fired,
+            }
+        })
+        .collect();
+    span.record_events(
+        &list,
+        pipeline.tags.iter().map(|t| &*t.name),
+        cookies.iter().map(|c| (c.name.as_str(), c.reason.label())),
+    );
 }
 
 /// Tells the ITP check which page host used which tagging host (it resolves new pairs in the

@@ -53,6 +53,16 @@ impl Pipeline {
         if s.request_timeout_ms == 0 {
             problems.push("server.request_timeout_ms: must be greater than 0".into());
         }
+        if s.config_watch_interval_ms != 0 && s.config_watch_interval_ms < 100 {
+            problems.push(format!(
+                "server.config_watch_interval_ms: {} is too often; use 0 (no watching) or at least 100",
+                s.config_watch_interval_ms
+            ));
+        }
+        if s.drain_timeout_ms == 0 {
+            problems.push("server.drain_timeout_ms: must be greater than 0".into());
+        }
+        problems.extend(config.telemetry.validate());
         if !s.admin_listen.ip().is_loopback() && config.admin.token.is_none() {
             problems.push(format!(
                 "admin.token: required because server.admin_listen ({}) is not a loopback address; set token = \"${{TAGRELAY_ADMIN_TOKEN}}\"",

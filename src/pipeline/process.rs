@@ -54,13 +54,16 @@ impl Pipeline {
     }
 
     /// Runs a claimed hit through parse → stamp → identity → triggers → payloads. `marker` is
-    /// the browser's debug mark, if any; `trace` is filled when the hit is traced (trigger
-    /// explanations are built only then).
+    /// the browser's debug mark, if any; `traceparent` the W3C trace context of the hit's
+    /// span when OpenTelemetry samples it (stored with each event, see `telemetry::otel`);
+    /// `trace` is filled when the hit is traced for the debug view (trigger explanations are
+    /// built only then).
     pub fn process(
         &self,
         client: &dyn Client,
         hit: &HitRequest<'_>,
         marker: Option<&str>,
+        traceparent: Option<&str>,
         rng: &mut impl RngCore,
         mut trace: Option<&mut TraceDraft>,
     ) -> Result<Processed, ProcessError> {
@@ -78,6 +81,9 @@ impl Pipeline {
             }
             if let Some(m) = marker {
                 e.identity.debug_marker = Some(m.to_owned());
+            }
+            if let Some(tp) = traceparent {
+                e.traceparent = Some(tp.to_owned());
             }
         }
         let browser = parsed.set_cookies;

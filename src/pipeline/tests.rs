@@ -57,8 +57,15 @@ fn run(p: &Pipeline, f: &Fixture, trace: Option<&mut TraceDraft>) -> Processed {
         now_ms: NOW,
     };
     let client = p.claim(&f.method, &f.path).expect("a client claims it");
-    p.process(client, &hit, None, &mut StdRng::seed_from_u64(1), trace)
-        .expect("a valid hit")
+    p.process(
+        client,
+        &hit,
+        None,
+        None,
+        &mut StdRng::seed_from_u64(1),
+        trace,
+    )
+    .expect("a valid hit")
 }
 
 fn names(p: &Processed) -> Vec<&str> {
@@ -296,8 +303,11 @@ fn a_clock_far_ahead_is_replaced_by_the_receipt_time() {
     assert_eq!(out.events[0].timestamp_ms, NOW);
 }
 
+/// A browser's debug mark, and the trace context of a hit OpenTelemetry samples, are stamped
+/// on its events; the trace context reaches their stored payloads too, so deliveries link to
+/// the hit.
 #[test]
-fn a_marked_browser_marks_its_events() {
+fn a_marked_or_traced_hit_stamps_its_events() {
     let p = pipeline();
     let f = load(include_str!("../clients/ga4/fixtures/a_page_view_get.http"));
     let hit = HitRequest {
@@ -311,19 +321,35 @@ fn a_marked_browser_marks_its_events() {
         now_ms: NOW,
     };
     let client = p.claim(&f.method, &f.path).unwrap();
-    let out = p
-        .process(
+    let run = |marker, traceparent| {
+        p.process(
             client,
             &hit,
-            Some("qa-anna"),
+            marker,
+            traceparent,
             &mut StdRng::seed_from_u64(1),
             None,
         )
-        .unwrap();
+        .unwrap()
+    };
+    let marked = run(Some("qa-anna"), None);
     assert_eq!(
-        out.events[0].identity.debug_marker.as_deref(),
+        marked.events[0].identity.debug_marker.as_deref(),
         Some("qa-anna")
     );
+    assert_eq!(marked.events[0].traceparent, None);
+
+    let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let traced = run(None, Some(tp));
+    assert!(!traced.queued.is_empty());
+    for q in &traced.queued {
+        let stored = crate::event::Event::from_payload(&q.payload).unwrap();
+        assert_eq!(stored.traceparent.as_deref(), Some(tp));
+    }
+    assert!(traced
+        .events
+        .iter()
+        .all(|e| e.traceparent.as_deref() == Some(tp) && e.identity.debug_marker.is_none()));
 }
 
 #[test]
@@ -348,7 +374,14 @@ fn a_bad_hit_is_the_clients_error() {
     };
     let client = p.claim(&f.method, &f.path).unwrap();
     let err = p
-        .process(client, &hit, None, &mut StdRng::seed_from_u64(1), None)
+        .process(
+            client,
+            &hit,
+            None,
+            None,
+            &mut StdRng::seed_from_u64(1),
+            None,
+        )
         .unwrap_err();
     assert!(matches!(err, ProcessError::Client(_)), "{err:?}");
 }

@@ -1,4 +1,6 @@
-//! Every metric tagrelay exports, with the help text `/metrics` prints for it.
+//! Every metric tagrelay exports, with the help text `/metrics` prints for it; besides these,
+//! the process's own (`process_resident_memory_bytes`, `process_cpu_seconds_total`, …),
+//! described by the collector that reads them (`metrics::collect_process_metrics`).
 //!
 //! Prometheus tooling (`promtool check metrics`, dashboards' metric browsers) expects a
 //! `# HELP` line per metric, and the exporter prints one only for described metrics. One list
@@ -65,7 +67,7 @@ pub const METRICS: &[MetricDoc] = &[
     m(
         "tagrelay_hits_rejected_total",
         Counter,
-        "Hits a client claimed but that were refused, by client and reason (outbox_full, store_unavailable, store_failed, invalid, ...).",
+        "Hits a client claimed but that were refused, by client and reason (outbox_full, store_unavailable, store_failed, invalid, draining, ...).",
     ),
     m(
         "tagrelay_cookie_domain_mismatch_total",
@@ -117,6 +119,11 @@ pub const METRICS: &[MetricDoc] = &[
         "tagrelay_outbox_fsyncs_total",
         Counter,
         "fsyncs of the outbox log or WAL for hits (one can cover several commits).",
+    ),
+    m(
+        "tagrelay_outbox_fsync_failures_total",
+        Counter,
+        "fsyncs of the outbox that failed; after one the instance refuses hits (503) until restarted.",
     ),
     m(
         "tagrelay_outbox_fsync_duration_seconds",
@@ -214,6 +221,12 @@ pub const METRICS: &[MetricDoc] = &[
         "tagrelay_tag_status_unknown_total",
         Counter,
         "Requests a vendor accepted whose processing outcome was not known before the status checks ended (counted as delivered), by tag.",
+    ),
+    // Traces.
+    m(
+        "tagrelay_trace_spans_dropped_total",
+        Counter,
+        "With [telemetry] otlp_endpoint: trace spans the collector did not take (the export failed); they are dropped.",
     ),
     // Identity and the ITP check.
     m(

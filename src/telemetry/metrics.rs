@@ -51,6 +51,7 @@ pub fn metrics_handle() -> PrometheusHandle {
             match builder.install_recorder() {
                 Ok(h) => {
                     super::catalog::describe_all();
+                    process_collector().describe();
                     h
                 }
                 // Another recorder is installed (embedding); keep a private one for /metrics.
@@ -58,6 +59,18 @@ pub fn metrics_handle() -> PrometheusHandle {
             }
         })
         .clone()
+}
+
+fn process_collector() -> &'static metrics_process::Collector {
+    static COLLECTOR: OnceLock<metrics_process::Collector> = OnceLock::new();
+    COLLECTOR.get_or_init(metrics_process::Collector::default)
+}
+
+/// Reads the process's own figures (`process_resident_memory_bytes`,
+/// `process_cpu_seconds_total`, open files, threads, start time) from the OS: call at each
+/// scrape, so they are as fresh as the scrape and cost nothing between scrapes.
+pub fn collect_process_metrics() {
+    process_collector().collect();
 }
 
 /// How often histogram samples are folded into their buckets.

@@ -5,6 +5,7 @@ pub mod build_info;
 pub mod catalog;
 pub mod hot;
 pub mod metrics;
+pub mod otel;
 
 use serde::Deserialize;
 use tracing_subscriber::EnvFilter;

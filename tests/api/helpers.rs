@@ -50,24 +50,25 @@ impl TestApp {
     /// The dead letters once there are at least `n` (waits up to 10 s), as
     /// `tagrelay outbox dead-letters --json` lists them.
     pub async fn wait_for_dead_letters(&self, n: usize) -> Vec<serde_json::Value> {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            let list = dead_letters(&self.config_path());
-            if list.len() >= n {
-                return list;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{} dead letters after 10 s, waited for {n}: {list:?}",
-                list.len()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        wait_for_dead_letter_count(&self.config_path(), n).await
     }
 
     /// Waits until the outbox owes nothing to any tag: see [`wait_until_drained`].
     pub async fn wait_until_drained(&self) {
         wait_until_drained(&self.dir.path().join("outbox")).await;
+    }
+
+    /// Waits (up to `secs`) for the app to stop on its own (a drain, a stop request), without
+    /// asking it to.
+    /// Returns its directory (config, outbox) for the test to look into.
+    pub async fn wait_stopped(mut self, secs: u64) -> tempfile::TempDir {
+        let done = self.done.take().expect("the app runs");
+        tokio::time::timeout(Duration::from_secs(secs), done)
+            .await
+            .unwrap_or_else(|_| panic!("the app did not stop in {secs}s"))
+            .expect("app task")
+            .expect("app run");
+        self.dir
     }
 
     /// Stops the app gracefully and waits for it.
@@ -96,6 +97,27 @@ pub async fn wait_until_drained(dir: &std::path::Path) {
             "the outbox still owes deliveries after 10 s: {stats:?}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The dead letters of the outbox of `config` once there are at least `n` (waits up to
+/// 10 s), as `tagrelay outbox dead-letters --json` lists them.
+pub async fn wait_for_dead_letter_count(
+    config: &std::path::Path,
+    n: usize,
+) -> Vec<serde_json::Value> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let list = dead_letters(config);
+        if list.len() >= n {
+            return list;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} dead letters after 10 s, waited for {n}: {list:?}",
+            list.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

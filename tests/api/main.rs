@@ -11,8 +11,10 @@ mod dns;
 mod foundation;
 mod helpers;
 mod itp;
+mod lifecycle;
 mod more_clients;
 mod operations;
+mod otel;
 mod pipeline;
 mod process;
 #[path = "../../src/outbox/store/redis/test_server.rs"]

@@ -19,20 +19,10 @@ const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
 /// Metrics the dashboard or the alerts query that tagrelay does not export yet, and why.
 /// Anything else they name must be in a scrape of a running tagrelay.
-const PENDING: &[(&str, &str)] = &[
-    (
-        "process_resident_memory_bytes",
-        "process metrics are not exported yet (dashboard: RSS)",
-    ),
-    (
-        "process_cpu_seconds_total",
-        "process metrics are not exported yet (dashboard: CPU)",
-    ),
-    (
-        "tagrelay_hits_dropped_total",
-        "bot filtering is being added (alert TagrelayBotHitsSurge)",
-    ),
-];
+const PENDING: &[(&str, &str)] = &[(
+    "tagrelay_hits_dropped_total",
+    "bot filtering is being added (alert TagrelayBotHitsSurge)",
+)];
 
 /// Series Prometheus makes itself rather than scraping them.
 const FROM_PROMETHEUS: &[&str] = &["up"];
@@ -496,13 +486,30 @@ fn the_embedded_variant_is_wired_as_the_issue_asks() {
         resource(&docs, "ServiceAccount")["metadata"]["name"]
     );
 
-    // A clean stop fits in the grace period.
+    // A clean stop fits in the grace period: the delay that keeps serving while the pod
+    // leaves the endpoints (instead of a preStop hook: the image has no shell to sleep in),
+    // then the shutdown.
+    assert!(
+        c["lifecycle"]["preStop"].is_null(),
+        "no preStop hook: the image has no shell"
+    );
     let grace_ms = pod["terminationGracePeriodSeconds"].as_u64().unwrap() * 1000;
     let shutdown_ms = server["shutdown_timeout_ms"].as_integer().unwrap() as u64;
+    let delay_ms = server["shutdown_delay_ms"].as_integer().unwrap() as u64;
+    assert!(delay_ms >= 1000, "{delay_ms} ms of delay");
     assert!(
-        grace_ms > shutdown_ms,
-        "{grace_ms} ms grace, {shutdown_ms} ms shutdown"
+        grace_ms > delay_ms + shutdown_ms,
+        "{grace_ms} ms grace, {delay_ms} ms delay, {shutdown_ms} ms shutdown"
     );
+
+    // Config changes are reloaded, not rolled: the ConfigMap keeps its name (so the
+    // kubelet updates the mounted file in place) and tagrelay watches the file.
+    let k = yaml(&dir.join("kustomization.yaml"));
+    assert_eq!(
+        k["configMapGenerator"][0]["options"]["disableNameSuffixHash"],
+        true
+    );
+    assert!(server["config_watch_interval_ms"].as_integer().unwrap() > 0);
 
     for kind in ["requests", "limits"] {
         for r in ["cpu", "memory"] {
@@ -587,6 +594,18 @@ fn the_compose_file_matches_the_compose_spec_and_its_files_exist() {
         &base.join(mounted.split(':').next().unwrap()),
         &[("TAGRELAY_ADMIN_TOKEN", "a-token-of-enough-characters")],
     );
+    // Traces go to the trial's Jaeger, by its service name, on the OTLP/HTTP port.
+    let toml_path = base.join(mounted.split(':').next().unwrap());
+    let config: toml::Value = toml::from_str(&read(&toml_path)).unwrap();
+    let endpoint = config["telemetry"]["otlp_endpoint"].as_str().unwrap();
+    let host = endpoint
+        .strip_prefix("http://")
+        .and_then(|h| h.strip_suffix(":4318"))
+        .unwrap_or_else(|| panic!("{endpoint}"));
+    assert!(doc["services"][host]["image"]
+        .as_str()
+        .unwrap()
+        .starts_with("jaegertracing/"));
     // Grafana gets the dashboard where its provisioning looks.
     let provider = yaml(&deploy("grafana/provisioning/dashboards/tagrelay.yml"));
     let path = provider["providers"][0]["options"]["path"]
@@ -857,6 +876,94 @@ url = "{}/refusing"
             "{n} is listed as pending ({why}) but nothing reads it"
         );
     }
+}
+
+/// The value of the sample `name{labels…}` in a scrape, whatever the labels' order.
+fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines().find_map(|l| {
+        let (series, value) = l.rsplit_once(' ')?;
+        let (n, rest) = series.split_once('{').unwrap_or((series, "}"));
+        let all = labels
+            .iter()
+            .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
+        (n == name && all).then(|| value.parse().ok()).flatten()
+    })
+}
+
+/// Before any hit: every configured client's and tag's counters, for each outcome, at 0 —
+/// an alert's `increase` then sees the first count, and dashboards list every tag — and the
+/// process metrics the dashboard's RSS and CPU panels read. The real binary, so that the
+/// scrape holds this process's counts only.
+#[tokio::test]
+async fn every_outcome_is_exported_at_zero_from_the_start_with_process_metrics() {
+    let vendor = FakeVendor::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = crate::process::write_config(
+        dir.path(),
+        &format!(
+            "[[clients]]\ntype = \"ga4\"\n[[clients]]\ntype = \"data\"\n\
+             [[tags]]\nname = \"one\"\ntype = \"http\"\nurl = \"{0}/one\"\n\
+             [[tags]]\nname = \"two\"\ntype = \"http\"\nurl = \"{0}/two\"\n",
+            vendor.url()
+        ),
+    );
+    let proc = crate::process::start(&path);
+    // The dispatchers register their tags' counters as they start: wait for them.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let text = loop {
+        let text = reqwest::get(proc.admin_url("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let started = ["one", "two"]
+            .iter()
+            .all(|t| sample(&text, "tagrelay_outbox_delivered_total", &[("tag", t)]).is_some());
+        if started {
+            break text;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let zero = |name: &str, labels: &[(&str, &str)]| {
+        assert_eq!(
+            sample(&text, name, labels),
+            Some(0.0),
+            "{name}{labels:?} at 0:\n{text}"
+        );
+    };
+    for tag in ["one", "two"] {
+        zero("tagrelay_outbox_enqueued_total", &[("tag", tag)]);
+        zero("tagrelay_outbox_delivered_total", &[("tag", tag)]);
+        for reason in tagrelay::outbox::delivery::retry::RETRY_REASONS {
+            zero(
+                "tagrelay_outbox_retries_total",
+                &[("tag", tag), ("reason", reason)],
+            );
+        }
+        for reason in tagrelay::outbox::delivery::DEAD_LETTER_REASONS {
+            zero(
+                "tagrelay_outbox_dead_lettered_total",
+                &[("tag", tag), ("reason", reason)],
+            );
+        }
+    }
+    for client in ["ga4", "data"] {
+        zero("tagrelay_events_total", &[("client", client)]);
+        for reason in tagrelay::ingress::REFUSED_REASONS {
+            zero(
+                "tagrelay_hits_rejected_total",
+                &[("client", client), ("reason", reason)],
+            );
+        }
+    }
+    zero("tagrelay_outbox_fsync_failures_total", &[]);
+    zero("tagrelay_outbox_rejected_full_total", &[]);
+    let rss = sample(&text, "process_resident_memory_bytes", &[]).expect("RSS");
+    assert!(rss > 1e6, "{rss}");
+    assert!(sample(&text, "process_cpu_seconds_total", &[]).is_some());
+    assert!(text.contains("# HELP process_resident_memory_bytes"));
 }
 
 #[tokio::test]

@@ -14,6 +14,7 @@ use bytes::Bytes;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 
+mod log_tally;
 pub mod retry;
 #[cfg(test)]
 mod status_tests;
@@ -28,7 +29,9 @@ use crate::outbox::{
 use crate::tags::{
     Credential, Encoded, OutboundRequest, Outcome, StatusCheck, StatusOutcome, TagInstance,
 };
+use crate::telemetry::otel::{DeliverySpan, Otel};
 use crate::trace::{AttemptOutcome, DeliveryObserver, RequestView, Settled};
+use log_tally::DeliveryLog;
 use retry::{human_duration, retry_label, RetryDecision, RetryPolicy, MAX_RETRY_AFTER};
 
 /// Records per settle request (the writer gives dispatcher work about this much of each
@@ -136,6 +139,8 @@ struct Inner {
     tags: Arc<dyn TagDirectory>,
     http: reqwest::Client,
     observer: Arc<dyn DeliveryObserver>,
+    /// Trace spans of delivery attempts, when `[telemetry] otlp_endpoint` is set.
+    otel: Option<Arc<Otel>>,
     settings: DispatchSettings,
     /// `Some(deadline)` once shutdown began: stop leasing, finish sends by the deadline.
     shutdown: watch::Sender<Option<tokio::time::Instant>>,
@@ -176,6 +181,18 @@ pub fn spawn_dispatchers(
     settings: DispatchSettings,
     observer: Arc<dyn DeliveryObserver>,
 ) -> Result<Dispatchers, reqwest::Error> {
+    spawn_dispatchers_with(store, tags, settings, observer, None)
+}
+
+/// [`spawn_dispatchers`], with a span for each delivery attempt that carries a traced hit's
+/// event (see `telemetry::otel`).
+pub fn spawn_dispatchers_with(
+    store: Arc<dyn DeliveryStore>,
+    tags: Arc<dyn TagDirectory>,
+    settings: DispatchSettings,
+    observer: Arc<dyn DeliveryObserver>,
+    otel: Option<Arc<Otel>>,
+) -> Result<Dispatchers, reqwest::Error> {
     let http = reqwest::Client::builder()
         .user_agent(concat!("tagrelay/", env!("CARGO_PKG_VERSION")))
         .pool_idle_timeout(Duration::from_secs(90))
@@ -192,6 +209,7 @@ pub fn spawn_dispatchers(
         tags,
         http,
         observer,
+        otel,
         settings,
         shutdown,
         running: Mutex::new(HashMap::new()),
@@ -356,7 +374,29 @@ async fn idle(
 /// it can have in flight: enough to keep every permit busy between two wake-ups.
 const HOT_BATCHES_PER_PERMIT: usize = 4;
 
+/// The reasons `tagrelay_outbox_dead_lettered_total` counts.
+pub const DEAD_LETTER_REASONS: [&str; 3] = ["rejected", "expired", "invalid"];
+
+/// Registers a tag's delivery counters at 0, so that alerts see them before their first
+/// count (`increase` cannot see a series' first increment) and dashboards show every
+/// configured tag.
+fn register_tag_metrics(tag: &str) {
+    let t = tag.to_owned();
+    metrics::counter!("tagrelay_outbox_enqueued_total", "tag" => t.clone()).increment(0);
+    metrics::counter!("tagrelay_outbox_delivered_total", "tag" => t.clone()).increment(0);
+    for reason in retry::RETRY_REASONS {
+        metrics::counter!("tagrelay_outbox_retries_total", "tag" => t.clone(), "reason" => reason)
+            .increment(0);
+    }
+    for reason in DEAD_LETTER_REASONS {
+        metrics::counter!("tagrelay_outbox_dead_lettered_total", "tag" => t.clone(), "reason" => reason)
+            .increment(0);
+    }
+}
+
 async fn run_tag(inner: Arc<Inner>, name: Arc<str>) {
+    register_tag_metrics(&name);
+    let logs = Arc::new(DeliveryLog::default());
     let wake = inner.store.wakeup(&name);
     let permits = Arc::new(Semaphore::new(inner.settings.concurrency));
     let mut shutdown = inner.shutdown.subscribe();
@@ -380,6 +420,7 @@ async fn run_tag(inner: Arc<Inner>, name: Arc<str>) {
         while let Some(done) = tasks.try_join_next_with_id() {
             finished(&inner, &name, done, &mut carried).await;
         }
+        logs.tick(&name, false);
         if shutdown.borrow().is_some() {
             break;
         }
@@ -463,7 +504,14 @@ async fn run_tag(inner: Arc<Inner>, name: Arc<str>) {
                 first_enqueued_ms: r.first_enqueued_ms,
             })
             .collect();
-        let task = tasks.spawn(deliver(inner.clone(), tag, batch, pause.clone(), permit));
+        let task = tasks.spawn(deliver(
+            inner.clone(),
+            tag,
+            batch,
+            pause.clone(),
+            logs.clone(),
+            permit,
+        ));
         carried.insert(task.id(), what);
         let more_waiting = store_due || hot.as_ref().is_some_and(|q| !q.is_empty());
         // A partial batch with nothing else waiting means everything due was taken: wait
@@ -504,6 +552,7 @@ async fn run_tag(inner: Arc<Inner>, name: Arc<str>) {
             }
         }
     }
+    logs.tick(&name, true);
 }
 
 /// Takes a batch from the in-memory queue; gives back to the store what waited too long.
@@ -664,6 +713,7 @@ async fn deliver(
     tag: Arc<TagInstance>,
     batch: Vec<LeasedRecord>,
     pause: Arc<AtomicI64>,
+    logs: Arc<DeliveryLog>,
     _permit: OwnedSemaphorePermit,
 ) {
     let name: &str = &tag.name;
@@ -753,7 +803,8 @@ async fn deliver(
             .iter()
             .filter_map(|i| owners.get(*i).copied())
             .collect();
-        let fate = send(&inner, &tag, request, &records, &batch, &pause).await;
+        let traced = traceparents(&inner, &events, idxs);
+        let fate = send(&inner, &tag, request, &records, &batch, &pause, &traced).await;
         if matches!(fate, Fate::Rejected(_)) && idxs.len() > 1 {
             let found = bisect(&inner, &tag, &events, idxs, now, &batch, &owners, &pause).await;
             for (i, fate) in found {
@@ -891,6 +942,20 @@ async fn deliver(
     }
     expired += gave_up;
 
+    if let Some(first) = settlement.dead.first() {
+        logs.dead_lettered(
+            name,
+            &[
+                ("rejected", rejected),
+                ("expired", expired),
+                ("invalid", invalid),
+            ],
+            &first.reason,
+        );
+    }
+    if let Some(first) = settlement.nack.first() {
+        logs.failed(name, &retries, &first.error);
+    }
     let tag_label = name.to_string();
     if delivered > 0 {
         metrics::counter!("tagrelay_outbox_delivered_total", "tag" => tag_label.clone())
@@ -909,15 +974,6 @@ async fn deliver(
             metrics::counter!("tagrelay_outbox_dead_lettered_total", "tag" => tag_label.clone(), "reason" => label)
                 .increment(n);
         }
-    }
-    if let Some(first) = settlement.dead.first() {
-        // One line per batch: a vendor rejecting everything must not flood the logs.
-        tracing::warn!(
-            tag = %name,
-            records = settlement.dead.len(),
-            first_reason = %first.reason,
-            "outbox: dead-lettered (list with `tagrelay outbox dead-letters`)"
-        );
     }
     // In slices, so a big batch's acks never hold up hits' commits (see the writer).
     let parts = settlement.chunks(SETTLE_CHUNK);
@@ -972,7 +1028,8 @@ async fn bisect(
                 let ev: Vec<usize> = subs.iter().filter_map(|s| half.get(*s).copied()).collect();
                 let records: Vec<usize> =
                     ev.iter().filter_map(|i| owners.get(*i).copied()).collect();
-                let fate = send(inner, tag, request, &records, batch, pause).await;
+                let traced = traceparents(inner, events, &ev);
+                let fate = send(inner, tag, request, &records, batch, pause, &traced).await;
                 fates.extend(ev.into_iter().map(|i| (i, fate.clone())));
             }
             results.push((half, fates));
@@ -992,9 +1049,64 @@ async fn bisect(
     out
 }
 
+/// The trace contexts of the traced hits among these events (none when traces are off).
+fn traceparents<'a>(inner: &Inner, events: &'a [Arc<Event>], idxs: &[usize]) -> Vec<&'a str> {
+    if inner.otel.is_none() {
+        return Vec::new();
+    }
+    idxs.iter()
+        .filter_map(|&i| events.get(i)?.traceparent.as_deref())
+        .collect()
+}
+
+/// A span for one exchange with the vendor, when it carries a traced hit's event.
+fn start_span(
+    inner: &Inner,
+    what: &'static str,
+    tag: &TagInstance,
+    request: &OutboundRequest,
+    records: &[usize],
+    batch: &[LeasedRecord],
+    traced: &[&str],
+) -> Option<DeliverySpan> {
+    let otel = inner.otel.as_ref().filter(|_| !traced.is_empty())?;
+    let mut span = otel.delivery(what, traced.iter().copied())?;
+    let attempt = records
+        .iter()
+        .filter_map(|&r| batch.get(r).map(|rec| rec.attempts))
+        .max()
+        .unwrap_or(0)
+        .saturating_add(1);
+    span.record_request(
+        &tag.name,
+        tag.tag.kind(),
+        records.len(),
+        attempt,
+        &request.method,
+        &request.url,
+    );
+    Some(span)
+}
+
+/// The outcome of an exchange as its span says it: a fixed label and, for a retry, its
+/// bounded reason (never the vendor's text).
+fn end_span(span: Option<DeliverySpan>, status: Option<u16>, fate: &Fate, pending: bool) {
+    let Some(mut span) = span else {
+        return;
+    };
+    let (outcome, reason) = match fate {
+        Fate::Retry { label, .. } => ("retry", Some(*label)),
+        Fate::Rejected(_) => ("rejected", None),
+        _ if pending => ("pending", None),
+        _ => ("delivered", None),
+    };
+    span.record_outcome(status, outcome, reason);
+}
+
 /// Sends one request and classifies the answer; for a vendor that processes asynchronously,
 /// also waits (bounded) for the request's real outcome. A `Retry-After` pauses the whole tag
 /// at once: for this dispatcher, and through the store for every process that shares it.
+/// `traced`: the trace contexts of the traced hits among its events, for the attempt's span.
 async fn send(
     inner: &Inner,
     tag: &TagInstance,
@@ -1002,8 +1114,10 @@ async fn send(
     records: &[usize],
     batch: &[LeasedRecord],
     pause: &AtomicI64,
+    traced: &[&str],
 ) -> Fate {
     let credential = tag.tag.credential();
+    let span = start_span(inner, "deliver", tag, request, records, batch, traced);
     let (status, body, fate, latency) = attempt(inner, tag, request, credential.as_deref()).await;
     if let Fate::Retry {
         after: Some(after), ..
@@ -1029,13 +1143,28 @@ async fn send(
         Some(_) => AttemptOutcome::Pending("accepted; checking its processing status".into()),
         None => fate_outcome(&fate),
     };
+    end_span(span, status, &fate, check.is_some());
     observe(
         inner, tag, request, records, batch, status, &body, latency, &outcome,
     );
     match check {
-        Some(check) => check_status(inner, tag, check, credential.as_deref(), records, batch).await,
+        Some(check) => {
+            let ctx = Exchange {
+                records,
+                batch,
+                traced,
+            };
+            check_status(inner, tag, check, credential.as_deref(), &ctx).await
+        }
         None => fate,
     }
+}
+
+/// The records a request carries, as a status check follows them.
+struct Exchange<'a> {
+    records: &'a [usize],
+    batch: &'a [LeasedRecord],
+    traced: &'a [&'a str],
 }
 
 /// One HTTP exchange: `(status, response body, fate, latency)`. With a credential, its
@@ -1140,9 +1269,9 @@ async fn check_status(
     tag: &TagInstance,
     check: StatusCheck,
     credential: Option<&dyn Credential>,
-    records: &[usize],
-    batch: &[LeasedRecord],
+    ex: &Exchange<'_>,
 ) -> Fate {
+    let (records, batch) = (ex.records, ex.batch);
     let budget = check.max_wait.min(inner.settings.lease_timeout / 2);
     let deadline = Instant::now() + budget;
     let mut shutdown = inner.shutdown.subscribe();
@@ -1157,6 +1286,15 @@ async fn check_status(
             // Stopping: the request was accepted, its outcome is not awaited any longer.
             _ = shutdown.changed() => break,
         }
+        let span = start_span(
+            inner,
+            "status_check",
+            tag,
+            &check.request,
+            records,
+            batch,
+            ex.traced,
+        );
         let (status, body, fate, latency) = attempt(inner, tag, &check.request, credential).await;
         // `Err(what)`: still pending, because the vendor says so or the status request failed
         // (the accepted request stands either way; ask again).
@@ -1185,6 +1323,10 @@ async fn check_status(
             Ok(fate) => fate_outcome(fate),
             Err(what) => AttemptOutcome::Pending(what.clone()),
         };
+        match &decided {
+            Ok(f) => end_span(span, status, f, false),
+            Err(_) => end_span(span, status, &Fate::Done, true),
+        }
         observe(
             inner,
             tag,

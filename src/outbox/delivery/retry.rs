@@ -89,6 +89,12 @@ pub(crate) fn duration_ms(d: Duration) -> i64 {
 }
 
 /// The bounded `reason` label of `tagrelay_outbox_retries_total`.
+/// Every reason `tagrelay_outbox_retries_total` counts: [`retry_label`]'s, `auth` (no
+/// credential could be had) and `vendor` (the vendor's answer asked for a retry).
+pub const RETRY_REASONS: [&str; 7] = [
+    "network", "timeout", "http_408", "http_429", "http_5xx", "vendor", "auth",
+];
+
 pub fn retry_label(status: Option<u16>, timed_out: bool) -> &'static str {
     match status {
         None if timed_out => "timeout",

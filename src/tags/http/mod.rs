@@ -179,6 +179,19 @@ impl HttpTag {
     }
 }
 
+/// The event as the receiver gets it: the event model, without the trace context of the hit
+/// that took it (tagrelay's own bookkeeping, present only on traced hits' events).
+fn write_event(e: &Event, out: &mut Vec<u8>) -> serde_json::Result<()> {
+    if e.traceparent.is_none() {
+        return serde_json::to_writer(out, e);
+    }
+    let untraced = Event {
+        traceparent: None,
+        ..e.clone()
+    };
+    serde_json::to_writer(out, &untraced)
+}
+
 fn is_http_url(raw: &str) -> bool {
     let Ok(uri) = raw.parse::<http::Uri>() else {
         return false;
@@ -201,8 +214,9 @@ impl Tag for HttpTag {
         let mut out = Encoded::default();
         if self.batch_max <= 1 {
             for (i, e) in events.iter().enumerate() {
-                match serde_json::to_vec(e) {
-                    Ok(body) => out.requests.push((self.request(body), vec![i])),
+                let mut body = Vec::new();
+                match write_event(e, &mut body) {
+                    Ok(()) => out.requests.push((self.request(body), vec![i])),
                     Err(err) => out
                         .rejected
                         .push((i, format!("event cannot be written as JSON: {err}"))),
@@ -221,7 +235,7 @@ impl Tag for HttpTag {
                 if !carried.is_empty() {
                     body.push(b',');
                 }
-                match serde_json::to_writer(&mut body, e) {
+                match write_event(e, &mut body) {
                     Ok(()) => carried.push(i),
                     Err(err) => {
                         body.truncate(mark);
@@ -349,6 +363,20 @@ mod tests {
             body(&enc.requests[0].0)["user_data"]["email_address"],
             "jane@example.org"
         );
+    }
+
+    #[test]
+    fn the_hit_trace_context_is_not_sent() {
+        let mut evs = events(2);
+        evs[0].traceparent = Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into());
+        for batch_max in [1, 5] {
+            let t = HttpTag::from_config(&HttpTagConfig { batch_max, ..cfg() }).unwrap();
+            for (r, _) in t.encode(&evs, 0).requests {
+                let text = String::from_utf8(r.body.to_vec()).unwrap();
+                assert!(!text.contains("traceparent"), "{text}");
+                assert!(text.contains("ev_0") || text.contains("ev_1"), "{text}");
+            }
+        }
     }
 
     #[test]

@@ -147,6 +147,9 @@ impl EmbeddedStore {
     /// Opens (creating if needed) the store in directory `cfg.path`, clears leases left by a
     /// previous process (those records are resent: at-least-once) and starts the writer.
     pub async fn open(cfg: &OutboxConfig) -> Result<Arc<EmbeddedStore>, OpenError> {
+        // At 0 from the start, so an alert on their `increase` sees the first one.
+        metrics::counter!("tagrelay_outbox_fsync_failures_total").increment(0);
+        metrics::counter!("tagrelay_outbox_rejected_full_total").increment(0);
         let cfg = cfg.clone();
         tokio::task::spawn_blocking(move || Self::open_blocking(&cfg)).await?
     }

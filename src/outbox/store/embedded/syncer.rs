@@ -104,6 +104,7 @@ impl Syncer {
                         shared.fsyncs.fetch_add(1, Ordering::Release);
                         metrics::counter!("tagrelay_outbox_fsyncs_total").increment(1);
                         if let Err(e) = result {
+                            metrics::counter!("tagrelay_outbox_fsync_failures_total").increment(1);
                             tracing::error!(error = %e, hits = waiters.len(), "outbox: fsync of the outbox log or WAL failed; hits are refused and the server reports not ready until it is restarted");
                             shared.stop_taking_hits(format!(
                                 "fsync of the outbox failed ({e}); restart tagrelay"

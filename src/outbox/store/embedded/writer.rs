@@ -333,6 +333,7 @@ pub(crate) fn run(
         if !batch.is_empty() {
             commit(&mut conn, &mut batch, &shared, &mut state);
             if let Some(e) = state.log.take_sync_failure() {
+                metrics::counter!("tagrelay_outbox_fsync_failures_total").increment(1);
                 tracing::error!(error = %e, "outbox: fsync of the outbox log failed; hits are refused and the server reports not ready until it is restarted");
                 shared.stop_taking_hits(format!(
                     "fsync of the outbox failed ({e}); restart tagrelay"
