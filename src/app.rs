@@ -24,6 +24,8 @@ use crate::outbox::delivery::{spawn_dispatchers, DeliveryRuntime, DispatchSettin
 use crate::outbox::store::embedded::EmbeddedStore;
 use crate::outbox::Outbox;
 use crate::pipeline::Pipeline;
+use crate::stitching::embedded::{EmbeddedStitchStore, Limits};
+use crate::stitching::Stitching;
 use crate::trace::Traces;
 
 /// Everything the listeners, the dispatchers and reload share. Each listener takes its own
@@ -40,6 +42,8 @@ pub struct AppState {
     source: Arc<Source>,
     /// The running ITP check, when `[server] itp_check` is on and it started.
     itp: Arc<OnceLock<ItpMonitor>>,
+    /// The stitching store, once [`Application::build`] opened it.
+    stitching: Arc<OnceLock<Stitching>>,
 }
 
 impl FromRef<AppState> for IngressState {
@@ -51,6 +55,7 @@ impl FromRef<AppState> for IngressState {
             script_cache: s.script_cache.clone(),
             lifecycle: s.lifecycle.clone(),
             itp: s.itp.clone(),
+            stitching: s.stitching.clone(),
         }
     }
 }
@@ -85,6 +90,7 @@ impl AppState {
             admin_logins: Arc::default(),
             source: Arc::new(source),
             itp: Arc::default(),
+            stitching: Arc::default(),
         }
     }
 
@@ -134,6 +140,9 @@ impl AppState {
         if old.outbox != new.outbox {
             restart.push("[outbox]");
         }
+        if old.stitching != new.stitching {
+            restart.push("[stitching]");
+        }
         if old.server.request_timeout_ms != new.server.request_timeout_ms {
             restart.push("server.request_timeout_ms");
         }
@@ -168,6 +177,7 @@ pub fn app(state: AppState) -> Router {
 pub struct Application {
     state: AppState,
     store: Arc<EmbeddedStore>,
+    stitch_store: Arc<EmbeddedStitchStore>,
     public: TcpListener,
     admin: TcpListener,
     public_addr: SocketAddr,
@@ -185,6 +195,7 @@ impl Application {
             .await
             .map_err(anyhow::Error::msg)
             .with_context(|| format!("opening the outbox at {}", loaded.config.outbox.path))?;
+        let stitch_store = open_stitching(&loaded.config)?;
         let server = &loaded.config.server;
         let public = TcpListener::bind(server.listen)
             .await
@@ -194,12 +205,20 @@ impl Application {
             .with_context(|| format!("binding server.admin_listen {}", server.admin_listen))?;
         let public_addr = public.local_addr()?;
         let admin_addr = admin.local_addr()?;
+        let stitching = &loaded.config.stitching;
         let state = AppState::new(pipeline, store.clone(), loaded.source);
+        let _ = state.stitching.set(Stitching {
+            sessions: stitch_store.clone(),
+            ledger: stitch_store.clone(),
+            enabled: stitching.enabled,
+            dedup_window_ms: stitching.dedup_window_ms(),
+        });
         tracing::info!(%public_addr, %admin_addr, "tagrelay listening");
         start_itp_check(&state);
         Ok(Application {
             state,
             store,
+            stitch_store,
             public,
             admin,
             public_addr,
@@ -299,10 +318,27 @@ impl Application {
         }
         dispatchers.shutdown(left).await;
         delivery.shutdown();
+        self.stitch_store.close().await;
         self.store.close().await;
         tracing::info!("tagrelay stopped");
         Ok(())
     }
+}
+
+/// Opens the stitching store of `[stitching]` (its own database file, by default beside the
+/// outbox's).
+fn open_stitching(config: &crate::config::Config) -> anyhow::Result<Arc<EmbeddedStitchStore>> {
+    let s = &config.stitching;
+    let file = s.file(&config.outbox.path);
+    let limits = Limits {
+        ttl_ms: s.ttl_ms(),
+        max_records: s.max_records,
+        dedup_window_ms: s.dedup_window_ms(),
+    };
+    EmbeddedStitchStore::open(&file, limits)
+        .map(Arc::new)
+        .map_err(anyhow::Error::msg)
+        .with_context(|| format!("opening the stitching store at {}", file.display()))
 }
 
 /// Starts the running ITP check when `[server] itp_check` is on. A check that cannot start

@@ -111,6 +111,11 @@ pub fn doctor_itp(path: Option<&Path>, args: &crate::doctor::itp::cli::ItpArgs) 
     crate::doctor::itp::cli::run(path, args)
 }
 
+/// `tagrelay identity forget`: erase a person's records from the stitching store.
+pub fn identity_forget(path: Option<&Path>, args: &crate::stitching::cli::ForgetArgs) -> ExitCode {
+    crate::stitching::cli::forget(path, args)
+}
+
 fn probe(url: &str) -> ExitCode {
     let Ok(rt) = tokio::runtime::Builder::new_current_thread()
         .enable_all()

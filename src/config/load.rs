@@ -118,7 +118,7 @@ fn deserialize_all(raw: serde_json::Value, source_name: &str) -> Result<Config, 
         )]);
     };
     let mut probe = serde_json::Map::new();
-    for key in ["server", "cookies", "outbox", "admin"] {
+    for key in ["server", "cookies", "outbox", "admin", "stitching"] {
         if let Some(v) = top.remove(key) {
             probe.insert(key.to_owned(), v);
         }
@@ -126,7 +126,15 @@ fn deserialize_all(raw: serde_json::Value, source_name: &str) -> Result<Config, 
     let clients = top.remove("clients");
     let tags = top.remove("tags");
     for key in top.keys() {
-        let known = ["server", "cookies", "outbox", "admin", "clients", "tags"];
+        let known = [
+            "server",
+            "cookies",
+            "outbox",
+            "admin",
+            "stitching",
+            "clients",
+            "tags",
+        ];
         let hint = suggestion(key, &known)
             .map(|s| format!("; did you mean `{s}`?"))
             .unwrap_or_else(|| format!(" (known keys: {})", known.join(", ")));

@@ -15,6 +15,7 @@ use crate::doctor::itp::ItpResolver;
 use crate::identity::config::CookiesConfig;
 use crate::outbox::config::OutboxConfig;
 use crate::secret::{self, Secret};
+use crate::stitching::config::StitchingConfig;
 use crate::tags::TagConfig;
 use crate::telemetry::LogFormat;
 use crate::trace::TraceSampling;
@@ -34,6 +35,8 @@ pub struct Config {
     pub outbox: OutboxConfig,
     #[serde(default)]
     pub admin: AdminConfig,
+    #[serde(default)]
+    pub stitching: StitchingConfig,
     #[serde(default)]
     pub clients: Vec<ClientConfig>,
     #[serde(default)]

@@ -29,6 +29,7 @@ use crate::lifecycle::Lifecycle;
 use crate::outbox::{EnqueueError, Outbox};
 use crate::pipeline::{Pipeline, ProcessError, Processed};
 use crate::set_cookie::CookieDecision;
+use crate::stitching::{StitchError, Stitching};
 use crate::telemetry::metrics::RouteLabel;
 use crate::trace::{ItpNote, Served, TagOutcome, TagState, TraceDraft, Traces};
 
@@ -44,6 +45,9 @@ pub struct IngressState {
     pub lifecycle: Arc<Lifecycle>,
     /// The running ITP check, if `[server] itp_check` is on: told each (page, tagging host).
     pub itp: Arc<OnceLock<ItpMonitor>>,
+    /// The stitching store (sessions for backend orders, the orders' dedup records), once the
+    /// application has opened it.
+    pub stitching: Arc<OnceLock<Stitching>>,
 }
 
 /// Why a hit was not accepted. Every variant is a clear 4xx/5xx with a short reason.
@@ -70,6 +74,23 @@ pub enum HitError {
     StoreFailed,
     #[error("{0}")]
     Unstorable(String),
+    /// Another request is taking the same order event.
+    #[error("this order is being taken by another request; retry shortly")]
+    OrderBusy,
+    #[error("backend orders cannot be taken: {0}")]
+    Stitching(String),
+}
+
+impl From<StitchError> for HitError {
+    fn from(e: StitchError) -> Self {
+        match e {
+            StitchError::Busy => HitError::OrderBusy,
+            StitchError::Store(err) => {
+                tracing::warn!(error = %err, "stitching store failed; the webhook is answered 503 so the platform retries");
+                HitError::Stitching(err.to_string())
+            }
+        }
+    }
 }
 
 impl IntoResponse for HitError {
@@ -80,21 +101,32 @@ impl IntoResponse for HitError {
             HitError::Body(_) | HitError::Unstorable(_) => StatusCode::BAD_REQUEST,
             HitError::NotClaimed(..) => StatusCode::NOT_FOUND,
             HitError::Origin(_) => StatusCode::FORBIDDEN,
-            HitError::Full(_) | HitError::Closed | HitError::StoreFailed => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            HitError::Full(_)
+            | HitError::Closed
+            | HitError::StoreFailed
+            | HitError::OrderBusy
+            | HitError::Stitching(_) => StatusCode::SERVICE_UNAVAILABLE,
             HitError::Store => StatusCode::INTERNAL_SERVER_ERROR,
         };
         let text = self.to_string();
         let mut resp = (status, format!("{text}\n")).into_response();
         resp.extensions_mut().insert(ErrorText(text));
-        if let HitError::Full(secs) = self {
+        let retry_after = match self {
+            HitError::Full(secs) => Some(secs),
+            HitError::OrderBusy => Some(ORDER_BUSY_RETRY_SECS),
+            _ => None,
+        };
+        if let Some(secs) = retry_after {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         resp
     }
 }
+
+/// When to come back with an order another request is taking (it is stored or released by
+/// then).
+const ORDER_BUSY_RETRY_SECS: u64 = 5;
 
 /// The public router. Tracking routes are resolved at request time against the current
 /// pipeline, so a reload can change clients and `path_prefix` without a restart.
@@ -335,6 +367,8 @@ impl HitError {
             HitError::Store => "store",
             HitError::StoreFailed => "store_failed",
             HitError::Unstorable(_) => "invalid",
+            HitError::OrderBusy => "order_busy",
+            HitError::Stitching(_) => "stitching",
         }
     }
 }
@@ -361,34 +395,48 @@ async fn handle_hit(
         client_ip: ctx.ip,
         now_ms: now_ms(),
     };
-    let processed = pipeline
-        .process(
-            client,
-            &hit,
-            ctx.marker,
-            &mut rand::thread_rng(),
-            trace.as_mut(),
-        )
-        .map_err(|e| match e {
-            ProcessError::Client(e) => HitError::Client(e),
-            ProcessError::Payload(err) => {
-                tracing::error!(error = %err, "could not serialize an event; hit answered 500");
-                HitError::Store
+    let mut parsed = pipeline
+        .parse(client, &hit, ctx.marker)
+        .map_err(process_error)?;
+    // A webhook's order events: each claimed once, then joined to its browsing session.
+    let orders = if parsed.events.iter().any(|e| e.stitch.is_some()) {
+        let Some(st) = ctx.state.stitching.get() else {
+            return Err(HitError::Stitching(
+                "the stitching store is not open".into(),
+            ));
+        };
+        let prepared = st.prepare(&mut parsed.events, hit.now_ms).await?;
+        Some((st, prepared))
+    } else {
+        None
+    };
+    // Its own statement: the thread's RNG must not live across an await.
+    let completed = pipeline.complete(parsed, &hit, &mut rand::thread_rng(), trace.as_mut());
+    let processed = match completed {
+        Ok(p) => p,
+        Err(e) => {
+            if let Some((st, prepared)) = orders {
+                st.settle(prepared, false, hit.now_ms).await;
             }
-        })?;
+            return Err(process_error(e));
+        }
+    };
     let Processed {
         events,
         queued,
         cookies,
         response,
         browser,
+        sessions,
     } = processed;
     if browser {
         if let Some(itp) = ctx.state.itp.get() {
             observe_itp(itp, &parts.headers, ctx.host, trace.as_mut());
         }
     }
-    if !queued.is_empty() {
+    let stored = if queued.is_empty() {
+        Ok(())
+    } else {
         if trace.is_some() {
             // Deliveries can finish before this hit's trace is recorded (it waits for the
             // fsync, they need not): their updates are kept for it.
@@ -411,10 +459,31 @@ async fn handle_hit(
                 tt.outcome = TagOutcome::new(TagState::NotQueued, format!("hit refused: {err}"));
             }
         }
-        stored?;
+        stored
+    };
+    // The order claims become "sent" only once the events are durable; otherwise they are
+    // released so the platform's retry is taken.
+    if let Some((st, prepared)) = orders {
+        st.settle(prepared, stored.is_ok(), hit.now_ms).await;
+    }
+    stored?;
+    if !sessions.is_empty() {
+        if let Some(st) = ctx.state.stitching.get() {
+            st.record(sessions);
+        }
     }
     crate::telemetry::hot::events(client.kind()).increment(events.len() as u64);
     Ok(respond(response, &events, &cookies))
+}
+
+fn process_error(e: ProcessError) -> HitError {
+    match e {
+        ProcessError::Client(e) => HitError::Client(e),
+        ProcessError::Payload(err) => {
+            tracing::error!(error = %err, "could not serialize an event; hit answered 500");
+            HitError::Store
+        }
+    }
 }
 
 /// Tells the ITP check which page host used which tagging host (it resolves new pairs in the
