@@ -902,3 +902,106 @@ async fn with_stitching_off_browser_hits_record_nothing_and_orders_still_go_once
     assert_eq!(traced_stitch(&app, "shopify").await["status"], "unstitched");
     app.stop().await;
 }
+
+#[tokio::test]
+async fn tagrelay_js_hands_stripe_a_visitor_token_and_the_pixel_the_orders_event_id() {
+    let v = Vendors::start().await;
+    let app = spawn_app(&v.config("")).await;
+    let port = app.addr.port();
+    // A checkout page sending the visitor to a Stripe Payment Link, the README's one line.
+    let page = format!(
+        r#"<!doctype html><html><head><title>Pay</title>
+<script src="http://sgtm.example.test:{port}/tagrelay.js"></script></head><body>
+<a id="pay" href="https://buy.stripe.com/test_abc">Pay</a><script>
+const a = document.getElementById("pay");
+a.href += "?client_reference_id=" + tagrelay.checkout({{ value: 20, currency: "EUR" }});
+window.result = {{ href: a.href, again: tagrelay.visitor(), eventId: tagrelay.orderEventId("pi_js_1") }};
+</script></body></html>"#
+    );
+    let site_addr = crate::browser::site(vec![("/pay", "text/html; charset=utf-8", page)]).await;
+    let browser = crate::browser::Browser::start().await;
+    browser
+        .client
+        .goto(&format!(
+            "http://www.example.test:{}/pay?fbclid=IwAR-js-click",
+            site_addr.port()
+        ))
+        .await
+        .unwrap();
+    let result = browser.wait_js(15, "window.result").await;
+    let href = result["href"].as_str().unwrap();
+    let token = href
+        .split("client_reference_id=")
+        .nth(1)
+        .unwrap()
+        .to_owned();
+    assert!(token.starts_with("tv-") && token.len() > 20, "{href}");
+    assert_eq!(result["again"], token.as_str(), "one token per visit");
+    assert_eq!(
+        result["eventId"], "purchase-pi_js_1",
+        "the id the webhook's purchase gets"
+    );
+
+    // The begin_checkout that recorded the token reached the server before Stripe's webhook
+    // (its trace is there); then the order comes back with the token.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let all: Value = app
+            .http
+            .get(app.admin_url("/debug/api/traces?limit=50"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let seen = all["traces"].as_array().unwrap().iter().any(|t| {
+            t["events"][0]["event_name"] == "begin_checkout"
+                && t["events"][0]["params"]["tagrelay_visitor"] == token.as_str()
+        });
+        if seen {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no begin_checkout: {all}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let (status, text) = stripe(
+        &app,
+        &stripe_session_event(&token, "pi_js_1"),
+        now_s(),
+        STRIPE_SECRET,
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    let got = v
+        .meta
+        .wait_for(15, |r| {
+            meta_events(r, "111")
+                .iter()
+                .any(|e| e["event_id"] == "purchase-pi_js_1")
+        })
+        .await;
+    let m = meta_events(&got, "111")
+        .into_iter()
+        .find(|e| e["event_id"] == "purchase-pi_js_1")
+        .unwrap();
+    assert!(
+        m["user_data"]["fbc"]
+            .as_str()
+            .unwrap()
+            .ends_with(".IwAR-js-click"),
+        "the browser's click: {m}"
+    );
+    assert!(m["event_source_url"]
+        .as_str()
+        .unwrap()
+        .contains("/pay?fbclid="));
+    assert_eq!(
+        traced_stitch(&app, "stripe").await["key"],
+        "client_reference_id"
+    );
+    app.stop().await;
+}
