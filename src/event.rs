@@ -172,6 +172,9 @@ pub enum KeyKind {
     UserId,
     /// The customer's email address.
     Email,
+    /// An ad click id of the landing page, as `<param>=<id>` (`gclid=Cj0…`): the visit that
+    /// landed from the click, found by an order's landing-site URL.
+    Click,
 }
 
 /// The event id of an order's event, derived from the order so that every copy of it (the

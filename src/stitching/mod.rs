@@ -34,8 +34,8 @@ use sha2::{Digest, Sha256};
 use crate::event::{Consent, Identity, KeyKind};
 
 /// A key a session is stored under: the kind's prefix and the value (`r:<checkout token>`,
-/// `v:<visitor token>`, `u:<sha256 of the user id>`, `e:<sha256 of the email>`). Emails and
-/// user ids are only ever stored hashed.
+/// `v:<visitor token>`, `u:<sha256 of the user id>`, `e:<sha256 of the email>`,
+/// `k:gclid=<id>`). Emails and user ids are only ever stored hashed.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct StoreKey(pub String);
 
@@ -55,6 +55,7 @@ impl StoreKey {
             KeyKind::Reference => format!("r:{}", reference(v)?),
             KeyKind::UserId => format!("u:{}", sha256_hex(v)),
             KeyKind::Email => format!("e:{}", email_hash(v)?),
+            KeyKind::Click => format!("k:{v}"),
         }))
     }
 
@@ -68,6 +69,19 @@ impl StoreKey {
 fn reference(v: &str) -> Option<&str> {
     let r = v.split('?').next().unwrap_or(v).trim();
     (!r.is_empty()).then_some(r)
+}
+
+/// The ad click ids a landing URL carries, as `<param>=<id>` key values, in this order.
+pub fn click_keys(url: &str) -> impl Iterator<Item = String> + '_ {
+    const PARAMS: [&str; 6] = ["gclid", "gbraid", "wbraid", "fbclid", "ttclid", "msclkid"];
+    PARAMS.into_iter().filter_map(move |p| {
+        let id = if p == "fbclid" {
+            crate::identity::fbclid_from_url(url)
+        } else {
+            crate::identity::click_id_in_url(url, p)
+        };
+        id.map(|id| format!("{p}={id}"))
+    })
 }
 
 pub(crate) fn sha256_hex(s: &str) -> String {

@@ -3,8 +3,9 @@
 //!
 //! Keys (the browser side of the contract): the event's `transaction_id`, the parameters
 //! `checkout_token`, `cart_token` and `tagrelay_visitor`, `user_id` (hashed), the email of
-//! `user_data` (hashed), and Shopify's `cart` cookie when the request carries it. An event
-//! with none of them records nothing, so a page view costs a few field reads.
+//! `user_data` (hashed), Shopify's `cart` cookie when the request carries it, and the ad click
+//! ids of a landing page's URL. An event with none of them records nothing, so a page view
+//! costs a few field reads.
 //!
 //! Consent: a signal that is denied, or unknown while `[cookies] require_consent` is on with
 //! `consent_default = "denied"`, keeps its identifiers out: `analytics_storage` the client id
@@ -86,6 +87,17 @@ pub fn records(
         }
         if let Some(c) = &cart {
             push(KeyKind::Reference, c, "cart");
+        }
+        // Only landing hits carry a click id in their URL: they record the visit the click
+        // began, for an order whose landing site repeats it.
+        if let Some(url) = e
+            .page_location
+            .as_deref()
+            .filter(|u| u.contains("clid=") || u.contains("braid="))
+        {
+            for k in super::click_keys(url) {
+                push(KeyKind::Click, &k, "landing_click");
+            }
         }
         if let Some(u) = &e.user_id {
             push(KeyKind::UserId, u, "user_id");

@@ -127,6 +127,18 @@ fn a_checkout_records_its_session_under_every_key_it_carries() {
     };
     let r = records(&[checkout_event()], Some(cookie), &no_cart, NOW_MS);
     assert!(!r[0].keys.iter().any(|(_, l)| l == "cart"));
+    // A landing page view records the visit under its ad click ids.
+    let landing = Event {
+        event_name: "page_view".into(),
+        client_id: Some("1.2".into()),
+        page_location: Some(
+            "https://shop.example.com/?utm_source=x&gclid=Cj0-L&fbclid=IwAR-L".into(),
+        ),
+        ..Event::default()
+    };
+    let r = records(&[landing], None, &no_cart, NOW_MS);
+    let keys: Vec<&str> = r[0].keys.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(keys, ["k:gclid=Cj0-L", "k:fbclid=IwAR-L"]);
     // A page view without any key records nothing.
     let pv = Event {
         event_name: "page_view".into(),

@@ -434,6 +434,47 @@ async fn a_shopify_order_is_stitched_to_the_session_that_clicked_the_ads() {
         st.get("lookup").is_none(),
         "looked-up values are not kept: {st}"
     );
+
+    // An order whose tokens the visit never sent is still found by the ad click its landing
+    // site repeats (the landing page view recorded the visit under it).
+    let mut order = shopify_order(5_550_010, "unknown-checkout", "other@example.com");
+    order["landing_site"] =
+        json!("/p/trail-shoe?gclid=Cj0-SESSION-CLICK&fbclid=IwAR-session-click");
+    assert_eq!(
+        shopify(&app, "orders/paid", &order, SHOPIFY_SECRET).await.0,
+        200
+    );
+    let got = v
+        .ga4
+        .wait_for(10, |r| {
+            ga4_events(r)
+                .iter()
+                .any(|(_, e)| e["params"]["transaction_id"] == "5550010")
+        })
+        .await;
+    let (top, _) = ga4_events(&got)
+        .into_iter()
+        .find(|(_, e)| e["params"]["transaction_id"] == "5550010")
+        .unwrap();
+    assert_eq!(top["client_id"], "11.22", "{top}");
+    let all: Value = app
+        .http
+        .get(app.admin_url("/debug/api/traces?limit=50"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let st = all["traces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["events"][0]["transaction_id"] == "5550010")
+        .map(|t| t["events"][0]["stitch"].clone())
+        .unwrap();
+    assert_eq!(st["key"], "landing_site", "{st}");
+    assert_eq!(st["matched_event"], "page_view");
     app.stop().await;
 }
 
@@ -496,6 +537,7 @@ async fn an_order_no_session_matches_goes_out_unstitched_with_what_it_carries() 
             "cart_token",
             "id",
             "name",
+            "landing_site",
             "customer.id",
             "email"
         ])

@@ -10,8 +10,8 @@
 //!
 //! The transaction id is the order's `id`; the event ids are `purchase-<id>` and
 //! `refund-<id>-<refund id>`. Lookup keys, best first: a `tagrelay_visitor` cart attribute
-//! (`note_attributes`), `checkout_token`, `cart_token`, `id`, `name`, the customer's id and
-//! email. Unstitched, the order keeps its own `browser_ip`, `client_details.user_agent` and
+//! (`note_attributes`), `checkout_token`, `cart_token`, `id`, `name`, the ad click ids of
+//! `landing_site`, the customer's id and email. Unstitched, the order keeps its own `browser_ip`, `client_details.user_agent` and
 //! `landing_site` (made absolute with `X-Shopify-Shop-Domain`).
 
 #[cfg(test)]
@@ -142,6 +142,17 @@ fn order(o: &Map<String, Value>, topic: &str, shop: Option<&str>) -> Result<Pars
     );
     key(&mut lookup, "id", KeyKind::Reference, Some(id.clone()));
     key(&mut lookup, "name", KeyKind::Reference, text(o.get("name")));
+    if let Some(landing) = text(o.get("landing_site")) {
+        // A relative landing site still has its query; any base reads it.
+        let url = if landing.starts_with('/') {
+            format!("https://shop.invalid{landing}")
+        } else {
+            landing
+        };
+        for k in crate::stitching::click_keys(&url) {
+            key(&mut lookup, "landing_site", KeyKind::Click, Some(k));
+        }
+    }
     key(
         &mut lookup,
         "customer.id",

@@ -214,6 +214,11 @@ fn a_paid_order_is_a_purchase_with_its_values_items_user_data_and_keys() {
             ),
             ("id".into(), KeyKind::Reference, "450789469".into()),
             ("name".into(), KeyKind::Reference, "#1001".into()),
+            (
+                "landing_site".into(),
+                KeyKind::Click,
+                "gclid=Cj0KCQ-LANDING".into()
+            ),
             ("customer.id".into(), KeyKind::UserId, "207119551".into()),
             (
                 "email".into(),
