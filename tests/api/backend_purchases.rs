@@ -1047,3 +1047,69 @@ window.result = {{ href: a.href, again: tagrelay.visitor(), eventId: tagrelay.or
     );
     app.stop().await;
 }
+
+#[tokio::test]
+async fn the_consent_of_the_visit_decides_where_its_order_goes() {
+    let (ga4v, meta) = (FakeVendor::start().await, FakeVendor::start().await);
+    let app = spawn_app(&format!(
+        r#"
+[admin]
+trace_sampling = "all"
+
+[[clients]]
+type = "ga4"
+
+[[clients]]
+type = "shopify"
+path = "/webhooks/shopify"
+secret = "{SHOPIFY_SECRET}"
+
+[[tags]]
+name = "ga4"
+type = "ga4"
+mode = "measurement_protocol"
+endpoint = "{ga4}"
+measurement_id = "G-SHOP1"
+api_secret = "mp-secret"
+[tags.trigger]
+events = ["purchase"]
+consent = ["analytics_storage"]
+
+[[tags]]
+name = "meta"
+type = "meta_capi"
+endpoint = "{meta}"
+pixel_id = "111"
+access_token = "meta-token"
+[tags.trigger]
+events = ["purchase"]
+consent = ["ad_storage"]
+"#,
+        ga4 = ga4v.url(),
+        meta = meta.url()
+    ))
+    .await;
+    // Analytics granted, ads denied (gcs G1 + ad_storage 0 + analytics_storage 1).
+    let set = ga4(&app, "en=page_view&gcs=G101&sid=1767000400&sct=1&dl=https%3A%2F%2Fshop.example.com%2F%3Ffbclid%3DIwAR-denied", &[]).await;
+    ga4(
+        &app,
+        "en=begin_checkout&gcs=G101&sid=1767000400&sct=1&ep.checkout_token=ck-consent",
+        &set,
+    )
+    .await;
+    let order = shopify_order(5_550_020, "ck-consent", "c@example.com");
+    assert_eq!(
+        shopify(&app, "orders/paid", &order, SHOPIFY_SECRET).await.0,
+        200
+    );
+    app.wait_until_drained().await;
+    // GA4 (analytics granted) gets the order in the visit's session; Meta (ads denied) nothing.
+    let evs = ga4_events(&ga4v.received());
+    assert_eq!(evs.len(), 1, "{evs:?}");
+    assert_eq!(evs[0].0["client_id"], "11.22");
+    assert_eq!(evs[0].1["params"]["session_id"], "1767000400");
+    assert!(meta.received().is_empty(), "the visitor refused ads");
+    let st = traced_stitch(&app, "shopify").await;
+    assert_eq!(st["status"], "stitched");
+    app.stop().await;
+}
