@@ -113,7 +113,13 @@ pub fn doctor_itp(path: Option<&Path>, args: &crate::doctor::itp::cli::ItpArgs) 
 
 /// `tagrelay identity forget`: erase a person's records from the stitching store.
 pub fn identity_forget(path: Option<&Path>, args: &crate::stitching::cli::ForgetArgs) -> ExitCode {
-    crate::stitching::cli::forget(path, args)
+    match config::load(path) {
+        Ok(l) => {
+            let c = &l.config;
+            crate::stitching::cli::forget(&c.stitching.file(&c.outbox.path), args)
+        }
+        Err(e) => report(&e),
+    }
 }
 
 fn probe(url: &str) -> ExitCode {

@@ -20,15 +20,9 @@ pub struct ForgetArgs {
     pub client_id: Option<String>,
 }
 
-/// Runs `identity forget`; exit 0 with the number erased, 1 on error.
-pub fn forget(config: Option<&Path>, args: &ForgetArgs) -> ExitCode {
-    let loaded = match crate::config::load(config) {
-        Ok(l) => l,
-        Err(e) => {
-            eprint!("{e}");
-            return ExitCode::FAILURE;
-        }
-    };
+/// Runs `identity forget` on the stitching database `file` (the caller reads it from the
+/// config); exit 0 with the number erased, 1 on error.
+pub fn forget(file: &Path, args: &ForgetArgs) -> ExitCode {
     let who = match (&args.email, &args.client_id) {
         (Some(e), _) => Forget::Email(e.clone()),
         (None, Some(c)) if !c.trim().is_empty() => Forget::ClientId(c.trim().to_owned()),
@@ -39,13 +33,11 @@ pub fn forget(config: Option<&Path>, args: &ForgetArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let c = &loaded.config;
-    let file = c.stitching.file(&c.outbox.path);
     if !file.exists() {
         println!("0 records erased ({} does not exist)", file.display());
         return ExitCode::SUCCESS;
     }
-    match super::embedded::open_db(&file).and_then(|conn| super::embedded::forget(&conn, &who)) {
+    match super::embedded::open_db(file).and_then(|conn| super::embedded::forget(&conn, &who)) {
         Ok(n) => {
             println!(
                 "{n} record{} erased from {}",
