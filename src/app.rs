@@ -193,7 +193,6 @@ impl Application {
         metrics::gauge!("tagrelay_build_info", "version" => crate::telemetry::build_info::VERSION, "commit" => crate::telemetry::build_info::COMMIT).set(1.0);
         let store = EmbeddedStore::open(&loaded.config.outbox)
             .await
-            .map_err(anyhow::Error::msg)
             .with_context(|| format!("opening the outbox at {}", loaded.config.outbox.path))?;
         let stitch_store = open_stitching(&loaded.config)?;
         let server = &loaded.config.server;
@@ -261,7 +260,8 @@ impl Application {
         let deadline =
             Duration::from_millis(self.state.pipeline().config.server.shutdown_timeout_ms);
         let outbox_cfg = self.state.pipeline().config.outbox.clone();
-        let delivery = DeliveryRuntime::start(&outbox_cfg).map_err(anyhow::Error::msg)?;
+        let delivery =
+            DeliveryRuntime::start(&outbox_cfg).context("starting the delivery threads")?;
         let dispatchers = {
             let _on_delivery_threads = delivery.handle().map(|h| h.enter());
             spawn_dispatchers(
@@ -270,7 +270,7 @@ impl Application {
                 DispatchSettings::from_config(&outbox_cfg),
                 self.state.traces().clone(),
             )
-            .map_err(anyhow::Error::msg)?
+            .context("building the HTTP client for dispatchers")?
         };
         crate::telemetry::metrics::spawn_metrics_upkeep();
 

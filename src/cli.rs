@@ -66,7 +66,7 @@ pub fn serve(path: Option<&Path>) -> ExitCode {
         }
     };
     let result = runtime.block_on(async move {
-        let app = crate::Application::build(loaded).await?;
+        let app = crate::app::Application::build(loaded).await?;
         app.run_until_stopped().await
     });
     match result {
@@ -108,7 +108,14 @@ fn health_url(listen: std::net::SocketAddr) -> String {
 
 /// `tagrelay doctor itp`: DNS against Safari's 7-day cap on cloaked hosts' cookies.
 pub fn doctor_itp(path: Option<&Path>, args: &crate::doctor::itp::cli::ItpArgs) -> ExitCode {
-    crate::doctor::itp::cli::run(path, args)
+    crate::doctor::itp::cli::run(args, || {
+        let loaded = config::load(path).map_err(|e| e.to_string().trim().to_owned())?;
+        Ok(crate::doctor::itp::cli::ConfigDefaults {
+            source: loaded.source.to_string(),
+            allowed_origins: loaded.config.server.allowed_origins,
+            path_prefix: loaded.config.server.path_prefix,
+        })
+    })
 }
 
 /// `tagrelay identity forget`: erase a person's records from the stitching store.

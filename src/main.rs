@@ -8,9 +8,9 @@ use clap::{Parser, Subcommand};
 use tagrelay::cli;
 
 /// Every hit allocates a few dozen small, short-lived objects across the runtime and the
-/// outbox writer thread; glibc's malloc spent ~12% of a loaded core on them (bench/run
-/// profile), mimalloc a fraction of that. Built without transparent huge pages (Cargo.toml):
-/// with them a third of the peak RSS was half-empty 2 MiB pages.
+/// outbox writer thread; glibc's malloc spent far more of a loaded core on them than
+/// mimalloc does (docs/performance-log.md). Built without transparent huge pages
+/// (Cargo.toml), which filled the peak RSS with half-empty pages.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

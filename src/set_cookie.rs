@@ -58,3 +58,38 @@ impl CookieDecision {
         out
     }
 }
+
+/// RFC 6265 `cookie-octet`: what may appear in a cookie value without quoting. Values we echo
+/// back are checked against it so a malformed request cookie never becomes a malformed header.
+pub fn is_cookie_octet(b: u8) -> bool {
+    matches!(b, 0x21 | 0x23..=0x2B | 0x2D..=0x3A | 0x3C..=0x5B | 0x5D..=0x7E)
+}
+
+pub fn is_cookie_value(v: &str) -> bool {
+    v.bytes().all(is_cookie_octet)
+}
+
+/// RFC 6265 / RFC 9110 token characters, for cookie names.
+pub fn is_cookie_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.bytes().all(|b| {
+            b.is_ascii_alphanumeric()
+                || matches!(
+                    b,
+                    b'!' | b'#'
+                        | b'$'
+                        | b'%'
+                        | b'&'
+                        | b'\''
+                        | b'*'
+                        | b'+'
+                        | b'-'
+                        | b'.'
+                        | b'^'
+                        | b'_'
+                        | b'`'
+                        | b'|'
+                        | b'~'
+                )
+        })
+}

@@ -55,7 +55,6 @@ pub fn variant<'de, D: serde::Deserializer<'de>, T: serde::de::DeserializeOwned>
 /// Declares the enum of a component's config types, the list of their `type` names, its
 /// `Deserialize`, `kind()`, and `spec()`, which hands out each config as the trait object the
 /// component defines (what every type must be able to do: build itself, name itself…).
-#[macro_export]
 macro_rules! typed_configs {
     (
         $(#[$meta:meta])*
@@ -101,3 +100,5 @@ macro_rules! typed_configs {
         }
     };
 }
+
+pub(crate) use typed_configs;

@@ -134,7 +134,7 @@ pub trait ClientSpec {
     fn build(&self) -> Result<BuiltClient, Vec<String>>;
 }
 
-crate::typed_configs! {
+crate::typed_table::typed_configs! {
     /// A `[[clients]]` entry, by its `type`. A new client type is a folder under
     /// `src/clients/` whose config implements [`ClientSpec`], and one line here.
     pub enum ClientConfig("client", CLIENT_TYPES) as dyn ClientSpec {

@@ -407,7 +407,7 @@ pub(super) fn keep(
     let ttp = jar
         .ttp
         .filter(|v| ads_ok && !v.is_empty() && v.len() <= MAX_TTP_LEN)
-        .filter(|v| v.bytes().all(super::cookies::is_cookie_octet));
+        .filter(|v| v.bytes().all(crate::set_cookie::is_cookie_octet));
     if let Some(v) = ttp {
         if cookies_on && cfg.tiktok {
             out.push(

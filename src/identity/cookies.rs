@@ -2,6 +2,8 @@
 
 use cookie::Cookie;
 
+pub use crate::set_cookie::{is_cookie_name, is_cookie_octet, is_cookie_value};
+
 /// `(name, value)` pairs of a `Cookie` header, in order, borrowed from `header`.
 ///
 /// Pieces without `=` or with an empty name are skipped; a value wrapped in one pair of double
@@ -29,41 +31,6 @@ fn trim_quotes(v: &str) -> &str {
     v.strip_prefix('"')
         .and_then(|inner| inner.strip_suffix('"'))
         .unwrap_or(v)
-}
-
-/// RFC 6265 `cookie-octet`: what may appear in a cookie value without quoting. Values we echo
-/// back are checked against it so a malformed request cookie never becomes a malformed header.
-pub fn is_cookie_octet(b: u8) -> bool {
-    matches!(b, 0x21 | 0x23..=0x2B | 0x2D..=0x3A | 0x3C..=0x5B | 0x5D..=0x7E)
-}
-
-pub(crate) fn is_cookie_value(v: &str) -> bool {
-    v.bytes().all(is_cookie_octet)
-}
-
-/// RFC 6265 / RFC 9110 token characters, for cookie names.
-pub(crate) fn is_cookie_name(n: &str) -> bool {
-    !n.is_empty()
-        && n.bytes().all(|b| {
-            b.is_ascii_alphanumeric()
-                || matches!(
-                    b,
-                    b'!' | b'#'
-                        | b'$'
-                        | b'%'
-                        | b'&'
-                        | b'\''
-                        | b'*'
-                        | b'+'
-                        | b'-'
-                        | b'.'
-                        | b'^'
-                        | b'_'
-                        | b'`'
-                        | b'|'
-                        | b'~'
-                )
-        })
 }
 
 /// The cookies of one request that identity cares about. One pass over the header, borrowing.

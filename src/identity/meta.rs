@@ -4,8 +4,8 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use rand::{Rng, RngCore};
 
-use super::cookies::is_cookie_value;
 use super::visitor::all_digits;
+use crate::set_cookie::is_cookie_value;
 
 /// Meta's client JS ignores click ids longer than this (§4.3).
 const MAX_CLICK_ID_LEN: usize = 500;

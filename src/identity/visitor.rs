@@ -5,7 +5,7 @@ use base64::Engine;
 use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use rand::{Rng, RngCore};
 
-use super::cookies::is_cookie_value;
+use crate::set_cookie::is_cookie_value;
 
 /// Prefix of every visitor cookie value we write and accept (GTM-SS format, §5.3).
 pub const VISITOR_PREFIX: &str = "FPID2.2.";

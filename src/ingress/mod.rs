@@ -150,9 +150,9 @@ const X_REQUEST_ID: header::HeaderName = header::HeaderName::from_static("x-requ
 
 /// Everything every public request gets, in one layer: an `x-request-id` (the caller's, or
 /// a new UUIDv7) on the request and echoed on the response, a DEBUG `hit` span carrying it,
-/// and the HTTP metrics. tower-http's request-id, propagate and trace layers plus a metrics
-/// middleware did the same as four nested layers: without any of them bench/run's max
-/// hits/s rose ~10 %, with this one layer instead ~6 % (A/B, alternating runs).
+/// and the HTTP metrics: one layer instead of tower-http's request-id, propagate and trace
+/// layers plus a metrics middleware, which cost noticeably more per hit
+/// (docs/performance-log.md).
 async fn edge(mut req: Request, next: axum::middleware::Next) -> Response {
     let started = Instant::now();
     let id = match req.headers().get(&X_REQUEST_ID) {

@@ -1,14 +1,11 @@
 //! The durable outbox: every event for every fired tag is written here before the hit is
 //! answered, then delivered by per-tag dispatchers with retries and dead letters.
 //!
-//! Two traits split the surface so that a shared broker can later replace the embedded
-//! SQLite store without touching clients or tags:
+//! Two traits split the surface, so that storage engines (`store/`) can change without
+//! touching clients, tags or delivery (`delivery/`):
 //! - [`Outbox`] is the hit path's view: enqueue and readiness.
 //! - [`DeliveryStore`] adds what dispatchers need: lease, settle (ack / nack / dead-letter),
 //!   wake-ups, backlog for gauges, and close.
-//!
-//! Operator tools that work on the embedded store's files (stats, dead letters, replay) are
-//! in [`tools`]; they open the database themselves so they work while the server runs.
 
 pub mod config;
 pub mod delivery;
@@ -31,7 +28,7 @@ use crate::event::Event;
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewEvent {
     pub event_id: String,
-    /// The event serialized as JSON: what survives a restart.
+    /// The event as stored (MessagePack, see `Event::to_payload`): what survives a restart.
     pub payload: Bytes,
     /// The same event, parsed, handed straight to dispatchers that are keeping up so the hot
     /// path never re-reads or re-parses what it just wrote. `None`: dispatchers parse `payload`.

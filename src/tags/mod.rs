@@ -145,7 +145,7 @@ pub trait TagSpec {
     fn build(&self) -> Result<Box<dyn Tag>, Vec<String>>;
 }
 
-crate::typed_configs! {
+crate::typed_table::typed_configs! {
     /// A `[[tags]]` entry, by its `type`. A new tag type is a folder under `src/tags/` whose
     /// config implements [`TagSpec`], and one line here.
     pub enum TagConfig("tag", TAG_TYPES) as dyn TagSpec {

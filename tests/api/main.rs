@@ -1,6 +1,7 @@
 //! The one integration-test binary: real server on port 0, real fake vendors on loopback.
 
 mod ad_platforms;
+mod architecture;
 mod backend_purchases;
 mod browser;
 mod browser_ads;

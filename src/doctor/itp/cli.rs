@@ -1,6 +1,5 @@
 //! `tagrelay doctor itp`: the arguments, their defaults from the config, and the exit code.
 
-use std::path::Path;
 use std::process::ExitCode;
 
 use clap::{Args, ValueEnum};
@@ -60,9 +59,19 @@ pub struct Plan {
     pub resolver: ItpResolver,
 }
 
+/// What the config in force says, for the flags left out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigDefaults {
+    /// Where it came from, for messages.
+    pub source: String,
+    pub allowed_origins: Vec<String>,
+    pub path_prefix: String,
+}
+
 /// Runs the command; prints the report (or what stopped it) and returns the exit code.
-pub fn run(config_path: Option<&Path>, args: &ItpArgs) -> ExitCode {
-    let plan = match plan(config_path, args) {
+/// `defaults` loads the config's defaults, asked only when a flag is left out.
+pub fn run(args: &ItpArgs, defaults: impl FnOnce() -> Result<ConfigDefaults, String>) -> ExitCode {
+    let plan = match plan(args, defaults) {
         Ok(p) => p,
         Err(e) => {
             eprintln!("tagrelay doctor itp: {e}");
@@ -139,23 +148,22 @@ pub async fn check(plan: &Plan) -> Result<Report, String> {
 }
 
 /// Flags first; what they leave out comes from the config (`allowed_origins`, `path_prefix`).
-pub fn plan(config_path: Option<&Path>, args: &ItpArgs) -> Result<Plan, String> {
+pub fn plan(
+    args: &ItpArgs,
+    defaults: impl FnOnce() -> Result<ConfigDefaults, String>,
+) -> Result<Plan, String> {
     let resolver: ItpResolver = args.resolver.parse()?;
     let need_config = args.sites.is_empty() || (args.tagging.is_none() && args.path.is_none());
-    let config = if need_config {
-        Some(crate::config::load(config_path).map_err(|e| e.to_string().trim().to_owned())?)
-    } else {
-        None
-    };
+    let config = if need_config { Some(defaults()?) } else { None };
     let sites: Vec<String> = if args.sites.is_empty() {
         let c = config.as_ref().expect("loaded when needed");
-        if c.config.server.allowed_origins.is_empty() {
+        if c.allowed_origins.is_empty() {
             return Err(format!(
                 "which site? pass --site URL (the page visitors load, e.g. --site https://www.example.com), or list the origins in [server] allowed_origins of {}",
                 c.source
             ));
         }
-        c.config.server.allowed_origins.clone()
+        c.allowed_origins.clone()
     } else {
         args.sites.clone()
     };
@@ -188,13 +196,13 @@ pub fn plan(config_path: Option<&Path>, args: &ItpArgs) -> Result<Plan, String> 
         }
         (None, None) => {
             let c = config.as_ref().expect("loaded when needed");
-            if c.config.server.path_prefix.is_empty() {
+            if c.path_prefix.is_empty() {
                 return Err(format!(
                     "where do hits go? pass --tagging URL (e.g. --tagging https://sgtm.example.com) or --path /PREFIX for a path on the site itself; {} sets no [server] path_prefix to default to",
                     c.source
                 ));
             }
-            path = Some(c.config.server.path_prefix.clone());
+            path = Some(c.path_prefix.clone());
             None
         }
     };

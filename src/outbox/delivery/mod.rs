@@ -50,7 +50,7 @@ pub struct DeliveryRuntime {
 pub const DELIVERY_THREAD_NAME: &str = "tagrelay-send";
 
 impl DeliveryRuntime {
-    pub fn start(cfg: &OutboxConfig) -> Result<DeliveryRuntime, String> {
+    pub fn start(cfg: &OutboxConfig) -> std::io::Result<DeliveryRuntime> {
         let threads = match cfg.dispatch_threads {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
@@ -61,8 +61,7 @@ impl DeliveryRuntime {
             .thread_name(DELIVERY_THREAD_NAME)
             .on_thread_start(move || lower_priority(nice))
             .enable_all()
-            .build()
-            .map_err(|e| format!("cannot start the delivery threads: {e}"))?;
+            .build()?;
         Ok(DeliveryRuntime {
             runtime: Some(runtime),
         })
@@ -175,7 +174,7 @@ pub fn spawn_dispatchers(
     tags: Arc<dyn TagDirectory>,
     settings: DispatchSettings,
     observer: Arc<dyn DeliveryObserver>,
-) -> Result<Dispatchers, String> {
+) -> Result<Dispatchers, reqwest::Error> {
     let http = reqwest::Client::builder()
         .user_agent(concat!("tagrelay/", env!("CARGO_PKG_VERSION")))
         .pool_idle_timeout(Duration::from_secs(90))
@@ -184,8 +183,7 @@ pub fn spawn_dispatchers(
         // Following a redirect turns a POST into a body-less GET that may answer 200: data
         // would be acknowledged without being sent. A 3xx is a configuration error instead.
         .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .map_err(|e| format!("cannot build the HTTP client for dispatchers: {e}"))?;
+        .build()?;
     let (shutdown, _) = watch::channel(None);
     let inner = Arc::new(Inner {
         runtime: tokio::runtime::Handle::current(),

@@ -7,6 +7,7 @@ use rand::Rng;
 
 use crate::outbox::config::OutboxConfig;
 use crate::tags::DeliveryRules;
+pub use crate::text::human_duration;
 
 /// Longest a vendor's `Retry-After` is obeyed, both as a pause of the whole tag and as the
 /// delay of the events it answered. Vendors ask for seconds or minutes; a day (a misbehaving
@@ -85,22 +86,6 @@ impl RetryPolicy {
 
 pub(crate) fn duration_ms(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
-}
-
-/// Human form of a duration for dead-letter reasons (`3h 12m`, `41s`).
-pub fn human_duration(d: Duration) -> String {
-    let s = d.as_secs();
-    let (major, unit, minor, minor_unit) = match s {
-        0..=59 => return format!("{s}s"),
-        60..=3599 => (s / 60, "m", s % 60, "s"),
-        3600..=86_399 => (s / 3600, "h", (s % 3600) / 60, "m"),
-        _ => (s / 86_400, "d", (s % 86_400) / 3600, "h"),
-    };
-    if minor == 0 {
-        format!("{major}{unit}")
-    } else {
-        format!("{major}{unit} {minor}{minor_unit}")
-    }
 }
 
 /// The bounded `reason` label of `tagrelay_outbox_retries_total`.

@@ -35,32 +35,37 @@ pub(crate) struct Checkpointer {
     thread: Option<JoinHandle<()>>,
 }
 
+/// Why the checkpointer could not start.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum StartError {
+    #[error(transparent)]
+    Database(#[from] rusqlite::Error),
+    #[error("cannot start the checkpoint thread: {0}")]
+    Thread(std::io::Error),
+}
+
 impl Checkpointer {
     pub(crate) fn start(
         path: &Path,
         fsync: FsyncMode,
         shared: Arc<Shared>,
-    ) -> Result<Checkpointer, String> {
-        let conn = Connection::open(path).map_err(|e| e.to_string())?;
-        conn.busy_timeout(super::schema::BUSY_TIMEOUT)
-            .map_err(|e| e.to_string())?;
+    ) -> Result<Checkpointer, StartError> {
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(super::schema::BUSY_TIMEOUT)?;
         // A checkpoint fsyncs the database file exactly when the writer's commits are
         // fsynced: same durability, on another thread.
         let sync = match fsync {
             FsyncMode::Off => "NORMAL",
             FsyncMode::Batch | FsyncMode::Always => "FULL",
         };
-        conn.pragma_update(None, "synchronous", sync)
-            .map_err(|e| e.to_string())?;
-        conn.pragma_update(None, "fullfsync", fsync == FsyncMode::Always)
-            .map_err(|e| e.to_string())?;
-        conn.pragma_update(None, "checkpoint_fullfsync", fsync == FsyncMode::Always)
-            .map_err(|e| e.to_string())?;
+        conn.pragma_update(None, "synchronous", sync)?;
+        conn.pragma_update(None, "fullfsync", fsync == FsyncMode::Always)?;
+        conn.pragma_update(None, "checkpoint_fullfsync", fsync == FsyncMode::Always)?;
         let (stop, rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("outbox-checkpoint".into())
             .spawn(move || run(conn, rx, shared))
-            .map_err(|e| format!("cannot start the checkpoint thread: {e}"))?;
+            .map_err(StartError::Thread)?;
         Ok(Checkpointer {
             stop: Some(stop),
             thread: Some(thread),

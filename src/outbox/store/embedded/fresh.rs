@@ -51,17 +51,6 @@ pub(crate) fn decode(id: i64) -> Option<(i64, usize)> {
     (row >= 1).then_some((row, k))
 }
 
-/// The tags a `fresh` column lists (`Some(empty)` for none); `None` if it cannot be read,
-/// which the caller must treat as "may still owe deliveries" (never written so by us).
-pub(crate) fn parse_column(column: Option<&str>) -> Option<Vec<Arc<str>>> {
-    match column {
-        None => Some(Vec::new()),
-        Some(c) => serde_json::from_str::<Vec<String>>(c)
-            .ok()
-            .map(|tags| tags.into_iter().map(Arc::from).collect()),
-    }
-}
-
 /// An event as a delivery of it is handed out.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) struct Held {
@@ -488,6 +477,7 @@ impl FreshSet {
 
 #[cfg(test)]
 mod tests {
+    use super::super::log::parse_column;
     use super::*;
 
     fn tags(names: &[&str]) -> Arc<[Arc<str>]> {

@@ -1,8 +1,7 @@
 //! An append-only log of events, in segment files, for first deliveries.
 //!
 //! Why: storing each event as a SQLite row (insert, WAL frames, checkpoint copy, delete, and
-//! the partly filled pages every commit rewrites) was most of the store's CPU. A throwaway
-//! build that wrote hits' events here instead took 35–44 % more hits at max (see
+//! the partly filled pages every commit rewrites) was most of the store's CPU (see
 //! docs/performance-log.md). SQLite stays for what is rare: deliveries that failed, dead
 //! letters and tags' positions.
 //!
@@ -21,10 +20,8 @@
 //! | rest | payload |
 //!
 //! Plain appends, not files zero-filled in advance: an fdatasync of an append also commits
-//! ext4's journal (0.12–0.20 ms against 0.10 ms measured on the development VM), but filling
-//! the next file with zeros doubled the bytes written, and its 32 MiB flush held the hits'
-//! fsyncs up behind it: p99 at ~25 % of max 11–15 ms against 3.2 ms for appends, with the
-//! same max (two alternating pairs each, 2026-11-29).
+//! ext4's journal, but filling the next file with zeros doubled the bytes written and its
+//! flush held the hits' fsyncs up behind it (docs/performance-log.md).
 //!
 //! At open, a segment's written part ends at the first frame that is empty, runs past the
 //! file or fails its checksum: what a crash left half-written was never acknowledged (a hit
@@ -118,7 +115,7 @@ impl Frame {
     pub(crate) fn tag_list(&self) -> Option<Vec<Arc<str>>> {
         std::str::from_utf8(&self.tags)
             .ok()
-            .and_then(|c| super::fresh::parse_column(Some(c)))
+            .and_then(|c| parse_column(Some(c)))
     }
 }
 
@@ -611,6 +608,17 @@ fn read_some(file: &File, buf: &mut [u8], pos: u64, size: u64) -> io::Result<usi
     let part = buf.get_mut(..n).unwrap_or_default();
     file.read_exact_at(part, pos)?;
     Ok(n)
+}
+
+/// The tags a `fresh` column lists (`Some(empty)` for none); `None` if it cannot be read,
+/// which the caller must treat as "may still owe deliveries" (never written so by us).
+pub(crate) fn parse_column(column: Option<&str>) -> Option<Vec<Arc<str>>> {
+    match column {
+        None => Some(Vec::new()),
+        Some(c) => serde_json::from_str::<Vec<String>>(c)
+            .ok()
+            .map(|tags| tags.into_iter().map(Arc::from).collect()),
+    }
 }
 
 #[cfg(test)]

@@ -233,8 +233,8 @@ impl LogState {
     /// Takes the segments holding only rows below `bound` out of the log and has them deleted
     /// on a thread of its own, after an fsync of the WAL makes the rows copied out of them
     /// durable (deliveries still out there were copied by the caller, in the commit just
-    /// made). Both took ~10 ms on the writer thread, every log file, which put a stall in
-    /// front of every hit of that commit (p99 at ~25 % of max 3.4–6.1 ms).
+    /// made). Both took milliseconds on the writer thread, for every log file, which put a
+    /// stall in front of every hit of that commit.
     pub fn release(&mut self, bound: i64) {
         let gone = self.log.detach_below(bound);
         if gone.is_empty() {

@@ -81,6 +81,7 @@ use schema::{
 use shared::Shared;
 use syncer::Syncer;
 use writer::Op;
+pub use writer::WriteError;
 
 /// Longest event id the outbox takes.
 const MAX_EVENT_ID_BYTES: usize = u16::MAX as usize;
@@ -95,6 +96,36 @@ const PURGE_EVERY: Duration = Duration::ZERO;
 const FULL_RETRY_AFTER_SECS: u64 = 5;
 /// At most one "outbox full" error log per this many milliseconds.
 const FULL_LOG_EVERY_MS: i64 = 10_000;
+
+/// Why the store could not be opened. Each names the path and says what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("outbox.path: cannot create `{}`: {source}", path.display())]
+    Create {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("outbox.path: `{}` is in use by another tagrelay process; each server needs its own outbox directory", .0.display())]
+    InUse(PathBuf),
+    #[error("outbox `{}`: {source}", path.display())]
+    Database {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("outbox `{}`: could not enable WAL journal mode (got `{mode}`); is the file on a network filesystem?", path.display())]
+    NoWal { path: PathBuf, mode: String },
+    #[error("outbox `{}`: schema version {found} was written by a newer tagrelay (this one knows {SCHEMA_VERSION})", path.display())]
+    NewerSchema { path: PathBuf, found: i64 },
+    #[error("outbox log `{}`: {source}", path.display())]
+    Log { path: PathBuf, source: WriteError },
+    #[error("outbox: cannot start its {what}: {source}")]
+    Thread {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("outbox: the task opening it failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
 
 /// The embedded outbox. Cheap to share behind an `Arc`; every write goes to one writer thread.
 #[derive(Debug)]
@@ -115,41 +146,42 @@ pub struct EmbeddedStore {
 impl EmbeddedStore {
     /// Opens (creating if needed) the store in directory `cfg.path`, clears leases left by a
     /// previous process (those records are resent: at-least-once) and starts the writer.
-    pub async fn open(cfg: &OutboxConfig) -> Result<Arc<EmbeddedStore>, String> {
+    pub async fn open(cfg: &OutboxConfig) -> Result<Arc<EmbeddedStore>, OpenError> {
         let cfg = cfg.clone();
-        tokio::task::spawn_blocking(move || Self::open_blocking(&cfg))
-            .await
-            .map_err(|e| format!("outbox open task failed: {e}"))?
+        tokio::task::spawn_blocking(move || Self::open_blocking(&cfg)).await?
     }
 
     /// Blocking variant of [`EmbeddedStore::open`] (for CLIs and tests without a runtime).
-    pub fn open_blocking(cfg: &OutboxConfig) -> Result<Arc<EmbeddedStore>, String> {
+    pub fn open_blocking(cfg: &OutboxConfig) -> Result<Arc<EmbeddedStore>, OpenError> {
         let dir = Path::new(&cfg.path);
-        std::fs::create_dir_all(dir)
-            .map_err(|e| format!("outbox.path: cannot create `{}`: {e}", dir.display()))?;
+        let create = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| OpenError::Create { path, source }
+        };
+        std::fs::create_dir_all(dir).map_err(create(dir))?;
         let lock_path = dir.join("LOCK");
-        let lock = std::fs::File::create(&lock_path)
-            .map_err(|e| format!("outbox.path: cannot create `{}`: {e}", lock_path.display()))?;
-        lock.try_lock().map_err(|_| {
-            format!(
-                "outbox.path: `{}` is in use by another tagrelay process; each server needs its own outbox directory",
-                dir.display()
-            )
-        })?;
+        let lock = std::fs::File::create(&lock_path).map_err(create(&lock_path))?;
+        lock.try_lock()
+            .map_err(|_| OpenError::InUse(dir.to_path_buf()))?;
         let path = dir.join(DB_FILE);
-        let ctx = |e: rusqlite::Error| format!("outbox `{}`: {e}", path.display());
+        let ctx = |source: rusqlite::Error| OpenError::Database {
+            path: path.clone(),
+            source,
+        };
 
         let conn = Connection::open(&path).map_err(ctx)?;
-        configure_writer(&conn, cfg.fsync)
-            .map_err(|e| format!("outbox `{}`: {e}", path.display()))?;
+        let mode = configure_writer(&conn, cfg.fsync).map_err(ctx)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(OpenError::NoWal { path, mode });
+        }
         let version: i64 = conn
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .map_err(ctx)?;
         if version > SCHEMA_VERSION {
-            return Err(format!(
-                "outbox `{}`: schema version {version} was written by a newer tagrelay (this one knows {SCHEMA_VERSION})",
-                path.display()
-            ));
+            return Err(OpenError::NewerSchema {
+                path,
+                found: version,
+            });
         }
         migrate(&conn, version).map_err(ctx)?;
         // Records in flight when the previous process stopped are due at once, in their
@@ -164,16 +196,16 @@ impl EmbeddedStore {
         // or out when it stopped) are copied into `events`, and the log starts afresh: from
         // here on everything below `first_row` is read from SQLite as it always was.
         let log_dir = dir.join(LOG_DIR);
-        let mut log = Log::open(&log_dir, cfg.log_segment_bytes)
-            .map_err(|e| format!("outbox log `{}`: {e}", log_dir.display()))?;
+        let log_err = |e: WriteError| OpenError::Log {
+            path: log_dir.clone(),
+            source: e,
+        };
+        let mut log = Log::open(&log_dir, cfg.log_segment_bytes).map_err(|e| log_err(e.into()))?;
         let mut log_last_row = 0;
         if !log.is_empty() {
-            let (copied, last) = import_log(&conn, &log)
-                .map_err(|e| format!("outbox log `{}`: {e}", log_dir.display()))?;
+            let (copied, last) = import_log(&conn, &log).map_err(log_err)?;
             log_last_row = last;
-            let damaged = log
-                .remove_all()
-                .map_err(|e| format!("outbox log `{}`: {e}", log_dir.display()))?;
+            let damaged = log.remove_all().map_err(|e| log_err(e.into()))?;
             for path in damaged {
                 tracing::error!(file = %path.display(), "outbox: a log file is damaged before its end; the events after the damage could not be read and were not delivered (the file is kept for an operator)");
             }
@@ -218,8 +250,17 @@ impl EmbeddedStore {
             purge_every: PURGE_EVERY,
         };
         let thread_shared = shared.clone();
-        let checkpointer = Checkpointer::start(&path, cfg.fsync, shared.clone())
-            .map_err(|e| format!("outbox `{}`: {e}", path.display()))?;
+        let checkpointer =
+            Checkpointer::start(&path, cfg.fsync, shared.clone()).map_err(|e| match e {
+                checkpoint::StartError::Database(source) => OpenError::Database {
+                    path: path.clone(),
+                    source,
+                },
+                checkpoint::StartError::Thread(source) => OpenError::Thread {
+                    what: "checkpoint thread",
+                    source,
+                },
+            })?;
         // From here on the writer's commits only reach the OS; the syncer makes hits' commits
         // durable before they are answered, without holding the writer up.
         let wal_path = {
@@ -232,10 +273,12 @@ impl EmbeddedStore {
             FsyncMode::Batch | FsyncMode::Always => {
                 conn.pragma_update(None, "synchronous", "NORMAL")
                     .map_err(ctx)?;
-                Some(
-                    Syncer::start(&wal_path, shared.clone())
-                        .map_err(|e| format!("outbox `{}`: {e}", path.display()))?,
-                )
+                Some(Syncer::start(&wal_path, shared.clone()).map_err(|source| {
+                    OpenError::Thread {
+                        what: "fsync thread",
+                        source,
+                    }
+                })?)
             }
         };
         let handle = std::thread::Builder::new()
@@ -252,7 +295,10 @@ impl EmbeddedStore {
                 };
                 writer::run(conn, rx, thread_shared, settings, start)
             })
-            .map_err(|e| format!("outbox: cannot start writer thread: {e}"))?;
+            .map_err(|source| OpenError::Thread {
+                what: "writer thread",
+                source,
+            })?;
 
         Ok(Arc::new(EmbeddedStore {
             tx,
@@ -547,37 +593,27 @@ impl DeliveryStore for EmbeddedStore {
     }
 }
 
-fn configure_writer(conn: &Connection, fsync: FsyncMode) -> Result<(), String> {
-    let s = |e: rusqlite::Error| e.to_string();
-    conn.busy_timeout(BUSY_TIMEOUT).map_err(s)?;
-    let mode: String = conn
-        .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
-        .map_err(s)?;
-    if !mode.eq_ignore_ascii_case("wal") {
-        return Err(format!(
-            "could not enable WAL journal mode (got `{mode}`); is the file on a network filesystem?"
-        ));
-    }
+/// Sets the writer connection up; returns the journal mode SQLite settled on (`wal`, unless
+/// the filesystem cannot do it).
+fn configure_writer(conn: &Connection, fsync: FsyncMode) -> rusqlite::Result<String> {
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
     let (sync, full) = match fsync {
         FsyncMode::Batch => ("FULL", false),
         FsyncMode::Always => ("FULL", true),
         FsyncMode::Off => ("NORMAL", false),
     };
-    conn.pragma_update(None, "synchronous", sync).map_err(s)?;
-    conn.pragma_update(None, "fullfsync", full).map_err(s)?;
-    conn.pragma_update(None, "checkpoint_fullfsync", full)
-        .map_err(s)?;
-    conn.pragma_update(None, "temp_store", "MEMORY")
-        .map_err(s)?;
-    // 4 MiB: the working set is the recent end of each table; more only raises peak RSS
-    // (16 MiB measured ~11 MiB more at full load for ~2 % less CPU).
-    conn.pragma_update(None, "cache_size", -4_000).map_err(s)?;
+    conn.pragma_update(None, "synchronous", sync)?;
+    conn.pragma_update(None, "fullfsync", full)?;
+    conn.pragma_update(None, "checkpoint_fullfsync", full)?;
+    conn.pragma_update(None, "temp_store", "MEMORY")?;
+    // 4 MiB: the working set is the recent end of each table; more only raises peak RSS.
+    conn.pragma_update(None, "cache_size", -4_000)?;
     // Checkpoints run on their own thread (see `checkpoint`), never inside a hit's commit.
-    conn.pragma_update(None, "wal_autocheckpoint", 0)
-        .map_err(s)?;
+    conn.pragma_update(None, "wal_autocheckpoint", 0)?;
     // `rarray`: the writer binds whole lists of ids.
-    rusqlite::vtab::array::load_module(conn).map_err(s)?;
-    Ok(())
+    rusqlite::vtab::array::load_module(conn)?;
+    Ok(mode)
 }
 
 /// Brings the schema to [`SCHEMA_VERSION`] in one transaction.
@@ -669,10 +705,9 @@ fn add_column_if_missing(
 /// position, or a tag without one) into `events`, made durable before the caller deletes the
 /// log (the connection still syncs fully here, and each step ends with a checkpoint). Returns how many were
 /// copied and the highest row the log held.
-fn import_log(conn: &Connection, log: &Log) -> Result<(usize, i64), String> {
-    let s = |e: rusqlite::Error| e.to_string();
-    let positions = positions(conn).map_err(s)?;
-    let mut insert = conn.prepare(INSERT_COPY).map_err(s)?;
+fn import_log(conn: &Connection, log: &Log) -> Result<(usize, i64), WriteError> {
+    let positions = positions(conn)?;
+    let mut insert = conn.prepare(INSERT_COPY)?;
     let (mut copied, mut last) = (0usize, 0i64);
     // A tag without a position: its first one did not reach the disk (the WAL is not fsynced
     // with hits). It resumes from the first row that lists it.
@@ -682,10 +717,10 @@ fn import_log(conn: &Connection, log: &Log) -> Result<(usize, i64), String> {
     // transaction for a backlog of a million would grow the WAL by gigabytes. A start cut
     // short copies again (rows already copied are kept as they are).
     while frames.peek().is_some() {
-        conn.execute_batch("BEGIN IMMEDIATE").map_err(s)?;
-        let step = (|| -> Result<(), String> {
+        conn.execute_batch("BEGIN IMMEDIATE")?;
+        let step = (|| -> Result<(), WriteError> {
             for f in frames.by_ref().take(IMPORT_EVENTS_PER_TRANSACTION) {
-                let f = f.map_err(|e| e.to_string())?;
+                let f = f?;
                 last = last.max(f.row);
                 // Unreadable: kept, for an operator (never written so by us).
                 let owed = f.tag_list().is_none_or(|tags| {
@@ -702,15 +737,13 @@ fn import_log(conn: &Connection, log: &Log) -> Result<(usize, i64), String> {
                     owed
                 });
                 if owed {
-                    copied += insert
-                        .execute(rusqlite::params![
-                            f.row,
-                            f.event_id,
-                            &f.payload[..],
-                            std::str::from_utf8(&f.tags).ok(),
-                            f.enqueued_ms
-                        ])
-                        .map_err(s)?;
+                    copied += insert.execute(rusqlite::params![
+                        f.row,
+                        f.event_id,
+                        &f.payload[..],
+                        std::str::from_utf8(&f.tags).ok(),
+                        f.enqueued_ms
+                    ])?;
                 }
             }
             if frames.peek().is_none() {
@@ -718,8 +751,7 @@ fn import_log(conn: &Connection, log: &Log) -> Result<(usize, i64), String> {
                     conn.execute(
                         "INSERT OR IGNORE INTO cursors (tag, committed_row) VALUES (?1, ?2)",
                         rusqlite::params![tag, row],
-                    )
-                    .map_err(s)?;
+                    )?;
                 }
             }
             Ok(())
@@ -728,9 +760,8 @@ fn import_log(conn: &Connection, log: &Log) -> Result<(usize, i64), String> {
             let _ = conn.execute_batch("ROLLBACK");
             return Err(e);
         }
-        conn.execute_batch("COMMIT").map_err(s)?;
-        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
-            .map_err(s)?;
+        conn.execute_batch("COMMIT")?;
+        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
     }
     Ok((copied, last))
 }

@@ -52,13 +52,17 @@ impl Syncer {
     /// `sync_data` does there). The file's directory entry is already durable: the store was
     /// opened with `synchronous = FULL`, and SQLite's first sync of a new WAL syncs its
     /// directory too.
-    pub(crate) fn start(wal: &Path, shared: Arc<Shared>) -> Result<Syncer, String> {
-        let file = File::open(wal)
-            .map_err(|e| format!("cannot open `{}` to fsync it: {e}", wal.display()))?;
+    pub(crate) fn start(wal: &Path, shared: Arc<Shared>) -> io::Result<Syncer> {
+        let file = File::open(wal).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot open `{}` to fsync it: {e}", wal.display()),
+            )
+        })?;
         Self::with(Box::new(move || file.sync_data()), shared)
     }
 
-    pub(crate) fn with(mut sync: SyncFn, shared: Arc<Shared>) -> Result<Syncer, String> {
+    pub(crate) fn with(mut sync: SyncFn, shared: Arc<Shared>) -> io::Result<Syncer> {
         let (tx, rx) = mpsc::channel::<Job>();
         let thread = std::thread::Builder::new()
             .name("outbox-sync".into())
@@ -114,8 +118,7 @@ impl Syncer {
                         });
                     }
                 }
-            })
-            .map_err(|e| format!("cannot start the outbox sync thread: {e}"))?;
+            })?;
         Ok(Syncer {
             tx: Some(tx),
             thread: Some(thread),

@@ -1339,7 +1339,11 @@ async fn a_second_server_cannot_open_the_same_outbox() {
     let err = EmbeddedStore::open(&cfg)
         .await
         .expect_err("second open is refused");
-    assert!(err.contains("in use by another tagrelay process"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("in use by another tagrelay process"),
+        "{err}"
+    );
     first.close().await;
     drop(first);
     EmbeddedStore::open(&cfg)
@@ -2635,7 +2639,10 @@ async fn stores_are_marked_so_that_a_tagrelay_reading_json_payloads_only_refuses
         .await
         .map(|_| ())
         .unwrap_err();
-    assert!(err.contains("written by a newer tagrelay"), "{err}");
+    assert!(
+        err.to_string().contains("written by a newer tagrelay"),
+        "{err}"
+    );
 }
 
 // ---------------------------------------------------------------- the outbox log

@@ -60,11 +60,7 @@ impl fmt::Display for Stats {
         for t in &self.tags {
             let oldest = t
                 .oldest_age_secs
-                .map(|s| {
-                    crate::outbox::delivery::retry::human_duration(std::time::Duration::from_secs(
-                        s,
-                    ))
-                })
+                .map(|s| crate::text::human_duration(std::time::Duration::from_secs(s)))
                 .unwrap_or_else(|| "-".into());
             writeln!(
                 f,

@@ -17,6 +17,7 @@ use rusqlite::{Connection, OptionalExtension};
 use tokio::sync::oneshot;
 
 use super::fresh::{self, FreshSet, Held};
+use super::log::parse_column;
 use super::log_state::LogState;
 use super::schema::INSERT_COPY;
 use super::shared::Shared;
@@ -111,9 +112,7 @@ impl Op {
 /// steady stream of hits keeps arriving and fills the group. Requests that come during a
 /// commit's fsync are grouped into the next commit anyway. The writer naps instead of
 /// blocking on the channel, because a send wakes a blocked receiver: under load that was a
-/// context switch into this thread per hit. `bench/run` (A/B, same machine, alternating
-/// runs): max hits/s 19.4k–23.7k blocking, 21.7k–26.6k with 100 µs naps, 20.0k–29.3k (four of
-/// five runs ≥ 28k) with 50 µs naps.
+/// context switch into this thread per hit (docs/performance-log.md has the measurements).
 const ARRIVAL_GAP: Duration = Duration::from_micros(50);
 
 #[derive(Debug, Clone, Copy)]
@@ -208,14 +207,13 @@ fn dispatch_budget(hit_records: usize, closing: bool, commit_max_records: usize)
 /// are worth waiting for, only while they keep arriving, and never past `commit_interval`
 /// (`left`). With a syncer (`syncing` is `Some`), only while it is inside an fsync: hits
 /// committed now would wait for that fsync to end anyway, while with no fsync in flight a
-/// commit now starts theirs at once. `bench/run`, four alternating pairs: p99 at 25 % of max
-/// 2.9–3.4 ms against 3.5–5.3 ms, max 30.6k–35.5k hits/s against 27.2k–32.5k, for 7.0 KiB
-/// written per hit against 5.6 KiB (smaller groups when the disk is quick).
+/// commit now starts theirs at once: lower p99 and a higher max, for somewhat smaller groups
+/// when the disk is quick (docs/performance-log.md).
 ///
 /// With no hits yet (`empty`: only dispatcher work), the writer waits only while an fsync is
 /// in flight: hits arriving meanwhile would commit after it anyway, so the dispatcher work
-/// shares their commit instead of paying for one of its own (a commit costs the writer
-/// ~100 µs whatever it holds; at full load half the commits were dispatcher work alone).
+/// shares their commit instead of paying for one of its own (a commit has a fixed cost
+/// whatever it holds, and at full load many commits were dispatcher work alone).
 fn keep_gathering(arrived: bool, left: Duration, empty: bool, syncing: Option<bool>) -> bool {
     if left.is_zero() {
         false
@@ -445,7 +443,7 @@ impl<'c> Tx<'c> {
         }
     }
 
-    fn c(&self) -> rusqlite::Result<&'c Connection> {
+    fn c(&self) -> WriteResult<&'c Connection> {
         if !self.open.get() {
             self.conn.execute_batch("BEGIN IMMEDIATE")?;
             self.open.set(true);
@@ -457,7 +455,7 @@ impl<'c> Tx<'c> {
         self.open.get()
     }
 
-    fn commit(&self) -> rusqlite::Result<()> {
+    fn commit(&self) -> WriteResult<()> {
         if self.open.replace(false) {
             self.conn.execute_batch("COMMIT")?;
         }
@@ -471,10 +469,18 @@ impl<'c> Tx<'c> {
     }
 }
 
-/// An I/O error of the log, failing the commit like a SQLite one.
-fn io_err(e: std::io::Error) -> rusqlite::Error {
-    rusqlite::Error::ToSqlConversionFailure(Box::new(e))
+/// Why a commit (or a step of the writer's upkeep) failed: the database or the outbox log.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error(transparent)]
+    Sql(#[from] rusqlite::Error),
+    #[error("outbox log: {0}")]
+    Log(#[from] std::io::Error),
+    #[error("cannot write an event's tag list: {0}")]
+    Tags(#[from] serde_json::Error),
 }
+
+type WriteResult<T> = Result<T, WriteError>;
 
 fn commit(conn: &mut Connection, batch: &mut Vec<Op>, shared: &Shared, state: &mut State) {
     let mut delta = Delta::default();
@@ -483,7 +489,7 @@ fn commit(conn: &mut Connection, batch: &mut Vec<Op>, shared: &Shared, state: &m
     let tx = Tx::new(conn);
     let mut unsaved = state.unsaved;
     let mut release_bound = None;
-    let result = (|| -> rusqlite::Result<Applied> {
+    let result = (|| -> WriteResult<Applied> {
         let recounted = state.fresh.take_recount();
         if recounted {
             unsaved = (0, 0);
@@ -495,9 +501,9 @@ fn commit(conn: &mut Connection, batch: &mut Vec<Op>, shared: &Shared, state: &m
         }
         #[cfg(test)]
         if state.log.has_unwritten() && shared.fail_log.load(Ordering::Acquire) {
-            return Err(io_err(std::io::Error::other("injected log failure")));
+            return Err(std::io::Error::other("injected log failure").into());
         }
-        state.log.flush(&mut state.fresh).map_err(io_err)?;
+        state.log.flush(&mut state.fresh)?;
         // Segments every tag has read past go after this commit; deliveries of theirs still
         // out (a slow send) are copied into `events` first, so they never hold the log up.
         release_bound = state.log.release_bound(state.fresh.lowest_lag());
@@ -679,7 +685,7 @@ fn apply(
     delta: &mut Delta,
     shared: &Shared,
     state: &mut State,
-) -> rusqlite::Result<Reply> {
+) -> WriteResult<Reply> {
     match op {
         Op::Enqueue {
             events,
@@ -701,18 +707,14 @@ fn apply(
                     0
                 };
                 state.column.clear();
-                serde_json::to_writer(&mut state.column, &e.tags[..listed])
-                    .map_err(|err| rusqlite::Error::ToSqlConversionFailure(err.into()))?;
-                let off = state
-                    .log
-                    .push(
-                        row,
-                        e.enqueued_at_ms,
-                        &state.column,
-                        &e.event_id,
-                        &e.payload,
-                    )
-                    .map_err(io_err)?;
+                serde_json::to_writer(&mut state.column, &e.tags[..listed])?;
+                let off = state.log.push(
+                    row,
+                    e.enqueued_at_ms,
+                    &state.column,
+                    &e.event_id,
+                    &e.payload,
+                )?;
                 state.fresh.inserted(row);
                 if listed < e.tags.len() {
                     // Delivery rows for the tags past what fresh ids name need the event in
@@ -874,7 +876,7 @@ fn drop_done(
     state: &mut State,
     delta: &mut Delta,
     done: Vec<(i64, u32)>,
-) -> rusqlite::Result<()> {
+) -> WriteResult<()> {
     let mut rows: Vec<Value> = Vec::new();
     for (row, bytes) in done {
         if state.log.in_events(row) {
@@ -896,14 +898,14 @@ fn drop_done(
 }
 
 #[cfg(test)]
-fn held(tx: &Tx<'_>, state: &mut State) -> rusqlite::Result<i64> {
+fn held(tx: &Tx<'_>, state: &mut State) -> WriteResult<i64> {
     let mut n: i64 = tx
         .c()?
         .query_row("SELECT count(*) FROM events", [], |r| r.get(0))?;
-    state.log.flush(&mut state.fresh).map_err(io_err)?;
+    state.log.flush(&mut state.fresh)?;
     let lags = state.fresh.lagging();
     for f in state.log.log.frames(None) {
-        let f = f.map_err(io_err)?;
+        let f = f?;
         if state.log.copied.contains(&f.row) {
             continue;
         }
@@ -920,9 +922,9 @@ fn held(tx: &Tx<'_>, state: &mut State) -> rusqlite::Result<i64> {
 }
 
 #[cfg(test)]
-fn snapshot(tx: &Tx<'_>, state: &mut State) -> rusqlite::Result<Vec<DeliveryState>> {
+fn snapshot(tx: &Tx<'_>, state: &mut State) -> WriteResult<Vec<DeliveryState>> {
     let conn = tx.c()?;
-    state.log.flush(&mut state.fresh).map_err(io_err)?;
+    state.log.flush(&mut state.fresh)?;
     let fresh_set = &state.fresh;
     let mut out: Vec<DeliveryState> = conn
         .prepare(
@@ -944,12 +946,12 @@ fn snapshot(tx: &Tx<'_>, state: &mut State) -> rusqlite::Result<Vec<DeliveryStat
         .collect::<rusqlite::Result<_>>()?;
     // First deliveries of log rows, from the log (a copy in `events` is the same event).
     for f in state.log.log.frames(None) {
-        let f = f.map_err(io_err)?;
+        let f = f?;
         let column = String::from_utf8_lossy(&f.tags).into_owned();
         rows.push((f.row, f.event_id, Some(column), f.enqueued_ms));
     }
     for (row, event_id, column, enqueued_ms) in rows {
-        let tags = fresh::parse_column(column.as_deref()).unwrap_or_default();
+        let tags = parse_column(column.as_deref()).unwrap_or_default();
         for (k, tag) in tags.iter().enumerate() {
             if fresh_set.lags(tag).is_some_and(|lag| lag <= row) {
                 out.push((tag.to_string(), event_id.clone(), 0, enqueued_ms, 0));
@@ -969,7 +971,7 @@ fn lease_rows(
     now_ms: i64,
     limit: usize,
     lease_until_ms: i64,
-) -> rusqlite::Result<Vec<LeasedRecord>> {
+) -> WriteResult<Vec<LeasedRecord>> {
     let mut stmt = conn.prepare_cached(LEASE)?;
     let rows = stmt.query_map(
         rusqlite::params![
@@ -1038,7 +1040,7 @@ fn scan(
     state: &mut State,
     out: &mut Vec<LeasedRecord>,
     passed_over: &mut Vec<PassedOver>,
-) -> rusqlite::Result<bool> {
+) -> WriteResult<bool> {
     let Some(mut from) = state.fresh.lags(tag) else {
         return Ok(false);
     };
@@ -1048,7 +1050,7 @@ fn scan(
     let mut examined = 0usize;
     let max_examined = want.saturating_mul(4).saturating_add(SCAN_MAX_SKIP);
     // Frames of this commit not written yet are read like the others.
-    state.log.flush(&mut state.fresh).map_err(io_err)?;
+    state.log.flush(&mut state.fresh)?;
     let first_log_row = state.log.start_row();
     // One event read back, from either place.
     let mut take = |state: &mut State,
@@ -1137,7 +1139,7 @@ fn scan(
                     row,
                     event_id,
                     payload,
-                    fresh::parse_column(column.as_deref()),
+                    parse_column(column.as_deref()),
                     enqueued_ms,
                     None,
                     out,
@@ -1236,12 +1238,7 @@ fn scan(
     }
 }
 
-fn settle(
-    tx: &Tx<'_>,
-    s: &Settlement,
-    delta: &mut Delta,
-    state: &mut State,
-) -> rusqlite::Result<()> {
+fn settle(tx: &Tx<'_>, s: &Settlement, delta: &mut Delta, state: &mut State) -> WriteResult<()> {
     // Events every tag is done with (their last first delivery settled).
     let mut done: Vec<(i64, u32)> = Vec::new();
     // Delivery rows that go (acked or dead).
@@ -1311,7 +1308,7 @@ fn settle(
             let Some(listed) = listed else { continue };
             if state
                 .fresh
-                .all_passed(fresh::parse_column(listed.as_deref()).as_deref(), row)
+                .all_passed(parse_column(listed.as_deref()).as_deref(), row)
             {
                 // In `events`, so `drop_done` deletes it and counts its bytes.
                 done.push((row, 0));
@@ -1338,12 +1335,12 @@ fn copy_in(
     state: &mut State,
     row: i64,
     at: Option<super::log::Pos>,
-) -> rusqlite::Result<()> {
+) -> WriteResult<()> {
     if state.log.in_events(row) {
         return Ok(());
     }
     // Its frame may be in this commit's, not written yet.
-    state.log.flush(&mut state.fresh).map_err(io_err)?;
+    state.log.flush(&mut state.fresh)?;
     // Not readable (a damaged file) or not there (never seen: rows are released only once
     // passed): the delivery row finds no event, and its dispatcher dead-letters it as
     // invalid. One event's loss, never a failed commit for every hit in it.
@@ -1378,7 +1375,7 @@ fn insert_copy(
     payload: &[u8],
     tags: &[u8],
     enqueued_ms: i64,
-) -> rusqlite::Result<()> {
+) -> WriteResult<()> {
     tx.c()?
         .prepare_cached(INSERT_COPY)?
         .execute(rusqlite::params![
@@ -1400,7 +1397,7 @@ fn materialize(
     attempts: i64,
     next_attempt_ms: i64,
     last_error: Option<&str>,
-) -> rusqlite::Result<()> {
+) -> WriteResult<()> {
     copy_in(tx, state, t.row, t.at)?;
     tx.c()?
         .prepare_cached(MATERIALIZE)?
@@ -1417,12 +1414,7 @@ fn materialize(
 
 /// `tag`'s deliveries out in memory whose lease ended by `now_ms` get delivery rows, due
 /// from their lease's end, as a delivery row's lease that ends.
-fn end_expired_leases(
-    tx: &Tx<'_>,
-    tag: &str,
-    state: &mut State,
-    now_ms: i64,
-) -> rusqlite::Result<()> {
+fn end_expired_leases(tx: &Tx<'_>, tag: &str, state: &mut State, now_ms: i64) -> WriteResult<()> {
     let expired = state.fresh.expire(tag, now_ms);
     if expired.is_empty() {
         return Ok(());
@@ -1440,7 +1432,7 @@ fn end_expired_leases(
 
 /// Deletes dead letters past their retention (age, then count), at most `PURGE_STEP` of
 /// each per call. Returns whether a rule filled its step (there may be more).
-fn purge_dead_letters(conn: &Connection, s: &Settings) -> rusqlite::Result<bool> {
+fn purge_dead_letters(conn: &Connection, s: &Settings) -> WriteResult<bool> {
     let mut purged = 0usize;
     let mut full = false;
     if let Some(age) = s.dead_letter_max_age {
@@ -1477,7 +1469,7 @@ fn purge_dead_letters(conn: &Connection, s: &Settings) -> rusqlite::Result<bool>
 /// After a reset every tag resumes from its written position, so deliveries it settled past
 /// it are owed again: the record and byte counts and the gauges are taken from the store
 /// (`events` below the log's first row, then the log).
-fn recount(tx: &Tx<'_>, state: &mut State) -> rusqlite::Result<()> {
+fn recount(tx: &Tx<'_>, state: &mut State) -> WriteResult<()> {
     let conn = tx.c()?;
     let mut total: u64 = conn.query_row("SELECT count(*) FROM pending", [], |r| {
         r.get::<_, i64>(0).map(|n| u64::try_from(n).unwrap_or(0))
@@ -1497,7 +1489,7 @@ fn recount(tx: &Tx<'_>, state: &mut State) -> rusqlite::Result<()> {
     fresh_set.set_skips(super::schema::rows_with_delivery_rows(conn)?);
     let mut waiting: std::collections::HashMap<Arc<str>, (u64, Option<i64>)> =
         std::collections::HashMap::new();
-    state.log.flush(fresh_set).map_err(io_err)?;
+    state.log.flush(fresh_set)?;
     let bound = state.log.start_row();
     for (tag, n, oldest) in super::schema::waiting(conn, bound)? {
         waiting.insert(Arc::from(tag.as_str()), (n, oldest));
@@ -1543,10 +1535,7 @@ fn recount(tx: &Tx<'_>, state: &mut State) -> rusqlite::Result<()> {
 /// Writes every position that changed, in the commit that moved it: with events in the log,
 /// a tag's written position is all that tells a restart which of them it has had (where the
 /// SQLite store deleted each event row as its last delivery settled).
-fn write_positions(
-    tx: &Tx<'_>,
-    fresh_set: &mut FreshSet,
-) -> rusqlite::Result<Vec<(Arc<str>, i64)>> {
+fn write_positions(tx: &Tx<'_>, fresh_set: &mut FreshSet) -> WriteResult<Vec<(Arc<str>, i64)>> {
     let positions = fresh_set.positions_to_write();
     if !positions.is_empty() {
         let mut stmt = tx.c()?.prepare_cached(POSITION)?;
@@ -1559,7 +1548,7 @@ fn write_positions(
 
 /// At a clean close: every delivery still out gets a row, and the positions are written.
 /// First deliveries still owed from the log stay there: the next start copies them in.
-fn give_rows_to_all_out(conn: &Connection, state: &mut State) -> rusqlite::Result<()> {
+fn give_rows_to_all_out(conn: &Connection, state: &mut State) -> WriteResult<()> {
     let tx = Tx::new(conn);
     let result = (|| {
         for t in state.fresh.take_all() {
