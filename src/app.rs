@@ -296,8 +296,9 @@ impl Application {
         });
 
         stop.await;
-        tracing::info!("shutdown requested: no new connections, finishing in-flight requests");
+        // Not ready before the line is logged: whoever reads the log sees /readyz 503.
         lifecycle.begin_stop();
+        tracing::info!("shutdown requested: no new connections, finishing in-flight requests");
         // One deadline for everything: requests in flight, then vendor sends in flight.
         let end = tokio::time::Instant::now() + deadline;
         match tokio::time::timeout_at(end, &mut servers).await {
