@@ -86,8 +86,9 @@ impl From<StitchError> for HitError {
         match e {
             StitchError::Busy => HitError::OrderBusy,
             StitchError::Store(err) => {
+                // The cause stays in the log: it may name this server's files.
                 tracing::warn!(error = %err, "stitching store failed; the webhook is answered 503 so the platform retries");
-                HitError::Stitching(err.to_string())
+                HitError::Stitching("the stitching store failed".into())
             }
         }
     }
