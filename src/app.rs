@@ -26,6 +26,8 @@ use crate::lifecycle::Lifecycle;
 use crate::outbox::delivery::{spawn_dispatchers_with, DeliveryRuntime, DispatchSettings};
 use crate::outbox::{DeliveryStore, Outbox};
 use crate::pipeline::Pipeline;
+use crate::stitching::embedded::{EmbeddedStitchStore, Limits};
+use crate::stitching::Stitching;
 use crate::telemetry::otel::Otel;
 use crate::trace::Traces;
 
@@ -45,6 +47,8 @@ pub struct AppState {
     itp: Arc<OnceLock<ItpMonitor>>,
     /// OpenTelemetry traces, when `[telemetry] otlp_endpoint` is set.
     otel: Option<Arc<Otel>>,
+    /// The stitching store, once [`Application::build`] opened it.
+    stitching: Arc<OnceLock<Stitching>>,
 }
 
 impl FromRef<AppState> for IngressState {
@@ -57,6 +61,7 @@ impl FromRef<AppState> for IngressState {
             lifecycle: s.lifecycle.clone(),
             itp: s.itp.clone(),
             otel: s.otel.clone(),
+            stitching: s.stitching.clone(),
         }
     }
 }
@@ -99,6 +104,7 @@ impl AppState {
             source: Arc::new(source),
             itp: Arc::default(),
             otel: None,
+            stitching: Arc::default(),
         }
     }
 
@@ -153,6 +159,9 @@ impl AppState {
         if old.outbox != new.outbox {
             restart.push("[outbox]");
         }
+        if old.stitching != new.stitching {
+            restart.push("[stitching]");
+        }
         if old.server.request_timeout_ms != new.server.request_timeout_ms {
             restart.push("server.request_timeout_ms");
         }
@@ -204,6 +213,7 @@ pub fn app(state: AppState) -> Router {
 pub struct Application {
     state: AppState,
     store: Arc<dyn DeliveryStore>,
+    stitch_store: Arc<EmbeddedStitchStore>,
     /// `None` with `[outbox] role = "deliver"`: such a process takes no hits.
     public: Option<TcpListener>,
     admin: TcpListener,
@@ -230,6 +240,7 @@ impl Application {
     ) -> anyhow::Result<Self> {
         crate::telemetry::metrics::metrics_handle();
         metrics::gauge!("tagrelay_build_info", "version" => crate::telemetry::build_info::VERSION, "commit" => crate::telemetry::build_info::COMMIT).set(1.0);
+        let stitch_store = open_stitching(&loaded.config)?;
         let server = &loaded.config.server;
         let public = if loaded.config.outbox.role.takes_hits() {
             Some(
@@ -263,10 +274,18 @@ impl Application {
         state.otel = otel;
         // With a shared store, the debug page of any replica shows the hits of all.
         store.share_traces(state.traces());
+        let stitching = &loaded.config.stitching;
+        let _ = state.stitching.set(Stitching {
+            sessions: stitch_store.clone(),
+            ledger: stitch_store.clone(),
+            enabled: stitching.enabled,
+            dedup_window_ms: stitching.dedup_window_ms(),
+        });
         start_itp_check(&state);
         Ok(Application {
             state,
             store,
+            stitch_store,
             public,
             admin,
             public_addr,
@@ -440,6 +459,7 @@ impl Application {
         if let Some(d) = delivery {
             d.shutdown();
         }
+        self.stitch_store.close().await;
         self.store.close().await;
         if let Some(otel) = self.state.otel.clone() {
             // Sends what is queued; blocking, so off the runtime's threads.
@@ -580,6 +600,22 @@ fn watch_config_file(state: &AppState) -> Option<impl Future<Output = ()> + Send
             }
         }
     })
+}
+
+/// Opens the stitching store of `[stitching]` (its own database file, by default beside the
+/// outbox's).
+fn open_stitching(config: &crate::config::Config) -> anyhow::Result<Arc<EmbeddedStitchStore>> {
+    let s = &config.stitching;
+    let file = s.file(&config.outbox.path);
+    let limits = Limits {
+        ttl_ms: s.ttl_ms(),
+        max_records: s.max_records,
+        dedup_window_ms: s.dedup_window_ms(),
+    };
+    EmbeddedStitchStore::open(&file, limits)
+        .map(Arc::new)
+        .map_err(anyhow::Error::msg)
+        .with_context(|| format!("opening the stitching store at {}", file.display()))
 }
 
 /// Starts the running ITP check when `[server] itp_check` is on. A check that cannot start

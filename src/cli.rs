@@ -246,6 +246,17 @@ pub fn doctor_itp(path: Option<&Path>, args: &crate::doctor::itp::cli::ItpArgs) 
     })
 }
 
+/// `tagrelay identity forget`: erase a person's records from the stitching store.
+pub fn identity_forget(path: Option<&Path>, args: &crate::stitching::cli::ForgetArgs) -> ExitCode {
+    match config::load(path) {
+        Ok(l) => {
+            let c = &l.config;
+            crate::stitching::cli::forget(&c.stitching.file(&c.outbox.path), args)
+        }
+        Err(e) => report(&e),
+    }
+}
+
 fn probe(url: &str) -> ExitCode {
     let Ok(rt) = tokio::runtime::Builder::new_current_thread()
         .enable_all()

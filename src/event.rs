@@ -76,6 +76,121 @@ pub struct Event {
     /// Not event data: tags do not send it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub traceparent: Option<String>,
+    /// Set on a backend order's events (webhook clients): how the order was joined to the
+    /// browsing session it came from. Boxed: browser events never carry it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stitch: Option<Box<Stitch>>,
+}
+
+/// A backend order event's link to the visitor who placed the order. The webhook client
+/// fills `lookup` and `dedup_key`; the stitching step at the ingress claims the order, looks
+/// the keys up and sets the outcome.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Stitch {
+    pub status: StitchStatus,
+    /// The order's field whose value found the session (`checkout_token`, `email`, …).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<CompactString>,
+    /// The browser event that recorded that session (`begin_checkout`, `purchase`, …).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub matched_event: Option<CompactString>,
+    /// When that browser event was recorded, unix milliseconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recorded_ms: Option<i64>,
+    /// The order's fields that were looked up, best first (names only: the values are not
+    /// kept once looked up).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tried: Vec<CompactString>,
+    /// What the order can be found by, best first. Emptied by the stitching step.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub lookup: Vec<OrderKey>,
+    /// Platform, order and event type (`shopify:450789469:purchase`): one event per key,
+    /// however often the platform sends the order.
+    pub dedup_key: String,
+}
+
+impl Stitch {
+    /// A stitch waiting for the lookup of `lookup`, deduplicated by `dedup_key`.
+    pub fn pending(dedup_key: String, lookup: Vec<OrderKey>) -> Box<Stitch> {
+        Box::new(Stitch {
+            dedup_key,
+            lookup,
+            ..Stitch::default()
+        })
+    }
+}
+
+/// Where a backend order event stands with its browsing session.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StitchStatus {
+    /// Not looked up yet.
+    #[default]
+    Pending,
+    /// Enriched from the visitor's browsing session.
+    Stitched,
+    /// No session matched (or stitching is off): sent with what the order itself carries.
+    Unstitched,
+}
+
+impl StitchStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StitchStatus::Pending => "pending",
+            StitchStatus::Stitched => "stitched",
+            StitchStatus::Unstitched => "unstitched",
+        }
+    }
+}
+
+/// One value an order can be found by, and which kind of browser-side key it matches.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OrderKey {
+    /// The order's field, for the debug view (`checkout_token`, `client_reference_id`, …).
+    pub field: CompactString,
+    pub kind: KeyKind,
+    /// As the order has it (emails and user ids are hashed by the stitching step).
+    pub value: String,
+}
+
+impl OrderKey {
+    pub fn new(field: &str, kind: KeyKind, value: impl Into<String>) -> OrderKey {
+        OrderKey {
+            field: field.into(),
+            kind,
+            value: value.into(),
+        }
+    }
+}
+
+/// The kinds of value a browsing session is recorded under and an order looked up by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyKind {
+    /// A token `tagrelay.js` handed the page (`tagrelay.visitor()`), returned by the platform
+    /// (Stripe `client_reference_id`, `metadata.tagrelay_visitor`, a cart attribute).
+    Visitor,
+    /// An order reference both sides know: transaction id, checkout token, cart token, order
+    /// id or number.
+    Reference,
+    /// The shop's own customer id (GA4 `user_id` on the browser side).
+    UserId,
+    /// The customer's email address.
+    Email,
+    /// An ad click id of the landing page, as `<param>=<id>` (`gclid=Cj0…`): the visit that
+    /// landed from the click, found by an order's landing-site URL.
+    Click,
+}
+
+/// The event id of an order's event, derived from the order so that every copy of it (the
+/// webhook's, the thank-you page's pixel, `tagrelay.js`) carries the same one and vendors
+/// deduplicate: `purchase-<transaction_id>`, `refund-<transaction_id>[-<refund id>]`.
+pub fn order_event_id(event_name: &str, transaction_id: &str, part: Option<&str>) -> String {
+    match part {
+        Some(p) => format!("{event_name}-{transaction_id}-{p}"),
+        None => format!("{event_name}-{transaction_id}"),
+    }
 }
 
 /// GA4 session and protocol state carried by the hit.
@@ -460,7 +575,7 @@ pub fn format_number(n: f64) -> String {
 }
 
 /// The top-level field names a trigger may address (besides `user_data.*`, `items.N.*`,
-/// `params.*`, `user_properties.*`, `consent.*`, `ga.*`, `identity.*`).
+/// `params.*`, `user_properties.*`, `consent.*`, `ga.*`, `identity.*`, `stitch.*`).
 pub const TOP_LEVEL_FIELDS: &[&str] = &[
     "event_name",
     "event_id",
@@ -490,6 +605,7 @@ const NESTED_ROOTS: &[&str] = &[
     "consent",
     "ga",
     "identity",
+    "stitch",
 ];
 
 /// Checks at config load time that a field path can ever resolve. Returns a message naming the
@@ -624,6 +740,16 @@ impl Event {
                     "key_event" => Some(FieldValue::Bool(g.key_event)),
                     "debug_mode" => Some(FieldValue::Bool(g.debug_mode)),
                     "js_client_id" => s(&g.js_client_id),
+                    _ => None,
+                }
+            }
+            ("stitch", Some(k)) => {
+                let st = self.stitch.as_deref()?;
+                match k {
+                    "status" => Some(FieldValue::Str(st.status.as_str())),
+                    "key" => s(&st.key),
+                    "matched_event" => s(&st.matched_event),
+                    "recorded_ms" => st.recorded_ms.map(|n| FieldValue::Num(n as f64)),
                     _ => None,
                 }
             }

@@ -17,6 +17,7 @@ pub mod outbox;
 pub mod pipeline;
 pub mod secret;
 pub mod set_cookie;
+pub mod stitching;
 pub mod tags;
 pub mod telemetry;
 #[cfg(test)]

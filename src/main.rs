@@ -1,5 +1,5 @@
 #![forbid(unsafe_code)]
-//! `tagrelay`: serve (default), check, reload, drain, doctor, outbox tools.
+//! `tagrelay`: serve (default), check, reload, drain, doctor, identity, outbox tools.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -64,6 +64,11 @@ enum Command {
         #[arg(long)]
         url: Option<String>,
     },
+    /// Visitors' records kept for backend orders (stitching)
+    Identity {
+        #[command(subcommand)]
+        command: IdentityCommand,
+    },
     /// Exit 0 when the URL answers 2xx (for container HEALTHCHECKs; no curl needed)
     Healthcheck {
         /// Probe this URL instead of `/healthz` on the config's `server.listen` (an
@@ -79,6 +84,12 @@ enum DoctorCommand {
     /// from hosts that CNAME out of the site or sit outside its address ranges. Exit 0 ok,
     /// 1 capped or error (or warning with --fail-on warn), 2 the check could not run
     Itp(tagrelay::doctor::itp::cli::ItpArgs),
+}
+
+#[derive(Subcommand)]
+enum IdentityCommand {
+    /// Erase a person's browsing sessions from the stitching store (safe while the server runs)
+    Forget(tagrelay::stitching::cli::ForgetArgs),
 }
 
 #[derive(Subcommand)]
@@ -121,6 +132,9 @@ fn main() -> ExitCode {
             wait,
             url,
         } => cli::drain(path, url.as_deref(), timeout_secs, wait),
+        Command::Identity { command } => match command {
+            IdentityCommand::Forget(args) => cli::identity_forget(path, &args),
+        },
         Command::Doctor { command } => match command {
             DoctorCommand::Itp(args) => cli::doctor_itp(path, &args),
         },

@@ -4,6 +4,10 @@ pub mod data;
 pub mod ga4;
 pub mod measurement_protocol;
 pub mod script_proxy;
+pub mod shopify;
+pub mod stripe;
+pub mod webhook;
+pub mod woocommerce;
 
 use std::net::IpAddr;
 
@@ -138,6 +142,9 @@ crate::typed_table::typed_configs! {
         MeasurementProtocol("measurement_protocol", measurement_protocol::MeasurementProtocolClientConfig),
         Data("data", data::DataClientConfig),
         ScriptProxy("script_proxy", script_proxy::ScriptProxyConfig),
+        Shopify("shopify", shopify::ShopifyClientConfig),
+        WooCommerce("woocommerce", woocommerce::WooCommerceClientConfig),
+        Stripe("stripe", stripe::StripeClientConfig),
     }
 }
 

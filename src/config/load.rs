@@ -288,7 +288,14 @@ fn deserialize_all(
         )]);
     };
     let mut probe = serde_json::Map::new();
-    for key in ["server", "cookies", "outbox", "admin", "telemetry"] {
+    for key in [
+        "server",
+        "cookies",
+        "outbox",
+        "admin",
+        "telemetry",
+        "stitching",
+    ] {
         if let Some(v) = top.remove(key) {
             probe.insert(key.to_owned(), v);
         }
@@ -302,6 +309,7 @@ fn deserialize_all(
             "outbox",
             "admin",
             "telemetry",
+            "stitching",
             "clients",
             "tags",
         ];

@@ -17,6 +17,7 @@ use crate::doctor::itp::ItpResolver;
 use crate::identity::config::CookiesConfig;
 use crate::outbox::config::OutboxConfig;
 use crate::secret::{self, Secret};
+use crate::stitching::config::StitchingConfig;
 use crate::tags::TagConfig;
 use crate::telemetry::otel::TelemetryConfig;
 use crate::telemetry::LogFormat;
@@ -39,6 +40,8 @@ pub struct Config {
     pub admin: AdminConfig,
     #[serde(default)]
     pub telemetry: TelemetryConfig,
+    #[serde(default)]
+    pub stitching: StitchingConfig,
     #[serde(default)]
     pub clients: Vec<ClientConfig>,
     #[serde(default)]

@@ -29,6 +29,7 @@ use crate::lifecycle::Lifecycle;
 use crate::outbox::{EnqueueError, Outbox};
 use crate::pipeline::{Pipeline, ProcessError, Processed};
 use crate::set_cookie::CookieDecision;
+use crate::stitching::{StitchError, Stitching};
 use crate::telemetry::metrics::RouteLabel;
 use crate::telemetry::otel::{HitEvent, HitSpan, Otel};
 use crate::trace::{ItpNote, Served, TagOutcome, TagState, TraceDraft, Traces};
@@ -47,6 +48,9 @@ pub struct IngressState {
     pub itp: Arc<OnceLock<ItpMonitor>>,
     /// OpenTelemetry traces, when `[telemetry] otlp_endpoint` is set.
     pub otel: Option<Arc<Otel>>,
+    /// The stitching store (sessions for backend orders, the orders' dedup records), once the
+    /// application has opened it.
+    pub stitching: Arc<OnceLock<Stitching>>,
 }
 
 /// Why a hit was not accepted. Every variant is a clear 4xx/5xx with a short reason.
@@ -79,6 +83,24 @@ pub enum HitError {
     StoreFailed,
     #[error("{0}")]
     Unstorable(String),
+    /// Another request is taking the same order event.
+    #[error("this order is being taken by another request; retry shortly")]
+    OrderBusy,
+    #[error("backend orders cannot be taken: {0}")]
+    Stitching(String),
+}
+
+impl From<StitchError> for HitError {
+    fn from(e: StitchError) -> Self {
+        match e {
+            StitchError::Busy => HitError::OrderBusy,
+            StitchError::Store(err) => {
+                // The cause stays in the log: it may name this server's files.
+                tracing::warn!(error = %err, "stitching store failed; the webhook is answered 503 so the platform retries");
+                HitError::Stitching("the stitching store failed".into())
+            }
+        }
+    }
 }
 
 impl IntoResponse for HitError {
@@ -93,26 +115,31 @@ impl IntoResponse for HitError {
             | HitError::Unavailable(_)
             | HitError::Closed
             | HitError::Draining
-            | HitError::StoreFailed => StatusCode::SERVICE_UNAVAILABLE,
+            | HitError::StoreFailed
+            | HitError::OrderBusy
+            | HitError::Stitching(_) => StatusCode::SERVICE_UNAVAILABLE,
             HitError::Store => StatusCode::INTERNAL_SERVER_ERROR,
         };
         let text = self.to_string();
         let mut resp = (status, format!("{text}\n")).into_response();
         resp.extensions_mut().insert(ErrorText(text));
-        match self {
-            HitError::Full(secs) | HitError::Unavailable(secs) => {
-                resp.headers_mut()
-                    .insert(header::RETRY_AFTER, HeaderValue::from(secs));
-            }
-            HitError::Draining => {
-                resp.headers_mut()
-                    .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
-            }
-            _ => {}
+        let retry_after = match self {
+            HitError::Full(secs) | HitError::Unavailable(secs) => Some(secs),
+            HitError::Draining => Some(5),
+            HitError::OrderBusy => Some(ORDER_BUSY_RETRY_SECS),
+            _ => None,
+        };
+        if let Some(secs) = retry_after {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         resp
     }
 }
+
+/// When to come back with an order another request is taking (it is stored or released by
+/// then).
+const ORDER_BUSY_RETRY_SECS: u64 = 5;
 
 /// The public router. Tracking routes are resolved at request time against the current
 /// pipeline, so a reload can change clients and `path_prefix` without a restart.
@@ -403,6 +430,8 @@ impl HitError {
             HitError::Store => "store",
             HitError::StoreFailed => "store_failed",
             HitError::Unstorable(_) => "invalid",
+            HitError::OrderBusy => "order_busy",
+            HitError::Stitching(_) => "stitching",
         }
     }
 }
@@ -434,28 +463,39 @@ async fn handle_hit(
         client_ip: ctx.ip,
         now_ms: now_ms(),
     };
-    let processed = pipeline
-        .process(
-            client,
-            &hit,
-            ctx.marker,
-            traceparent.as_deref(),
-            &mut rand::thread_rng(),
-            trace.as_mut(),
-        )
-        .map_err(|e| match e {
-            ProcessError::Client(e) => HitError::Client(e),
-            ProcessError::Payload(err) => {
-                tracing::error!(error = %err, "could not serialize an event; hit answered 500");
-                HitError::Store
+    let mut parsed = pipeline
+        .parse(client, &hit, ctx.marker, traceparent.as_deref())
+        .map_err(process_error)?;
+    // A webhook's order events: each claimed once, then joined to its browsing session.
+    let orders = if parsed.events.iter().any(|e| e.stitch.is_some()) {
+        let Some(st) = ctx.state.stitching.get() else {
+            return Err(HitError::Stitching(
+                "the stitching store is not open".into(),
+            ));
+        };
+        let prepared = st.prepare(&mut parsed.events, hit.now_ms).await?;
+        Some((st, prepared))
+    } else {
+        None
+    };
+    // Its own statement: the thread's RNG must not live across an await.
+    let completed = pipeline.complete(parsed, &hit, &mut rand::thread_rng(), trace.as_mut());
+    let processed = match completed {
+        Ok(p) => p,
+        Err(e) => {
+            if let Some((st, prepared)) = orders {
+                st.settle(prepared, false, hit.now_ms).await;
             }
-        })?;
+            return Err(process_error(e));
+        }
+    };
     let Processed {
         events,
         queued,
         cookies,
         response,
         browser,
+        sessions,
     } = processed;
     if let Some(s) = span.as_mut().filter(|s| s.is_recording()) {
         record_span(s, pipeline, &events, &queued, &cookies);
@@ -465,7 +505,9 @@ async fn handle_hit(
             observe_itp(itp, &parts.headers, ctx.host, trace.as_mut());
         }
     }
-    if !queued.is_empty() {
+    let stored = if queued.is_empty() {
+        Ok(())
+    } else {
         if trace.is_some() {
             // Deliveries can finish before this hit's trace is recorded (it waits for the
             // fsync, they need not): their updates are kept for it.
@@ -491,7 +533,18 @@ async fn handle_hit(
                 tt.outcome = TagOutcome::new(TagState::NotQueued, format!("hit refused: {err}"));
             }
         }
-        stored?;
+        stored
+    };
+    // The order claims become "sent" only once the events are durable; otherwise they are
+    // released so the platform's retry is taken.
+    if let Some((st, prepared)) = orders {
+        st.settle(prepared, stored.is_ok(), hit.now_ms).await;
+    }
+    stored?;
+    if !sessions.is_empty() {
+        if let Some(st) = ctx.state.stitching.get() {
+            st.record(sessions);
+        }
     }
     crate::telemetry::hot::events(client.kind()).increment(events.len() as u64);
     Ok(respond(response, &events, &cookies))
@@ -527,6 +580,16 @@ fn record_span(
         pipeline.tags.iter().map(|t| &*t.name),
         cookies.iter().map(|c| (c.name.as_str(), c.reason.label())),
     );
+}
+
+fn process_error(e: ProcessError) -> HitError {
+    match e {
+        ProcessError::Client(e) => HitError::Client(e),
+        ProcessError::Payload(err) => {
+            tracing::error!(error = %err, "could not serialize an event; hit answered 500");
+            HitError::Store
+        }
+    }
 }
 
 /// Tells the ITP check which page host used which tagging host (it resolves new pairs in the

@@ -14,8 +14,10 @@ use arc_swap::ArcSwap;
 use crate::clients::script_proxy::ScriptProxy;
 use crate::clients::{BuiltClient, Client, ClientConfig};
 use crate::config::Config;
+use crate::identity::config::ConsentDefault;
 use crate::identity::CookiePolicy;
 use crate::outbox::delivery::TagDirectory;
+use crate::stitching::record::RecordPolicy;
 use crate::tags::trigger::Trigger;
 use crate::tags::TagInstance;
 
@@ -144,6 +146,13 @@ impl Pipeline {
         );
         problems.extend(o.validate());
 
+        problems.extend(
+            config
+                .stitching
+                .validate()
+                .into_iter()
+                .map(|m| format!("stitching.{m}")),
+        );
         let cookies = CookiePolicy::build(&config.cookies)
             .map_err(|p| problems.extend(p.into_iter().map(|m| format!("cookies.{m}"))))
             .ok();
@@ -219,6 +228,29 @@ impl Pipeline {
             }),
             _ => Err(problems),
         }
+    }
+
+    /// How browser hits record sessions for backend orders: `None` unless `[stitching]` is
+    /// enabled and a webhook client (Shopify, WooCommerce, Stripe) is configured. A walk over
+    /// the few configured clients, no allocation.
+    pub fn stitch_records(&self) -> Option<RecordPolicy> {
+        let c = &self.config;
+        if !c.stitching.enabled {
+            return None;
+        }
+        let (mut any, mut shopify) = (false, false);
+        for client in &c.clients {
+            match client {
+                ClientConfig::Shopify(_) => (any, shopify) = (true, true),
+                ClientConfig::WooCommerce(_) | ClientConfig::Stripe(_) => any = true,
+                _ => {}
+            }
+        }
+        any.then(|| RecordPolicy {
+            unknown_is_denied: c.cookies.require_consent
+                && c.cookies.consent_default == ConsentDefault::Denied,
+            shopify_cart: shopify,
+        })
     }
 
     pub fn tag(&self, name: &str) -> Option<&Arc<TagInstance>> {

@@ -9,11 +9,12 @@ use bytes::Bytes;
 use rand::RngCore;
 
 use super::Pipeline;
-use crate::clients::{Client, ClientError, ClientResponse, HitRequest};
+use crate::clients::{Client, ClientError, ClientResponse, HitRequest, Parsed};
 use crate::event::Event;
 use crate::identity::IdentityInput;
 use crate::outbox::NewEvent;
 use crate::set_cookie::CookieDecision;
+use crate::stitching::SessionRecord;
 use crate::trace::{TagOutcome, TagState, TagTrace, TraceDraft};
 
 /// A sender's clock this far ahead of ours is not believed: vendors would refuse the event.
@@ -31,6 +32,9 @@ pub struct Processed {
     pub response: ClientResponse,
     /// A browser's hit (first-party cookies are managed for it), not a server's.
     pub browser: bool,
+    /// Browsing sessions to record for later backend orders (empty unless a webhook client is
+    /// configured and an event carried a key).
+    pub sessions: Vec<SessionRecord>,
 }
 
 /// Why a hit produced nothing to store.
@@ -65,13 +69,33 @@ impl Pipeline {
         marker: Option<&str>,
         traceparent: Option<&str>,
         rng: &mut impl RngCore,
-        mut trace: Option<&mut TraceDraft>,
+        trace: Option<&mut TraceDraft>,
     ) -> Result<Processed, ProcessError> {
+        let parsed = self.parse(client, hit, marker, traceparent)?;
+        self.complete(parsed, hit, rng, trace)
+    }
+
+    /// The first half of [`process`](Self::process): parse and stamp (event id, source, time,
+    /// debug mark). A webhook's order events are then claimed and stitched by the caller
+    /// (that needs the stitching store) before [`complete`](Self::complete).
+    pub fn parse(
+        &self,
+        client: &dyn Client,
+        hit: &HitRequest<'_>,
+        marker: Option<&str>,
+        traceparent: Option<&str>,
+    ) -> Result<Parsed, ProcessError> {
         let now_ms = hit.now_ms;
         let mut parsed = client.parse(hit)?;
         for e in &mut parsed.events {
             if e.event_id.is_empty() {
-                e.event_id = uuid::Uuid::now_v7().to_string();
+                e.event_id = match (e.event_name.as_str(), e.transaction_id.as_deref()) {
+                    // The id the webhook of the same order gets, so vendors count it once.
+                    ("purchase", Some(t)) if !t.trim().is_empty() => {
+                        crate::event::order_event_id("purchase", t.trim(), None)
+                    }
+                    _ => uuid::Uuid::now_v7().to_string(),
+                };
             }
             if e.source.is_empty() {
                 e.source = client.kind().into();
@@ -86,7 +110,21 @@ impl Pipeline {
                 e.traceparent = Some(tp.to_owned());
             }
         }
+        Ok(parsed)
+    }
+
+    /// The second half of [`process`](Self::process): identity (cookies), the sessions to
+    /// record for backend orders, triggers and payloads.
+    pub fn complete(
+        &self,
+        mut parsed: Parsed,
+        hit: &HitRequest<'_>,
+        rng: &mut impl RngCore,
+        mut trace: Option<&mut TraceDraft>,
+    ) -> Result<Processed, ProcessError> {
+        let now_ms = hit.now_ms;
         let browser = parsed.set_cookies;
+        let mut sessions = Vec::new();
         let cookies = if browser {
             let cookie = hit.cookie_header();
             let input = IdentityInput {
@@ -95,7 +133,16 @@ impl Pipeline {
                 referer: hit.header("referer"),
                 now_ms,
             };
-            self.cookies.apply(&input, &mut parsed.events, rng)
+            let cookies = self.cookies.apply(&input, &mut parsed.events, rng);
+            if let Some(policy) = &self.stitch_records() {
+                sessions = crate::stitching::record::records(
+                    &parsed.events,
+                    cookie.as_deref(),
+                    policy,
+                    now_ms,
+                );
+            }
+            cookies
         } else {
             Vec::new()
         };
@@ -162,6 +209,7 @@ impl Pipeline {
             cookies,
             response: parsed.response,
             browser,
+            sessions,
         })
     }
 }

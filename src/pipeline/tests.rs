@@ -385,3 +385,105 @@ fn a_bad_hit_is_the_clients_error() {
         .unwrap_err();
     assert!(matches!(err, ProcessError::Client(_)), "{err:?}");
 }
+
+#[test]
+fn a_purchase_without_an_event_id_gets_the_id_its_order_webhook_gets() {
+    let p = pipeline();
+    // Measurement Protocol and the data client alike: `purchase-<transaction_id>`.
+    let body = r#"{"client_id":"555.666","events":[{"name":"purchase","params":{"transaction_id":"T-9","value":1,"currency":"EUR"}},{"name":"view_item"}]}"#;
+    let out = run(
+        &p,
+        &request(Method::POST, "/mp/collect", "measurement_id=G-X", &[], body),
+        None,
+    );
+    assert_eq!(out.events[0].event_id, "purchase-T-9");
+    assert_eq!(
+        out.events[0].event_id,
+        crate::event::order_event_id("purchase", "T-9", None)
+    );
+    assert_ne!(out.events[1].event_id, "", "others get a fresh id");
+    assert!(!out.events[1].event_id.starts_with("view_item"));
+    let body = r#"{"event_name":"purchase","transaction_id":" 1001 ","value":5,"currency":"EUR"}"#;
+    let out = run(
+        &p,
+        &request(
+            Method::POST,
+            "/data",
+            "",
+            &[("content-type", "application/json")],
+            body,
+        ),
+        None,
+    );
+    assert_eq!(out.events[0].event_id, "purchase-1001");
+    // An id the browser sent is kept.
+    let body = r#"{"event_name":"purchase","event_id":"px-1","transaction_id":"1001"}"#;
+    let out = run(
+        &p,
+        &request(
+            Method::POST,
+            "/data",
+            "",
+            &[("content-type", "application/json")],
+            body,
+        ),
+        None,
+    );
+    assert_eq!(out.events[0].event_id, "px-1");
+}
+
+#[test]
+fn browser_hits_record_sessions_only_when_a_webhook_client_is_configured() {
+    let hit = request(
+        Method::POST,
+        "/data",
+        "",
+        &[("content-type", "application/json"), ("user-agent", "UA/1")],
+        r#"{"event_name":"begin_checkout","transaction_id":"ck-1","page_location":"https://shop.example.com/checkout"}"#,
+    );
+    // No webhook client: nothing recorded.
+    assert!(run(&pipeline(), &hit, None).sessions.is_empty());
+    let with_shop = format!(
+        "{CONFIG}\n[[clients]]\ntype = \"shopify\"\npath = \"/webhooks/shopify\"\nsecret = \"s3cret\"\n"
+    );
+    let cfg = crate::config::load_str(&with_shop, "test.toml", false).unwrap();
+    let p = Pipeline::build(&cfg).unwrap();
+    let out = run(&p, &hit, None);
+    let [rec] = out.sessions.as_slice() else {
+        panic!("{:?}", out.sessions)
+    };
+    assert_eq!(rec.keys[0].0.as_str(), "r:ck-1");
+    // The visitor id the identity step gave the hit.
+    assert_eq!(
+        rec.snapshot.client_id.as_deref(),
+        out.events[0].client_id.as_deref()
+    );
+    assert_eq!(rec.snapshot.user_agent.as_deref(), Some("UA/1"));
+    // `[stitching] enabled = false` records nothing.
+    let off = format!("{with_shop}\n[stitching]\nenabled = false\n");
+    let cfg = crate::config::load_str(&off, "test.toml", false).unwrap();
+    assert!(run(&Pipeline::build(&cfg).unwrap(), &hit, None)
+        .sessions
+        .is_empty());
+}
+
+#[test]
+fn stitching_settings_out_of_range_are_named() {
+    let cfg = crate::config::load_str(
+        "[stitching]\nttl_days = 0\ndedup_window_days = 5000\nmax_records = 0\n",
+        "test.toml",
+        false,
+    )
+    .unwrap();
+    let problems = Pipeline::build(&cfg).unwrap_err();
+    for key in [
+        "stitching.ttl_days",
+        "stitching.dedup_window_days",
+        "stitching.max_records",
+    ] {
+        assert!(
+            problems.iter().any(|p| p.starts_with(key)),
+            "{key}: {problems:?}"
+        );
+    }
+}

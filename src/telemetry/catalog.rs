@@ -244,6 +244,27 @@ pub const METRICS: &[MetricDoc] = &[
         Counter,
         "Click ids in page URLs refused as malformed (never set as a cookie), by URL parameter.",
     ),
+    // Backend orders and stitching.
+    m(
+        "tagrelay_stitch_orders_total",
+        Counter,
+        "Order events of webhook clients, by client and result (stitched, unstitched, duplicate: sent before; too_old: older than the dedup window).",
+    ),
+    m(
+        "tagrelay_stitch_sessions_recorded_total",
+        Counter,
+        "Keys of browsing sessions written to the stitching store for later orders.",
+    ),
+    m(
+        "tagrelay_stitch_sessions_dropped_total",
+        Counter,
+        "Keys of browsing sessions not recorded, by reason (queue_full, store_error, closed): their orders go out unstitched.",
+    ),
+    m(
+        "tagrelay_stitch_sessions_purged_total",
+        Counter,
+        "Recorded session keys deleted for [stitching] ttl_days or max_records.",
+    ),
 ];
 
 /// Registers every metric's help text with the installed recorder.

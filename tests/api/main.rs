@@ -2,6 +2,7 @@
 
 mod ad_platforms;
 mod architecture;
+mod backend_purchases;
 mod browser;
 mod browser_ads;
 mod browser_ga4;

@@ -185,6 +185,12 @@ fn check_accepts_the_default_and_every_example() {
         }
     }
     assert!(files.len() >= 2, "config/examples/ has examples");
+    assert!(
+        files
+            .iter()
+            .any(|f| f.ends_with("shopify-ga4-meta-google-ads.toml")),
+        "the Shopify example is checked"
+    );
     // The Google Ads example reads a credentials file (checked at load): give it one.
     let dir = tempfile::tempdir().unwrap();
     let creds = dir.path().join("google.json");
@@ -204,6 +210,7 @@ fn check_accepts_the_default_and_every_example() {
         ("MP_API_SECRET", "test-mp"),
         ("GOOGLE_ADS_CREDENTIALS", creds.as_str()),
         ("TIKTOK_ACCESS_TOKEN", "test-tiktok-token"),
+        ("SHOPIFY_WEBHOOK_SECRET", "test-shopify-secret"),
     ];
     for f in files {
         let (ok, out, err) = check(&f, &env);

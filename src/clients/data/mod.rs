@@ -177,7 +177,7 @@ impl Client for DataClient {
     }
 }
 
-fn check_path(key: &str, path: &str, problems: &mut Vec<String>) {
+pub(crate) fn check_path(key: &str, path: &str, problems: &mut Vec<String>) {
     let ok = path.len() > 1
         && path.starts_with('/')
         && path

@@ -9,6 +9,17 @@
  *   fbq("track", "Lead", {}, {eventID});
  *   tagrelay.track("generate_lead", {event_id: eventID});
  *
+ * Orders (backend purchases): a purchase's event id is derived from its transaction id, the
+ * same one the shop's order webhook gets, so pixel, page and webhook count once:
+ *   fbq("track", "Purchase", {value: 134, currency: "EUR"},
+ *       {eventID: tagrelay.orderEventId("T-1024")});   // "purchase-T-1024"
+ *   tagrelay.track("purchase", {transaction_id: "T-1024", ...});  // same id, implied
+ * Checkouts whose platform passes no token back (Stripe Checkout, Payment Links): hand the
+ * platform the visitor token, which records this visit for the order's webhook:
+ *   link.href += "?client_reference_id=" + tagrelay.checkout({value: 20, currency: "EUR"});
+ * (`tagrelay.checkout` tracks begin_checkout; `tagrelay.visitor()` returns the token alone, and
+ * every event tracked after it carries the token.)
+ *
  * Attributes on the script tag:
  *   data-endpoint="https://t.example.com/t"  origin + path prefix of the server (default: the
  *                                           script's own origin and prefix)
@@ -77,13 +88,51 @@
     }
   };
 
+  // The server derives the same id for the order's webhook (and for a purchase sent without one).
+  const orderEventId = (transactionId) => "purchase-" + String(transactionId).trim();
+
+  // A token for this visit that a checkout platform hands back with the order (Stripe's
+  // client_reference_id, a cart attribute); kept for the tab's session.
+  const VISITOR_KEY = "tagrelay_visitor";
+  let visitorToken = null;
+  const storage = () => {
+    try {
+      return window.sessionStorage;
+    } catch (e) {
+      return null;
+    }
+  };
+  const known = () => {
+    if (visitorToken) return visitorToken;
+    const s = storage();
+    visitorToken = (s && s.getItem(VISITOR_KEY)) || null;
+    return visitorToken;
+  };
+  const visitor = () => {
+    if (known()) return visitorToken;
+    visitorToken = "tv-" + eventId().replace(/-/g, "");
+    const s = storage();
+    try {
+      if (s) s.setItem(VISITOR_KEY, visitorToken);
+    } catch (e) {
+      // Storage full or off: the token lives as long as the page.
+    }
+    return visitorToken;
+  };
+
   const track = (name, params) => {
     if (typeof name !== "string" || name === "") {
       return Promise.reject(new TypeError("tagrelay.track: an event name is required"));
     }
     const p = params || {};
-    const id = p.event_id || eventId();
-    const body = JSON.stringify(Object.assign(context(), p, { event_name: name, event_id: id }));
+    const id =
+      p.event_id ||
+      (name === "purchase" && p.transaction_id != null && String(p.transaction_id).trim() !== ""
+        ? orderEventId(p.transaction_id)
+        : eventId());
+    const extra = { event_name: name, event_id: id };
+    if (known() && p[VISITOR_KEY] == null) extra[VISITOR_KEY] = visitorToken;
+    const body = JSON.stringify(Object.assign(context(), p, extra));
     const viaBeacon = () =>
       beacon(body) ? id : Promise.reject(new Error("tagrelay: could not send " + name));
 
@@ -124,7 +173,15 @@
     track.apply(null, args).catch(() => {});
   };
 
-  window.tagrelay = { track, eventId, endpoint, version: "1" };
+  // Tracks begin_checkout carrying a visitor token and returns the token at once, for the
+  // checkout platform to hand back with the order.
+  const checkout = (params) => {
+    const token = visitor();
+    quietly(["begin_checkout", params || {}]);
+    return token;
+  };
+
+  window.tagrelay = { track, eventId, endpoint, orderEventId, visitor, checkout, version: "1" };
 
   const queued = window.tagrelayQueue;
   window.tagrelayQueue = { push: (args) => quietly(args) };
