@@ -26,7 +26,7 @@ use crate::lifecycle::Lifecycle;
 use crate::outbox::delivery::{spawn_dispatchers_with, DeliveryRuntime, DispatchSettings};
 use crate::outbox::{DeliveryStore, Outbox};
 use crate::pipeline::Pipeline;
-use crate::stitching::embedded::{EmbeddedStitchStore, Limits};
+use crate::stitching::embedded::EmbeddedStitchStore;
 use crate::stitching::Stitching;
 use crate::telemetry::otel::Otel;
 use crate::trace::Traces;
@@ -213,7 +213,8 @@ pub fn app(state: AppState) -> Router {
 pub struct Application {
     state: AppState,
     store: Arc<dyn DeliveryStore>,
-    stitch_store: Arc<EmbeddedStitchStore>,
+    /// The embedded stitching store, to close; `None` when the shared store keeps sessions.
+    stitch_store: Option<Arc<EmbeddedStitchStore>>,
     /// `None` with `[outbox] role = "deliver"`: such a process takes no hits.
     public: Option<TcpListener>,
     admin: TcpListener,
@@ -240,7 +241,18 @@ impl Application {
     ) -> anyhow::Result<Self> {
         crate::telemetry::metrics::metrics_handle();
         metrics::gauge!("tagrelay_build_info", "version" => crate::telemetry::build_info::VERSION, "commit" => crate::telemetry::build_info::COMMIT).set(1.0);
-        let stitch_store = open_stitching(&loaded.config)?;
+        let (stitch_stores, stitch_store) =
+            match store.shared_stitching(loaded.config.stitching.limits()) {
+                Some(shared) => (shared, None),
+                None => {
+                    let own = open_stitching(&loaded.config)?;
+                    let stores = crate::stitching::Stores {
+                        sessions: own.clone(),
+                        ledger: own.clone(),
+                    };
+                    (stores, Some(own))
+                }
+            };
         let server = &loaded.config.server;
         let public = if loaded.config.outbox.role.takes_hits() {
             Some(
@@ -276,8 +288,8 @@ impl Application {
         store.share_traces(state.traces());
         let stitching = &loaded.config.stitching;
         let _ = state.stitching.set(Stitching {
-            sessions: stitch_store.clone(),
-            ledger: stitch_store.clone(),
+            sessions: stitch_stores.sessions,
+            ledger: stitch_stores.ledger,
             enabled: stitching.enabled,
             dedup_window_ms: stitching.dedup_window_ms(),
         });
@@ -459,7 +471,9 @@ impl Application {
         if let Some(d) = delivery {
             d.shutdown();
         }
-        self.stitch_store.close().await;
+        if let Some(s) = &self.stitch_store {
+            s.close().await;
+        }
         self.store.close().await;
         if let Some(otel) = self.state.otel.clone() {
             // Sends what is queued; blocking, so off the runtime's threads.
@@ -607,12 +621,7 @@ fn watch_config_file(state: &AppState) -> Option<impl Future<Output = ()> + Send
 fn open_stitching(config: &crate::config::Config) -> anyhow::Result<Arc<EmbeddedStitchStore>> {
     let s = &config.stitching;
     let file = s.file(&config.outbox.path);
-    let limits = Limits {
-        ttl_ms: s.ttl_ms(),
-        max_records: s.max_records,
-        dedup_window_ms: s.dedup_window_ms(),
-    };
-    EmbeddedStitchStore::open(&file, limits)
+    EmbeddedStitchStore::open(&file, s.limits())
         .map(Arc::new)
         .map_err(anyhow::Error::msg)
         .with_context(|| format!("opening the stitching store at {}", file.display()))

@@ -251,7 +251,24 @@ pub fn identity_forget(path: Option<&Path>, args: &crate::stitching::cli::Forget
     match config::load(path) {
         Ok(l) => {
             let c = &l.config;
-            crate::stitching::cli::forget(&c.stitching.file(&c.outbox.path), args)
+            if c.outbox.backend != crate::outbox::config::Backend::Redis {
+                return crate::stitching::cli::forget(&c.stitching.file(&c.outbox.path), args);
+            }
+            let Some(who) = crate::stitching::cli::whose(args) else {
+                return ExitCode::FAILURE;
+            };
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return ExitCode::FAILURE;
+            };
+            let erased = rt.block_on(crate::outbox::store::redis::stitch::forget(
+                &c.outbox,
+                c.stitching.limits(),
+                &who,
+            ));
+            crate::stitching::cli::said(erased, "the shared store (Redis)")
         }
         Err(e) => report(&e),
     }

@@ -343,6 +343,15 @@ pub trait DeliveryStore: Outbox {
     /// Shares the traces of the debug view with the other processes of a shared store, so
     /// the debug page of any of them shows hits and deliveries of all. Nothing to do alone.
     fn share_traces(&self, _traces: &Arc<crate::trace::Traces>) {}
+    /// A store shared by several processes keeps the stitching stores too, so that a session
+    /// one process recorded stitches an order another takes. `None`: each process keeps its
+    /// own (the embedded stitching database).
+    fn shared_stitching(
+        &self,
+        _limits: crate::stitching::Limits,
+    ) -> Option<crate::stitching::Stores> {
+        None
+    }
 
     async fn ack(&self, ids: Vec<RecordId>, now_ms: i64) -> Result<(), StoreError> {
         self.settle(Settlement {

@@ -78,6 +78,14 @@ impl StitchingConfig {
         }
     }
 
+    pub fn limits(&self) -> super::Limits {
+        super::Limits {
+            ttl_ms: self.ttl_ms(),
+            max_records: self.max_records,
+            dedup_window_ms: self.dedup_window_ms(),
+        }
+    }
+
     pub fn ttl_ms(&self) -> i64 {
         i64::from(self.ttl_days) * 86_400_000
     }

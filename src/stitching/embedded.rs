@@ -17,6 +17,7 @@ use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::{mpsc, oneshot};
 
+pub use super::Limits;
 use super::{
     email_hash, Claim, Forget, Found, OrderLedger, SessionRecord, SessionSnapshot, SessionStore,
     StoreError, StoreKey,
@@ -48,14 +49,6 @@ CREATE TABLE IF NOT EXISTS stitch_orders (
 );
 CREATE INDEX IF NOT EXISTS stitch_orders_sent ON stitch_orders(sent_ms);
 ";
-
-/// Retention and bounds, from `[stitching]`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limits {
-    pub ttl_ms: i64,
-    pub max_records: u64,
-    pub dedup_window_ms: i64,
-}
 
 enum Cmd {
     Record(Vec<SessionRecord>),

@@ -12,8 +12,9 @@
 //! - [`Stitching`] ([`orders`]): what the ingress calls for a webhook's events: claim each
 //!   order event once, look its keys up, enrich; then commit or release the claims.
 //!
-//! A Redis implementation (for replicas sharing one store) must give the same guarantees; see
-//! the traits' documentation for what each call must do.
+//! With `[outbox] backend = "redis"` the shared outbox's engine provides both stores
+//! (`outbox/store/redis/stitch.rs`), so a session recorded by one replica stitches an order
+//! another replica takes; see the traits' documentation for what each engine must do.
 
 pub mod cli;
 pub mod config;
@@ -177,6 +178,21 @@ pub enum Forget {
     /// Plain address (hashed before it is looked up) or its SHA-256.
     Email(String),
     ClientId(String),
+}
+
+/// Retention and bounds, from `[stitching]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub ttl_ms: i64,
+    pub max_records: u64,
+    pub dedup_window_ms: i64,
+}
+
+/// The stores a [`Stitching`] uses, as one engine provides them.
+#[derive(Clone)]
+pub struct Stores {
+    pub sessions: std::sync::Arc<dyn SessionStore>,
+    pub ledger: std::sync::Arc<dyn OrderLedger>,
 }
 
 /// A store operation failed.

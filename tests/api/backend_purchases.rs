@@ -1113,3 +1113,102 @@ consent = ["ad_storage"]
     assert_eq!(st["status"], "stitched");
     app.stop().await;
 }
+
+/// Replicas sharing the Redis outbox share the stitching store too: the visit recorded by
+/// one stitches the order another takes, and the platform's retry to a third is a duplicate.
+#[tokio::test]
+async fn replicas_on_redis_stitch_an_order_to_a_visit_another_replica_took() {
+    let redis = crate::redis_server::RedisServer::start(&[]);
+    let v = Vendors::start().await;
+    let config = |dir: &std::path::Path| {
+        let redis_url = format!("\n[outbox.redis]\nurl = \"{}\"\n", redis.url());
+        crate::helpers::test_config(dir, &v.config(&redis_url)).replacen(
+            "[outbox]\n",
+            "[outbox]\nbackend = \"redis\"\n",
+            1,
+        )
+    };
+    let replica = || async {
+        let dir = tempfile::tempdir().unwrap();
+        let text = config(dir.path());
+        crate::helpers::spawn_with(dir, &text).await
+    };
+    let a = replica().await;
+    let b = replica().await;
+
+    let token = "redis-shared-checkout-token";
+    ga4(
+        &a,
+        &format!(
+            "en=begin_checkout&sid=1767000200&sct=1&ep.transaction_id={token}&dl={}",
+            enc("https://shop.example.com/checkouts/cn/r?gclid=Cj0-REDIS-CLICK")
+        ),
+        &[],
+    )
+    .await;
+    // The visit is written by replica a's stitching task, off its hit path.
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_connection().unwrap();
+    let key = format!("tagrelay:st:s:r:{token}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !redis::cmd("EXISTS")
+        .arg(&key)
+        .query::<bool>(&mut conn)
+        .unwrap()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "replica a never recorded the visit in Redis"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+
+    let order = shopify_order(5_550_101, token, "shared@example.com");
+    let (status, body) = shopify(&b, "orders/paid", &order, SHOPIFY_SECRET).await;
+    assert_eq!(status, 200, "{body}");
+    let stitch = traced_stitch(&b, "shopify").await;
+    assert_eq!(stitch["status"], "stitched", "{stitch}");
+    assert_eq!(stitch["matched_event"], "begin_checkout", "{stitch}");
+    let got = v
+        .ga4
+        .wait_for(10, |r| {
+            ga4_events(r).iter().any(|(_, e)| e["name"] == "purchase")
+        })
+        .await;
+    let (top, ev) = ga4_events(&got)
+        .into_iter()
+        .find(|(_, e)| e["name"] == "purchase")
+        .unwrap();
+    assert_eq!(top["client_id"], "11.22", "{top}");
+    assert_eq!(ev["params"]["session_id"], "1767000200", "{ev}");
+
+    // Shopify retries the webhook; the load balancer sends it to replica a this time.
+    let (status, body) = shopify(&a, "orders/paid", &order, SHOPIFY_SECRET).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["events"],
+        json!([]),
+        "a duplicate on the other replica: {body}"
+    );
+
+    // And the person asks to be forgotten: the CLI erases the visit from the shared store.
+    let file = a.dir.path().join("forget.toml");
+    std::fs::write(&file, config(a.dir.path())).unwrap();
+    let out = std::process::Command::new(crate::process::BIN)
+        .args(["--config"])
+        .arg(&file)
+        .args(["identity", "forget", "--client-id", "11.22"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("erased from the shared store"),
+        "{out:?}"
+    );
+    assert!(!redis::cmd("EXISTS")
+        .arg(&key)
+        .query::<bool>(&mut conn)
+        .unwrap());
+    a.stop().await;
+    b.stop().await;
+}

@@ -85,6 +85,10 @@ impl Keys {
         }
     }
 
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
     pub fn tags(&self) -> &str {
         &self.tags
     }

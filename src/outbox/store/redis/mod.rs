@@ -35,6 +35,7 @@ mod pubsub;
 pub mod record;
 mod scripts;
 mod state;
+pub mod stitch;
 pub mod tools;
 mod upkeep;
 mod writer;
@@ -774,5 +775,20 @@ impl DeliveryStore for RedisStore {
 
     fn share_traces(&self, traces: &Arc<crate::trace::Traces>) {
         pubsub::share_traces(&self.inner, traces);
+    }
+    fn shared_stitching(
+        &self,
+        limits: crate::stitching::Limits,
+    ) -> Option<crate::stitching::Stores> {
+        let store = stitch::RedisStitchStore::start(
+            self.inner.link.clone(),
+            self.inner.keys.prefix(),
+            &self.inner.consumer,
+            limits,
+        );
+        Some(crate::stitching::Stores {
+            sessions: store.clone(),
+            ledger: store,
+        })
     }
 }

@@ -24,7 +24,8 @@ struct Ctx {
     tags: Vec<String>,
 }
 
-async fn connect(cfg: &OutboxConfig) -> Result<Ctx, String> {
+/// A link for a one-off command: connected once, not supervised, nothing logged.
+pub(crate) async fn one_off_link(cfg: &OutboxConfig) -> Result<Link, String> {
     let link = Link::new(Connector::from_config(&cfg.redis)?, &cfg.redis);
     match link.connect_once().await {
         Ok(_) => {}
@@ -39,6 +40,11 @@ async fn connect(cfg: &OutboxConfig) -> Result<Ctx, String> {
         }
     }
     link.use_as_is();
+    Ok(link)
+}
+
+async fn connect(cfg: &OutboxConfig) -> Result<Ctx, String> {
+    let link = one_off_link(cfg).await?;
     let mut conn = link
         .work()
         .map_err(|e| format!("Redis at {}: {e}", link.describe()))?;
