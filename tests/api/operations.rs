@@ -355,12 +355,22 @@ fn port_of(addr: &str) -> u64 {
     addr.rsplit_once(':').unwrap().1.parse().unwrap()
 }
 
-#[test]
-fn the_embedded_variant_is_wired_as_the_issue_asks() {
-    let dir = deploy("kubernetes/embedded");
+/// A variant's manifests, its workload and its config, once the checks every variant must
+/// pass have passed.
+struct Variant {
+    docs: Vec<Value>,
+    workload: Value,
+    config: toml::Value,
+}
+
+/// What every variant must be: its config valid with exactly the variables its pod gets,
+/// the public port alone in the Service, probes, non-root and read-only, a clean stop that
+/// fits the grace period, reloads in place, resources set.
+fn check_variant(variant: &str, workload_kind: &str) -> Variant {
+    let dir = deploy(&format!("kubernetes/{variant}"));
     let (mut docs, mut generated) = (Vec::new(), Vec::new());
     kustomize(&dir, &mut docs, &mut generated);
-    let sts = resource(&docs, "StatefulSet");
+    let sts = resource(&docs, workload_kind).clone();
     let pod = &sts["spec"]["template"]["spec"];
     let c = &pod["containers"][0];
 
@@ -385,7 +395,11 @@ fn the_embedded_variant_is_wired_as_the_issue_asks() {
                 Some(v) => v.to_owned(),
                 None => {
                     assert_eq!(e["valueFrom"]["secretKeyRef"]["name"], "tagrelay-secrets");
-                    "a-secret-value-long-enough".to_owned()
+                    if name.ends_with("_URL") {
+                        "rediss://user:a-secret-value@redis.example.internal:6380/0".to_owned()
+                    } else {
+                        "a-secret-value-long-enough".to_owned()
+                    }
                 }
             };
             (name, value)
@@ -458,25 +472,8 @@ fn the_embedded_variant_is_wired_as_the_issue_asks() {
         assert_eq!(c[probe]["httpGet"]["port"], "http", "{probe}");
     }
 
-    // The outbox on the claimed volume, owned by the image's user; nothing else writable.
-    let outbox = config["outbox"]["path"].as_str().unwrap();
-    let claim = sts["spec"]["volumeClaimTemplates"][0]["metadata"]["name"]
-        .as_str()
-        .unwrap();
-    let data = c["volumeMounts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["name"] == claim)
-        .expect("the claimed volume is mounted");
-    assert!(
-        outbox.starts_with(data["mountPath"].as_str().unwrap()),
-        "{outbox}"
-    );
-    assert_eq!(sts["spec"]["replicas"], 1);
     let psc = &pod["securityContext"];
     assert_eq!(psc["runAsUser"], 65532);
-    assert_eq!(psc["fsGroup"], 65532);
     assert_eq!(psc["runAsNonRoot"], true);
     let csc = &c["securityContext"];
     assert_eq!(csc["readOnlyRootFilesystem"], true);
@@ -515,6 +512,92 @@ fn the_embedded_variant_is_wired_as_the_issue_asks() {
         for r in ["cpu", "memory"] {
             assert!(c["resources"][kind][r].is_string(), "resources.{kind}.{r}");
         }
+    }
+    Variant {
+        docs,
+        workload: sts,
+        config,
+    }
+}
+
+#[test]
+fn the_embedded_variant_is_wired_as_the_issue_asks() {
+    let Variant {
+        workload: sts,
+        config,
+        ..
+    } = check_variant("embedded", "StatefulSet");
+    let pod = &sts["spec"]["template"]["spec"];
+    let c = &pod["containers"][0];
+    // The outbox on the claimed volume, owned by the image's user; nothing else writable.
+    let outbox = config["outbox"]["path"].as_str().unwrap();
+    let claim = sts["spec"]["volumeClaimTemplates"][0]["metadata"]["name"]
+        .as_str()
+        .unwrap();
+    let data = c["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == claim)
+        .expect("the claimed volume is mounted");
+    assert!(
+        outbox.starts_with(data["mountPath"].as_str().unwrap()),
+        "{outbox}"
+    );
+    assert_eq!(sts["spec"]["replicas"], 1);
+    // The volume's files belong to the image's user, whatever the storage class makes them.
+    assert_eq!(pod["securityContext"]["fsGroup"], 65532);
+}
+
+#[test]
+fn the_redis_variant_runs_stateless_replicas_that_scale_and_drain_one_at_a_time() {
+    let Variant {
+        docs,
+        workload: deployment,
+        config,
+    } = check_variant("redis", "Deployment");
+    let pod = &deployment["spec"]["template"]["spec"];
+    let c = &pod["containers"][0];
+    // The outbox in Redis, its address a secret; nothing on a volume of the pod's own.
+    assert_eq!(config["outbox"]["backend"].as_str(), Some("redis"));
+    let url = config["outbox"]["redis"]["url"].as_str().unwrap();
+    assert!(url.starts_with("${") && url.ends_with('}'), "{url}");
+    let var = &url[2..url.len() - 1];
+    assert!(
+        c["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["name"] == var && e["valueFrom"]["secretKeyRef"]["key"] == var),
+        "{var} comes from the Secret"
+    );
+    assert!(pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|v| v["persistentVolumeClaim"].is_null()));
+    assert!(deployment["spec"]["replicas"].as_u64().unwrap() >= 2);
+    // A rolling update never takes a replica away before its successor is ready.
+    assert_eq!(
+        deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"],
+        0
+    );
+    // The autoscaler drives this Deployment, on CPU (which needs a CPU request), never
+    // below two replicas.
+    let hpa = resource(&docs, "HorizontalPodAutoscaler");
+    assert_eq!(hpa["spec"]["scaleTargetRef"]["kind"], "Deployment");
+    assert_eq!(
+        hpa["spec"]["scaleTargetRef"]["name"],
+        deployment["metadata"]["name"]
+    );
+    assert!(hpa["spec"]["minReplicas"].as_u64().unwrap() >= 2);
+    assert_eq!(hpa["spec"]["metrics"][0]["resource"]["name"], "cpu");
+    assert!(c["resources"]["requests"]["cpu"].is_string());
+    // Voluntary disruptions take one replica at a time, and the budget selects these pods.
+    let pdb = resource(&docs, "PodDisruptionBudget");
+    assert_eq!(pdb["spec"]["maxUnavailable"], 1);
+    for (k, v) in pdb["spec"]["selector"]["matchLabels"].as_object().unwrap() {
+        assert_eq!(&deployment["spec"]["template"]["metadata"]["labels"][k], v);
     }
 }
 
